@@ -1,0 +1,273 @@
+"""Every exception acmeclient raises, one tree, each carrying what a caller needs to react.
+
+    AcmeError
+    ├── AcmeProblem                   an RFC 7807 problem document from the CA (RFC 8555 §6.7)
+    │   ├── AccountDoesNotExistError  urn:ietf:params:acme:error:accountDoesNotExist
+    │   ├── AlreadyReplacedError      ...:alreadyReplaced (RFC 9773 §5)
+    │   ├── AlreadyRevokedError       ...:alreadyRevoked
+    │   ├── BadCSRError               ...:badCSR
+    │   ├── BadNonceError             ...:badNonce (retried by the transport before it surfaces)
+    │   ├── BadPublicKeyError         ...:badPublicKey
+    │   ├── BadRevocationReasonError  ...:badRevocationReason
+    │   ├── BadSignatureAlgorithmError ...:badSignatureAlgorithm
+    │   ├── CAAError                  ...:caa
+    │   ├── CompoundError             ...:compound (see .subproblems)
+    │   ├── ConflictError             ...:conflict (RFC 9773, a replacement conflict)
+    │   ├── ConnectionProblemError    ...:connection
+    │   ├── DNSError                  ...:dns
+    │   ├── ExternalAccountRequiredError ...:externalAccountRequired
+    │   ├── IncorrectResponseError    ...:incorrectResponse
+    │   ├── InvalidContactError       ...:invalidContact
+    │   ├── InvalidProfileError       ...:invalidProfile (ACME profiles draft)
+    │   ├── MalformedError            ...:malformed
+    │   ├── OrderNotReadyError        ...:orderNotReady
+    │   ├── RateLimitedError          ...:rateLimited (see .retry_after)
+    │   ├── RejectedIdentifierError   ...:rejectedIdentifier
+    │   ├── ServerInternalError       ...:serverInternal
+    │   ├── TLSProblemError           ...:tls
+    │   ├── UnauthorizedError         ...:unauthorized
+    │   ├── UnsupportedContactError   ...:unsupportedContact
+    │   ├── UnsupportedIdentifierError ...:unsupportedIdentifier
+    │   └── UserActionRequiredError   ...:userActionRequired
+    ├── ValidationError               a challenge or an order ended "invalid"; carries the CA's problem
+    ├── TransportError                the exchange itself failed
+    │   ├── NetworkError              connection refused/reset, TLS handshake or verification failure
+    │   ├── AcmeTimeoutError          a named deadline passed (request or order)
+    │   └── MalformedResponseError    an answer that is not what RFC 8555 says it must be
+    ├── ClientStateError              the caller asked for something out of order (no account yet,
+    │                                 an unsupported profile, an event the order machine cannot take)
+    └── CryptoError                   bad key/CSR/certificate input: unreadable PEM or JWK, wrong
+                                      passphrase, unsupported key type, invalid subject field
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from acmeclient.messages import Problem
+
+ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
+
+
+class AcmeError(Exception):
+    """Base of every acmeclient error."""
+
+
+class AcmeProblem(AcmeError):
+    """The CA answered with a problem document; subclasses name the ACME error type."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.problem = problem
+        self.status = status if status is not None else problem.status
+        self.retry_after = retry_after
+        super().__init__(f"{problem.type}: {problem.detail}" if problem.detail else problem.type)
+
+    @property
+    def type(self) -> str:
+        return self.problem.type
+
+    @property
+    def detail(self) -> str:
+        return self.problem.detail
+
+    @property
+    def subproblems(self) -> tuple[Problem, ...]:
+        return self.problem.subproblems
+
+
+class AccountDoesNotExistError(AcmeProblem):
+    pass
+
+
+class AlreadyReplacedError(AcmeProblem):
+    pass
+
+
+class AlreadyRevokedError(AcmeProblem):
+    pass
+
+
+class BadCSRError(AcmeProblem):
+    pass
+
+
+class BadNonceError(AcmeProblem):
+    pass
+
+
+class BadPublicKeyError(AcmeProblem):
+    pass
+
+
+class BadRevocationReasonError(AcmeProblem):
+    pass
+
+
+class BadSignatureAlgorithmError(AcmeProblem):
+    pass
+
+
+class CAAError(AcmeProblem):
+    pass
+
+
+class CompoundError(AcmeProblem):
+    pass
+
+
+class ConflictError(AcmeProblem):
+    pass
+
+
+class ConnectionProblemError(AcmeProblem):
+    pass
+
+
+class DNSError(AcmeProblem):
+    pass
+
+
+class ExternalAccountRequiredError(AcmeProblem):
+    pass
+
+
+class IncorrectResponseError(AcmeProblem):
+    pass
+
+
+class InvalidContactError(AcmeProblem):
+    pass
+
+
+class InvalidProfileError(AcmeProblem):
+    pass
+
+
+class MalformedError(AcmeProblem):
+    pass
+
+
+class OrderNotReadyError(AcmeProblem):
+    pass
+
+
+class RateLimitedError(AcmeProblem):
+    pass
+
+
+class RejectedIdentifierError(AcmeProblem):
+    pass
+
+
+class ServerInternalError(AcmeProblem):
+    pass
+
+
+class TLSProblemError(AcmeProblem):
+    pass
+
+
+class UnauthorizedError(AcmeProblem):
+    pass
+
+
+class UnsupportedContactError(AcmeProblem):
+    pass
+
+
+class UnsupportedIdentifierError(AcmeProblem):
+    pass
+
+
+class UserActionRequiredError(AcmeProblem):
+    pass
+
+
+_BY_TYPE: dict[str, type[AcmeProblem]] = {
+    "accountDoesNotExist": AccountDoesNotExistError,
+    "alreadyReplaced": AlreadyReplacedError,
+    "alreadyRevoked": AlreadyRevokedError,
+    "badCSR": BadCSRError,
+    "badNonce": BadNonceError,
+    "badPublicKey": BadPublicKeyError,
+    "badRevocationReason": BadRevocationReasonError,
+    "badSignatureAlgorithm": BadSignatureAlgorithmError,
+    "caa": CAAError,
+    "compound": CompoundError,
+    "conflict": ConflictError,
+    "connection": ConnectionProblemError,
+    "dns": DNSError,
+    "externalAccountRequired": ExternalAccountRequiredError,
+    "incorrectResponse": IncorrectResponseError,
+    "invalidContact": InvalidContactError,
+    "invalidProfile": InvalidProfileError,
+    "malformed": MalformedError,
+    "orderNotReady": OrderNotReadyError,
+    "rateLimited": RateLimitedError,
+    "rejectedIdentifier": RejectedIdentifierError,
+    "serverInternal": ServerInternalError,
+    "tls": TLSProblemError,
+    "unauthorized": UnauthorizedError,
+    "unsupportedContact": UnsupportedContactError,
+    "unsupportedIdentifier": UnsupportedIdentifierError,
+    "userActionRequired": UserActionRequiredError,
+}
+
+
+def problem_error(
+    problem: Problem, *, status: int | None = None, retry_after: float | None = None
+) -> AcmeProblem:
+    """Map a problem document to its typed error (plain AcmeProblem for unknown types)."""
+    cls = AcmeProblem
+    if problem.type.startswith(ACME_ERROR_PREFIX):
+        cls = _BY_TYPE.get(problem.type[len(ACME_ERROR_PREFIX) :], AcmeProblem)
+    return cls(problem, status=status, retry_after=retry_after)
+
+
+class ValidationError(AcmeError):
+    """A challenge, authorization or order became invalid; `problem` is the CA's reason."""
+
+    def __init__(self, message: str, problem: Problem | None, *, identifier: str = "") -> None:
+        self.problem = problem
+        self.identifier = identifier
+        detail = f": {problem.type}: {problem.detail}" if problem is not None else ""
+        super().__init__(message + detail)
+
+    @property
+    def type(self) -> str:
+        return self.problem.type if self.problem is not None else ""
+
+    @property
+    def detail(self) -> str:
+        return self.problem.detail if self.problem is not None else ""
+
+
+class TransportError(AcmeError):
+    """The HTTP exchange with the CA failed before a usable answer arrived."""
+
+
+class NetworkError(TransportError):
+    """Connection, TLS handshake or certificate verification failure."""
+
+
+class AcmeTimeoutError(TransportError):
+    """A named deadline passed."""
+
+
+class MalformedResponseError(TransportError):
+    """The CA's answer violates RFC 8555 (bad JSON, missing field or header)."""
+
+
+class ClientStateError(AcmeError):
+    """The caller asked for something the current state does not allow."""
+
+
+class CryptoError(AcmeError):
+    """Unusable key, CSR or certificate input (including a wrong passphrase)."""

@@ -1,0 +1,499 @@
+"""TOML text -> validated Config, collecting every problem with its table path (pure, no I/O
+except `load_file`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import ConfigError, ConfigProblem
+from .model import (
+    DEFAULT_RULE,
+    MAX_FLAG,
+    MAX_PATTERN_LENGTH,
+    MAX_RULES,
+    AccessLogSettings,
+    Address,
+    AdminSettings,
+    Config,
+    ContentRule,
+    HealthCheck,
+    HealthCheckType,
+    Limits,
+    MatchOn,
+    MatchType,
+    NotAvailable,
+    Protocol,
+    RealServer,
+    Scheduler,
+    SubVS,
+    Timeouts,
+    TLSSettings,
+    VirtualService,
+    VSKind,
+)
+
+T = TypeVar("T")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_MISSING = object()
+_DEFAULT_TLS = TLSSettings()
+_DEFAULT_REDIRECT = "https://{host}{path}"
+
+
+class _Reader:
+    """Reads one TOML table, recording problems under its path instead of raising."""
+
+    def __init__(self, data: Any, path: str, problems: list[ConfigProblem], base: Path) -> None:
+        self.path = path
+        self.problems = problems
+        self.base = base
+        if not isinstance(data, dict):
+            self.error(f"expected a table, got {type(data).__name__}")
+            data = {}
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, message: str, key: str | None = None) -> None:
+        where = self.at(key) if key else (self.path or "<top>")
+        self.problems.append(ConfigProblem(where, message))
+
+    def _get(self, key: str, default: T, kinds: tuple[type, ...], kind_name: str) -> Any:
+        self.used.add(key)
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) and bool not in kinds:
+            self.error(f"expected {kind_name}, got a boolean", key)
+            return default
+        if not isinstance(value, kinds):
+            self.error(f"expected {kind_name}, got {type(value).__name__}", key)
+            return default
+        return value
+
+    def text(self, key: str, default: str = "", *, required: bool = False) -> str:
+        if required and key not in self.data:
+            self.used.add(key)
+            self.error("is required", key)
+            return default
+        v: str = self._get(key, default, (str,), "a string")
+        return v
+
+    def flag(self, key: str, default: bool) -> bool:
+        v: bool = self._get(key, default, (bool,), "true or false")
+        return v
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        v: int = self._get(key, default, (int,), "an integer")
+        if not lo <= v <= hi:
+            self.error(f"must be between {lo} and {hi}, got {v}", key)
+            return default
+        return v
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        v = self._get(key, default, (int, float), "a number")
+        if not lo <= v <= hi:
+            self.error(f"must be between {lo} and {hi}, got {v}", key)
+            return default
+        return float(v)
+
+    def enum(self, key: str, default: Any, enum_type: Callable[[str], T], names: str) -> T:
+        raw = self._get(key, None, (str,), "a string")
+        if raw is None:
+            return default  # type: ignore[no-any-return]
+        try:
+            return enum_type(raw.lower())
+        except ValueError:
+            self.error(f"unknown value {raw!r}; expected one of {names}", key)
+            return default  # type: ignore[no-any-return]
+
+    def str_list(self, key: str) -> tuple[str, ...]:
+        raw = self._get(key, [], (list,), "a list of strings")
+        out = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, str):
+                self.error(f"expected a string, got {type(item).__name__}", f"{key}[{i}]")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def tables(self, key: str) -> list[_Reader]:
+        raw = self._get(key, [], (list,), "an array of tables")
+        return [_Reader(item, f"{self.at(key)}[{i}]", self.problems, self.base)
+                for i, item in enumerate(raw)]
+
+    def table(self, key: str) -> _Reader:
+        raw = self._get(key, {}, (dict,), "a table")
+        return _Reader(raw, self.at(key), self.problems, self.base)
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                self.error("unknown key (typo?)", key)
+
+
+def _enum_names(enum_type: Any) -> str:
+    return ", ".join(repr(m.value) for m in enum_type)
+
+
+def parse_address(text: str) -> Address:
+    """'host:port' or '[v6]:port' -> Address; raises ValueError with a plain message."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not [address]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} has no port; expected address:port")
+    if not host:
+        raise ValueError(f"{text!r} has no address")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} in {text!r} is not between 1 and 65535")
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+", host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    return Address(host, int(port))
+
+
+def _address(r: _Reader, key: str, *, required: bool = True) -> Address | None:
+    text = r.text(key, required=required)
+    if not text:
+        return None
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        r.error(str(e), key)
+        return None
+
+
+def _name(r: _Reader, what: str) -> str:
+    name = r.text("name", required=True)
+    if name and not _NAME_RE.match(name):
+        r.error(f"{what} name {name!r} must be 1-64 letters, digits, '.', '_' or '-'", "name")
+    return name
+
+
+def _health_check(r: _Reader, default: HealthCheck) -> HealthCheck:
+    if "health_check" not in r.data:
+        r.used.add("health_check")
+        return default
+    t = r.table("health_check")
+    expect = t._get("expect_status", list(default.expect_status), (int, list), "a status or list")
+    codes = (expect,) if isinstance(expect, int) else tuple(expect)
+    for c in codes:
+        if not isinstance(c, int) or not 100 <= c <= 599:
+            t.error(f"{c!r} is not an HTTP status code", "expect_status")
+            codes = default.expect_status
+            break
+    hc = HealthCheck(
+        type=t.enum("type", default.type, HealthCheckType, _enum_names(HealthCheckType)),
+        path=t.text("path", default.path),
+        host=t.text("host", default.host),
+        expect_status=codes,
+        interval=t.number("interval", default.interval, 0.05, 3600),
+        timeout=t.number("timeout", default.timeout, 0.01, 600),
+        rise=t.integer("rise", default.rise, 1, 100),
+        fall=t.integer("fall", default.fall, 1, 100),
+    )
+    if hc.type is HealthCheckType.HTTP and not hc.path.startswith("/"):
+        t.error(f"must start with '/', got {hc.path!r}", "path")
+    t.finish()
+    return hc
+
+
+def _not_available(r: _Reader, default: NotAvailable) -> NotAvailable:
+    if "not_available" not in r.data:
+        r.used.add("not_available")
+        return default
+    t = r.table("not_available")
+    status = t.integer("status", default.status, 200, 599)
+    body_text = t.text("body", "")
+    body_file = t.text("body_file", "")
+    body = body_text.encode()
+    if body_text and body_file:
+        t.error("give either body or body_file, not both", "body_file")
+    elif body_file:
+        path = Path(body_file)
+        if not path.is_absolute():
+            path = r.base / path
+        try:
+            body = path.read_bytes()
+        except OSError as e:
+            t.error(f"cannot read {str(path)!r}: {e.strerror}", "body_file")
+    elif "body" not in t.data:
+        body = default.body if status == default.status else b""
+    ctype = t.text("content_type", default.content_type)
+    if "\r" in ctype or "\n" in ctype:
+        t.error("must not contain line breaks", "content_type")
+        ctype = default.content_type
+    t.finish()
+    return NotAvailable(status=status, body=body, content_type=ctype)
+
+
+def _real_servers(r: _Reader) -> tuple[RealServer, ...]:
+    out = []
+    seen: set[Address] = set()
+    for t in r.tables("real_servers"):
+        addr = _address(t, "address")
+        weight = t.integer("weight", 1, 0, 65535)
+        enabled = t.flag("enabled", True)
+        t.finish()
+        if addr is None:
+            continue
+        if addr in seen:
+            t.error(f"real server {addr} is listed twice", "address")
+        seen.add(addr)
+        out.append(RealServer(addr, weight, enabled))
+    return tuple(out)
+
+
+def _timeouts(r: _Reader, default: Timeouts) -> Timeouts:
+    t = r.table("timeouts")
+    out = Timeouts(
+        head=t.number("head", default.head, 0.01, 3600),
+        idle=t.number("idle", default.idle, 0.01, 86400),
+        connect=t.number("connect", default.connect, 0.01, 600),
+        first_byte=t.number("first_byte", default.first_byte, 0.01, 86400),
+        request=t.number("request", default.request, 0.01, 86400),
+        upstream_idle=t.number("upstream_idle", default.upstream_idle, 0.01, 86400),
+    )
+    t.finish()
+    return out
+
+
+def _limits(r: _Reader, default: Limits) -> Limits:
+    t = r.table("limits")
+    out = Limits(
+        max_header_bytes=t.integer("max_header_bytes", default.max_header_bytes, 1024, 1 << 20),
+        max_headers=t.integer("max_headers", default.max_headers, 1, 10_000),
+        max_body=t.integer("max_body", default.max_body, 0, 1 << 62),
+        max_connections=t.integer("max_connections", default.max_connections, 1, 1_000_000),
+    )
+    t.finish()
+    return out
+
+
+def _rule(t: _Reader) -> ContentRule | None:
+    name = _name(t, "rule")
+    if name == DEFAULT_RULE:
+        t.error(f"{DEFAULT_RULE!r} is the built-in rule that matches everything", "name")
+    match_type = t.enum("match", MatchType.PREFIX, MatchType, _enum_names(MatchType))
+    pattern = t.text("pattern", required=True)
+    on = t.enum("on", MatchOn.URL, MatchOn, _enum_names(MatchOn))
+    header = t.text("header", "")
+    rule = ContentRule(
+        name=name,
+        match_type=match_type,
+        pattern=pattern,
+        on=on,
+        header=header,
+        negate=t.flag("negate", False),
+        ignore_case=t.flag("ignore_case", False),
+        include_host=t.flag("include_host", False),
+        include_query=t.flag("include_query", False),
+        fail_on_match=t.flag("fail_on_match", False),
+        set_flag=t.integer("set_flag", 0, 0, MAX_FLAG),
+        only_if_flag=t.integer("only_if_flag", 0, 0, MAX_FLAG),
+        only_if_not_flag=t.integer("only_if_not_flag", 0, 0, MAX_FLAG),
+    )
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        t.error(f"is {len(pattern)} characters; the limit is {MAX_PATTERN_LENGTH}", "pattern")
+    if match_type is MatchType.REGEX and pattern:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            t.error(f"is not a valid regular expression: {e}", "pattern")
+    if on is MatchOn.HEADER:
+        if not header:
+            t.error("is required when on = 'header'", "header")
+        elif not _HEADER_NAME_RE.match(header):
+            t.error(f"{header!r} is not a valid header name", "header")
+    elif header:
+        t.error("only applies when on = 'header'", "header")
+    if (rule.include_host or rule.include_query) and on is not MatchOn.URL:
+        t.error("include_host / include_query only apply when on = 'url'")
+    t.finish()
+    return rule if name and pattern else None
+
+
+def _subvs(t: _Reader, vs_defaults: VirtualService) -> SubVS:
+    name = _name(t, "SubVS")
+    s = SubVS(
+        name=name,
+        real_servers=_real_servers(t),
+        scheduler=t.enum("scheduler", vs_defaults.scheduler, Scheduler, _enum_names(Scheduler)),
+        rules=t.str_list("rules"),
+        health_check=_health_check(t, vs_defaults.health_check),
+        not_available=_not_available(t, vs_defaults.not_available),
+    )
+    t.finish()
+    return s
+
+
+def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
+    name = _name(t, "virtual service")
+    listen = _address(t, "listen")
+    protocol = t.enum("protocol", Protocol.HTTP, Protocol, _enum_names(Protocol))
+    kind = t.enum("kind", VSKind.PROXY, VSKind, _enum_names(VSKind))
+    scheduler = t.enum("scheduler", Scheduler.ROUND_ROBIN, Scheduler, _enum_names(Scheduler))
+    hc = _health_check(t, HealthCheck())
+    na = _not_available(t, NotAvailable())
+    base = VirtualService(name=name, listen=listen or Address("0.0.0.0", 1), scheduler=scheduler,
+                          health_check=hc, not_available=na)
+    subvs = tuple(_subvs(s, base) for s in t.tables("subvs"))
+    real_servers = _real_servers(t)
+    tls_t = t.table("tls")
+    tls = TLSSettings(
+        certificates=tls_t.str_list("certificates"),
+        default_certificate=tls_t.text("default_certificate", ""),
+        ciphers=tls_t.text("ciphers", _DEFAULT_TLS.ciphers),
+    )
+    tls_t.finish()
+    if tls.default_certificate and tls.default_certificate not in tls.certificates:
+        tls = TLSSettings((*tls.certificates, tls.default_certificate), tls.default_certificate,
+                          tls.ciphers)
+    vs = VirtualService(
+        name=name,
+        listen=base.listen,
+        protocol=protocol,
+        kind=kind,
+        content_switching=t.flag("content_switching", bool(subvs)),
+        real_servers=real_servers,
+        subvs=subvs,
+        precedence=t.str_list("precedence"),
+        scheduler=scheduler,
+        health_check=hc,
+        not_available=na,
+        timeouts=_timeouts(t, Timeouts()),
+        limits=_limits(t, Limits()),
+        tls=tls,
+        redirect_status=t.integer("redirect_status", 301, 300, 399),
+        redirect_to=t.text("redirect_to", _DEFAULT_REDIRECT),
+        add_forwarded_headers=t.flag("add_forwarded_headers", True),
+    )
+    t.finish()
+    if vs.redirect_status not in (301, 302, 303, 307, 308):
+        t.error(f"must be 301, 302, 303, 307 or 308, got {vs.redirect_status}", "redirect_status")
+    if kind is VSKind.REDIRECT:
+        if subvs or real_servers:
+            t.error("a redirect VS answers every request itself; remove its real servers/SubVSs")
+        try:
+            vs.redirect_to.format(host="h", hostname="h", path="/", port="1")
+        except (KeyError, IndexError, ValueError) as e:
+            t.error(f"bad placeholder {e}; use {{host}}, {{hostname}}, {{port}}, {{path}}",
+                    "redirect_to")
+    if subvs and real_servers:
+        t.error("a VS has either real servers or SubVSs, not both; move the real servers "
+                "into a SubVS")
+    seen_subvs: set[str] = set()
+    rule_owner: dict[str, str] = {}
+    for i, s in enumerate(subvs):
+        if s.name in seen_subvs:
+            t.error(f"SubVS {s.name!r} is defined twice", f"subvs[{i}].name")
+        seen_subvs.add(s.name)
+        for j, rn in enumerate(s.rules):
+            where = f"subvs[{i}].rules[{j}]"
+            if rn != DEFAULT_RULE and rn not in rule_names:
+                t.error(f"unknown content rule {rn!r}", where)
+            if rn in rule_owner:
+                t.error(f"rule {rn!r} is already assigned to SubVS {rule_owner[rn]!r} "
+                        "in this VS", where)
+            rule_owner[rn] = s.name
+    if vs.precedence:
+        for j, rn in enumerate(vs.precedence):
+            if rn not in rule_owner:
+                t.error(f"rule {rn!r} is not assigned to any SubVS of this VS",
+                        f"precedence[{j}]")
+        missing = [rn for rn in rule_owner if rn not in vs.precedence]
+        if missing:
+            t.error(f"precedence must list every rule of the VS; missing {missing}",
+                    "precedence")
+    if protocol is Protocol.HTTPS and not tls.certificates:
+        t.error("an https VS needs at least one certificate in tls.certificates")
+    if protocol is Protocol.HTTP and tls.certificates:
+        t.error("certificates only apply to protocol = 'https'", "tls")
+    return vs if name and listen else None
+
+
+def parse_config(text: str, *, base: Path | None = None, source: str = "<config>") -> Config:
+    """Parse and validate; raises ConfigError listing every problem found."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([ConfigProblem(source, f"TOML syntax: {e}")]) from None
+    problems: list[ConfigProblem] = []
+    r = _Reader(data, "", problems, base or Path.cwd())
+
+    rules: list[ContentRule] = []
+    rule_names: set[str] = set()
+    rule_tables = r.tables("rule")
+    if len(rule_tables) > MAX_RULES:
+        r.error(f"{len(rule_tables)} rules; the limit is {MAX_RULES}", "rule")
+    for t in rule_tables:
+        rule = _rule(t)
+        if rule is None:
+            continue
+        if rule.name in rule_names:
+            t.error(f"rule {rule.name!r} is defined twice", "name")
+        rule_names.add(rule.name)
+        rules.append(rule)
+
+    vss: list[VirtualService] = []
+    names: dict[str, str] = {}
+    listeners: dict[Address, str] = {}
+    for t in r.tables("vs"):
+        vs = _vs(t, rule_names)
+        if vs is None:
+            continue
+        if vs.name in names:
+            t.error(f"virtual service {vs.name!r} is already defined at {names[vs.name]}", "name")
+        names[vs.name] = t.path
+        if vs.listen in listeners:
+            t.error(f"{vs.listen} is already the address of {listeners[vs.listen]!r}", "listen")
+        listeners[vs.listen] = vs.name
+        vss.append(vs)
+
+    admin_t = r.table("admin")
+    admin = AdminSettings(
+        listen=_address(admin_t, "listen", required=False) or AdminSettings().listen,
+        enabled=admin_t.flag("enabled", True),
+    )
+    admin_t.finish()
+    log_t = r.table("access_log")
+    access_log = AccessLogSettings(enabled=log_t.flag("enabled", True),
+                                   path=log_t.text("path", ""))
+    log_t.finish()
+    cfg = Config(
+        virtual_services=tuple(vss),
+        rules=tuple(rules),
+        state_dir=r.text("state_dir", "state"),
+        admin=admin,
+        access_log=access_log,
+        drain_timeout=r.number("drain_timeout", 30.0, 0, 3600),
+    )
+    if admin.enabled and admin.listen in listeners:
+        problems.append(ConfigProblem("admin.listen",
+                                      f"{admin.listen} is also VS {listeners[admin.listen]!r}"))
+    r.finish()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_file(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([ConfigProblem(str(p), f"cannot read: {e}")]) from None
+    return parse_config(text, base=p.parent.resolve(), source=str(p))

@@ -1,0 +1,231 @@
+"""The validated, frozen configuration model: what a TOML file means once every check has passed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Protocol(StrEnum):
+    HTTP = "http"
+    HTTPS = "https"
+
+
+class VSKind(StrEnum):
+    PROXY = "proxy"
+    REDIRECT = "redirect"
+
+
+class Scheduler(StrEnum):
+    ROUND_ROBIN = "rr"
+    WEIGHTED_ROUND_ROBIN = "wrr"
+    LEAST_CONNECTIONS = "lc"
+    WEIGHTED_LEAST_CONNECTIONS = "wlc"
+    SOURCE_IP_HASH = "src-hash"
+    URL_HASH = "url-hash"
+
+
+class HealthCheckType(StrEnum):
+    NONE = "none"
+    TCP = "tcp"
+    HTTP = "http"
+
+
+class MatchType(StrEnum):
+    REGEX = "regex"
+    PREFIX = "prefix"
+    POSTFIX = "postfix"
+
+
+class MatchOn(StrEnum):
+    """What part of the request a content rule looks at."""
+
+    URL = "url"
+    HOST = "host"
+    METHOD = "method"
+    SRC_IP = "src-ip"
+    BODY = "body"
+    HEADER = "header"
+
+
+# LoadMaster's limits: a rule pattern is at most 250 characters, at most 1024 rules.
+MAX_PATTERN_LENGTH = 250
+MAX_RULES = 1024
+# LoadMaster's content rules look at the first 50 KiB of a body.
+BODY_MATCH_LIMIT = 50 * 1024
+# LoadMaster numbers its rule flags 1..9.
+MAX_FLAG = 9
+DEFAULT_RULE = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RealServer:
+    address: Address
+    weight: int = 1
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    type: HealthCheckType = HealthCheckType.TCP
+    path: str = "/"
+    host: str = ""
+    expect_status: tuple[int, ...] = (200,)
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class NotAvailable:
+    """The answer given when no real server can take a request (LoadMaster's error page)."""
+
+    status: int = 503
+    body: bytes = b"Service Unavailable\n"
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class ContentRule:
+    name: str
+    match_type: MatchType
+    pattern: str
+    on: MatchOn = MatchOn.URL
+    header: str = ""
+    negate: bool = False
+    ignore_case: bool = False
+    include_host: bool = False
+    include_query: bool = False
+    fail_on_match: bool = False
+    set_flag: int = 0
+    only_if_flag: int = 0
+    only_if_not_flag: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. head: read a request head (slowloris); idle: client keep-alive;
+    connect/first_byte: upstream; request: a whole exchange; upstream_idle: pooled connections."""
+
+    head: float = 10.0
+    idle: float = 60.0
+    connect: float = 3.0
+    first_byte: float = 30.0
+    request: float = 300.0
+    upstream_idle: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    # 16 KiB request line + headers in total, like HAProxy's default buffer (tune.bufsize).
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    # 0 = no limit on request bodies (they are streamed, never buffered).
+    max_body: int = 0
+    max_connections: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SubVS:
+    name: str
+    real_servers: tuple[RealServer, ...] = ()
+    scheduler: Scheduler = Scheduler.ROUND_ROBIN
+    rules: tuple[str, ...] = ()
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    not_available: NotAvailable = field(default_factory=NotAvailable)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    certificates: tuple[str, ...] = ()
+    default_certificate: str = ""
+    # A modern policy: TLS 1.2 AEAD suites with forward secrecy (TLS 1.3 suites are always on).
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    name: str
+    listen: Address
+    protocol: Protocol = Protocol.HTTP
+    kind: VSKind = VSKind.PROXY
+    content_switching: bool = False
+    real_servers: tuple[RealServer, ...] = ()
+    subvs: tuple[SubVS, ...] = ()
+    # Rule names in precedence order (first match wins); derived from the SubVSs when not given.
+    precedence: tuple[str, ...] = ()
+    scheduler: Scheduler = Scheduler.ROUND_ROBIN
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    not_available: NotAvailable = field(default_factory=NotAvailable)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    redirect_status: int = 301
+    # Placeholders: {host} (as sent, with port), {hostname}, {path} (with query).
+    redirect_to: str = "https://{host}{path}"
+    add_forwarded_headers: bool = True
+
+    def subvs_by_name(self, name: str) -> SubVS | None:
+        for s in self.subvs:
+            if s.name == name:
+                return s
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: Address = Address("127.0.0.1", 8444)
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogSettings:
+    enabled: bool = True
+    # "" = the lbproxy.access logger (stderr by default); else a file path.
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    virtual_services: tuple[VirtualService, ...] = ()
+    rules: tuple[ContentRule, ...] = ()
+    state_dir: str = "state"
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
+    drain_timeout: float = 30.0
+
+    def vs_by_name(self, name: str) -> VirtualService | None:
+        for vs in self.virtual_services:
+            if vs.name == name:
+                return vs
+        return None
+
+    def rule_by_name(self, name: str) -> ContentRule | None:
+        for r in self.rules:
+            if r.name == name:
+                return r
+        return None
+
+
+def rule_order(vs: VirtualService) -> tuple[tuple[str, str], ...]:
+    """(rule name, SubVS name) pairs in precedence order: the first match wins.
+
+    An explicit `precedence` list wins; otherwise SubVS order, then each SubVS's rule order, with
+    the built-in `default` rule moved last (it matches everything).
+    """
+    owner = {rn: s.name for s in vs.subvs for rn in s.rules}
+    if vs.precedence:
+        return tuple((rn, owner[rn]) for rn in vs.precedence if rn in owner)
+    pairs = [(rn, s.name) for s in vs.subvs for rn in s.rules]
+    return tuple([p for p in pairs if p[0] != DEFAULT_RULE] +
+                 [p for p in pairs if p[0] == DEFAULT_RULE])

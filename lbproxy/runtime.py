@@ -77,10 +77,21 @@ class RuntimeStore:
 
     async def _publish(self, make: Callable[[Runtime], Runtime]) -> Runtime:
         async with self._lock:
-            new = make(self._current)
+            old = self._current
+            new = make(old)
             self._current = new
-            for listener in self._listeners:
-                await listener(new)
+            try:
+                for listener in self._listeners:
+                    await listener(new)
+            except BaseException:
+                # Roll every listener back to the last good snapshot, then report the failure.
+                self._current = old
+                for listener in self._listeners:
+                    try:
+                        await listener(old)
+                    except Exception:
+                        logger.exception("rollback to generation %d failed", old.generation)
+                raise
             return new
 
     async def set_config(self, config: Config) -> Runtime:

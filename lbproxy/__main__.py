@@ -1,0 +1,77 @@
+"""The `lbproxy` command: `run` and `check` live here; every other subcommand talks to the admin
+API through lbproxy.admin.cli."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import load_file
+from .errors import ConfigError
+
+_LOCAL_COMMANDS = ("run", "check")
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_file(args.config)
+    except ConfigError as e:
+        if args.json:
+            print(json.dumps({"ok": False, "problems": [
+                {"where": p.where, "message": p.message} for p in e.problems]}))
+        else:
+            print(f"{args.config}: {len(e.problems)} problem(s)", file=sys.stderr)
+            for p in e.problems:
+                print(f"  {p}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"ok": True, "virtual_services": len(cfg.virtual_services),
+                          "rules": len(cfg.rules)}))
+    else:
+        print(f"{args.config}: OK ({len(cfg.virtual_services)} virtual services, "
+              f"{len(cfg.rules)} content rules)")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import run_forever
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run_forever(args.config, demo_backends=args.demo_backends)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lbproxy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate a config file and list every problem")
+    c.add_argument("-c", "--config", default="lbproxy.toml")
+    c.add_argument("--json", action="store_true")
+    r = sub.add_parser("run", help="run the load balancer")
+    r.add_argument("-c", "--config", default="lbproxy.toml")
+    r.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    r.add_argument("--demo-backends", action="store_true",
+                   help="also start demo real servers on the config's real-server addresses")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] not in _LOCAL_COMMANDS and not args_list[0].startswith("-"):
+        from .admin.cli import main as cli_main
+
+        return cli_main(args_list)
+    args = _parser().parse_args(args_list)
+    if args.command == "check":
+        return _check(args)
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

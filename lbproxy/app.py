@@ -159,4 +159,4 @@ def run_forever(config: str | os.PathLike[str], *, demo_backends: bool = False) 
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
         return asyncio.run(_main(Path(config), demo_backends))
-    return uvloop.run(_main(Path(config), demo_backends))  # type: ignore[no-any-return]
+    return uvloop.run(_main(Path(config), demo_backends))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from .config.model import Config
@@ -17,7 +18,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nam
         while True:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=60)
             lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = (lines[0].split(" ") + ["", ""])[:3]
+            method, target, _ = [*lines[0].split(" "), "", ""][:3]
             length = 0
             for line in lines[1:]:
                 k, _, v = line.partition(":")
@@ -47,7 +48,7 @@ async def start_demo_backends(config: Config) -> list[asyncio.Server]:
     for addr in sorted(addrs, key=str):
         name = f"demo-{addr.port}"
         server = await asyncio.start_server(
-            lambda r, w, n=name: _serve(r, w, n), addr.host, addr.port, limit=_MAX_HEAD)
+            functools.partial(_serve, name=name), addr.host, addr.port, limit=_MAX_HEAD)
         logger.info("demo real server %s listening on %s", name, addr)
         servers.append(server)
     return servers

@@ -1,43 +1,44 @@
 """Every exception acmeclient raises, one tree, each carrying what a caller needs to react.
 
-    AcmeError
-    ├── AcmeProblem                   an RFC 7807 problem document from the CA (RFC 8555 §6.7)
-    │   ├── AccountDoesNotExistError  urn:ietf:params:acme:error:accountDoesNotExist
-    │   ├── AlreadyReplacedError      ...:alreadyReplaced (RFC 9773 §5)
-    │   ├── AlreadyRevokedError       ...:alreadyRevoked
-    │   ├── BadCSRError               ...:badCSR
-    │   ├── BadNonceError             ...:badNonce (retried by the transport before it surfaces)
-    │   ├── BadPublicKeyError         ...:badPublicKey
-    │   ├── BadRevocationReasonError  ...:badRevocationReason
-    │   ├── BadSignatureAlgorithmError ...:badSignatureAlgorithm
-    │   ├── CAAError                  ...:caa
-    │   ├── CompoundError             ...:compound (see .subproblems)
-    │   ├── ConflictError             ...:conflict (RFC 9773, a replacement conflict)
-    │   ├── ConnectionProblemError    ...:connection
-    │   ├── DNSError                  ...:dns
-    │   ├── ExternalAccountRequiredError ...:externalAccountRequired
-    │   ├── IncorrectResponseError    ...:incorrectResponse
-    │   ├── InvalidContactError       ...:invalidContact
-    │   ├── InvalidProfileError       ...:invalidProfile (ACME profiles draft)
-    │   ├── MalformedError            ...:malformed
-    │   ├── OrderNotReadyError        ...:orderNotReady
-    │   ├── RateLimitedError          ...:rateLimited (see .retry_after)
-    │   ├── RejectedIdentifierError   ...:rejectedIdentifier
-    │   ├── ServerInternalError       ...:serverInternal
-    │   ├── TLSProblemError           ...:tls
-    │   ├── UnauthorizedError         ...:unauthorized
-    │   ├── UnsupportedContactError   ...:unsupportedContact
-    │   ├── UnsupportedIdentifierError ...:unsupportedIdentifier
-    │   └── UserActionRequiredError   ...:userActionRequired
-    ├── ValidationError               a challenge or an order ended "invalid"; carries the CA's problem
-    ├── TransportError                the exchange itself failed
-    │   ├── NetworkError              connection refused/reset, TLS handshake or verification failure
-    │   ├── AcmeTimeoutError          a named deadline passed (request or order)
-    │   └── MalformedResponseError    an answer that is not what RFC 8555 says it must be
-    ├── ClientStateError              the caller asked for something out of order (no account yet,
-    │                                 an unsupported profile, an event the order machine cannot take)
-    └── CryptoError                   bad key/CSR/certificate input: unreadable PEM or JWK, wrong
-                                      passphrase, unsupported key type, invalid subject field
+AcmeError
+├── AcmeProblem                   an RFC 7807 problem document from the CA (RFC 8555 §6.7)
+│   ├── AccountDoesNotExistError  urn:ietf:params:acme:error:accountDoesNotExist
+│   ├── AlreadyReplacedError      ...:alreadyReplaced (RFC 9773 §5)
+│   ├── AlreadyRevokedError       ...:alreadyRevoked
+│   ├── BadCSRError               ...:badCSR
+│   ├── BadNonceError             ...:badNonce (retried by the transport before it surfaces)
+│   ├── BadPublicKeyError         ...:badPublicKey
+│   ├── BadRevocationReasonError  ...:badRevocationReason
+│   ├── BadSignatureAlgorithmError ...:badSignatureAlgorithm
+│   ├── CAAError                  ...:caa
+│   ├── CompoundError             ...:compound (see .subproblems)
+│   ├── ConflictError             ...:conflict (RFC 9773, a replacement conflict)
+│   ├── ConnectionProblemError    ...:connection
+│   ├── DNSError                  ...:dns
+│   ├── ExternalAccountRequiredError ...:externalAccountRequired
+│   ├── IncorrectResponseError    ...:incorrectResponse
+│   ├── InvalidContactError       ...:invalidContact
+│   ├── InvalidProfileError       ...:invalidProfile (ACME profiles draft)
+│   ├── MalformedError            ...:malformed
+│   ├── OrderNotReadyError        ...:orderNotReady
+│   ├── RateLimitedError          ...:rateLimited (see .retry_after)
+│   ├── RejectedIdentifierError   ...:rejectedIdentifier
+│   ├── ServerInternalError       ...:serverInternal
+│   ├── TLSProblemError           ...:tls
+│   ├── UnauthorizedError         ...:unauthorized
+│   ├── UnsupportedContactError   ...:unsupportedContact
+│   ├── UnsupportedIdentifierError ...:unsupportedIdentifier
+│   └── UserActionRequiredError   ...:userActionRequired
+├── ValidationError               a challenge/order became "invalid"; carries the CA's problem
+├── TransportError                the exchange itself failed
+│   ├── NetworkError              refused/reset connection, TLS handshake/verification failure
+│   ├── AcmeTimeoutError          a named deadline passed (request or order)
+│   └── MalformedResponseError    an answer that is not what RFC 8555 says it must be
+├── ResponderError                the HTTP-01 responder failed to present or clean up
+├── ClientStateError              asked for something out of order (no account yet,
+│                                 unsupported profile, an event the order machine cannot take)
+└── CryptoError                   bad key/CSR/certificate input: unreadable PEM or JWK, wrong
+                                  passphrase, unsupported key type, invalid subject field
 """
 
 from __future__ import annotations
@@ -263,6 +264,10 @@ class AcmeTimeoutError(TransportError):
 
 class MalformedResponseError(TransportError):
     """The CA's answer violates RFC 8555 (bad JSON, missing field or header)."""
+
+
+class ResponderError(AcmeError):
+    """The pluggable HTTP-01 responder raised while presenting or cleaning up a challenge."""
 
 
 class ClientStateError(AcmeError):

@@ -1,4 +1,4 @@
-"""ACME wire objects (RFC 8555 §7.1, RFC 9773, profiles draft) as frozen values with from_json/to_json.
+"""ACME wire objects (RFC 8555 §7.1, RFC 9773, profiles draft): frozen values, from_json/to_json.
 
 Parsing happens here, at the boundary: a from_json that meets a missing or mistyped field raises
 MalformedResponseError naming it, so nothing past this module sees raw JSON.

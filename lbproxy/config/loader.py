@@ -3,6 +3,7 @@ except `load_file`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -13,16 +14,20 @@ from typing import Any, TypeVar
 from ..errors import ConfigError, ConfigProblem
 from .model import (
     DEFAULT_RULE,
+    LETS_ENCRYPT_PRODUCTION,
     MAX_FLAG,
     MAX_PATTERN_LENGTH,
     MAX_RULES,
+    MAX_SANS,
     AccessLogSettings,
     Address,
     AdminSettings,
+    CertificateRequest,
     Config,
     ContentRule,
     HealthCheck,
     HealthCheckType,
+    LetsEncryptSettings,
     Limits,
     MatchOn,
     MatchType,
@@ -425,6 +430,54 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
     return vs if name and listen else None
 
 
+_FQDN_RE = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+
+
+def is_fqdn(name: str) -> bool:
+    return bool(_FQDN_RE.match(name.lower()))
+
+
+def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | None:
+    cid = t.text("id", required=True)
+    if cid and not _NAME_RE.match(cid):
+        t.error(f"certificate id {cid!r} must be 1-64 letters, digits, '.', '_' or '-'", "id")
+    cn = t.text("common_name", required=True).lower()
+    if cn and not is_fqdn(cn):
+        t.error(f"{cn!r} is not a fully qualified domain name", "common_name")
+    vs = t.text("vs", required=True)
+    if vs and vs not in vs_names:
+        t.error(f"unknown virtual service {vs!r}", "vs")
+    sans: list[tuple[str, str]] = []
+    for s in t.tables("sans"):
+        name = s.text("name", required=True).lower()
+        svs = s.text("vs", required=True)
+        if name and not is_fqdn(name):
+            s.error(f"{name!r} is not a fully qualified domain name", "name")
+        if svs and svs not in vs_names:
+            s.error(f"unknown virtual service {svs!r}", "vs")
+        if name == cn or any(name == n for n, _ in sans):
+            s.error(f"{name!r} is listed twice", "name")
+        s.finish()
+        sans.append((name, svs))
+    if len(sans) > MAX_SANS:
+        t.error(f"{len(sans)} SANs; the limit is {MAX_SANS}", "sans")
+    key_type = t.text("key_type", "ec").lower()
+    if key_type not in ("ec", "rsa"):
+        t.error(f"unknown value {key_type!r}; expected 'ec' or 'rsa'", "key_type")
+    key_size = t.integer("key_size", 2048, 2048, 4096)
+    if key_type == "rsa" and key_size not in (2048, 3072, 4096):
+        t.error(f"RSA key size must be 2048, 3072 or 4096, got {key_size}", "key_size")
+    country = t.text("country", "")
+    if country and not re.fullmatch(r"[A-Za-z]{2}", country):
+        t.error(f"{country!r} is not a two-letter country code", "country")
+    req = CertificateRequest(
+        id=cid, common_name=cn, vs=vs, sans=tuple(sans), key_type=key_type, key_size=key_size,
+        country=country.upper(), state=t.text("state", ""), city=t.text("city", ""),
+        company=t.text("company", ""), unit=t.text("unit", ""), email=t.text("email", ""))
+    t.finish()
+    return req if cid and cn and vs else None
+
+
 def parse_config(text: str, *, base: Path | None = None, source: str = "<config>") -> Config:
     """Parse and validate; raises ConfigError listing every problem found."""
     try:
@@ -451,7 +504,8 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
     vss: list[VirtualService] = []
     names: dict[str, str] = {}
     listeners: dict[Address, str] = {}
-    for t in r.tables("vs"):
+    vs_tables = r.tables("vs")
+    for t in vs_tables:
         vs = _vs(t, rule_names)
         if vs is None:
             continue
@@ -473,7 +527,29 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
     access_log = AccessLogSettings(enabled=log_t.flag("enabled", True),
                                    path=log_t.text("path", ""))
     log_t.finish()
+    le_t = r.table("letsencrypt")
+    le = LetsEncryptSettings(
+        directory_url=le_t.text("directory_url", LETS_ENCRYPT_PRODUCTION),
+        ca_bundle=le_t.text("ca_bundle", ""),
+        email=le_t.text("email", ""),
+        renew_period_days=le_t.integer("renew_period_days", 30, 1, 60),
+    )
+    if not le.directory_url.startswith(("https://", "http://")):
+        le_t.error(f"{le.directory_url!r} is not an http(s) URL", "directory_url")
+    if le.ca_bundle and not Path(le.ca_bundle).is_absolute():
+        le = dataclasses.replace(le, ca_bundle=str(r.base / le.ca_bundle))
+    le_t.finish()
+    certs: list[CertificateRequest] = []
+    for t in r.tables("certificate"):
+        req = _cert_request(t, names)
+        if req is None:
+            continue
+        if any(c.id == req.id for c in certs):
+            t.error(f"certificate {req.id!r} is declared twice", "id")
+        certs.append(req)
     cfg = Config(
+        letsencrypt=le,
+        certificates=tuple(certs),
         virtual_services=tuple(vss),
         rules=tuple(rules),
         state_dir=r.text("state_dir", "state"),

@@ -195,6 +195,44 @@ class AccessLogSettings:
     path: str = ""
 
 
+LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True, slots=True)
+class LetsEncryptSettings:
+    """Account-wide Let's Encrypt (ACME) settings; the admin API can change them at run time."""
+
+    directory_url: str = LETS_ENCRYPT_PRODUCTION
+    # PEM bundle trusted for the CA's own TLS (private CAs, Pebble); "" = the system store.
+    ca_bundle: str = ""
+    email: str = ""
+    # Renew this many days before expiry (LoadMaster: 1-60, default 30), clamped to 1/3 of the
+    # certificate's lifetime so short-lived certificates do not renew forever.
+    renew_period_days: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRequest:
+    """A Let's Encrypt certificate declared in the config: requested and renewed automatically."""
+
+    id: str
+    common_name: str
+    vs: str
+    # (name, VS answering its challenge), at most 10.
+    sans: tuple[tuple[str, str], ...] = ()
+    key_type: str = "ec"  # "ec" (P-256) or "rsa"
+    key_size: int = 2048
+    country: str = ""
+    state: str = ""
+    city: str = ""
+    company: str = ""
+    unit: str = ""
+    email: str = ""
+
+
+MAX_SANS = 10
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     virtual_services: tuple[VirtualService, ...] = ()
@@ -203,6 +241,8 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     drain_timeout: float = 30.0
+    letsencrypt: LetsEncryptSettings = field(default_factory=LetsEncryptSettings)
+    certificates: tuple[CertificateRequest, ...] = ()
 
     def vs_by_name(self, name: str) -> VirtualService | None:
         for vs in self.virtual_services:

@@ -1,0 +1,249 @@
+"""Real-server pools and their schedulers: which backend takes the next request (sans-I/O).
+
+A `Balancer` is built once per pool (a VS without SubVSs, or a SubVS) per config generation. The
+data plane calls `pick()` once per request and `release()` when that request is done; the health
+monitor (health.py) flips `Backend.healthy`. Nothing here awaits, sleeps or reads a clock.
+
+Hot reload: `Balancer(servers, scheduler, previous=old)` *adopts* the `Backend` objects of `old`
+whose address is still configured. The very same objects continue, so health state, the in-flight
+count (`active`, decremented later by requests picked under the old generation) and the counters
+carry over without a copy that could go stale; only `weight` and `enabled` are updated in place from
+the new config. Hence: build a fresh Balancer (with `previous=`) for every generation you switch to,
+rollbacks included, and don't keep picking from a balancer that has been superseded for long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+from ..config.model import Address, RealServer, Scheduler
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+# 2**53: the top 53 bits of a 64-bit hash map exactly onto the mantissa of a float in (0, 1).
+_FLOAT_SCALE = float(1 << 53)
+
+
+def _hash64(data: str) -> int:
+    """A 64-bit hash that is the same in every process and host (unlike `hash()`, which is salted
+    per process), so that N workers and N hosts send one client or one URL to the same server."""
+    return int.from_bytes(hashlib.blake2b(data.encode(), digest_size=8).digest(), "little")
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a cheap bijective scrambler, so key ^ seed scores independently."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class Backend:
+    """One real server of one pool, with the run-time state the data plane and health checks share.
+
+    `healthy` starts True. A pool with a health check keeps sending traffic to a new server until
+    its first probe answers; that first answer alone decides (one failure marks it down, see
+    `health.HealthState`), after which the rise/fall counts apply. This avoids 503s at start-up
+    and on reload while a dead server is found within one probe timeout.
+    """
+
+    __slots__ = ("_cw", "_seed", "active", "address", "checked", "down_reason", "enabled",
+                 "failures", "healthy", "requests", "weight")
+
+    def __init__(self, address: Address, weight: int = 1, enabled: bool = True) -> None:
+        self.address = address
+        self.weight = weight
+        self.enabled = enabled
+        self.healthy = True
+        # True once a health check has reported on this server (see HealthState.provisional).
+        self.checked = False
+        # Why the last health check failed; "" while healthy.
+        self.down_reason = ""
+        self.active = 0
+        self.requests = 0
+        self.failures = 0
+        self._cw = 0  # smooth weighted round robin's current weight
+        self._seed = _hash64(str(address))
+
+    def available(self) -> bool:
+        """May take a new request: enabled, healthy and with a weight above zero."""
+        return self.enabled and self.healthy and self.weight > 0
+
+    def __repr__(self) -> str:
+        state = "up" if self.healthy else "down"
+        return (f"<Backend {self.address} w={self.weight} {state}"
+                f"{'' if self.enabled else ' disabled'} active={self.active}>")
+
+
+_Chooser = Callable[[str, str, Backend | None], Backend | None]
+
+
+class Balancer:
+    """A pool of backends and the scheduler that picks among the available ones."""
+
+    __slots__ = ("_choose", "_rr", "backends", "scheduler")
+
+    def __init__(self, servers: Sequence[RealServer], scheduler: Scheduler,
+                 previous: Balancer | None = None) -> None:
+        self.scheduler = scheduler
+        old: dict[Address, Backend] = {}
+        if previous is not None:
+            old = {b.address: b for b in previous.backends}
+        backends = []
+        for s in servers:
+            b = old.pop(s.address, None)
+            if b is None:
+                b = Backend(s.address, s.weight, s.enabled)
+            else:
+                b.weight = s.weight
+                b.enabled = s.enabled
+            backends.append(b)
+        self.backends: tuple[Backend, ...] = tuple(backends)
+        self._rr = 0  # rr's next index; where lc starts its scan, so that ties take turns
+        choosers: dict[Scheduler, _Chooser] = {
+            Scheduler.ROUND_ROBIN: self._round_robin,
+            Scheduler.WEIGHTED_ROUND_ROBIN: self._weighted_round_robin,
+            Scheduler.LEAST_CONNECTIONS: self._least_connections,
+            Scheduler.WEIGHTED_LEAST_CONNECTIONS: self._weighted_least_connections,
+            Scheduler.SOURCE_IP_HASH: self._source_hash,
+            Scheduler.URL_HASH: self._url_hash,
+        }
+        self._choose = choosers[scheduler]
+
+    # -- the data plane's interface ---------------------------------------------------------
+
+    def pick(self, src_ip: str, url: str, exclude: Backend | None = None) -> Backend | None:
+        """The backend for a new request, or None when none is available (answer "not available").
+
+        `exclude` (a backend that just failed, for a retry) is never returned: with it the only
+        available backend, the answer is None. The chosen backend's `active` and `requests` grow
+        by one; call `release()` exactly once when the request is over.
+        """
+        b = self._choose(src_ip, url, exclude)
+        if b is not None:
+            b.active += 1
+            b.requests += 1
+        return b
+
+    def release(self, b: Backend, ok: bool = True) -> None:
+        """A request picked from this pool is finished; `ok=False` counts it in `failures`."""
+        if not ok:
+            b.failures += 1
+        if b.active > 0:
+            b.active -= 1
+        else:
+            logger.error("release() without a matching pick() for real server %s", b.address)
+
+    def any_available(self) -> bool:
+        for b in self.backends:
+            if b.enabled and b.healthy and b.weight > 0:
+                return True
+        return False
+
+    def find(self, address: Address) -> Backend | None:
+        for b in self.backends:
+            if b.address == address:
+                return b
+        return None
+
+    # -- schedulers: each returns an available backend other than `exclude`, or None ----------
+
+    def _round_robin(self, src_ip: str, url: str, exclude: Backend | None) -> Backend | None:
+        backends = self.backends
+        n = len(backends)
+        i = self._rr
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            b = backends[i]
+            i += 1
+            if b.enabled and b.healthy and b.weight > 0 and b is not exclude:
+                self._rr = i
+                return b
+        return None
+
+    def _weighted_round_robin(self, src_ip: str, url: str,
+                              exclude: Backend | None) -> Backend | None:
+        # nginx's smooth weighted round robin: from a fresh start, every sum(weights) picks choose
+        # each backend exactly `weight` times, interleaved (5,1,1: aabacaa, not aaaaabc).
+        best = None
+        total = 0
+        for b in self.backends:
+            if b.enabled and b.healthy and b.weight > 0 and b is not exclude:
+                b._cw += b.weight
+                total += b.weight
+                if best is None or b._cw > best._cw:
+                    best = b
+        if best is not None:
+            best._cw -= total
+        return best
+
+    def _least_connections(self, src_ip: str, url: str,
+                           exclude: Backend | None) -> Backend | None:
+        # Fewest in-flight requests; equal servers take turns (the rr cursor starts the scan).
+        backends = self.backends
+        n = len(backends)
+        best = None
+        i = self._rr
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            b = backends[i]
+            i += 1
+            if (b.enabled and b.healthy and b.weight > 0 and b is not exclude
+                    and (best is None or b.active < best.active)):
+                best = b
+        if best is not None:
+            self._rr = backends.index(best) + 1
+        return best
+
+    def _weighted_least_connections(self, src_ip: str, url: str,
+                                    exclude: Backend | None) -> Backend | None:
+        # Least active/weight (compared as active_a * w_b < active_b * w_a, no division); among the
+        # tied, smooth weighted round robin, so an idle pool still shares by weight (like nginx).
+        best = None
+        for b in self.backends:
+            if (b.enabled and b.healthy and b.weight > 0 and b is not exclude
+                    and (best is None or b.active * best.weight < best.active * b.weight)):
+                best = b
+        if best is None:
+            return None
+        ba, bw = best.active, best.weight
+        total = 0
+        chosen = best
+        for b in self.backends:
+            if (b.enabled and b.healthy and b.weight > 0 and b is not exclude
+                    and b.active * bw == ba * b.weight):
+                b._cw += b.weight
+                total += b.weight
+                if b._cw > chosen._cw:
+                    chosen = b
+        chosen._cw -= total
+        return chosen
+
+    def _rendezvous(self, key: int, exclude: Backend | None) -> Backend | None:
+        # Weighted rendezvous (highest random weight) hashing: each backend scores the key
+        # independently, the best score wins. A backend going down moves only the keys it held,
+        # spread over the others; coming back, it takes exactly those back. The score
+        # -weight / ln(u) with u uniform in (0, 1) gives each backend a share proportional to its
+        # weight (Schindelhauer & Schomaker, "Weighted distributed hash tables", 2005).
+        best = None
+        best_score = 0.0
+        for b in self.backends:
+            if b.enabled and b.healthy and b.weight > 0 and b is not exclude:
+                u = ((_mix64(key ^ b._seed) >> 11) + 0.5) / _FLOAT_SCALE
+                score = -b.weight / math.log(u)
+                if best is None or score > best_score:
+                    best = b
+                    best_score = score
+        return best
+
+    def _source_hash(self, src_ip: str, url: str, exclude: Backend | None) -> Backend | None:
+        return self._rendezvous(_hash64(src_ip), exclude)
+
+    def _url_hash(self, src_ip: str, url: str, exclude: Backend | None) -> Backend | None:
+        q = url.find("?")
+        return self._rendezvous(_hash64(url if q < 0 else url[:q]), exclude)

@@ -13,6 +13,8 @@ from .config import load_file
 from .errors import ConfigError
 
 _LOCAL_COMMANDS = ("run", "check")
+# Let's Encrypt commands (and `vs convert`, which makes a VS eligible for challenges).
+_LE_COMMANDS = ("le", "backup", "restore")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -64,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] not in _LOCAL_COMMANDS and not args_list[0].startswith("-"):
+        if args_list[0] in _LE_COMMANDS or args_list[:2] == ["vs", "convert"]:
+            from .admin.le_cli import main as le_main
+
+            return le_main(args_list)
         from .admin.cli import main as cli_main
 
         return cli_main(args_list)

@@ -164,6 +164,11 @@ class AcmeClient:
         return self._key.key
 
     @property
+    def bad_nonce_count(self) -> int:
+        """How many badNonce answers were absorbed by retries so far."""
+        return self._transport.bad_nonce_count
+
+    @property
     def thumbprint(self) -> str:
         return self._key.thumbprint()
 

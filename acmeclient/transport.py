@@ -120,6 +120,7 @@ class Transport:
         self._nonces: collections.deque[str] = collections.deque(maxlen=NONCE_POOL_LIMIT)
         self._session: aiohttp.ClientSession | None = None
         self.new_nonce_url: str | None = None
+        self.bad_nonce_count = 0  # badNonce answers absorbed by retries (observability, tests)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -206,6 +207,7 @@ class Transport:
                 return await self._request("POST", url, body=sign(nonce))
             except BadNonceError:
                 attempt += 1
+                self.bad_nonce_count += 1
                 if attempt > self._bad_nonce_retries:
                     raise
                 logger.debug("badNonce on %s, retry %d", url, attempt)

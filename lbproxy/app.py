@@ -12,8 +12,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from .accesslog import configure_access_log
 from .config import load_file
-from .config.model import Config
+from .config.model import AccessLogSettings, Config
 from .errors import ConfigError, LBProxyError
 from .runtime import RuntimeStore
 
@@ -50,6 +51,7 @@ class App:
         self._stopping = asyncio.Event()
         self._closers: list[Any] = []
         self.reloads_ok = 0
+        self._access_log = config.access_log
         self.reloads_failed = 0
         from .proxy import DataPlane
 
@@ -64,6 +66,7 @@ class App:
         if not state.is_absolute():
             state = self.config_path.parent / state
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        configure_access_log(self.config.access_log, self.config_path.parent)
         self.runtime.subscribe(self.dataplane.apply)
         await self.dataplane.apply(self.runtime.current)
         if watch:
@@ -92,6 +95,9 @@ class App:
                          self.config_path, e, self.runtime.current.generation)
             return False
         self.reloads_ok += 1
+        if cfg.access_log != self._access_log:
+            configure_access_log(cfg.access_log, self.config_path.parent)
+            self._access_log = cfg.access_log
         logger.info("reloaded %s: generation %d", self.config_path, rt.generation)
         return True
 
@@ -121,6 +127,7 @@ class App:
         for close in reversed(self._closers):
             await close()
         await self.dataplane.shutdown(self.config.drain_timeout)
+        configure_access_log(AccessLogSettings(enabled=False), self.config_path.parent)
         logger.info("lbproxy stopped")
 
 

@@ -1,0 +1,200 @@
+"""The sans-I/O renewal policy of Let's Encrypt certificates: when to renew, when to retry.
+
+Pure functions of a certificate's validity, the operator's renew period, the CA's ARI window
+(RFC 9773) and the failure history, evaluated at a `now` the caller passes in. The manager's shell
+sleeps until `next_attempt(...)`; tests drive the same functions with a fake clock over a year.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+logger = logging.getLogger(__name__)
+
+# LoadMaster's renew period: 1 to 60 days before expiry, default 30.
+MIN_RENEW_PERIOD_DAYS = 1
+MAX_RENEW_PERIOD_DAYS = 60
+DEFAULT_RENEW_PERIOD_DAYS = 30
+# The renew window is at most a third of the lifetime: a 30-day period on a 6-day certificate
+# would otherwise make every fresh certificate due at once (a renewal loop).
+MAX_WINDOW_FRACTION = 3
+# A certificate younger than a tenth of its lifetime is never renewed by schedule, whatever an
+# ARI window says: a CA whose window is already past on a fresh certificate must not cause a loop.
+MIN_AGE_FRACTION = 10
+# Retry after a failure: 5 minutes doubling up to 6 hours (minutes to hours, never hammering the
+# CA), and never later than a quarter of the time left so a failing renewal is retried several
+# times before the certificate expires.
+BACKOFF_BASE = timedelta(minutes=5)
+BACKOFF_CAP = timedelta(hours=6)
+BACKOFF_MIN = timedelta(minutes=1)
+# ARI is fetched again this often when the CA sends no Retry-After (RFC 9773 §4.3.3: ~6 hours).
+ARI_REFRESH = timedelta(hours=6)
+
+
+class RenewalState(enum.StrEnum):
+    """Where a certificate is in its life, as shown by `lbproxy le list`."""
+
+    VALID = "valid"            # issued, not yet in its renewal window
+    DUE = "due"                # in its window; a renewal will start
+    RENEWING = "renewing"      # an order is running
+    BACKOFF = "backoff"        # the last attempt failed; waiting for next_attempt
+    EXPIRED = "expired"        # not_after has passed (renewal keeps being retried)
+    PENDING = "pending"        # requested, never issued yet
+
+
+@dataclass(frozen=True, slots=True)
+class AriWindow:
+    """The CA's suggested renewal window (RFC 9773 §4.2); `retry_after` in seconds."""
+
+    start: datetime
+    end: datetime
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Validity:
+    not_before: datetime
+    not_after: datetime
+
+    @property
+    def lifetime(self) -> timedelta:
+        return self.not_after - self.not_before
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """When renewal should happen: [start, end); `source` is "ari" or "period"."""
+
+    start: datetime
+    end: datetime
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failures:
+    """The failure history since the last success; `retry_after` is the CA's earliest retry."""
+
+    count: int = 0
+    last_at: datetime | None = None
+    retry_at: datetime | None = None
+
+
+def clamp_period(days: int) -> int:
+    """The renew period limited to LoadMaster's 1-60 days."""
+    return max(MIN_RENEW_PERIOD_DAYS, min(MAX_RENEW_PERIOD_DAYS, days))
+
+
+def effective_period(validity: Validity, renew_period_days: int) -> timedelta:
+    """The renew period clamped to a third of the certificate's lifetime."""
+    period = timedelta(days=clamp_period(renew_period_days))
+    return min(period, validity.lifetime / MAX_WINDOW_FRACTION)
+
+
+def renewal_window(
+    validity: Validity, renew_period_days: int, ari: AriWindow | None = None
+) -> Window:
+    """ARI's window when the CA offers one (it takes precedence), else the renew period before
+    expiry. Either is limited to the certificate's validity and its minimum age."""
+    earliest = validity.not_before + validity.lifetime / MIN_AGE_FRACTION
+    # A window that ends before the certificate began (or starts after it ends) cannot be about
+    # this certificate: it is ignored rather than obeyed into a renewal loop.
+    if ari is not None and validity.not_before < ari.end and ari.start < validity.not_after:
+        start = max(ari.start, earliest)
+        end = min(max(ari.end, start + BACKOFF_MIN), validity.not_after)
+        return Window(start, max(end, start), "ari")
+    start = max(validity.not_after - effective_period(validity, renew_period_days), earliest)
+    # The period window is short: renew at its start; the rest of it is room for retries.
+    return Window(start, validity.not_after, "period")
+
+
+def renew_at(window: Window, jitter: float = 0.0) -> datetime:
+    """The instant to start renewing: ARI windows are spread by `jitter` in [0, 1) over their
+    first half (RFC 9773 §4.2 asks for a random point; the second half is left for retries);
+    period windows start at once."""
+    if window.source != "ari":
+        return window.start
+    span = window.end - window.start
+    return window.start + span * (max(0.0, min(jitter, 0.999)) / 2)
+
+
+def backoff(failures: int, remaining: timedelta) -> timedelta:
+    """The delay after the `failures`-th consecutive failure (failures >= 1)."""
+    doublings: int = min(max(failures - 1, 0), 16)  # 16: far past the cap, keeps ints small
+    delay: timedelta = BACKOFF_BASE * (1 << doublings)
+    delay = min(delay, BACKOFF_CAP)
+    if remaining > timedelta(0):
+        delay = min(delay, max(remaining / 4, BACKOFF_MIN))
+    return max(delay, BACKOFF_MIN)
+
+
+def record_failure(
+    failures: Failures, now: datetime, validity: Validity | None, retry_after: float | None
+) -> Failures:
+    """The history after one more failure at `now`; Retry-After (seconds) is honoured in full."""
+    count = failures.count + 1
+    remaining = validity.not_after - now if validity is not None else BACKOFF_CAP * 4
+    retry = now + backoff(count, remaining)
+    if retry_after is not None and retry_after > 0:
+        retry = max(retry, now + timedelta(seconds=retry_after))
+    return Failures(count, now, retry)
+
+
+def next_attempt(
+    now: datetime,
+    validity: Validity | None,
+    renew_period_days: int,
+    ari: AriWindow | None = None,
+    failures: Failures = Failures(),
+    *,
+    jitter: float = 0.0,
+) -> datetime:
+    """When the next order should be placed: never before `now`, never before a backoff ends.
+
+    A certificate never issued (validity None) is due now, subject to backoff.
+    """
+    if validity is None:
+        due = now
+    else:
+        due = renew_at(renewal_window(validity, renew_period_days, ari), jitter)
+    if failures.retry_at is not None:
+        due = max(due, failures.retry_at)
+    return max(due, now)
+
+
+def next_ari_check(now: datetime, ari: AriWindow | None, validity: Validity) -> datetime:
+    """When renewalInfo should be fetched again: after Retry-After or six hours, and not after
+    the certificate's own period window would make it due anyway."""
+    wait = ARI_REFRESH
+    if ari is not None and ari.retry_after is not None:
+        wait = timedelta(seconds=max(60.0, ari.retry_after))
+    return min(now + wait, validity.not_after)
+
+
+def state_at(
+    now: datetime,
+    validity: Validity | None,
+    renew_period_days: int,
+    ari: AriWindow | None,
+    failures: Failures,
+    renewing: bool,
+) -> RenewalState:
+    """The state shown to the operator."""
+    if renewing:
+        return RenewalState.RENEWING
+    if validity is None:
+        return RenewalState.BACKOFF if failures.count else RenewalState.PENDING
+    if now >= validity.not_after:
+        return RenewalState.EXPIRED
+    if failures.count:
+        return RenewalState.BACKOFF
+    if now >= renew_at(renewal_window(validity, renew_period_days, ari)):
+        return RenewalState.DUE
+    return RenewalState.VALID
+
+
+def succeeded(failures: Failures) -> Failures:
+    """The history after a success: cleared."""
+    return replace(failures, count=0, last_at=None, retry_at=None)

@@ -141,6 +141,8 @@ class AcmeClient:
         bad_nonce_retries: int = DEFAULT_BAD_NONCE_RETRIES,
         poll_policy: PollPolicy | None = None,
     ) -> None:
+        if not directory_url.startswith("https://"):
+            raise ClientStateError(f"ACME needs HTTPS (RFC 8555 §6.1): {directory_url!r}")
         self.directory_url = directory_url
         self.account_url = account_url
         self._key = JwsKey.from_key(account_key)

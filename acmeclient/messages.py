@@ -67,7 +67,7 @@ def parse_time(value: str, what: str = "timestamp") -> datetime:
         text = text[:-1] + "+00:00"
     if "." in text:
         head, _, rest = text.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
+        digits = rest[: len(rest) - len(rest.lstrip("0123456789"))]
         tail = rest[len(digits) :]
         text = f"{head}.{digits[:6].ljust(6, '0')}{tail}"
     try:

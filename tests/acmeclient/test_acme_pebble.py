@@ -57,9 +57,7 @@ async def test_account_register_lookup_update_rollover_deactivate(pebble: Pebble
     async with AcmeClient(pebble.directory_url, key, ca_bundle=pebble.ca_bundle) as c:
         directory = await c.directory()
         assert directory.meta.terms_of_service
-        reg = await c.new_account(
-            contact=["mailto:ops@example.com"], terms_of_service_agreed=True
-        )
+        reg = await c.new_account(contact=["mailto:ops@example.com"], terms_of_service_agreed=True)
         assert reg.account.status == "valid"
         assert reg.account.contact == ("mailto:ops@example.com",)
         url = reg.url
@@ -162,7 +160,7 @@ async def test_wrong_challenge_answer_is_a_typed_validation_error(
 
 async def test_tls_is_verified_against_the_system_store(pebble: PebbleInstance) -> None:
     async with AcmeClient(pebble.directory_url, generate_key()) as c:  # no ca_bundle
-        with pytest.raises(NetworkError, match="(?i)certificate"):
+        with pytest.raises(NetworkError, match=r"(?i)certificate"):
             await c.directory()
 
 

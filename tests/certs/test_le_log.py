@@ -1,0 +1,69 @@
+"""LoadMaster log codes: line format, classification of acmeclient failures, no key material."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+from acmeclient.errors import (
+    AccountDoesNotExistError,
+    AcmeTimeoutError,
+    ClientStateError,
+    MalformedError,
+    MalformedResponseError,
+    NetworkError,
+    RateLimitedError,
+    ResponderError,
+    ValidationError,
+)
+from acmeclient.messages import Problem
+from lbproxy.certs.acme_log import AcmeCode, AcmeLog, LeError, classify
+
+NOW = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+
+def test_line_format_and_files(tmp_path: Path) -> None:
+    log = AcmeLog(tmp_path / "state", now=lambda: NOW, hostname="lb1")
+    log.problem(LeError(AcmeCode.VS_VERIFY, "VS web is gone", subcode=2))
+    log.problem(LeError(AcmeCode.NETWORK, "cannot reach\nthe CA"))
+    log.audit("certificate issued: www")
+    lines = log.messages_path.read_text().splitlines()
+    assert lines[0] == "2026-03-04T05:06:07Z lb1 Acme: VS web is gone (code: 17, sub-code: 2)"
+    assert lines[1] == "2026-03-04T05:06:07Z lb1 Acme: cannot reach the CA (code: 3)"
+    assert log.audit_path.read_text() == "2026-03-04T05:06:07Z lb1 Acme: certificate issued: www\n"
+    assert log.codes() == [(17, 2), (3, None)]
+    assert log.messages_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_keys_never_logged(tmp_path: Path) -> None:
+    log = AcmeLog(tmp_path, now=lambda: NOW, hostname="h")
+    pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----"
+    log.problem(LeError(AcmeCode.INVALID_ACCOUNT_KEY, f"bad key {pem}"))
+    text = log.messages_path.read_text()
+    assert "MIGHAgEAMBMG" not in text and "<pem>" in text
+
+
+def test_classify_acmeclient_errors() -> None:
+    prob = Problem("urn:ietf:params:acme:error:malformed", "bad", 400)
+    assert classify(NetworkError("refused"), action="x").code == 3
+    assert classify(AcmeTimeoutError("slow"), action="x").code == 3
+    e = classify(MalformedError(prob, status=400), action="new order")
+    assert e.code == 4 and '"detail": "bad"' in e.text and "HTTP 400" in e.text
+    rl = classify(RateLimitedError(Problem("urn:ietf:params:acme:error:rateLimited"),
+                                   status=429, retry_after=30.0), action="x")
+    assert rl.code == 4 and rl.retry_after == 30.0
+    assert classify(AccountDoesNotExistError(prob), action="x").code == 8
+    v = classify(ValidationError("challenge invalid", Problem(
+        "urn:ietf:params:acme:error:unauthorized", "wrong answer"), identifier="a.test"),
+        action="x")
+    assert v.code == 13 and "a.test" in v.text and "wrong answer" in v.text
+    assert classify(ClientStateError("the CA offers no http-01 challenge for a"),
+                    action="x").code == 11
+    assert classify(MalformedResponseError("x: HTTP 500 without a problem document"),
+                    action="x").code == 4
+    inner = LeError(AcmeCode.SET_PRECEDENCE, "precedence")
+    wrapped = ResponderError("responder failed")
+    wrapped.__cause__ = inner
+    assert classify(wrapped, action="x") is inner
+    assert re.search(r"\(code: 23\)$", str(inner))

@@ -1,0 +1,309 @@
+"""TLS for HTTPS Virtual Services: one SSLContext per certificate, SNI selection per VS, live swap.
+
+The data plane never imports the certificate store; it reads certificates through `CertLookup`
+(the store implements it). `TLSContexts.factory(vs)` gives a listener its one SSLContext, whose
+`sni_callback` picks the certificate context for each handshake from the *current* mapping. A
+certificate change or a new assignment rebuilds the mappings and swaps one dict reference: new
+handshakes see it at once, established connections keep the context they shook hands with, and no
+listener restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..config.model import Protocol as VSProtocol
+from ..config.model import VirtualService
+from ..errors import LBProxyError
+from ..runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+# The only application protocol we speak on TLS (RFC 7301 ALPN identifier).
+ALPN_PROTOCOLS = ("http/1.1",)
+
+
+class TLSSetupError(LBProxyError):
+    """A TLS context could not be built (bad cipher string, unusable key or certificate)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CertMaterial:
+    """One certificate as a TLS server needs it. `fingerprint` (SHA-256 of the leaf, hex) names
+    this exact version, so a context is rebuilt only when the certificate really changed."""
+
+    cert_id: str
+    chain_pem: bytes  # the leaf first, then the intermediates
+    key_pem: bytes  # unencrypted PKCS#8
+    names: tuple[str, ...]  # lower-case DNS names, wildcards as "*.example.com"
+    serial: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class VSCertificates:
+    """Run-time assignments for one VS: certificate ids (oldest first) and an optional default."""
+
+    certificates: tuple[str, ...] = ()
+    default: str | None = None
+
+
+class CertLookup(Protocol):
+    """Where TLS reads certificates from. `version` changes whenever a certificate or an
+    assignment changes, so a reader can tell that its mapping is stale."""
+
+    @property
+    def version(self) -> int: ...
+
+    def material(self, cert_id: str) -> CertMaterial | None: ...
+
+    def assignment(self, vs_name: str) -> VSCertificates: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The SNI mapping of one VS: exact names, wildcard parents ("example.com" for
+    "*.example.com"), and the default for a missing or unknown name."""
+
+    exact: dict[str, tuple[str, ssl.SSLContext]] = field(default_factory=dict)
+    wildcard: dict[str, tuple[str, ssl.SSLContext]] = field(default_factory=dict)
+    default: tuple[str, ssl.SSLContext] | None = None
+
+    def pick(self, server_name: str | None) -> tuple[str, ssl.SSLContext] | None:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            hit = self.exact.get(name)
+            if hit is not None:
+                return hit
+            # A wildcard covers exactly one left-most label (RFC 6125 section 6.4.3).
+            _, dot, parent = name.partition(".")
+            if dot:
+                hit = self.wildcard.get(parent)
+                if hit is not None:
+                    return hit
+        return self.default
+
+
+def certificate_order(vs: VirtualService, assigned: VSCertificates) -> tuple[str, ...]:
+    """The certificates a VS serves, in SNI priority order: run-time assignments (newest first,
+    they are the operator's or the ACME manager's latest word), then the config's list."""
+    out: list[str] = []
+    for cid in (*reversed(assigned.certificates), *vs.tls.certificates):
+        if cid not in out:
+            out.append(cid)
+    return tuple(out)
+
+
+def default_certificate(vs: VirtualService, assigned: VSCertificates) -> str | None:
+    """The certificate for a handshake without SNI or with an unknown name."""
+    if assigned.default:
+        return assigned.default
+    if vs.tls.default_certificate:
+        return vs.tls.default_certificate
+    if vs.tls.certificates:
+        return vs.tls.certificates[0]
+    return assigned.certificates[0] if assigned.certificates else None
+
+
+def _base_context(ciphers: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+                    | ssl.OP_NO_RENEGOTIATION)
+    try:
+        # Only TLS 1.2 suites are chosen here; OpenSSL always offers its TLS 1.3 AEAD suites.
+        ctx.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise TLSSetupError(f"cipher policy {ciphers!r} selects no cipher") from None
+    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    return ctx
+
+
+def build_context(material: CertMaterial, ciphers: str) -> ssl.SSLContext:
+    """A server context holding one certificate chain and its key.
+
+    `ssl` loads keys from files only, so the key passes through a private temporary directory
+    (0700, file 0600) that is removed at once.
+    """
+    ctx = _base_context(ciphers)
+    with tempfile.TemporaryDirectory(prefix="lbproxy-tls-") as tmp:
+        chain = Path(tmp) / "chain.pem"
+        key = Path(tmp) / "key.pem"
+        for path, data in ((chain, material.chain_pem), (key, material.key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        try:
+            ctx.load_cert_chain(chain, key)
+        except ssl.SSLError as e:
+            raise TLSSetupError(
+                f"certificate {material.cert_id!r} cannot be used for TLS: {e.reason}") from None
+    return ctx
+
+
+class TLSContexts:
+    """Builds and swaps the TLS contexts of every HTTPS VS.
+
+    Call `factory(vs)` once per listener; feed run-time changes through `on_runtime` (subscribe
+    it to the RuntimeStore) and `refresh()` after a store change. A handshake also notices a
+    changed `lookup.version` by itself, so a writer that forgets `refresh()` is still served on
+    the next handshake.
+    """
+
+    def __init__(self, lookup: CertLookup, services: Iterable[VirtualService] = ()) -> None:
+        self._lookup = lookup
+        self._services: dict[str, VirtualService] = {
+            vs.name: vs for vs in services if vs.protocol is VSProtocol.HTTPS}
+        self._listeners: dict[str, ssl.SSLContext] = {}
+        # (cert id, fingerprint, ciphers) -> context; contexts are shared between VSs.
+        self._cache: dict[tuple[str, str, str], ssl.SSLContext] = {}
+        self._selections: dict[str, Selection] = {}
+        self._built_version = -1
+        self.rebuilds = 0
+        self.refresh(force=True)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    async def on_runtime(self, rt: Runtime) -> None:
+        """RuntimeStore listener: a reload may change a VS's certificates or cipher policy."""
+        self.set_services(rt.effective_services())
+
+    def set_services(self, services: Iterable[VirtualService]) -> None:
+        new = {vs.name: vs for vs in services if vs.protocol is VSProtocol.HTTPS}
+        # Validate every cipher policy before changing anything (a bad reload is refused whole).
+        for vs in new.values():
+            old = self._services.get(vs.name)
+            if old is None or old.tls.ciphers != vs.tls.ciphers:
+                _base_context(vs.tls.ciphers)
+        for name, vs in new.items():
+            listener = self._listeners.get(name)
+            old = self._services.get(name)
+            if listener is not None and old is not None and old.tls.ciphers != vs.tls.ciphers:
+                # Applies to new handshakes on the running listener; no restart needed.
+                listener.set_ciphers(vs.tls.ciphers)
+        self._services = new
+        self.refresh(force=True)
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Rebuild the SNI mappings if the lookup changed (or always with `force`).
+
+        A certificate that fails to load is logged and skipped; the others keep working.
+        """
+        version = self._lookup.version
+        if not force and version == self._built_version:
+            return
+        used: set[tuple[str, str, str]] = set()
+        selections: dict[str, Selection] = {}
+        for vs in self._services.values():
+            selections[vs.name] = self._select(vs, used)
+        self._selections = selections
+        self._cache = {k: v for k, v in self._cache.items() if k in used}
+        self._built_version = version
+        self.rebuilds += 1
+
+    def _context(self, material: CertMaterial, ciphers: str,
+                 used: set[tuple[str, str, str]]) -> ssl.SSLContext | None:
+        key = (material.cert_id, material.fingerprint, ciphers)
+        ctx = self._cache.get(key)
+        if ctx is None:
+            try:
+                ctx = build_context(material, ciphers)
+            except TLSSetupError as e:
+                logger.error("%s", e)
+                return None
+            self._cache[key] = ctx
+        used.add(key)
+        return ctx
+
+    def _select(self, vs: VirtualService, used: set[tuple[str, str, str]]) -> Selection:
+        assigned = self._lookup.assignment(vs.name)
+        sel = Selection()
+        for cid in certificate_order(vs, assigned):
+            material = self._lookup.material(cid)
+            if material is None:
+                logger.warning("VS %r: certificate %r is not in the store; skipped", vs.name, cid)
+                continue
+            ctx = self._context(material, vs.tls.ciphers, used)
+            if ctx is None:
+                continue
+            for name in material.names:
+                if name.startswith("*."):
+                    sel.wildcard.setdefault(name[2:], (cid, ctx))
+                else:
+                    sel.exact.setdefault(name, (cid, ctx))
+        default_id = default_certificate(vs, assigned)
+        if default_id is not None:
+            material = self._lookup.material(default_id)
+            if material is not None:
+                ctx = self._context(material, vs.tls.ciphers, used)
+                if ctx is not None:
+                    return Selection(sel.exact, sel.wildcard, (default_id, ctx))
+        # The named default is missing: fall back to any certificate rather than fail every
+        # handshake without SNI.
+        first = next(iter(sel.exact.values()), None) or next(iter(sel.wildcard.values()), None)
+        return Selection(sel.exact, sel.wildcard, first)
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def choose(self, vs_name: str, server_name: str | None) -> str | None:
+        """The certificate id a handshake with this SNI would get (for the admin API, tests)."""
+        self.refresh()
+        sel = self._selections.get(vs_name)
+        hit = sel.pick(server_name) if sel is not None else None
+        return hit[0] if hit is not None else None
+
+    def serving(self, vs_name: str) -> tuple[str, ...]:
+        """The certificate ids a VS serves right now, in SNI priority order (default first)."""
+        self.refresh()
+        sel = self._selections.get(vs_name)
+        if sel is None:
+            return ()
+        out: list[str] = [sel.default[0]] if sel.default else []
+        for cid, _ in (*sel.exact.values(), *sel.wildcard.values()):
+            if cid not in out:
+                out.append(cid)
+        return tuple(out)
+
+    def factory(self, vs: VirtualService) -> ssl.SSLContext:
+        """The listener context of an HTTPS VS; call once when its listener opens.
+
+        The same object is returned for the same VS name, so a listener that is re-created keeps
+        its mapping. Raises TLSSetupError if the VS's cipher policy is unusable.
+        """
+        listener = self._listeners.get(vs.name)
+        if listener is not None:
+            return listener
+        known = self._services.get(vs.name)
+        if known is None or known.tls != vs.tls:
+            self._services = {**self._services, vs.name: vs}
+            self.refresh(force=True)
+        listener = _base_context(vs.tls.ciphers)
+        name = vs.name
+
+        def sni_callback(ssl_obj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                         _ctx: ssl.SSLContext) -> int | None:
+            try:
+                if self._lookup.version != self._built_version:
+                    self.refresh()
+                sel = self._selections.get(name)
+                hit = sel.pick(server_name) if sel is not None else None
+            except Exception:  # a bug here must fail one handshake, not the listener
+                logger.exception("VS %r: certificate selection failed", name)
+                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+            if hit is None:
+                logger.warning("VS %r: no certificate to offer for %r", name, server_name)
+                return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+            ssl_obj.context = hit[1]
+            return None
+
+        listener.sni_callback = sni_callback
+        self._listeners[name] = listener
+        return listener

@@ -294,6 +294,8 @@ class FakeCA:
         oid = request.match_info["id"]
         self._order_status(oid)
         o = self._orders[oid]
+        if o["_account"] != kid:
+            raise Problem(403, ERR + "unauthorized", "not your order")
         if o["status"] != "ready":
             raise Problem(403, ERR + "orderNotReady", f"order is {o['status']}")
         csr = x509.load_der_x509_csr(_b64d(payload["csr"]))

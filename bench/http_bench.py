@@ -1,0 +1,775 @@
+"""HTTP proxy throughput benchmark: lbproxy against nginx and HAProxy on one pinned core (issue 2).
+
+Rig: the proxy under test on core 0 (`taskset -c 0`); wrk and one nginx backend serving fixed
+100-byte and 4 KiB bodies on core 1; loopback only. Each proxy runs the same realistic config:
+100 content rules (99 that do not match the benchmark URL, then the one that does) and an access
+log written to a file. For every (body size x connection count) cell wrk measures requests/s and
+p99 latency, and /proc gives the proxy's CPU time per request (user+sys). Prints a table with
+lbproxy/nginx ratios and PASS/FAIL against the bar (>= 0.8x nginx req/s, p99 <= 1.5x nginx), and
+writes JSON to bench/results/.
+
+    .venv/bin/python bench/http_bench.py [--duration S] [--quick] [--rounds N] [--only a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+PEERS = BENCH_DIR / "peers"
+RESULTS = BENCH_DIR / "results"
+LBPROXY = REPO / ".venv" / "bin" / "lbproxy"
+
+PROXY_CORE = 0
+RIG_CORE = 1  # wrk and the backend share the other core
+
+# The bar of issue 2.
+MIN_RPS_RATIO = 0.8
+MAX_P99_RATIO = 1.5
+
+SIZES = {"100B": ("/bench/100", 100), "4KiB": ("/bench/4k", 4096)}
+CONNECTIONS = (64, 256)
+PROXIES = ("nginx", "haproxy", "lbproxy")
+
+# Deadlines (seconds). A proxy that does not answer within READY_TIMEOUT is reported as failed.
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+PROBE_TIMEOUT = 2.0
+# wrk gets its duration plus this much before it is killed (connect storms, slow teardown).
+WRK_GRACE = 30.0
+# wrk's own per-request timeout; a response slower than this counts as a timeout error.
+WRK_REQUEST_TIMEOUT = "4s"
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: one description rendered into each proxy's config language.
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    kind: str  # "prefix" | "postfix" | "regex"
+    pattern: str  # prefix/suffix text, or a regex
+
+
+def make_rules(count: int = 99) -> tuple[Rule, ...]:
+    """`count` rules that never match /bench/...: 3/5 prefix, 1/5 postfix, 1/5 regex."""
+    rules = []
+    for i in range(count):
+        if i % 5 == 3:
+            rules.append(Rule(f"r{i:03d}", "postfix", f".ext{i}"))
+        elif i % 5 == 4:
+            rules.append(Rule(f"r{i:03d}", "regex", f"^/api/v[0-9]+/item{i}/"))
+        else:
+            rules.append(Rule(f"r{i:03d}", "prefix", f"/svc{i}/"))
+    return tuple(rules)
+
+
+def nginx_rules(rules: Sequence[Rule]) -> str:
+    lines = []
+    for r in rules:
+        if r.kind == "prefix":
+            loc = r.pattern
+        elif r.kind == "postfix":
+            loc = "~ " + re.escape(r.pattern) + "$"
+        else:
+            loc = "~ " + r.pattern
+        lines.append(f"        location {loc} {{ proxy_pass http://unused; }}")
+    return "\n".join(lines)
+
+
+def haproxy_rules(rules: Sequence[Rule]) -> str:
+    fetch = {"prefix": "path_beg", "postfix": "path_end", "regex": "path_reg"}
+    acls = [f"    acl {r.name} {fetch[r.kind]} {r.pattern}" for r in rules]
+    uses = [f"    use_backend be_unused if {r.name}" for r in rules]
+    return "\n".join(acls + uses)
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string literal is a valid TOML basic string
+
+
+def lbproxy_config(rules: Sequence[Rule], port: int, backend_port: int, workdir: Path,
+                   access_log: bool = True) -> str:
+    """One VS with content switching: the 99 non-matching rules spread over 9 SubVSs pointing at
+    a dead port, then the SubVS 'bench' (rule /bench/ prefix, last in precedence) -> backend."""
+    out = [
+        f"state_dir = {_toml_str(str(workdir / 'state'))}",
+        "",
+        "[admin]",
+        "enabled = false",
+        "",
+        "[access_log]",
+        f"enabled = {'true' if access_log else 'false'}",
+        f"path = {_toml_str(str(workdir / 'access.log'))}",
+        "",
+    ]
+    for r in rules:
+        out += ["[[rule]]", f'name = "{r.name}"', f'match = "{r.kind}"',
+                f"pattern = {_toml_str(r.pattern)}", 'on = "url"', ""]
+    out += ["[[rule]]", 'name = "bench"', 'match = "prefix"', 'pattern = "/bench/"',
+            'on = "url"', ""]
+    out += ["[[vs]]", 'name = "bench"', f'listen = "127.0.0.1:{port}"', 'protocol = "http"',
+            "content_switching = true", "",
+            # nginx and HAProxy run no active checks in this bench either.
+            "[vs.health_check]", 'type = "none"', ""]
+    groups = 9
+    for g in range(groups):
+        names = ", ".join(f'"{r.name}"' for r in rules[g::groups])
+        out += ["[[vs.subvs]]", f'name = "other{g}"', f"rules = [{names}]", "",
+                "[[vs.subvs.real_servers]]", 'address = "127.0.0.1:9"', ""]
+    out += ["[[vs.subvs]]", 'name = "bench"', 'rules = ["bench"]', "",
+            "[[vs.subvs.real_servers]]", f'address = "127.0.0.1:{backend_port}"', ""]
+    return "\n".join(out)
+
+
+def render(template: str, **values: str) -> str:
+    text = (PEERS / template).read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    leftover = re.findall(r"@[A-Z_0-9]+@", text)
+    if leftover:
+        raise RuntimeError(f"{template}: unfilled placeholders {sorted(set(leftover))}")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and /proc.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Proc:
+    """A child in its own process group, pinned to one core; stop() kills the whole group."""
+
+    def __init__(self, name: str, argv: Sequence[str], core: int, workdir: Path,
+                 stdout_path: Path | None = None, nice: int = 0) -> None:
+        self.name = name
+        self.stdout_path = stdout_path or workdir / f"{name}.stdout"
+        self.stderr_path = workdir / f"{name}.stderr"
+        self._out = open(self.stdout_path, "wb")  # closed in stop()
+        self._err = open(self.stderr_path, "wb")
+        self.popen = subprocess.Popen(
+            [*_nice(nice), "taskset", "-c", str(core), *argv], cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out, stderr=self._err, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        try:
+            return self.stderr_path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Stragglers in the group (nginx workers) after the leader exited.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self._out.close()
+        self._err.close()
+
+
+def _nice(n: int) -> list[str]:
+    return ["nice", "-n", str(n)] if n else []
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc/<pid>/stat."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2:].split()
+    # After "pid (comm) ": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+    # cmajflt utime stime ... -> utime is index 11, stime index 12.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(raw[raw.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def find_worker(proc: Proc, deadline: float) -> int:
+    """nginx: the single worker process under the master."""
+    while time.monotonic() < deadline:
+        kids = children(proc.pid)
+        if kids:
+            return min(kids)
+        if not proc.alive():
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name}: no worker process appeared\n{proc.stderr_tail()}")
+
+
+def core_times() -> dict[int, tuple[int, int]]:
+    """cpuN -> (busy ticks, total ticks) from /proc/stat."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        m = re.match(r"cpu(\d+) (.*)", line)
+        if m:
+            v = [int(x) for x in m.group(2).split()]
+            idle = v[3] + v[4]  # idle + iowait
+            total = sum(v[:8])  # user..steal; guest time is already inside user
+            out[int(m.group(1))] = (total - idle, total)
+    return out
+
+
+def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+              core: int) -> float:
+    b0, t0 = before.get(core, (0, 0))
+    b1, t1 = after.get(core, (0, 0))
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def probe(port: int, path: str, timeout: float = PROBE_TIMEOUT) -> tuple[int, int]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, len(resp.read())
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: Proc, port: int, path: str, size: int, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}\n"
+                               f"{proc.stderr_tail()}")
+        try:
+            status, n = probe(port, path)
+            if status == 200 and n == size:
+                return
+            last = f"status {status}, {n} bytes"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready on port {port} after {timeout}s ({last})\n"
+                       f"{proc.stderr_tail()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# wrk.
+
+_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def _to_us(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise ValueError(f"unparsable wrk latency {text!r}")
+    return float(m.group(1)) * _UNIT_US[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    rps: float
+    requests: int
+    seconds: float
+    p50_us: float
+    p75_us: float
+    p90_us: float
+    p99_us: float
+    socket_errors: int
+    non_2xx: int
+
+
+def parse_wrk(text: str) -> WrkResult:
+    m_req = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text)
+    m_rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not m_req or not m_rps:
+        raise ValueError(f"unparsable wrk output:\n{text}")
+    pct = {int(p): _to_us(v) for p, v in
+           re.findall(r"^\s+(50|75|90|99)(?:\.\d+)?%\s+(\S+)\s*$", text, re.M)}
+    if set(pct) != {50, 75, 90, 99}:
+        raise ValueError(f"no latency distribution in wrk output (ran without --latency?):\n{text}")
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return WrkResult(
+        rps=float(m_rps.group(1)),
+        requests=int(m_req.group(1)),
+        seconds=_to_us(m_req.group(2) + m_req.group(3)) / 1e6,
+        p50_us=pct[50], p75_us=pct[75], p90_us=pct[90], p99_us=pct[99],
+        socket_errors=sum(int(x) for x in errs.groups()) if errs else 0,
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+    )
+
+
+def run_wrk(port: int, path: str, conns: int, threads: int, seconds: float,
+            nice: int = 0) -> WrkResult:
+    argv = [*_nice(nice), "taskset", "-c", str(RIG_CORE), "wrk", "--latency", f"-t{threads}",
+            f"-c{conns}",
+            f"-d{seconds:g}s", f"--timeout={WRK_REQUEST_TIMEOUT}", f"http://127.0.0.1:{port}{path}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + WRK_GRACE,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The proxies.
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    proc: Proc
+    measured_pid: int  # the process whose CPU time is the proxy's (nginx: the worker)
+    access_log: Path
+
+
+def start_backend(workdir: Path, port: int, nice: int = 0) -> Running:
+    d = workdir / "backend"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    www = d / "www" / "bench"
+    www.mkdir(parents=True)
+    for path, size in SIZES.values():
+        (www / path.rsplit("/", 1)[1]).write_bytes(b"x" * size)
+    conf.write_text(render("nginx_backend.conf", DIR=str(d), PORT=str(port), USER=_nginx_user()))
+    proc = Proc("backend", ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)],
+                RIG_CORE, d, nice=nice)
+    try:
+        wait_ready(proc, port, "/bench/100", 100)
+        return Running(proc, find_worker(proc, time.monotonic() + READY_TIMEOUT),
+                       d / "no-access.log")
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def _nginx_user() -> str:
+    # As root, nginx would drop its worker to 'nobody', which cannot enter our 0700 temp dir.
+    return "user root;" if os.geteuid() == 0 else ""
+
+
+def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
+                rules: Sequence[Rule], access_log: bool = True, nice: int = 0) -> Running:
+    d = workdir / name
+    d.mkdir()
+    log = d / "access.log"
+    if name == "nginx":
+        conf = d / "nginx.conf"
+        conf.write_text(render("nginx_proxy.conf", DIR=str(d), PORT=str(port),
+                               BACKEND_PORT=str(backend_port), USER=_nginx_user(),
+                               RULES=nginx_rules(rules),
+                               ACCESS_LOG=f"access_log {log} combined;" if access_log
+                               else "access_log off;"))
+        proc = Proc(name, ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)],
+                    PROXY_CORE, d, nice=nice)
+    elif name == "haproxy":
+        conf = d / "haproxy.cfg"
+        conf.write_text(render("haproxy.cfg", PORT=str(port), BACKEND_PORT=str(backend_port),
+                               RULES=haproxy_rules(rules),
+                               LOG="    log global\n    option httplog" if access_log
+                               else "    no log"))
+        # `log stdout` + stdout redirected to the access log file.
+        proc = Proc(name, ["haproxy", "-db", "-f", str(conf)], PROXY_CORE, d, stdout_path=log,
+                    nice=nice)
+    elif name == "lbproxy":
+        conf = d / "lbproxy.toml"
+        conf.write_text(lbproxy_config(rules, port, backend_port, d, access_log))
+        proc = Proc(name, [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning"],
+                    PROXY_CORE, d, nice=nice)
+    else:
+        raise ValueError(name)
+    try:
+        wait_ready(proc, port, "/bench/100", 100)
+        wait_ready(proc, port, "/bench/4k", 4096)
+        pid = (find_worker(proc, time.monotonic() + READY_TIMEOUT) if name == "nginx"
+               else proc.pid)
+        return Running(proc, pid, log)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def peer_available(name: str) -> str | None:
+    """None if the proxy can run, else why not."""
+    if name in ("nginx", "haproxy"):
+        return None if shutil.which(name) else f"{name} binary not found (apt-get install)"
+    if not LBPROXY.exists():
+        return f"{LBPROXY} not found"
+    try:
+        done = subprocess.run([str(LBPROXY), "run", "--help"], capture_output=True, timeout=30,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return "`lbproxy run --help` timed out"
+    if done.returncode != 0:
+        return "`lbproxy run` not available: " + done.stderr.decode(errors="replace")[-300:]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement.
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    proxy: str
+    size: str
+    conns: int
+    round: int
+    rps: float
+    requests: int
+    p50_us: float
+    p99_us: float
+    cpu_us_per_req: float  # proxy user+sys per request
+    proxy_cpu: float  # proxy CPU seconds / wall seconds (1.0 = its core saturated)
+    backend_cpu: float
+    core0_busy: float
+    core1_busy: float
+    errors: int  # socket errors + non-2xx
+    error: str = ""  # set when the cell could not be measured
+
+
+def measure(proxy: str, run: Running, backend: Running, port: int, size: str, conns: int,
+            rnd: int, args: argparse.Namespace) -> Cell:
+    path, _ = SIZES[size]
+    run_wrk(port, path, conns, args.threads, args.warmup, args.nice)
+    c0 = core_times()
+    p0, b0, t0 = cpu_seconds(run.measured_pid), cpu_seconds(backend.measured_pid), time.monotonic()
+    w = run_wrk(port, path, conns, args.threads, args.duration, args.nice)
+    p1, b1, t1 = cpu_seconds(run.measured_pid), cpu_seconds(backend.measured_pid), time.monotonic()
+    c1 = core_times()
+    wall = t1 - t0
+    return Cell(proxy=proxy, size=size, conns=conns, round=rnd, rps=w.rps, requests=w.requests,
+                p50_us=w.p50_us, p99_us=w.p99_us,
+                cpu_us_per_req=(p1 - p0) / max(w.requests, 1) * 1e6,
+                proxy_cpu=(p1 - p0) / wall, backend_cpu=(b1 - b0) / wall,
+                core0_busy=core_busy(c0, c1, PROXY_CORE), core1_busy=core_busy(c0, c1, RIG_CORE),
+                errors=w.socket_errors + w.non_2xx)
+
+
+def count_lines(path: Path) -> int:
+    n = 0
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
+
+
+def bench_proxy(proxy: str, workdir: Path, backend: Running, backend_port: int,
+                rules: Sequence[Rule], cells: Sequence[tuple[str, int]], rnd: int,
+                args: argparse.Namespace) -> tuple[list[Cell], dict[str, object]]:
+    port = free_port()
+    d = workdir / f"{proxy}-r{rnd}"
+    d.mkdir()
+    results: list[Cell] = []
+    run = start_proxy(proxy, d, port, backend_port, rules, not args.no_access_log, args.nice)
+    try:
+        for size, conns in cells:
+            try:
+                cell = measure(proxy, run, backend, port, size, conns, rnd, args)
+            except (RuntimeError, ValueError, subprocess.TimeoutExpired, OSError) as e:
+                cell = Cell(proxy, size, conns, rnd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                            error=str(e)[:500])
+            results.append(cell)
+            print(f"  {proxy:8} {size:5} c={conns:<4} {fmt_cell(cell)}", flush=True)
+            if not run.proc.alive():
+                raise RuntimeError(f"{proxy} died during the run\n{run.proc.stderr_tail()}")
+    finally:
+        run.proc.stop()
+    # Sanity: the access log really was written (one line per request incl. warm-ups).
+    lines = count_lines(run.access_log)
+    log_info: dict[str, object] = {"access_log_lines": lines,
+                                   "access_log_bytes": _size(run.access_log)}
+    with contextlib.suppress(OSError):
+        run.access_log.unlink()  # ~100 bytes per request: do not fill /tmp over many runs
+    return results, log_info
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def fmt_cell(c: Cell) -> str:
+    if c.error:
+        return "ERROR " + c.error.splitlines()[0]
+    err = f"  errors={c.errors}" if c.errors else ""
+    return (f"{c.rps:9.0f} req/s  p50 {c.p50_us / 1e3:6.2f} ms  p99 {c.p99_us / 1e3:6.2f} ms  "
+            f"{c.cpu_us_per_req:5.1f} us CPU/req  proxy {c.proxy_cpu:4.0%}  "
+            f"core0 {c.core0_busy:4.0%} core1 {c.core1_busy:4.0%}{err}")
+
+
+def median_cell(cells: list[Cell]) -> Cell:
+    ok = [c for c in cells if not c.error]
+    if not ok:
+        return cells[0]
+    ok.sort(key=lambda c: c.rps)
+    return ok[(len(ok) - 1) // 2]  # the lower median: a real run, not an average of two
+
+
+def verdict(table: dict[tuple[str, str, int], Cell], size: str, conns: int
+            ) -> tuple[float | None, float | None, str]:
+    lb, ng = table.get(("lbproxy", size, conns)), table.get(("nginx", size, conns))
+    if not lb or not ng or lb.error or ng.error or not ng.rps or not ng.p99_us:
+        return None, None, "n/a"
+    rps_ratio, p99_ratio = lb.rps / ng.rps, lb.p99_us / ng.p99_us
+    ok = rps_ratio >= MIN_RPS_RATIO and p99_ratio <= MAX_P99_RATIO and lb.errors == 0
+    return rps_ratio, p99_ratio, "PASS" if ok else "FAIL"
+
+
+def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
+                cells: Sequence[tuple[str, int]]) -> list[dict[str, object]]:
+    verdicts: list[dict[str, object]] = []
+    hdr = (f"{'cell':12} {'proxy':8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us CPU/req':>10} "
+           f"{'proxy CPU':>9} {'core0':>6} {'core1':>6} {'errors':>6}")
+    print("\n" + hdr)
+    print("-" * len(hdr))
+    for size, conns in cells:
+        label = f"{size} c{conns}"
+        for p in proxies:
+            c = table.get((p, size, conns))
+            if c is None:
+                continue
+            if c.error:
+                print(f"{label:12} {p:8} ERROR {c.error.splitlines()[0][:70]}")
+            else:
+                print(f"{label:12} {p:8} {c.rps:9.0f} {c.p50_us / 1e3:7.2f} {c.p99_us / 1e3:7.2f} "
+                      f"{c.cpu_us_per_req:10.1f} {c.proxy_cpu:9.0%} {c.core0_busy:6.0%} "
+                      f"{c.core1_busy:6.0%} {c.errors:6d}")
+            label = ""
+        rr, pr, v = verdict(table, size, conns)
+        if rr is not None and pr is not None:
+            print(f"{'':12} lbproxy/nginx: req/s x{rr:.2f} (bar >= {MIN_RPS_RATIO}), "
+                  f"p99 x{pr:.2f} (bar <= {MAX_P99_RATIO}) -> {v}")
+        else:
+            print(f"{'':12} lbproxy/nginx: {v}")
+        verdicts.append({"size": size, "conns": conns, "rps_ratio": rr, "p99_ratio": pr,
+                         "verdict": v})
+    return verdicts
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured cell")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds of warm-up wrk before each cell (default: duration/5, >= 1)")
+    ap.add_argument("--quick", action="store_true", help="3 s cells, 1 s warm-up (smoke run)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole sweep N times (proxies interleaved); report the median")
+    ap.add_argument("--threads", type=int, default=1, choices=(1, 2), help="wrk threads")
+    ap.add_argument("--only", default=",".join(PROXIES),
+                    help="comma-separated subset of " + ",".join(PROXIES))
+    ap.add_argument("--cells", default="",
+                    help="subset of cells, e.g. '100B:64,4KiB:256' (default: all four)")
+    ap.add_argument("--rules", type=int, default=99,
+                    help="non-matching content rules ahead of the matching one (diagnostics; "
+                         "the bar is defined with 99)")
+    ap.add_argument("--no-access-log", action="store_true",
+                    help="turn every proxy's access log off (diagnostics only)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run proxy, backend and wrk at this nice level (e.g. -10 as root) so "
+                         "that other work on the machine disturbs the measurement less")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.duration = 3.0
+        args.warmup = 1.0
+    if args.warmup is None:
+        args.warmup = max(1.0, args.duration / 5)
+    if not 1 <= args.rounds <= 10 or not 0.5 <= args.duration <= 600 or not 0 <= args.rules <= 1000:
+        ap.error("--rounds must be 1..10, --duration 0.5..600, --rules 0..1000")
+    return args
+
+
+def select_cells(spec: str) -> list[tuple[str, int]]:
+    all_cells = [(s, c) for s in SIZES for c in CONNECTIONS]
+    if not spec:
+        return all_cells
+    out = []
+    for item in spec.split(","):
+        size, _, conns = item.partition(":")
+        if size not in SIZES or not conns.isdigit():
+            raise SystemExit(f"bad --cells item {item!r}; sizes {list(SIZES)}")
+        out.append((size, int(conns)))
+    return out
+
+
+def git_head() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        return done.stdout.strip()
+    return ""
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name, argv in {"nginx": ["nginx", "-v"], "haproxy": ["haproxy", "-v"],
+                       "wrk": ["wrk", "-v"]}.items():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            out[name] = lines[0] if lines else ""
+    return out
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cells = select_cells(args.cells)
+    if os.cpu_count() is None or (os.cpu_count() or 0) < 2:
+        print("needs at least 2 CPUs (proxy on core 0, wrk+backend on core 1)")
+        return 2
+    for tool in ("wrk", "taskset", "nginx"):
+        if not shutil.which(tool):
+            print(f"{tool} not found: it is needed for the rig (wrk, taskset, nginx backend)")
+            return 2
+    wanted = [p.strip() for p in args.only.split(",") if p.strip()]
+    proxies, skipped = [], {}
+    for p in wanted:
+        if p not in PROXIES:
+            print(f"unknown proxy {p!r}; choose from {PROXIES}")
+            return 2
+        why = peer_available(p)
+        if why:
+            print(f"skipping {p}: {why}")
+            skipped[p] = why
+        else:
+            proxies.append(p)
+    if not proxies:
+        return 2
+
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    cmd = "bench/http_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"{started:%Y-%m-%d %H:%M} UTC  {git_head()}")
+    print(f"rig: proxy on core {PROXY_CORE}; wrk (-t{args.threads}) + nginx backend on core "
+          f"{RIG_CORE}; {args.duration:g} s cells after {args.warmup:g} s warm-up; "
+          f"{args.rounds} round(s); nice {args.nice}; {args.rules} non-matching rules; "
+          f"access log {'off' if args.no_access_log else 'on'}; load average {load_before[0]:.2f}")
+    rules = make_rules(args.rules)
+    workdir = Path(tempfile.mkdtemp(prefix="lbproxy-bench-"))
+    all_cells: list[Cell] = []
+    logs: dict[str, list[dict[str, object]]] = {}
+    backend: Running | None = None
+    try:
+        with sigterm_as_interrupt():
+            backend_port = free_port()
+            backend = start_backend(workdir, backend_port, args.nice)
+            for rnd in range(args.rounds):
+                for p in proxies:
+                    try:
+                        res, info = bench_proxy(p, workdir, backend, backend_port, rules, cells,
+                                                rnd, args)
+                    except RuntimeError as e:
+                        print(f"  {p}: FAILED: {e}")
+                        res = [Cell(p, s, c, rnd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, error=str(e)[:500])
+                               for s, c in cells]
+                        info = {"error": str(e)[:2000]}
+                    all_cells.extend(res)
+                    info["requests_measured"] = sum(c.requests for c in res)
+                    logs.setdefault(p, []).append(info)
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up")
+        return 130
+    except RuntimeError as e:
+        print(f"rig failed: {e}")
+        return 2
+    finally:
+        if backend is not None:
+            backend.proc.stop()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    table = {}
+    for p in proxies:
+        for size, conns in cells:
+            table[(p, size, conns)] = median_cell(
+                [c for c in all_cells if (c.proxy, c.size, c.conns) == (p, size, conns)])
+    verdicts = print_table(table, proxies, cells)
+    print("\naccess log lines written (incl. warm-ups) per proxy and round: " + "; ".join(
+        f"{p}: " + ", ".join(str(i.get("access_log_lines", "?")) for i in infos)
+        for p, infos in logs.items()))
+    load_after = os.getloadavg()
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+          "(other work on this 2-core machine shows up as core0 busy above the proxy's CPU)")
+    if any(c.rps > 45_000 for c in table.values()):
+        print("note: above ~45k req/s core 1 (wrk + backend) is the limit, not the proxy; "
+              "compare CPU/request there")
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"http-{started:%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps({
+        "date": started.isoformat(), "command": cmd, "git": git_head(), "versions": versions(),
+        "args": vars(args), "cells": [dataclasses.asdict(c) for c in all_cells],
+        "median": [dataclasses.asdict(c) for c in table.values()], "verdicts": verdicts,
+        "access_logs": logs, "skipped": skipped,
+        "loadavg": {"before": load_before, "after": load_after},
+    }, indent=2))
+    print(f"results: {out.relative_to(REPO)}")
+    all_pass = all(v["verdict"] == "PASS" for v in verdicts)
+    return 0 if all_pass else 1
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

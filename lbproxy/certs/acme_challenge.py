@@ -1,0 +1,249 @@
+"""HTTP-01 the LoadMaster way: an acmeclient `Http01Responder` that injects, into the VS chosen
+for each name, a SubVS without real servers answering 200 text/plain with the key authorization,
+plus a first-precedence content rule matching the name's host and the token's path.
+
+Also here: which VSs are eligible to answer challenges (code 17 and its sub-codes), and the small
+journal of in-progress challenges that lets a restart clear leftovers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Container, Mapping
+from pathlib import Path
+
+from ..config.model import (
+    MAX_PATTERN_LENGTH,
+    Config,
+    ContentRule,
+    MatchType,
+    NotAvailable,
+    Protocol,
+    SubVS,
+    VirtualService,
+    VSKind,
+    rule_order,
+)
+from ..runtime import Injection, Runtime, RuntimeStore
+from .acme_log import AcmeCode, LeError, VSSubCode
+from .store import write_atomic
+
+logger = logging.getLogger(__name__)
+
+CHALLENGE_PATH = "/.well-known/acme-challenge/"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # base64url (RFC 8555 §8.3); 256: far above 43
+# Injected names carry the token's first 12 characters: unique enough per order, short to read.
+NAME_TOKEN_CHARS = 12
+NAME_PREFIX = "acme-"
+JOURNAL_FILE = "challenges.json"
+
+
+# -- eligibility --------------------------------------------------------------------------------
+
+def ineligibility(vs: VirtualService) -> str | None:
+    """Why a VS cannot take a challenge SubVS, or None if it can."""
+    if vs.protocol not in (Protocol.HTTP, Protocol.HTTPS):
+        return f"VS {vs.name!r} is not an HTTP/HTTPS VS"
+    if vs.kind is not VSKind.PROXY:
+        return f"VS {vs.name!r} is a {vs.kind.value} VS, not a Layer 7 proxy"
+    if vs.real_servers:
+        return (f"VS {vs.name!r} has Real Servers on the parent; run `lbproxy vs convert "
+                f"{vs.name}` to move them into a SubVS")
+    return None
+
+
+def eligible_services(config: Config) -> list[VirtualService]:
+    return [vs for vs in config.virtual_services if ineligibility(vs) is None]
+
+
+def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualService:
+    """The VS if it can answer challenges; else LeError code 17 with sub-code 1 (missing),
+    2 (deleted since the certificate was requested) or 3 (no longer eligible)."""
+    if not vs_name:
+        raise LeError(AcmeCode.VS_VERIFY, "no VS stored for a name: Unknown VS", subcode=VSSubCode.MISSING)
+    vs = config.vs_by_name(vs_name)
+    if vs is None:
+        if known_before:
+            raise LeError(AcmeCode.VS_VERIFY, f"VS {vs_name!r} has been deleted: Unknown VS",
+                          subcode=VSSubCode.DELETED)
+        raise LeError(AcmeCode.VS_VERIFY, f"VS {vs_name!r} does not exist: Unknown VS",
+                      subcode=VSSubCode.MISSING)
+    why = ineligibility(vs)
+    if why is not None:
+        raise LeError(AcmeCode.VS_VERIFY, f"{why}: Unknown VS", subcode=VSSubCode.NOT_ELIGIBLE)
+    return vs
+
+
+# -- building the injection, step by step (codes 20-25) ------------------------------------------
+
+def challenge_pattern(host: str, token: str) -> str:
+    """The rule's regex over host + path (include_host): the name (any case), any port, the
+    token (exact: tokens are case-sensitive)."""
+    return f"^(?i:{re.escape(host)})(:\\d+)?{re.escape(CHALLENGE_PATH)}{token}$"
+
+
+def build_injection(
+    runtime: Runtime, vs_name: str, host: str, token: str, key_authorization: str,
+    fail_at: Container[int] = (),
+) -> Injection:
+    """The SubVS and rule for one challenge, each step checked and failing with its own code."""
+    name = f"{NAME_PREFIX}{token[:NAME_TOKEN_CHARS]}"
+    vs = runtime.config.vs_by_name(vs_name)
+    # 20: the content rule
+    if AcmeCode.ADD_RULE in fail_at:
+        raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name} (fault injection)")
+    if not _TOKEN.fullmatch(token):
+        raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name}: token not base64url")
+    pattern = challenge_pattern(host, token)
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name}: pattern longer than "
+                                         f"{MAX_PATTERN_LENGTH} characters")
+    if runtime.config.rule_by_name(name) is not None:
+        raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name}: the name is taken")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name}: {exc}") from None
+    rule = ContentRule(name=name, match_type=MatchType.REGEX, pattern=pattern, include_host=True)
+    # 21: the SubVS (no real servers)
+    if AcmeCode.ADD_SUBVS in fail_at:
+        raise LeError(AcmeCode.ADD_SUBVS, f"cannot add SubVS {name} to {vs_name} (fault injection)")
+    if vs is None or ineligibility(vs) is not None:
+        raise LeError(AcmeCode.ADD_SUBVS, f"cannot add SubVS {name} to {vs_name}: "
+                                          f"{'no such VS' if vs is None else ineligibility(vs)}")
+    if vs.subvs_by_name(name) is not None:
+        raise LeError(AcmeCode.ADD_SUBVS, f"cannot add SubVS {name} to {vs_name}: name taken")
+    subvs = SubVS(name=name)
+    # 22: assign the rule to the SubVS
+    if AcmeCode.ASSIGN_RULE in fail_at:
+        raise LeError(AcmeCode.ASSIGN_RULE, f"cannot assign rule {name} (fault injection)")
+    subvs = dataclasses.replace(subvs, rules=(rule.name,))
+    # 24: the "not available" response: 200 OK, text/plain
+    if AcmeCode.SET_ERROR_RESPONSE in fail_at:
+        raise LeError(AcmeCode.SET_ERROR_RESPONSE,
+                      f"cannot set the error response of {name} (fault injection)")
+    na = NotAvailable(status=200, body=b"", content_type="text/plain")
+    # 25: the error page: the key authorization (ASCII: token "." thumbprint)
+    if AcmeCode.SET_ERROR_PAGE in fail_at:
+        raise LeError(AcmeCode.SET_ERROR_PAGE,
+                      f"cannot set the error page of {name} (fault injection)")
+    try:
+        body = key_authorization.encode("ascii")
+    except UnicodeEncodeError:
+        raise LeError(AcmeCode.SET_ERROR_PAGE, f"cannot set the error page of {name}: "
+                                               "key authorization is not ASCII") from None
+    subvs = dataclasses.replace(subvs, not_available=dataclasses.replace(na, body=body))
+    injection = Injection(vs_name, subvs, rule)
+    # 23: first precedence, as the data plane will run it
+    if AcmeCode.SET_PRECEDENCE in fail_at:
+        raise LeError(AcmeCode.SET_PRECEDENCE,
+                      f"cannot give rule {name} first precedence (fault injection)")
+    trial = Runtime(runtime.generation, runtime.config, (*runtime.injections, injection))
+    names = [rn for rn, _ in rule_order(trial.effective_vs(vs))]
+    injected = {i.rule.name for i in trial.injections if i.vs == vs_name}
+    # first precedence: ahead of every configured rule (other challenges may share the top)
+    if rule.name not in names or any(rn not in injected for rn in names[:names.index(rule.name)]):
+        raise LeError(AcmeCode.SET_PRECEDENCE,
+                      f"cannot give rule {name} first precedence in {vs_name}")
+    return injection
+
+
+# -- the journal of challenges in progress -------------------------------------------------------
+
+class ChallengeJournal:
+    """In-progress challenges on disk: (cert id, VS, SubVS), written before each injection."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / JOURNAL_FILE
+
+    def entries(self) -> list[dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError:
+            logger.warning("challenge journal %s is damaged; treating it as empty", self.path)
+            return []
+        return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+
+    def _write(self, entries: list[dict[str, str]]) -> None:
+        write_atomic(self.path, json.dumps(entries, indent=1).encode())
+
+    def add(self, cert_id: str, vs: str, subvs: str) -> None:
+        entries = [e for e in self.entries() if not (e.get("vs") == vs and
+                                                       e.get("subvs") == subvs)]
+        self._write([*entries, {"cert": cert_id, "vs": vs, "subvs": subvs}])
+
+    def remove(self, vs: str, subvs: str) -> None:
+        entries = self.entries()
+        keep = [e for e in entries if not (e.get("vs") == vs and e.get("subvs") == subvs)]
+        if len(keep) != len(entries):
+            self._write(keep)
+
+    def clear(self) -> None:
+        if self.path.exists():
+            self._write([])
+
+
+# -- the responder --------------------------------------------------------------------------------
+
+class RuntimeHttp01Responder:
+    """acmeclient's Http01Responder for one order: injects into the RuntimeStore.
+
+    `routes` maps each requested name (lower case) to the VS answering its challenge; a name not
+    in it is code 12. `fail_at` holds codes to provoke (fault injection in tests).
+    """
+
+    def __init__(self, runtime: RuntimeStore, cert_id: str, routes: Mapping[str, str],
+                 journal: ChallengeJournal, *, fail_at: Container[int] = ()) -> None:
+        self._runtime = runtime
+        self._cert_id = cert_id
+        self._routes = {k.lower().rstrip("."): v for k, v in routes.items()}
+        self._journal = journal
+        self._fail_at = fail_at
+        self._live: dict[tuple[str, str], Injection] = {}  # (domain, token) -> injection
+
+    @property
+    def live(self) -> tuple[Injection, ...]:
+        return tuple(self._live.values())
+
+    async def present(self, domain: str, token: str, key_authorization: str) -> None:
+        host = domain.lower().rstrip(".")
+        vs_name = self._routes.get(host)
+        if vs_name is None:
+            raise LeError(AcmeCode.UNREQUESTED_NAME,
+                          f"the CA sent an authorization for {host!r}, which was not requested")
+        verify_vs(self._runtime.current.config, vs_name, known_before=True)
+        injection = build_injection(self._runtime.current, vs_name, host, token,
+                                    key_authorization, self._fail_at)
+        self._journal.add(self._cert_id, vs_name, injection.subvs.name)
+        try:
+            await self._runtime.inject(injection)
+        except Exception as exc:
+            self._journal.remove(vs_name, injection.subvs.name)
+            raise LeError(AcmeCode.ADD_SUBVS,
+                          f"cannot inject SubVS {injection.subvs.name} into {vs_name}: "
+                          f"{exc}") from exc
+        self._live[(host, token)] = injection
+        logger.info("http-01 for %s: SubVS %s and rule in VS %s", host, injection.subvs.name,
+                    vs_name)
+
+    async def cleanup(self, domain: str, token: str) -> None:
+        injection = self._live.pop((domain.lower().rstrip("."), token), None)
+        if injection is not None:
+            await self._remove(injection)
+
+    async def cleanup_all(self) -> None:
+        """Remove whatever is still injected (the order ended in any way)."""
+        for key in list(self._live):
+            await self._remove(self._live.pop(key))
+
+    async def _remove(self, injection: Injection) -> None:
+        try:
+            await self._runtime.remove(injection.vs, injection.subvs.name)
+        finally:
+            self._journal.remove(injection.vs, injection.subvs.name)
+        logger.info("http-01 SubVS %s removed from %s", injection.subvs.name, injection.vs)

@@ -63,7 +63,8 @@ def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualSer
     """The VS if it can answer challenges; else LeError code 17 with sub-code 1 (missing),
     2 (deleted since the certificate was requested) or 3 (no longer eligible)."""
     if not vs_name:
-        raise LeError(AcmeCode.VS_VERIFY, "no VS stored for a name: Unknown VS", subcode=VSSubCode.MISSING)
+        raise LeError(AcmeCode.VS_VERIFY, "no VS stored for a name: Unknown VS",
+                      subcode=VSSubCode.MISSING)
     vs = config.vs_by_name(vs_name)
     if vs is None:
         if known_before:

@@ -242,3 +242,37 @@ async def test_external_account_binding(tmp_path: Path) -> None:
                 terms_of_service_agreed=True, eab=ExternalAccountBinding("kid-1", hmac_key)
             )
             assert reg.account.status == "valid"
+
+
+def test_cli_issues_into_a_directory_and_reuses_the_account(
+    pebble: PebbleInstance, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "acmeclient", "--directory", pebble.directory_url,
+        "--ca-bundle", pebble.ca_bundle, "--http-host", "127.0.0.1",
+        "--http-port", str(pebble.http_port), "-d", "cli.example.com", "-d", "www.cli.example.com",
+        "--out", str(out), "--country", "DE", "--organization", "Example",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert first.returncode == 0, first.stderr
+    for name in ("privkey.pem", "account.key"):
+        assert (out / name).stat().st_mode & 0o777 == 0o600
+    chain = (out / "fullchain.pem").read_text()
+    assert (out / "cert.pem").read_text() + (out / "chain.pem").read_text() == chain
+    verify_chain(chain, pebble.root_pem(0), ["cli.example.com", "www.cli.example.com"], tmp_path)
+    url = json.loads((out / "account.json").read_text())["url"]
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert second.returncode == 0, second.stderr
+    assert json.loads((out / "account.json").read_text())["url"] == url
+    assert (out / "fullchain.pem").read_text() != chain
+
+    bad = subprocess.run(
+        [*cmd[:-4], "--country", "Germany"], capture_output=True, text=True, env=env, check=False
+    )
+    assert bad.returncode == 1 and "country" in bad.stderr

@@ -1,0 +1,370 @@
+"""The admin API (aiohttp): the single path for run-time changes, behind a bearer token.
+
+Routes (JSON in, JSON out; errors are {"error": message, "reason"?: code} with a fitting status):
+
+    GET    /api/status                      process, config generation, counts, expiring certs
+    GET    /api/certs                       every certificate with the VSs that use it
+    POST   /api/certs                       import {id, cert, key?, chain?, passphrase?, strict?}
+                                            or {id, pkcs12 (base64), passphrase?, strict?}
+    GET    /api/certs/{id}                  one certificate (plus its public chain PEM)
+    PUT    /api/certs/{id}                  replace; same body as import, without id
+    DELETE /api/certs/{id}                  refused (409) while in use
+    POST   /api/certs/{id}/assign           {target: VS name | "admin", default?: bool}
+    POST   /api/certs/{id}/unassign         {target}
+    GET    /api/vs                          every VS as the data plane runs it
+    GET    /api/vs/{name}                   one VS: SubVSs, rules in precedence order, servers
+
+Later features add routes through `extra_routes` registrars (the Let's Encrypt manager adds
+/api/le/...); they find the shared objects under the AppKeys below. Request bodies may carry keys
+and passphrases: they are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..certs.errors import CertInputError
+from ..certs.store import ADMIN_TARGET, CertStore, ImportResult, with_users, write_atomic
+from ..config.model import Protocol, VirtualService, rule_order
+from ..errors import AdminError, StoreError
+from ..proxy.tls import TLSContexts
+from ..runtime import RuntimeStore
+
+logger = logging.getLogger(__name__)
+
+TOKEN_FILE = "admin.token"
+# A certificate expiring sooner than this is flagged in /api/status.
+EXPIRY_WARNING = dt.timedelta(days=14)
+# Certificates, chains and base64 PKCS#12 files are small; 1 MiB is aiohttp's default and plenty.
+MAX_BODY = 1024 * 1024
+
+DataplaneStats = Callable[[], dict[str, Any]]
+RouteRegistrar = Callable[[web.Application], None]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+RUNTIME_KEY = web.AppKey("runtime", RuntimeStore)
+STORE_KEY = web.AppKey("store", CertStore)
+TLS_KEY = web.AppKey("tls", TLSContexts)
+STATS_KEY: web.AppKey[DataplaneStats] = web.AppKey("dataplane_stats")
+STARTED_KEY = web.AppKey("started", float)
+
+
+def load_or_create_token(state_dir: Path) -> str:
+    """The admin bearer token, generated at first start into <state_dir>/admin.token (0600)."""
+    path = Path(state_dir) / TOKEN_FILE
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            logger.warning("%s was readable by others; mode set to 0600", path)
+        return token
+    Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)  # 256 bits
+    write_atomic(path, token.encode() + b"\n", 0o600)
+    logger.info("admin token generated in %s", path)
+    return token
+
+
+def _json_error(status: int, message: str, reason: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if reason:
+        body["reason"] = reason
+    return web.json_response(body, status=status)
+
+
+def _auth_middleware(token: str) -> Any:
+    expected = token.encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+        if not ok:
+            resp = _json_error(401, "missing or wrong bearer token" if header
+                               else "missing bearer token")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="lbproxy"'
+            return resp
+        try:
+            return await handler(request)
+        except CertInputError as e:
+            return _json_error(e.status, str(e), e.reason.value)
+        except (StoreError, AdminError) as e:
+            return _json_error(e.status, str(e))
+
+    return auth
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except ValueError:
+        raise AdminError("the request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise AdminError("the request body must be a JSON object")
+    return data
+
+
+def _field(data: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    value = data.get(key, default)
+    if value is not None and not isinstance(value, kind):
+        raise AdminError(f"{key!r} must be a {kind.__name__}")
+    return value
+
+
+# -- views ----------------------------------------------------------------------------------------
+
+def cert_view(store: CertStore, cert_id: str) -> dict[str, Any]:
+    return with_users(store.require(cert_id), store.users(cert_id))
+
+
+def _health_of(stats: dict[str, Any], vs: str, subvs: str | None) -> dict[str, Any]:
+    """Per real server entries from the data plane's stats, if it reports them:
+    stats["vs"][vs]["real_servers"] or stats["vs"][vs]["subvs"][subvs]["real_servers"], each a
+    mapping "host:port" -> {...,"healthy": bool}."""
+    node: Any = stats.get("vs", {}).get(vs, {})
+    if subvs is not None:
+        node = node.get("subvs", {}).get(subvs, {}) if isinstance(node, dict) else {}
+    servers = node.get("real_servers", {}) if isinstance(node, dict) else {}
+    return servers if isinstance(servers, dict) else {}
+
+
+def vs_view(vs: VirtualService, *, injected_rules: set[str], tls: TLSContexts,
+            stats: dict[str, Any]) -> dict[str, Any]:
+    def servers(rs: Any, subvs: str | None) -> list[dict[str, Any]]:
+        health = _health_of(stats, vs.name, subvs)
+        return [{"address": str(r.address), "weight": r.weight, "enabled": r.enabled,
+                 "health": health.get(str(r.address))} for r in rs]
+
+    out: dict[str, Any] = {
+        "name": vs.name, "listen": str(vs.listen), "protocol": vs.protocol.value,
+        "kind": vs.kind.value, "content_switching": vs.content_switching,
+        "scheduler": vs.scheduler.value, "real_servers": servers(vs.real_servers, None),
+        "subvs": [{"name": s.name, "scheduler": s.scheduler.value, "rules": list(s.rules),
+                   "real_servers": servers(s.real_servers, s.name),
+                   "not_available_status": s.not_available.status}
+                  for s in vs.subvs],
+        "rules": [{"precedence": i + 1, "rule": rn, "subvs": sn, "injected": rn in injected_rules}
+                  for i, (rn, sn) in enumerate(rule_order(vs))],
+    }
+    if vs.protocol is Protocol.HTTPS:
+        out["tls"] = {"certificates": list(tls.serving(vs.name)),
+                      "default_certificate": tls.choose(vs.name, None),
+                      "ciphers": vs.tls.ciphers}
+    return out
+
+
+# -- handlers -------------------------------------------------------------------------------------
+
+def _services(request: web.Request) -> tuple[tuple[VirtualService, ...], set[str]]:
+    rt = request.app[RUNTIME_KEY].current
+    return rt.effective_services(), {i.rule.name for i in rt.injections}
+
+
+async def status(request: web.Request) -> web.Response:
+    app = request.app
+    rt = app[RUNTIME_KEY].current
+    store = app[STORE_KEY]
+    now = dt.datetime.now(dt.UTC)
+    expiring = [{"id": i.id, "not_after": i.not_after.isoformat(),
+                 "expired": i.not_after < now}
+                for i in store.list() if i.not_after - now < EXPIRY_WARNING]
+    return web.json_response({
+        "ok": True,
+        "pid": os.getpid(),
+        "uptime_s": round(time.monotonic() - app[STARTED_KEY], 3),
+        "generation": rt.generation,
+        "virtual_services": len(rt.config.virtual_services),
+        "injections": len(rt.injections),
+        "certificates": len(store.list()),
+        "certificates_expiring": expiring,
+        "dataplane": app[STATS_KEY](),
+    })
+
+
+async def list_certs(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
+    return web.json_response({"certificates": [with_users(i, store.users(i.id))
+                                               for i in store.list()]})
+
+
+async def show_cert(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
+    cid = request.match_info["id"]
+    view = cert_view(store, cid)
+    material = store.material(cid)
+    view["chain_pem"] = material.chain_pem.decode() if material else ""
+    return web.json_response(view)
+
+
+def _decode_import(data: dict[str, Any]) -> dict[str, Any]:
+    passphrase = _field(data, "passphrase", str)
+    args: dict[str, Any] = {
+        "passphrase": passphrase.encode() if passphrase else None,
+        "strict": bool(_field(data, "strict", bool, False)),
+    }
+    p12 = _field(data, "pkcs12", str)
+    if p12 is not None:
+        try:
+            args["pkcs12"] = base64.b64decode(p12, validate=True)
+        except (binascii.Error, ValueError):
+            raise AdminError("'pkcs12' is not valid base64") from None
+        return args
+    cert = _field(data, "cert", str)
+    if not cert:
+        raise AdminError("give 'cert' (PEM) or 'pkcs12' (base64)")
+    args["cert_pem"] = cert.encode()
+    args["key_pem"] = (_field(data, "key", str) or "").encode()
+    args["chain_pem"] = (_field(data, "chain", str) or "").encode()
+    return args
+
+
+async def _import(request: web.Request, cert_id: str, data: dict[str, Any],
+                  replace: bool) -> ImportResult:
+    store = request.app[STORE_KEY]
+    args = _decode_import(data)
+    p12 = args.pop("pkcs12", None)
+
+    def work() -> ImportResult:
+        if p12 is not None:
+            return store.import_pkcs12(cert_id, p12, replace=replace, **args)
+        return store.import_pem(cert_id, replace=replace, **args)
+
+    # fsync can take a while on a busy disk; keep the event loop (and the data plane) running.
+    result = await asyncio.to_thread(work)
+    request.app[TLS_KEY].refresh()
+    return result
+
+
+def _import_answer(store: CertStore, result: ImportResult) -> dict[str, Any]:
+    return {"certificate": with_users(result.info, store.users(result.info.id)),
+            "warnings": list(result.warnings), "replaced": result.replaced}
+
+
+async def import_cert(request: web.Request) -> web.Response:
+    data = await _body(request)
+    cert_id = _field(data, "id", str)
+    if not cert_id:
+        raise AdminError("'id' is required")
+    replace = bool(_field(data, "replace", bool, False))
+    result = await _import(request, cert_id, data, replace)
+    return web.json_response(_import_answer(request.app[STORE_KEY], result),
+                             status=200 if result.replaced else 201)
+
+
+async def replace_cert(request: web.Request) -> web.Response:
+    data = await _body(request)
+    result = await _import(request, request.match_info["id"], data, True)
+    return web.json_response(_import_answer(request.app[STORE_KEY], result))
+
+
+async def delete_cert(request: web.Request) -> web.Response:
+    cid = request.match_info["id"]
+    await asyncio.to_thread(request.app[STORE_KEY].delete, cid)
+    request.app[TLS_KEY].refresh()
+    return web.json_response({"deleted": cid})
+
+
+def _target(request: web.Request, data: dict[str, Any]) -> str:
+    target: str | None = _field(data, "target", str)
+    if not target:
+        raise AdminError(f"'target' is required: an HTTPS VS name or {ADMIN_TARGET!r}")
+    if target == ADMIN_TARGET:
+        return target
+    vs = request.app[RUNTIME_KEY].current.config.vs_by_name(target)
+    if vs is None:
+        raise AdminError(f"no virtual service {target!r}", status=404)
+    if vs.protocol is not Protocol.HTTPS:
+        raise AdminError(f"virtual service {target!r} is not HTTPS", status=409)
+    return target
+
+
+async def assign_cert(request: web.Request) -> web.Response:
+    cid = request.match_info["id"]
+    data = await _body(request)
+    target = _target(request, data)
+    default = bool(_field(data, "default", bool, False))
+    store = request.app[STORE_KEY]
+    store.require(cid)
+    await asyncio.to_thread(store.assign, cid, target, default=default)
+    request.app[TLS_KEY].refresh()
+    return web.json_response({"assigned": cid, "target": target, "default": default,
+                              "certificate": cert_view(store, cid)})
+
+
+async def unassign_cert(request: web.Request) -> web.Response:
+    cid = request.match_info["id"]
+    data = await _body(request)
+    target = _field(data, "target", str)
+    if not target:
+        raise AdminError("'target' is required")
+    store = request.app[STORE_KEY]
+    store.require(cid)
+    changed = await asyncio.to_thread(store.unassign, cid, target)
+    if not changed:
+        raise AdminError(f"certificate {cid!r} has no run-time assignment to {target!r} "
+                         "(assignments in the config file change with the file)", status=404)
+    request.app[TLS_KEY].refresh()
+    return web.json_response({"unassigned": cid, "target": target,
+                              "certificate": cert_view(store, cid)})
+
+
+async def list_vs(request: web.Request) -> web.Response:
+    services, injected = _services(request)
+    tls, stats = request.app[TLS_KEY], request.app[STATS_KEY]()
+    return web.json_response({"virtual_services": [
+        vs_view(vs, injected_rules=injected, tls=tls, stats=stats) for vs in services]})
+
+
+async def show_vs(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    services, injected = _services(request)
+    for vs in services:
+        if vs.name == name:
+            return web.json_response(vs_view(vs, injected_rules=injected,
+                                             tls=request.app[TLS_KEY],
+                                             stats=request.app[STATS_KEY]()))
+    raise AdminError(f"no virtual service {name!r}", status=404)
+
+
+def create_app(*, runtime: RuntimeStore, dataplane_stats: DataplaneStats, store: CertStore,
+               tls: TLSContexts, token: str,
+               extra_routes: Sequence[RouteRegistrar] = ()) -> web.Application:
+    """The admin application; serve it with `lbproxy.admin.server.start_admin`."""
+    if len(token) < 16:
+        raise ValueError("the admin token is too short to be a secret")
+    app = web.Application(middlewares=[_auth_middleware(token)], client_max_size=MAX_BODY)
+    app[RUNTIME_KEY] = runtime
+    app[STORE_KEY] = store
+    app[TLS_KEY] = tls
+    app[STATS_KEY] = dataplane_stats
+    app[STARTED_KEY] = time.monotonic()
+    app.router.add_get("/api/status", status)
+    app.router.add_get("/api/certs", list_certs)
+    app.router.add_post("/api/certs", import_cert)
+    app.router.add_get("/api/certs/{id}", show_cert)
+    app.router.add_put("/api/certs/{id}", replace_cert)
+    app.router.add_delete("/api/certs/{id}", delete_cert)
+    app.router.add_post("/api/certs/{id}/assign", assign_cert)
+    app.router.add_post("/api/certs/{id}/unassign", unassign_cert)
+    app.router.add_get("/api/vs", list_vs)
+    app.router.add_get("/api/vs/{name}", show_vs)
+    for register in extra_routes:
+        register(app)
+    return app

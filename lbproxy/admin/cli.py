@@ -1,0 +1,313 @@
+"""The `lbproxy` subcommands that talk to a running lbproxy through its admin API.
+
+    lbproxy cert import ID --cert F [--key F] [--chain F] | --pkcs12 F  [--passphrase-file F]
+    lbproxy cert list | show ID | delete ID | assign ID TARGET [--default] [--remove]
+    lbproxy vs list | show NAME
+    lbproxy status
+
+Each takes --json (the API's answer as is), -c CONFIG (default lbproxy.toml), --admin URL and
+--token-file F. Exit status: 0 done, 1 refused or unreachable, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from .client import AdminClient, ClientError, connect
+
+Command = Callable[[AdminClient, argparse.Namespace], Any]
+Printer = Callable[[Any, TextIO], None]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    for row in (headers, *rows):
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]
+        print("  ".join(cells).rstrip(), file=out)
+
+
+def _short_name(rfc4514: str) -> str:
+    """The CN of a distinguished name, else its O, else the whole name."""
+    attrs: dict[str, str] = {}
+    for part in rfc4514.split(","):
+        k, _, v = part.partition("=")
+        attrs.setdefault(k.strip().upper(), v)
+    return attrs.get("CN") or attrs.get("O") or rfc4514
+
+
+def _day(iso: str) -> str:
+    return iso[:10]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ClientError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+def _passphrase(args: argparse.Namespace) -> str | None:
+    if args.passphrase_file:
+        return _read(args.passphrase_file, "passphrase file").decode().rstrip("\r\n")
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if value is None:
+            raise ClientError(f"environment variable {args.passphrase_env} is not set")
+        return value
+    return None
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def cert_import(client: AdminClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"strict": args.strict}
+    if args.pkcs12:
+        if args.cert or args.key or args.chain:
+            raise ClientError("give either --pkcs12 or --cert/--key/--chain")
+        body["pkcs12"] = base64.b64encode(_read(args.pkcs12, "PKCS#12 file")).decode()
+    elif args.cert:
+        body["cert"] = _read(args.cert, "certificate").decode(errors="replace")
+        if args.key:
+            body["key"] = _read(args.key, "key").decode(errors="replace")
+        if args.chain:
+            body["chain"] = _read(args.chain, "chain").decode(errors="replace")
+    else:
+        raise ClientError("give --cert (and --key) or --pkcs12")
+    passphrase = _passphrase(args)
+    if passphrase is not None:
+        body["passphrase"] = passphrase
+    if args.replace:
+        return client.put(f"/api/certs/{quote(args.id, safe='')}", body)
+    return client.post("/api/certs", {"id": args.id, **body})
+
+
+def cert_list(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.get("/api/certs")
+
+
+def cert_show(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.get(f"/api/certs/{quote(args.id, safe='')}")
+
+
+def cert_delete(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.delete(f"/api/certs/{quote(args.id, safe='')}")
+
+
+def cert_assign(client: AdminClient, args: argparse.Namespace) -> Any:
+    path = f"/api/certs/{quote(args.id, safe='')}"
+    if args.remove:
+        return client.post(path + "/unassign", {"target": args.target})
+    return client.post(path + "/assign", {"target": args.target, "default": args.default})
+
+
+def vs_list(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.get("/api/vs")
+
+
+def vs_show(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.get(f"/api/vs/{quote(args.name, safe='')}")
+
+
+def status(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.get("/api/status")
+
+
+# -- human output ---------------------------------------------------------------------------------
+
+def _cert_rows(certs: list[dict[str, Any]]) -> list[list[str]]:
+    return [[c["id"], ",".join(c["names"]) or "-", _short_name(c["issuer"]), _day(c["not_after"]),
+             f"{c['key_type']} {c['key_size']}", ",".join(c["used_by"]) or "-",
+             c.get("managed_by") or "-"] for c in certs]
+
+
+_CERT_HEADERS = ("ID", "NAMES", "ISSUER", "NOT AFTER", "KEY", "USED BY", "MANAGED BY")
+
+
+def print_cert_list(data: Any, out: TextIO) -> None:
+    if not data["certificates"]:
+        print("no certificates", file=out)
+        return
+    table(_CERT_HEADERS, _cert_rows(data["certificates"]), out)
+
+
+def print_cert(c: dict[str, Any], out: TextIO) -> None:
+    rows = [("id", c["id"]), ("names", ", ".join(c["names"]) or "-"),
+            ("subject", c["subject"]), ("issuer", c["issuer"]), ("serial", c["serial"]),
+            ("not before", c["not_before"]), ("not after", c["not_after"]),
+            ("key", f"{c['key_type']} {c['key_size']} bits"),
+            ("sha256", c["fingerprint_sha256"]), ("generation", str(c["generation"])),
+            ("managed by", c.get("managed_by") or "-"),
+            ("used by", ", ".join(c["used_by"]) or "-")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}", file=out)
+
+
+def print_import(data: Any, out: TextIO) -> None:
+    c = data["certificate"]
+    print(f"{'replaced' if data['replaced'] else 'imported'} {c['id']}: "
+          f"{', '.join(c['names'])} (serial {c['serial']}, not after {c['not_after']})", file=out)
+    for w in data["warnings"]:
+        print(f"warning: {w}", file=out)
+
+
+def print_assign(data: Any, out: TextIO) -> None:
+    if "assigned" in data:
+        extra = " as default" if data["default"] else ""
+        print(f"{data['assigned']} assigned to {data['target']}{extra}", file=out)
+    else:
+        print(f"{data['unassigned']} unassigned from {data['target']}", file=out)
+
+
+def _servers(rs: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rs:
+        h = r.get("health")
+        mark = "" if not isinstance(h, dict) else (" up" if h.get("healthy") else " down")
+        out.append(f"{r['address']}{mark}{'' if r['enabled'] else ' disabled'}")
+    return ", ".join(out) or "-"
+
+
+def print_vs_list(data: Any, out: TextIO) -> None:
+    rows = []
+    for v in data["virtual_services"]:
+        certs = ",".join(v["tls"]["certificates"]) if "tls" in v else "-"
+        rows.append([v["name"], v["listen"], v["protocol"], v["kind"], str(len(v["subvs"])),
+                     str(len(v["rules"])), certs or "-"])
+    if not rows:
+        print("no virtual services", file=out)
+        return
+    table(("NAME", "LISTEN", "PROTO", "KIND", "SUBVS", "RULES", "CERTIFICATES"), rows, out)
+
+
+def print_vs(v: dict[str, Any], out: TextIO) -> None:
+    print(f"{v['name']}  {v['protocol']}://{v['listen']}  kind {v['kind']}  "
+          f"scheduler {v['scheduler']}", file=out)
+    if "tls" in v:
+        t = v["tls"]
+        print(f"certificates: {', '.join(t['certificates']) or '-'} "
+              f"(default {t['default_certificate'] or '-'})", file=out)
+    if v["real_servers"]:
+        print(f"real servers: {_servers(v['real_servers'])}", file=out)
+    if v["rules"]:
+        print("rules (first match wins):", file=out)
+        table(("#", "RULE", "SUBVS", "INJECTED"),
+              [[str(r["precedence"]), r["rule"], r["subvs"], "yes" if r["injected"] else ""]
+               for r in v["rules"]], out)
+    if v["subvs"]:
+        print("SubVSs:", file=out)
+        table(("NAME", "SCHEDULER", "REAL SERVERS"),
+              [[s["name"], s["scheduler"],
+                _servers(s["real_servers"]) if s["real_servers"]
+                else f"none (answers {s['not_available_status']})"] for s in v["subvs"]], out)
+
+
+def print_status(s: dict[str, Any], out: TextIO) -> None:
+    rows = [("pid", str(s["pid"])), ("uptime", f"{s['uptime_s']:.0f} s"),
+            ("config generation", str(s["generation"])),
+            ("virtual services", str(s["virtual_services"])),
+            ("injections", str(s["injections"])),
+            ("certificates", str(s["certificates"]))]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}", file=out)
+    for c in s["certificates_expiring"]:
+        state = "EXPIRED" if c["expired"] else "expires"
+        print(f"warning: certificate {c['id']} {state} {c['not_after']}", file=out)
+
+
+def _print_deleted(data: Any, out: TextIO) -> None:
+    print(f"deleted {data['deleted']}", file=out)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default="lbproxy.toml",
+                        help="config file naming the admin address and state_dir")
+    common.add_argument("--admin", metavar="URL", help="admin API base URL (overrides config)")
+    common.add_argument("--token-file", metavar="F", help="admin token file (overrides config)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+    p = argparse.ArgumentParser(prog="lbproxy", description="Talk to a running lbproxy.")
+    groups = p.add_subparsers(dest="group", required=True)
+
+    cert = groups.add_parser("cert", help="the SSL certificate store")
+    cs = cert.add_subparsers(dest="action", required=True)
+    imp = cs.add_parser("import", parents=[common], help="import or replace a certificate")
+    imp.add_argument("id")
+    imp.add_argument("--cert", metavar="F", help="PEM certificate (leaf first; may hold the chain"
+                     " and the key)")
+    imp.add_argument("--key", metavar="F", help="PEM private key (optionally encrypted)")
+    imp.add_argument("--chain", metavar="F", help="PEM intermediates")
+    imp.add_argument("--pkcs12", metavar="F", help="PKCS#12 file instead of PEM")
+    pw = imp.add_mutually_exclusive_group()
+    pw.add_argument("--passphrase-file", metavar="F", help="file holding the key's passphrase")
+    pw.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding it")
+    imp.add_argument("--strict", action="store_true",
+                     help="refuse an expired or not yet valid certificate")
+    imp.add_argument("--replace", action="store_true", help="replace the certificate with this id")
+    imp.set_defaults(run=cert_import, show=print_import)
+    cs.add_parser("list", parents=[common], help="list certificates").set_defaults(
+        run=cert_list, show=print_cert_list)
+    show = cs.add_parser("show", parents=[common], help="show one certificate")
+    show.add_argument("id")
+    show.set_defaults(run=cert_show, show=print_cert)
+    delete = cs.add_parser("delete", parents=[common], help="delete an unused certificate")
+    delete.add_argument("id")
+    delete.set_defaults(run=cert_delete, show=_print_deleted)
+    assign = cs.add_parser("assign", parents=[common],
+                           help="serve a certificate on an HTTPS VS (or 'admin')")
+    assign.add_argument("id")
+    assign.add_argument("target", help="VS name, or 'admin' for the admin interface")
+    assign.add_argument("--default", action="store_true",
+                        help="make it the VS's certificate for clients without SNI")
+    assign.add_argument("--remove", action="store_true", help="undo a run-time assignment")
+    assign.set_defaults(run=cert_assign, show=print_assign)
+
+    vs = groups.add_parser("vs", help="virtual services as they run")
+    vss = vs.add_subparsers(dest="action", required=True)
+    vss.add_parser("list", parents=[common], help="list virtual services").set_defaults(
+        run=vs_list, show=print_vs_list)
+    vshow = vss.add_parser("show", parents=[common], help="one VS: rules, SubVSs, servers")
+    vshow.add_argument("name")
+    vshow.set_defaults(run=vs_show, show=print_vs)
+
+    groups.add_parser("status", parents=[common], help="is it running, and how").set_defaults(
+        run=status, show=print_status)
+    return p
+
+
+def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or bad usage (2)
+        return int(e.code) if isinstance(e.code, int) else 2
+    try:
+        client = connect(args.config, args.admin, args.token_file)
+        data = args.run(client, args)
+    except ClientError as e:
+        if args.json:
+            print(json.dumps({"error": str(e), "status": e.status, "reason": e.reason}),
+                  file=out)
+        else:
+            status_text = f" ({e.status})" if e.status else ""
+            print(f"lbproxy: {e}{status_text}", file=err)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2), file=out)
+    else:
+        args.show(data, out)
+    return 0

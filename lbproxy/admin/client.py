@@ -1,0 +1,121 @@
+"""A small synchronous admin API client for the CLI (urllib), and how it finds the API and token.
+
+The address and token come from the config file (`admin.listen`, `<state_dir>/admin.token`,
+state_dir relative to the file) unless `--admin URL` / `--token-file F` say otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import load_file
+from ..errors import ConfigError, LBProxyError
+from .api import TOKEN_FILE
+
+logger = logging.getLogger(__name__)
+
+# Seconds the CLI waits for one admin API answer (an import fsyncs a few files; generous).
+REQUEST_TIMEOUT = 30.0
+
+
+class ClientError(LBProxyError):
+    """The admin API could not be reached, or answered with an error; `status` 0 = no answer."""
+
+    def __init__(self, message: str, status: int = 0, reason: str | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminClient:
+    base_url: str
+    token: str
+    timeout: float = REQUEST_TIMEOUT
+    ssl_context: ssl.SSLContext | None = None
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One request; returns the decoded JSON answer or raises ClientError."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base_url.rstrip("/") + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout,
+                                        context=self.ssl_context) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                err = json.loads(raw)
+                message, reason = str(err.get("error", raw[:200])), err.get("reason")
+            except (ValueError, AttributeError):
+                message, reason = raw[:200].decode(errors="replace") or str(e), None
+            raise ClientError(message, e.code, reason) from None
+        except (urllib.error.URLError, OSError) as e:
+            why = e.reason if isinstance(e, urllib.error.URLError) else e
+            raise ClientError(f"cannot reach the admin API at {self.base_url}: {why}") from None
+
+    def get(self, path: str) -> Any:
+        return self.call("GET", path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.call("POST", path, body)
+
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        return self.call("PUT", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.call("DELETE", path)
+
+
+def _url_for(host: str, port: int) -> str:
+    # An admin API bound to every address is reached over loopback.
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except OSError as e:
+        raise ClientError(f"cannot read the admin token {path}: {e.strerror}") from None
+    if not token:
+        raise ClientError(f"the admin token file {path} is empty")
+    return token
+
+
+def connect(config: str | None, admin_url: str | None = None,
+            token_file: str | None = None) -> AdminClient:
+    """An AdminClient for the running lbproxy described by `config` and/or the flags."""
+    url = admin_url
+    token_path = Path(token_file) if token_file else None
+    if url is None or token_path is None:
+        cfg_path = Path(config or "lbproxy.toml")
+        try:
+            cfg = load_file(cfg_path)
+        except ConfigError as e:
+            raise ClientError(f"{cfg_path}: cannot find the admin API from this config "
+                              f"({e.problems[0]}); give --admin and --token-file") from None
+        if url is None:
+            if not cfg.admin.enabled:
+                raise ClientError(f"{cfg_path}: the admin API is disabled (admin.enabled)")
+            url = _url_for(cfg.admin.listen.host, cfg.admin.listen.port)
+        if token_path is None:
+            state = Path(cfg.state_dir)
+            if not state.is_absolute():
+                state = cfg_path.parent / state
+            token_path = state / TOKEN_FILE
+    return AdminClient(url, read_token(token_path))

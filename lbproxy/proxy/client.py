@@ -1,0 +1,781 @@
+"""The client side of the relay: one asyncio.Protocol per accepted connection.
+
+Requests are parsed by httptools in callbacks; each one is routed, balanced and relayed over a
+pooled upstream connection without a Task or Future. Pipelined requests queue behind the one in
+flight (reading pauses while any wait) and are answered in order. Deadlines are plain floats checked
+by the listener's periodic sweep (no timer handle per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from math import inf
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from ..config.model import BODY_MATCH_LIMIT
+from ..routing import REFUSE
+from . import http as h
+from .http import CRLF, ERRORS, LocalResponse, Request
+from .service import M_DIRECT, M_REDIRECT, M_SWITCH
+from .upstream import HIGH_WATER, LOW_WATER, UpstreamConnection
+
+if TYPE_CHECKING:
+    from .service import Listener, Service, Target
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("lbproxy.access")
+
+# Why reading from the client is paused (a bit mask: reading resumes when all are clear).
+P_PIPELINE = 1  # requests are queued behind the one in flight
+P_BUFFER = 2  # request body buffered while no upstream connection is ready yet
+P_UPSTREAM = 4  # the upstream connection's write buffer is above the high-water mark
+P_WRITE = 8  # our own write buffer to the client is above the high-water mark
+P_UPGRADE = 16  # an Upgrade request waits for the real server's 101
+P_STOP = 32  # no more requests are read on this connection
+
+# What the connection's single deadline means when it passes.
+D_NONE = 0
+D_HEAD = 1  # reading a request head -> 408
+D_IDLE = 2  # keep-alive idle -> close
+D_FIRST_BYTE = 3  # waiting for the response head -> 504
+D_TUNNEL = 4  # an idle WebSocket/Upgrade tunnel -> close
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_ACCESS_FMT = '%s %s %s %s "%s %s" %d %d %.3f'
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the status is in ClientConnection.reject."""
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
+        "hbytes", "head_bytes", "in_head", "ip_b", "listener", "loop", "nheaders", "out",
+        "out_up", "parser", "paused", "pending_error", "queue", "raw", "reject", "req", "running",
+        "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser: Any = httptools.HttpRequestParser(self)
+        self.src_ip = ""
+        self.ip_b = b""
+        self.xff_b = b""
+        self.req: Request | None = None  # being parsed
+        self.cur: Request | None = None  # being answered
+        self.queue: deque[Request] = deque()
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.closed = False
+        self.deadline = inf
+        self.dkind = D_NONE
+        self.feeding = False
+        self.out_up: UpstreamConnection | None = None
+        self.out: list[bytes] = []
+        self.tunnel: UpstreamConnection | None = None
+        self.upgraded = False
+        self.raw: list[bytes] = []
+        self.in_head = False
+        self.head_bytes = 0
+        self.hbytes = 0
+        self.nheaders = 0
+        self.reject = 0
+        self.pending_error = 0
+        self.running = False
+        self.clen = b""
+        self.conn_extra: list[bytes] | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        listener = self.listener
+        svc = listener.service
+        if listener.closing or len(listener.conns) >= svc.max_connections:
+            self.closed = True
+            transport.abort()
+            listener.counters.refused += 1
+            return
+        listener.conns.add(self)
+        listener.counters.connections += 1
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        self.src_ip = peer[0] if peer else ""
+        self.ip_b = self.src_ip.encode("latin-1")
+        self.xff_b = b"X-Forwarded-For: " + self.ip_b + CRLF
+        self.deadline = self.loop.time() + svc.t_head
+        self.dkind = D_HEAD
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed and self not in self.listener.conns:
+            return
+        self.closed = True
+        listener = self.listener
+        listener.conns.discard(self)
+        if listener.closing and not listener.conns:
+            listener.drained.set()
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.close()
+        cur, self.cur = self.cur, None
+        if cur is not None:
+            up = cur.up
+            if isinstance(up, UpstreamConnection) and up.req is cur:
+                up._detach()
+                up.abort()
+            self._release(cur, True)
+            cur.discard = True
+        self.queue.clear()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after sending its request still gets the answer.
+        if self.cur is not None or self.queue:
+            self.closing = True
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.pause(P_WRITE)
+        up = self.tunnel
+        if up is None and self.cur is not None:
+            up = self.cur.up  # type: ignore[assignment]
+        if up is not None:
+            up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.resume(P_WRITE)
+        up = self.tunnel
+        if up is None and self.cur is not None:
+            up = self.cur.up  # type: ignore[assignment]
+        if up is not None:
+            up.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            self.deadline = self.loop.time() + self.listener.service.t_idle
+            return
+        if self.upgraded or self.paused & P_STOP:
+            if self.upgraded and not self.paused & P_STOP:
+                self.raw.append(data)
+                self.pause(P_UPGRADE)
+            return
+        self.feeding = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0]:]
+            self.upgraded = True
+            if rest:
+                self.raw.append(rest)
+            self.pause(P_UPGRADE)
+        except httptools.HttpParserError as e:
+            status = self.reject or 400
+            self.reject = 0
+            if status == 400:
+                logger.debug("bad request from %s: %s", self.src_ip, e)
+            self._flush_out()
+            self.feeding = False
+            self._bad(status)
+            return
+        finally:
+            self.feeding = False
+            if self.out:
+                self._flush_out()
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.listener.service.max_header_bytes:
+                self._bad(431)
+
+    # -- deadlines (called by the listener's sweep) -------------------------------------------
+
+    def on_timeout(self, now: float) -> None:
+        kind = self.dkind
+        self.deadline = inf
+        self.dkind = D_NONE
+        cur = self.cur
+        if kind == D_FIRST_BYTE and cur is not None:
+            up = cur.up
+            if isinstance(up, UpstreamConnection) and up.req is cur:
+                up._detach()
+                up.abort()
+            cur.up = None
+            logger.warning("VS %s: real server %s did not answer in time", self.listener.name,
+                           _server(cur))
+            self._release(cur, False)
+            if cur.resp_started:
+                self.transport.abort()
+            else:
+                self._local(cur, ERRORS[504], close=not cur.complete)
+        elif kind == D_HEAD and cur is None:
+            self._bad(408)
+        elif kind in (D_IDLE, D_TUNNEL, D_HEAD):
+            self.transport.close()
+
+    def touch(self) -> None:
+        self.deadline = self.loop.time() + self.listener.service.t_idle
+
+    def shutdown(self) -> None:
+        """Stop reading new requests: close now if idle, else after the response in flight."""
+        self.closing = True
+        if self.cur is None and not self.queue and self.tunnel is None and not self.in_head:
+            self.transport.close()
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def pause(self, why: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def resume(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def pause_for_upstream(self) -> None:
+        self.pause(P_UPSTREAM)
+
+    def resume_for_upstream(self) -> None:
+        self.resume(P_UPSTREAM)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        now = self.loop.time()
+        svc = self.listener.service
+        self.req = Request(svc, self.src_ip, now)
+        self.in_head = True
+        self.nheaders = 0
+        self.hbytes = 0
+        self.clen = b""
+        self.conn_extra = None
+        if self.cur is None:
+            self.deadline = now + svc.t_head
+            self.dkind = D_HEAD
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.url = req.url + url if req.url else url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        assert req is not None
+        self.nheaders += 1
+        self.hbytes += len(name) + len(value) + 4
+        req.headers.append((name, value))
+        code = h.SPECIAL.get(name.lower())
+        if code is None:
+            req.fwd += (name, b": ", value, CRLF)
+            return
+        if code == h.H_HOST:
+            req.host_b = value
+            req.fwd += (name, b": ", value, CRLF)
+        elif code == h.H_CLEN:
+            self.clen = value
+            req.fwd += (name, b": ", value, CRLF)
+        elif code == h.H_TE:
+            if b"chunked" in value.lower():
+                req.chunked = True
+        elif code == h.H_CONNECTION:
+            for tok in value.lower().split(b","):
+                tok = tok.strip()
+                if tok and tok not in h.CONNECTION_KEYWORDS:
+                    if self.conn_extra is None:
+                        self.conn_extra = []
+                    self.conn_extra.append(tok)
+        elif code == h.H_UPGRADE:
+            req.upgrade_b = value
+        elif code == h.H_EXPECT:
+            if value.lower() == b"100-continue":
+                req.expect = True
+            else:
+                req.fwd += (name, b": ", value, CRLF)
+        elif code == h.H_XFF:
+            if self.listener.service.add_forwarded:
+                req.xff = req.xff + b", " + value if req.xff else value
+            else:
+                req.fwd += (name, b": ", value, CRLF)
+        elif code == h.H_XFP or code == h.H_XFH:
+            if not self.listener.service.add_forwarded:
+                req.fwd += (name, b": ", value, CRLF)
+        # H_HOP: dropped
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        svc: Service = req.svc  # type: ignore[assignment]
+        p = self.parser
+        self.in_head = False
+        self.head_bytes = 0
+        req.keep_alive = p.should_keep_alive()
+        req.method_b = m = p.get_method()
+        req.is_head = m == b"HEAD"
+        if p.get_http_version() == "1.0":
+            req.v10 = True
+        req.upgrade = p.should_upgrade()
+        if self.nheaders > svc.max_headers or self.hbytes + len(req.url) > svc.max_header_bytes:
+            self.reject = 431
+            raise _Reject
+        if m == b"CONNECT":
+            self.reject = 405
+            raise _Reject
+        if svc.max_body and self.clen and int(self.clen) > svc.max_body:
+            self.reject = 413
+            raise _Reject
+        if self.conn_extra is not None:
+            self._drop_connection_fields(req, self.conn_extra)
+        if self.cur is None and not self.queue:
+            self.cur = req
+            self._start(req)
+        else:
+            self.queue.append(req)
+            self.pause(P_PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.body_bytes += len(data)
+        max_body = req.svc.max_body  # type: ignore[attr-defined]
+        if max_body and req.body_bytes > max_body:
+            self.reject = 413
+            raise _Reject
+        if req.discard:
+            return
+        up = req.up
+        if up is not None:
+            if req.chunked:
+                self._up_send(up, b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[arg-type]
+            else:
+                self._up_send(up, data)  # type: ignore[arg-type]
+            return
+        req.chunks.append(data)
+        req.buffered += len(data)
+        if req.buffered > HIGH_WATER:
+            self.pause(P_BUFFER)
+        if req.waiting_route and req.buffered >= BODY_MATCH_LIMIT:
+            self._route_now(req)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        self.req = None
+        req.complete = True
+        if req.discard:
+            return
+        up = req.up
+        if up is not None:
+            if req.chunked:
+                self._up_send(up, b"0\r\n\r\n")  # type: ignore[arg-type]
+        elif req.waiting_route:
+            self._route_now(req)
+        if not req.keep_alive:
+            self.pause(P_STOP)
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        req.started = True
+        svc: Service = req.svc  # type: ignore[assignment]
+        svc.counters.requests += 1
+        pre = svc.pre_router
+        if pre is not None:
+            req.prepare_routing()
+            idx = pre.route(req)
+            if idx >= 0:
+                self._serve(req, svc.pre_targets[idx], None)
+                return
+        mode = svc.mode
+        if mode == M_DIRECT:
+            target = svc.direct
+            assert target is not None
+            self._serve(req, target, None)
+        elif mode == M_SWITCH:
+            if svc.router.needs_body and not req.complete:
+                req.waiting_route = True
+                if req.expect and not req.v10:
+                    req.sent_continue = True
+                    self.transport.write(_CONTINUE)
+                return
+            self._route_now(req)
+        elif mode == M_REDIRECT:
+            self._redirect(req, svc)
+        else:  # M_ORDERED: the first SubVS with an available real server
+            for t in svc.targets:
+                bal = t.balancer
+                if bal is not None and bal.any_available():
+                    self._serve(req, t, None)
+                    return
+            self._local(req, svc.na)
+
+    def _route_now(self, req: Request) -> None:
+        req.waiting_route = False
+        svc: Service = req.svc  # type: ignore[assignment]
+        req.prepare_routing()
+        router = svc.router
+        if router.needs_body and req.chunks:
+            body = b"".join(req.chunks)
+            req.body = body[:BODY_MATCH_LIMIT]
+        idx = router.route(req)
+        if idx >= 0:
+            self._serve(req, svc.targets[idx], None)
+        elif idx == REFUSE:
+            self._local(req, ERRORS[403], close=True)
+        else:
+            self._local(req, svc.na)
+
+    def _serve(self, req: Request, target: Target, exclude: Any) -> None:
+        req.target = target
+        target.counters.requests += 1
+        bal = target.balancer
+        if bal is None:
+            target.counters.not_available += 1
+            self._local(req, target.na)
+            return
+        url = req.url.decode("latin-1") if target.needs_url else ""
+        backend = bal.pick(self.src_ip, url, exclude)
+        if backend is None:
+            target.counters.not_available += 1
+            self._local(req, target.na)
+            return
+        req.backend = backend
+        req.server = backend
+        if not req.head:
+            req.head = self._build_head(req)
+        pool = target.pools[backend]
+        up = pool.acquire(req.t0)
+        if up is not None:
+            self.attach(req, up)
+        else:
+            pool.connect(self, req, req.svc.t_connect)  # type: ignore[attr-defined]
+
+    def _build_head(self, req: Request) -> bytes:
+        svc: Service = req.svc  # type: ignore[assignment]
+        parts = [req.method_b, b" ", req.url, b" HTTP/1.1\r\n"]
+        parts += req.fwd
+        if svc.add_forwarded:
+            if req.xff:
+                parts += (b"X-Forwarded-For: ", req.xff, b", ", self.ip_b, CRLF)
+            else:
+                parts.append(self.xff_b)
+            parts.append(svc.xfp_line)
+            if req.host_b:
+                parts += (b"X-Forwarded-Host: ", req.host_b, CRLF)
+        if req.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if req.upgrade:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", req.upgrade_b, CRLF)
+        parts.append(CRLF)
+        return b"".join(parts)
+
+    @staticmethod
+    def _drop_connection_fields(req: Request, names: list[bytes]) -> None:
+        drop = set(names)
+        fwd: list[bytes] = []
+        for name, value in req.headers:
+            ln = name.lower()
+            if ln in drop:
+                continue
+            code = h.SPECIAL.get(ln)
+            if code is None or code == h.H_HOST or code == h.H_CLEN:
+                fwd += (name, b": ", value, CRLF)
+        req.fwd = fwd
+
+    def attach(self, req: Request, up: UpstreamConnection) -> None:
+        """Send `req` on `up` (pooled or just connected)."""
+        if self.closed or req is not self.cur:
+            up.pool.release(up, self.loop.time())
+            self._release(req, True)
+            return
+        req.up = up
+        up.start(self, req)
+        if req.expect and not req.sent_continue and not req.v10 and not req.complete:
+            req.sent_continue = True
+            self.transport.write(_CONTINUE)
+        data = req.head
+        chunks = req.chunks
+        if chunks:
+            parts = [data]
+            if req.chunked:
+                for c in chunks:
+                    parts += (b"%x\r\n" % len(c), c, CRLF)
+            else:
+                parts += chunks
+            req.chunks = []
+            req.buffered = 0
+            if req.complete and req.chunked:
+                parts.append(b"0\r\n\r\n")
+            data = b"".join(parts)
+            self.resume(P_BUFFER)
+        elif req.complete and req.chunked:
+            data += b"0\r\n\r\n"
+        self._up_send(up, data)
+        self.deadline = self.loop.time() + req.svc.t_first_byte  # type: ignore[attr-defined]
+        self.dkind = D_FIRST_BYTE
+
+    def _up_send(self, up: UpstreamConnection, data: bytes) -> None:
+        if self.feeding:
+            if self.out_up is not up:
+                self._flush_out()
+                self.out_up = up
+            self.out.append(data)
+        else:
+            up.write(data)
+
+    def _flush_out(self) -> None:
+        out = self.out
+        up = self.out_up
+        self.out_up = None
+        if out:
+            self.out = []
+            if up is not None:
+                up.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def first_byte(self, req: Request) -> None:
+        if req is self.cur:
+            self.deadline = inf
+            self.dkind = D_NONE
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def _local(self, req: Request, resp: LocalResponse, close: bool = False) -> None:
+        keep = req.keep_alive and not close and not self.closing
+        if keep and not req.complete and req.expect and not req.sent_continue:
+            keep = False  # the client waits for 100 before sending a body we never asked for
+        req.keep_alive = keep
+        if req.is_head:
+            data = (resp.keep10 if req.v10 else resp.keep) if keep else resp.close
+        elif keep:
+            data = resp.keep_full if not req.v10 else resp.keep10 + resp.body
+            req.resp_bytes = len(resp.body)
+        else:
+            data = resp.close_full
+            req.resp_bytes = len(resp.body)
+        req.status = resp.status
+        req.resp_started = True
+        self.transport.write(data)
+        self._finish(req)
+
+    def _redirect(self, req: Request, svc: Service) -> None:
+        req.prepare_routing()
+        host = req.host_b.decode("latin-1")
+        hostname, port = _split_host(host, svc.port)
+        url = req.url.decode("latin-1")
+        try:
+            location = svc.redirect_to.format(host=host, hostname=hostname, port=port, path=url)
+        except (KeyError, IndexError, ValueError):
+            self._local(req, ERRORS[500])
+            return
+        if "\r" in location or "\n" in location:
+            self._local(req, ERRORS[400], close=True)
+            return
+        resp = LocalResponse(svc.redirect_status, b"", "", (("Location", location),))
+        self._local(req, resp)
+
+    def response_done(self, req: Request) -> None:
+        self._release(req, True)
+        self._finish(req)
+
+    def upstream_failed(self, req: Request, why: str, retry_ok: bool) -> None:
+        if req is not self.cur or self.closed:
+            self._release(req, True)
+            return
+        req.up = None
+        if req.resp_started:
+            logger.warning("VS %s: real server %s failed mid-response: %s", self.listener.name,
+                           _server(req), why)
+            self._release(req, False)
+            self.transport.abort()
+            return
+        if retry_ok and req.attempts < 1 and req.body_bytes == 0 and req.complete:
+            # A pooled connection the server had closed: resend on a fresh one.
+            req.attempts += 1
+            target: Target = req.target  # type: ignore[assignment]
+            pool = target.pools[req.backend]  # type: ignore[index]
+            up = pool.acquire(self.loop.time())
+            if up is not None:
+                self.attach(req, up)
+            else:
+                pool.connect(self, req, req.svc.t_connect)  # type: ignore[attr-defined]
+            return
+        logger.warning("VS %s: real server %s failed: %s", self.listener.name, _server(req), why)
+        self._release(req, False)
+        self._local(req, ERRORS[502], close=not req.complete)
+
+    def connect_failed(self, req: Request, why: str) -> None:
+        backend = req.backend
+        if req is not self.cur or self.closed or backend is None:
+            self._release(req, True)
+            return
+        logger.warning("VS %s: %s", self.listener.name, why)
+        self._release(req, False)
+        target: Target = req.target  # type: ignore[assignment]
+        if req.attempts < 1 and req.method_b in h.IDEMPOTENT:
+            req.attempts += 1
+            self._serve(req, target, backend)
+            return
+        self._local(req, ERRORS[502], close=not req.complete)
+
+    def _release(self, req: Request, ok: bool) -> None:
+        backend = req.backend
+        if backend is not None:
+            req.backend = None
+            target: Target = req.target  # type: ignore[assignment]
+            if target.balancer is not None:
+                target.balancer.release(backend, ok)  # type: ignore[arg-type]
+
+    def _finish(self, req: Request) -> None:
+        svc: Service = req.svc  # type: ignore[assignment]
+        if svc.log:
+            _log_access(svc, req, self.loop.time())
+        if req is self.cur:
+            self.cur = None
+        if self.paused & P_UPSTREAM:
+            self.resume(P_UPSTREAM)
+        if not req.keep_alive or self.closing:
+            self.pause(P_STOP)
+            if not self.closed:
+                self.transport.close()
+            return
+        if not req.complete:
+            # Answered before the body was read (not available, redirect, early response): read
+            # and discard the rest so the connection stays usable.
+            req.discard = True
+            req.chunks = []
+            self.resume(P_BUFFER)
+        if not self.running:
+            self._run_queue()
+
+    def _run_queue(self) -> None:
+        self.running = True
+        try:
+            queue = self.queue
+            while self.cur is None and queue:
+                req = queue.popleft()
+                self.cur = req
+                self._start(req)
+                if self.closed:
+                    return
+        finally:
+            self.running = False
+        if not self.queue:
+            self.resume(P_PIPELINE)
+        if self.cur is None:
+            if self.pending_error:
+                status, self.pending_error = self.pending_error, 0
+                self._write_error_and_close(status)
+                return
+            now = self.loop.time()
+            svc = self.listener.service
+            if self.in_head:
+                self.deadline = now + svc.t_head
+                self.dkind = D_HEAD
+            else:
+                self.deadline = now + svc.t_idle
+                self.dkind = D_IDLE
+
+    def _bad(self, status: int) -> None:
+        """A request that cannot be served (malformed, too big): answer `status` and close."""
+        self.pause(P_STOP)
+        self.closing = True
+        bad = self.req
+        cur = self.cur
+        if bad is not None and bad is cur and bad.started:
+            up = bad.up
+            if isinstance(up, UpstreamConnection) and up.req is bad:
+                up._detach()
+                up.abort()
+            self._release(bad, True)
+            if bad.resp_started:
+                self.transport.abort()
+                return
+            self.cur = None
+            self._write_error_and_close(status, bad)
+            return
+        if bad is not None and self.queue and self.queue[-1] is bad:
+            self.queue.pop()
+        if cur is None and not self.queue:
+            self._write_error_and_close(status)
+        else:
+            self.pending_error = status
+
+    def _write_error_and_close(self, status: int, req: Request | None = None) -> None:
+        resp = ERRORS[status]
+        if req is None:
+            svc = self.listener.service
+            req = Request(svc, self.src_ip, self.loop.time())
+            req.method_b = b"-"
+            svc.counters.requests += 1
+        req.status = status
+        req.resp_bytes = len(resp.body)
+        if not self.closed:
+            self.transport.write(resp.close_full)
+            self.transport.close()
+        svc2: Service = req.svc  # type: ignore[assignment]
+        if svc2.log:
+            _log_access(svc2, req, self.loop.time())
+
+    # -- Upgrade tunnels ----------------------------------------------------------------------
+
+    def start_tunnel(self, req: Request, up: UpstreamConnection) -> None:
+        self.first_byte(req)
+        self._release(req, True)
+        svc: Service = req.svc  # type: ignore[assignment]
+        if svc.log:
+            _log_access(svc, req, self.loop.time())
+        self.cur = None
+        self.tunnel = up
+        raw, self.raw = self.raw, []
+        for chunk in raw:
+            up.write(chunk)
+        self.deadline = self.loop.time() + svc.t_idle
+        self.dkind = D_TUNNEL
+        self.resume(P_UPGRADE | P_PIPELINE)
+
+    def tunnel_closed(self) -> None:
+        self.tunnel = None
+        if not self.closed:
+            self.transport.close()
+
+
+def _server(req: Request) -> str:
+    b = req.server
+    return str(b.address) if b is not None else "-"  # type: ignore[attr-defined]
+
+
+def _split_host(host: str, default_port: int) -> tuple[str, str]:
+    if host.startswith("["):
+        end = host.find("]")
+        name = host[:end + 1]
+        rest = host[end + 1:]
+        return name, rest[1:] if rest.startswith(":") else str(default_port)
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit():
+        return name, port
+    return host, str(default_port)
+
+
+def _log_access(svc: Service, req: Request, now: float) -> None:
+    target = req.target
+    backend = req.server
+    rec = access_logger.makeRecord(
+        "lbproxy.access", logging.INFO, "", 0, _ACCESS_FMT,
+        (svc.name, target.name if target is not None else "-",  # type: ignore[attr-defined]
+         backend.address if backend is not None else "-",  # type: ignore[attr-defined]
+         req.src_ip, req.method_b.decode("latin-1"), req.url.decode("latin-1"),
+         req.status, req.resp_bytes, (now - req.t0) * 1000.0),
+        None)
+    access_logger.handle(rec)

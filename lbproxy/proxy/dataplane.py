@@ -1,0 +1,292 @@
+"""The data plane's public face: `DataPlane` opens listeners, applies reloads and shuts down.
+
+The composition root drives it: `await apply(runtime)` for the first config and every reload,
+`await shutdown(drain_timeout)` on SIGTERM; the admin API and metrics read `stats()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from ..config.model import HealthCheck, Protocol, VirtualService
+from ..runtime import Runtime
+from .balancer import Balancer
+from .client import ClientConnection, access_logger
+from .errors import ListenError
+from .health import HealthMonitor
+from .service import Counters, Listener, Pool, PoolFactory, TargetCounters, build_service
+from .upstream import ConnPool
+
+logger = logging.getLogger(__name__)
+
+TLSFactory = Callable[[VirtualService], ssl.SSLContext]
+
+# Deadlines are checked by a sweep this many times per shortest timeout (so a timeout fires at most
+# 25% late), but never more often than every 10 ms nor less often than once a second.
+_SWEEPS_PER_TIMEOUT = 4
+_MIN_TICK = 0.01
+_MAX_TICK = 1.0
+# Accept backlog: bursts of new connections (wrk opening 256 at once) must not be dropped.
+_BACKLOG = 4096
+
+
+def _listener_key(vs: VirtualService) -> tuple[Any, ...]:
+    # Port 0 (ephemeral, tests) cannot identify a listener across reloads: use the VS name too.
+    a = vs.listen
+    return (a.host, a.port) if a.port else (a.host, 0, vs.name)
+
+
+class DataPlane:
+    """Every listener and upstream pool of the process; one instance per event loop."""
+
+    def __init__(self, *, tls_factory: TLSFactory | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._tls_factory = tls_factory
+        self._loop = loop
+        self._listeners: dict[tuple[Any, ...], Listener] = {}
+        self._draining: set[Listener] = set()
+        self._drain_tasks: set[asyncio.Task[None]] = set()
+        self._pools: dict[tuple[str, str], Pool] = {}
+        self._conn_pools: dict[tuple[str, int], ConnPool] = {}
+        self._counters: dict[str, Counters] = {}
+        self._target_counters: dict[tuple[str, str], TargetCounters] = {}
+        self._lock: asyncio.Lock | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tick = _MAX_TICK
+        self._runtime: Runtime | None = None
+        self._stopped = False
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def apply(self, runtime: Runtime) -> None:
+        """Make the running state match `runtime` (first call: open everything).
+
+        New addresses open, removed ones drain (in the background, up to the config's
+        drain_timeout) then close, kept ones swap their Service in place. A bind failure raises
+        ListenError and leaves the running listeners as they were.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._stopped:
+                raise RuntimeError("the data plane was shut down")
+            await self._apply(runtime)
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (idle connections close at once), close
+        what is left at the deadline, stop the health checks and close the upstream pools."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            self._stopped = True
+            loop = self._get_loop()
+            deadline = loop.time() + drain_timeout
+            listeners = [*self._listeners.values(), *self._draining]
+            self._listeners = {}
+            self._draining.update(listeners)
+            await asyncio.gather(*(lst.drain(deadline) for lst in listeners))
+            for t in list(self._drain_tasks):
+                t.cancel()
+            await asyncio.gather(*self._drain_tasks, return_exceptions=True)
+            self._draining.clear()
+            await self._stop_monitors(list(self._pools.values()))
+            self._pools = {}
+            for cp in self._conn_pools.values():
+                cp.retired = True
+                cp.close_idle()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                self._sweeper = None
+
+    def listening_ports(self) -> dict[str, tuple[str, int]]:
+        return {lst.name: lst.sockname for lst in self._listeners.values()}
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for lst in self._listeners.values():
+            svc = lst.service
+            c = lst.counters
+            targets: dict[str, Any] = {}
+            all_targets = [*svc.pre_targets, *svc.targets]
+            if svc.direct is not None:
+                all_targets.append(svc.direct)
+            for t in all_targets:
+                servers = []
+                if t.balancer is not None:
+                    for b in t.balancer.backends:
+                        servers.append({
+                            "address": str(b.address), "weight": b.weight, "enabled": b.enabled,
+                            "healthy": b.healthy, "down_reason": b.down_reason,
+                            "active": b.active, "requests": b.requests, "failures": b.failures,
+                        })
+                targets[t.name] = {
+                    "requests": t.counters.requests,
+                    "not_available": t.counters.not_available,
+                    "available": t.balancer.any_available() if t.balancer is not None else False,
+                    "real_servers": servers,
+                }
+            out[lst.name] = {
+                "listen": f"{lst.sockname[0]}:{lst.sockname[1]}",
+                "protocol": lst.protocol.value,
+                "kind": svc.vs.kind.value,
+                "connections": {"active": len(lst.conns), "total": c.connections,
+                                "refused": c.refused},
+                "requests": c.requests,
+                "subvs": {k: v for k, v in targets.items() if k != "-"},
+                "real_servers": targets["-"]["real_servers"] if "-" in targets else [],
+            }
+        return {"virtual_services": out,
+                "draining_listeners": len(self._draining),
+                "upstream_pools": {cp.address: {"idle": len(cp.idle), "connects": cp.connects}
+                                   for cp in self._conn_pools.values()}}
+
+    # -- apply --------------------------------------------------------------------------------
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _make_monitor(self, balancer: Balancer, check: HealthCheck, label: str) -> HealthMonitor:
+        return HealthMonitor(balancer.backends, check, label)
+
+    async def _apply(self, runtime: Runtime) -> None:
+        loop = self._get_loop()
+        cfg = runtime.config
+        log = cfg.access_log.enabled and access_logger.isEnabledFor(logging.INFO)
+        rules = runtime.rules()
+        factory = PoolFactory(loop, self._pools, self._conn_pools, self._target_counters,
+                              self._make_monitor)
+        plan: dict[tuple[Any, ...], tuple[Listener | None, Any]] = {}
+        for vs in runtime.effective_services():
+            key = _listener_key(vs)
+            counters = self._counters.get(vs.name) or Counters()
+            old = self._listeners.get(key)
+            keep = old is not None and old.protocol is vs.protocol
+            port = old.sockname[1] if keep and old is not None else vs.listen.port
+            svc = build_service(vs, rules, runtime.injections, factory, counters, log, port)
+            plan[key] = (old if keep else None, svc)
+
+        # Open the new listeners first; on a failure close them again and change nothing.
+        opened: list[Listener] = []
+        reopened: list[Listener] = []
+        try:
+            for key, (kept, svc) in plan.items():
+                if kept is not None:
+                    continue
+                old = self._listeners.get(key)
+                if old is not None:
+                    # The protocol changed (http <-> https): free the address first.
+                    old.stop_accepting()
+                    reopened.append(old)
+                lst = Listener(loop, key, svc, svc.counters)
+                await self._open(lst, svc.vs)
+                svc.port = lst.sockname[1]
+                opened.append(lst)
+        except BaseException:
+            for lst in opened:
+                if lst.server is not None:
+                    lst.server.close()
+            raise
+
+        # Commit.
+        new_listeners: dict[tuple[Any, ...], Listener] = {}
+        for lst in opened:
+            new_listeners[lst.key] = lst
+        for key, (kept, svc) in plan.items():
+            self._counters[svc.name] = svc.counters
+            if kept is not None:
+                kept.set_service(svc, svc.counters)
+                new_listeners[key] = kept
+        removed = [lst for key, lst in self._listeners.items()
+                   if new_listeners.get(key) is not lst]
+        self._listeners = new_listeners
+        for lst in removed:
+            self._start_drain(lst, loop.time() + cfg.drain_timeout)
+        for pool in factory.new_pools:
+            if pool.monitor is not None:
+                pool.monitor.start()
+        replaced = [p for key, p in self._pools.items() if factory.pools.get(key) is not p]
+        self._pools = factory.pools
+        for addr, cp in list(self._conn_pools.items()):
+            idle = factory.addresses.get(addr)
+            if idle is None:
+                cp.retired = True
+                cp.close_idle()
+                del self._conn_pools[addr]
+            else:
+                cp.idle_timeout = idle
+        self._runtime = runtime
+        self._set_tick(runtime)
+        await self._stop_monitors(replaced)
+
+    async def _open(self, lst: Listener, vs: VirtualService) -> None:
+        loop = self._get_loop()
+        ctx: ssl.SSLContext | None = None
+        if vs.protocol is Protocol.HTTPS:
+            if self._tls_factory is None:
+                raise ListenError(vs.name, str(vs.listen), "HTTPS needs a TLS factory")
+            ctx = self._tls_factory(vs)
+        try:
+            server = await loop.create_server(
+                lambda: ClientConnection(lst), vs.listen.host or None, vs.listen.port,
+                ssl=ctx, ssl_handshake_timeout=vs.timeouts.head if ctx is not None else None,
+                backlog=_BACKLOG, reuse_address=True)
+        except OSError as e:
+            raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
+        lst.server = server
+        sock = server.sockets[0].getsockname()
+        lst.sockname = (str(sock[0]), int(sock[1]))
+        logger.info("VS %s listening on %s (%s)", vs.name, vs.listen, vs.protocol.value)
+
+    def _start_drain(self, lst: Listener, deadline: float) -> None:
+        self._draining.add(lst)
+
+        async def drain() -> None:
+            try:
+                await lst.drain(deadline)
+            finally:
+                self._draining.discard(lst)
+                logger.info("VS %s: listener %s:%d closed", lst.name, *lst.sockname)
+
+        task = self._get_loop().create_task(drain(), name=f"drain {lst.name}")
+        self._drain_tasks.add(task)
+        task.add_done_callback(self._drain_tasks.discard)
+
+    async def _stop_monitors(self, pools: list[Pool]) -> None:
+        monitors = [p.monitor for p in pools if p.monitor is not None]
+        if monitors:
+            await asyncio.gather(*(m.stop() for m in monitors), return_exceptions=True)
+
+    # -- deadlines ----------------------------------------------------------------------------
+
+    def _set_tick(self, runtime: Runtime) -> None:
+        shortest = _MAX_TICK * _SWEEPS_PER_TIMEOUT
+        for vs in runtime.config.virtual_services:
+            t = vs.timeouts
+            shortest = min(shortest, t.head, t.idle, t.first_byte, t.upstream_idle)
+        self._tick = max(_MIN_TICK, min(_MAX_TICK, shortest / _SWEEPS_PER_TIMEOUT))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        loop = self._get_loop()
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+
+    def _sweep(self) -> None:
+        loop = self._get_loop()
+        now = loop.time()
+        try:
+            for lst in (*self._listeners.values(), *self._draining):
+                lst.sweep(now)
+            for cp in self._conn_pools.values():
+                cp.sweep(now)
+        except Exception:  # a bug here must not stop every deadline of the process
+            logger.exception("deadline sweep failed")
+        finally:
+            if not self._stopped or self._draining:
+                self._sweeper = loop.call_later(self._tick, self._sweep)
+
+

@@ -1,0 +1,179 @@
+"""HTTP/1.1 codec glue for the relay: prebuilt responses, hop-by-hop rules, the request object."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+CRLF = b"\r\n"
+
+# RFC 9110 §7.6.1: hop-by-hop fields, never forwarded (plus those named in Connection).
+# Codes used by the connection callbacks for the request/response fields they treat specially.
+H_HOP = 1
+H_CONNECTION = 2
+H_TE = 3  # transfer-encoding
+H_UPGRADE = 4
+H_HOST = 5
+H_EXPECT = 6
+H_XFF = 7
+H_XFP = 8
+H_XFH = 9
+H_CLEN = 10
+
+SPECIAL: dict[bytes, int] = {
+    b"connection": H_CONNECTION,
+    b"keep-alive": H_HOP,
+    b"proxy-connection": H_HOP,
+    b"te": H_HOP,
+    b"trailer": H_HOP,
+    b"transfer-encoding": H_TE,
+    b"upgrade": H_UPGRADE,
+    b"proxy-authenticate": H_HOP,
+    b"proxy-authorization": H_HOP,
+    b"host": H_HOST,
+    b"expect": H_EXPECT,
+    b"x-forwarded-for": H_XFF,
+    b"x-forwarded-proto": H_XFP,
+    b"x-forwarded-host": H_XFH,
+    b"content-length": H_CLEN,
+}
+
+# Connection tokens that are not header names to remove.
+CONNECTION_KEYWORDS = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+_STATUS_LINES: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} Unknown\r\n".encode()
+    return line
+
+
+def status_prefix(status: int) -> bytes:
+    """b"HTTP/1.1 200 " (reason phrase to be appended as the server sent it)."""
+    return b"HTTP/1.1 %d " % status
+
+
+class LocalResponse:
+    """A response the proxy answers itself, prebuilt once per config generation.
+
+    Three heads: keep-alive for HTTP/1.1, keep-alive for HTTP/1.0 (must say so), and close.
+    """
+
+    __slots__ = ("body", "close", "close_full", "keep", "keep10", "keep_full", "status")
+
+    def __init__(self, status: int, body: bytes = b"", content_type: str = "",
+                 extra: tuple[tuple[str, str], ...] = ()) -> None:
+        fields = [status_line(status)]
+        for k, v in extra:
+            fields.append(f"{k}: {v}\r\n".encode("latin-1"))
+        if content_type:
+            fields.append(f"Content-Type: {content_type}\r\n".encode("latin-1"))
+        fields.append(b"Content-Length: %d\r\n" % len(body))
+        base = b"".join(fields)
+        self.status = status
+        self.body = body
+        self.keep = base + CRLF
+        self.keep10 = base + b"Connection: keep-alive\r\n\r\n"
+        self.close = base + b"Connection: close\r\n\r\n"
+        self.keep_full = self.keep + body
+        self.close_full = self.close + body
+
+
+def error_response(status: int) -> LocalResponse:
+    text = f"{status} {reason(status)}\n".encode()
+    return LocalResponse(status, text, "text/plain; charset=utf-8")
+
+
+ERRORS: dict[int, LocalResponse] = {
+    s: error_response(s) for s in (400, 403, 405, 408, 413, 431, 500, 502, 503, 504)}
+
+
+class Request:
+    """One request on a client connection: what was parsed, and the state of its exchange.
+
+    Satisfies routing's `RequestInfo`: method, path, query, host, src_ip, body, header(). The str
+    views are filled by `prepare_routing()` only when a router needs them.
+    """
+
+    __slots__ = (
+        "_hmap", "attempts", "backend", "body", "body_bytes", "buffered", "chunked", "chunks",
+        "complete", "discard", "expect", "fwd", "head", "headers", "host", "host_b", "is_head",
+        "keep_alive", "method", "method_b", "path", "query", "resp_bytes", "resp_started",
+        "sent_continue", "server", "src_ip", "started", "status", "svc", "t0", "target", "up",
+        "upgrade", "upgrade_b", "url", "v10", "waiting_route", "xff", "xfp_in")
+
+    def __init__(self, svc: object, src_ip: str, t0: float) -> None:
+        self.svc = svc
+        self.src_ip = src_ip
+        self.t0 = t0
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.fwd: list[bytes] = []
+        self.host_b = b""
+        self.host = ""
+        self.xff = b""
+        self.xfp_in = b""
+        self.method_b = b""
+        self.method = ""
+        self.path = ""
+        self.query = ""
+        self.body = b""
+        self.head = b""
+        self.upgrade_b = b""
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.body_bytes = 0
+        self.resp_bytes = 0
+        self.status = 0
+        self.attempts = 0
+        self.chunked = False
+        self.complete = False
+        self.discard = False
+        self.expect = False
+        self.is_head = False
+        self.keep_alive = True
+        self.resp_started = False
+        self.sent_continue = False
+        self.started = False
+        self.upgrade = False
+        self.v10 = False
+        self.waiting_route = False
+        self.up: object = None
+        self.backend: object = None
+        self.server: object = None  # the backend that served, kept for the access log
+        self.target: object = None
+        self._hmap: dict[str, str] | None = None
+
+    def prepare_routing(self) -> None:
+        self.method = self.method_b.decode("latin-1")
+        url = self.url.decode("latin-1")
+        q = url.find("?")
+        if q < 0:
+            self.path, self.query = url, ""
+        else:
+            self.path, self.query = url[:q], url[q + 1:]
+        self.host = self.host_b.decode("latin-1").lower()
+
+    def header(self, name_lower: str) -> str:
+        m = self._hmap
+        if m is None:
+            m = {}
+            for k, v in self.headers:
+                lk = k.decode("latin-1").lower()
+                sv = v.decode("latin-1")
+                m[lk] = f"{m[lk]}, {sv}" if lk in m else sv
+            self._hmap = m
+        return m.get(name_lower, "")

@@ -1,0 +1,289 @@
+"""What one VS runs with for one config generation, and the listener that serves it.
+
+`build_service()` turns an effective `VirtualService` into a `Service`: the compiled router,
+one `Target` per pool (the VS's own real servers or a SubVS) with its balancer, upstream connection
+pools and prebuilt "not available" answer, and the VS's timeouts and limits as plain attributes
+(the hot path reads them per request). A `Listener` holds the current `Service` of its address; a
+reload swaps that one reference, so requests in flight finish with the generation they started in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..config.model import (
+    ContentRule,
+    HealthCheck,
+    NotAvailable,
+    RealServer,
+    Scheduler,
+    VirtualService,
+    VSKind,
+)
+from ..routing import Router, compile_router
+from ..runtime import Injection
+from .balancer import Backend, Balancer
+from .http import LocalResponse
+from .upstream import ConnPool
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .health import HealthMonitor
+
+logger = logging.getLogger(__name__)
+
+M_DIRECT = 0  # a VS with real servers
+M_SWITCH = 1  # content switching over SubVSs
+M_ORDERED = 2  # SubVSs without content switching: the first with an available real server
+M_REDIRECT = 3  # an HTTP redirect VS
+
+
+class Counters:
+    """Per-VS counters that live as long as the VS name (carried across reloads)."""
+
+    __slots__ = ("connections", "refused", "requests")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.refused = 0
+        self.requests = 0
+
+
+class TargetCounters:
+    __slots__ = ("not_available", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.not_available = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """What a pool is built from; an unchanged spec keeps its balancer and health monitor."""
+
+    servers: tuple[RealServer, ...]
+    scheduler: Scheduler
+    check: HealthCheck
+
+
+class Pool:
+    """The balancer of one (VS, SubVS) pool and its health monitor, kept while its spec holds."""
+
+    __slots__ = ("balancer", "key", "label", "monitor", "spec")
+
+    def __init__(self, key: tuple[str, str], label: str, spec: PoolSpec, balancer: Balancer,
+                 monitor: HealthMonitor | None) -> None:
+        self.key = key
+        self.label = label
+        self.spec = spec
+        self.balancer = balancer
+        self.monitor = monitor
+
+
+class Target:
+    """One place a request can be sent: a pool of real servers or only a "not available" answer."""
+
+    __slots__ = ("balancer", "counters", "na", "name", "needs_url", "pool", "pools")
+
+    def __init__(self, name: str, pool: Pool | None, pools: dict[Backend, ConnPool],
+                 na: NotAvailable, counters: TargetCounters) -> None:
+        self.name = name
+        self.pool = pool
+        self.balancer = pool.balancer if pool is not None else None
+        self.pools = pools
+        self.na = LocalResponse(na.status, na.body, na.content_type)
+        self.counters = counters
+        self.needs_url = pool is not None and pool.spec.scheduler is Scheduler.URL_HASH
+
+
+class Service:
+    """One VS for one generation; read per request by the client connections."""
+
+    __slots__ = (
+        "add_forwarded", "counters", "direct", "log", "max_body", "max_connections",
+        "max_header_bytes", "max_headers", "mode", "na", "name", "port", "pre_router",
+        "pre_targets", "redirect_status", "redirect_to", "router", "t_connect", "t_first_byte",
+        "t_head", "t_idle", "targets", "vs", "xfp_line")
+
+    def __init__(self, vs: VirtualService, counters: Counters, log: bool, port: int) -> None:
+        self.vs = vs
+        self.name = vs.name
+        self.counters = counters
+        self.log = log
+        self.port = port
+        self.mode = M_DIRECT
+        self.router: Any = None
+        self.targets: tuple[Target, ...] = ()
+        self.direct: Target | None = None
+        self.pre_router: Router | None = None
+        self.pre_targets: tuple[Target, ...] = ()
+        self.na = LocalResponse(vs.not_available.status, vs.not_available.body,
+                                vs.not_available.content_type)
+        self.add_forwarded = vs.add_forwarded_headers
+        self.xfp_line = f"X-Forwarded-Proto: {vs.protocol.value}\r\n".encode()
+        t = vs.timeouts
+        self.t_head = t.head
+        self.t_idle = t.idle
+        self.t_connect = t.connect
+        self.t_first_byte = t.first_byte
+        lim = vs.limits
+        self.max_header_bytes = lim.max_header_bytes
+        self.max_headers = lim.max_headers
+        self.max_body = lim.max_body
+        self.max_connections = lim.max_connections
+        self.redirect_status = vs.redirect_status
+        self.redirect_to = vs.redirect_to
+
+
+class PoolFactory:
+    """Builds Targets, reusing the Pool of an unchanged spec and the ConnPool of each address."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, old_pools: dict[tuple[str, str], Pool],
+                 conn_pools: dict[tuple[str, int], ConnPool],
+                 target_counters: dict[tuple[str, str], TargetCounters],
+                 make_monitor: Callable[[Balancer, HealthCheck, str], HealthMonitor]) -> None:
+        self.loop = loop
+        self.old_pools = old_pools
+        self.conn_pools = conn_pools
+        self.target_counters = target_counters
+        self.make_monitor = make_monitor
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.new_pools: list[Pool] = []
+        self.addresses: dict[tuple[str, int], float] = {}
+
+    def target(self, vs: VirtualService, subvs_name: str, servers: tuple[RealServer, ...],
+               scheduler: Scheduler, check: HealthCheck, na: NotAvailable) -> Target:
+        key = (vs.name, subvs_name)
+        counters = self.target_counters.get(key)
+        if counters is None:
+            counters = self.target_counters[key] = TargetCounters()
+        name = subvs_name or "-"
+        if not servers:
+            return Target(name, None, {}, na, counters)
+        spec = PoolSpec(servers, scheduler, check)
+        pool = self.pools.get(key)
+        if pool is None:
+            old = self.old_pools.get(key)
+            if old is not None and old.spec == spec:
+                pool = old
+            else:
+                label = f"SubVS {subvs_name} of VS {vs.name}" if subvs_name else f"VS {vs.name}"
+                balancer = Balancer(servers, scheduler,
+                                    old.balancer if old is not None else None)
+                pool = Pool(key, label, spec, balancer, None)
+                pool.monitor = self.make_monitor(balancer, check, label)
+                self.new_pools.append(pool)
+            self.pools[key] = pool
+        conns: dict[Backend, ConnPool] = {}
+        idle = vs.timeouts.upstream_idle
+        for b in pool.balancer.backends:
+            addr = (b.address.host, b.address.port)
+            cp = self.conn_pools.get(addr)
+            if cp is None:
+                cp = self.conn_pools[addr] = ConnPool(self.loop, addr[0], addr[1], idle)
+            conns[b] = cp
+            self.addresses[addr] = min(idle, self.addresses.get(addr, idle))
+        return Target(name, pool, conns, na, counters)
+
+
+def build_service(vs: VirtualService, rules: dict[str, ContentRule],
+                  injections: tuple[Injection, ...], factory: PoolFactory, counters: Counters,
+                  log: bool, port: int) -> Service:
+    svc = Service(vs, counters, log, port)
+    if vs.kind is VSKind.REDIRECT:
+        svc.mode = M_REDIRECT
+    elif vs.real_servers:
+        svc.mode = M_DIRECT
+        svc.direct = factory.target(vs, "", vs.real_servers, vs.scheduler, vs.health_check,
+                                    vs.not_available)
+    elif vs.subvs:
+        targets = {s.name: factory.target(vs, s.name, s.real_servers, s.scheduler,
+                                          s.health_check, s.not_available) for s in vs.subvs}
+        if vs.content_switching:
+            svc.mode = M_SWITCH
+            router = compile_router(vs, rules)
+            svc.router = router
+            svc.targets = tuple(targets[n] for n in router.subvs_names)
+        else:
+            svc.mode = M_ORDERED
+            svc.targets = tuple(targets[s.name] for s in vs.subvs)
+    else:
+        # No real servers and no SubVSs: every request gets the VS's "not available" answer.
+        svc.mode = M_DIRECT
+        svc.direct = factory.target(vs, "", (), vs.scheduler, vs.health_check,
+                                    vs.not_available)
+    # Injected SubVSs that `Runtime.effective_vs` could not fold in (a redirect VS, a VS with its
+    # own real servers) are still answered first: ACME HTTP-01 challenges usually arrive on the
+    # port-80 redirect VS.
+    mine = tuple(i for i in injections if i.vs == vs.name)
+    folded = {s.name for s in vs.subvs}
+    extra = tuple(i for i in mine if i.subvs.name not in folded)
+    if extra:
+        pre_vs = dataclasses.replace(
+            vs, kind=VSKind.PROXY, real_servers=(), subvs=tuple(i.subvs for i in extra),
+            precedence=tuple(i.rule.name for i in extra), content_switching=True)
+        pre_rules = {i.rule.name: i.rule for i in extra}
+        router = compile_router(pre_vs, pre_rules)
+        pre_targets = {i.subvs.name: factory.target(
+            vs, i.subvs.name, i.subvs.real_servers, i.subvs.scheduler, i.subvs.health_check,
+            i.subvs.not_available) for i in extra}
+        svc.pre_router = router
+        svc.pre_targets = tuple(pre_targets[n] for n in router.subvs_names)
+    return svc
+
+
+class Listener:
+    """One listening address: its server, its live connections and its current Service."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[Any, ...], service: Service,
+                 counters: Counters) -> None:
+        self.loop = loop
+        self.key = key
+        self.service = service
+        self.name = service.name
+        self.protocol = service.vs.protocol
+        self.counters = counters
+        self.server: asyncio.Server | None = None
+        self.sockname: tuple[str, int] = ("", 0)
+        self.conns: set[ClientConnection] = set()
+        self.closing = False
+        self.drained = asyncio.Event()
+
+    def set_service(self, service: Service, counters: Counters) -> None:
+        self.service = service
+        self.name = service.name
+        self.counters = counters
+
+    def sweep(self, now: float) -> None:
+        """Fire the deadlines that have passed (called a few times per shortest timeout)."""
+        late = [c for c in self.conns if c.deadline <= now]
+        for c in late:
+            if c.deadline <= now and not c.closed:
+                c.on_timeout(now)
+
+    def stop_accepting(self) -> None:
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.conns):
+            c.shutdown()
+        if not self.conns:
+            self.drained.set()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, let requests in flight finish until `deadline`, then abort the rest."""
+        self.stop_accepting()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.drained.wait()
+        except TimeoutError:
+            left = list(self.conns)
+            if left:
+                logger.warning("VS %s: %d connections still open at the drain deadline; closing",
+                               self.name, len(left))
+            for c in left:
+                c.transport.abort()

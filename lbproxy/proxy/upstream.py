@@ -1,0 +1,418 @@
+"""The real-server side of the relay: one protocol per upstream connection and the keep-alive pools.
+
+An `UpstreamConnection` parses responses with httptools and writes them straight into the client
+transport of the exchange it serves (one coalesced write per read). A `ConnPool` per real-server
+address keeps idle keep-alive connections in a LIFO list (the most recently used is the warmest and
+the least likely to have been closed by the server); expired ones are closed by `sweep()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from . import http as h
+from .http import CRLF, Request
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+
+logger = logging.getLogger(__name__)
+
+# Write-buffer water marks (bytes) for both sides of the relay: above HIGH the peer stops reading,
+# below LOW it resumes. 256 KiB covers a few socket buffers so loopback stays saturated while a
+# stalled peer costs at most that much memory per direction.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+# An idle pool bigger than this closes the extra connections instead of keeping them: bounds the
+# file descriptors one real server can hold while idle (wrk-style load uses far fewer).
+MAX_IDLE_PER_SERVER = 512
+
+
+class _HeadDone(Exception):
+    """Raised from on_headers_complete to stop the parser after a response to HEAD.
+
+    httptools cannot be told that a response to HEAD has no body (llhttp's skip-body return value
+    is not exposed), so the parser is stopped and replaced instead.
+    """
+
+
+class ConnPool:
+    """Idle keep-alive connections to one real server (shared by every VS that uses it)."""
+
+    __slots__ = ("address", "connects", "host", "idle", "idle_timeout", "loop", "port", "retired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
+                 idle_timeout: float) -> None:
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.idle: list[UpstreamConnection] = []
+        self.idle_timeout = idle_timeout
+        self.connects = 0
+        self.retired = False
+
+    def acquire(self, now: float) -> UpstreamConnection | None:
+        idle = self.idle
+        limit = now - self.idle_timeout
+        while idle:
+            up = idle.pop()
+            if up.idle_since < limit or up.transport is None or up.transport.is_closing():
+                up.close()
+                continue
+            up.reused = True
+            return up
+        return None
+
+    def release(self, up: UpstreamConnection, now: float) -> None:
+        if self.retired or len(self.idle) >= MAX_IDLE_PER_SERVER:
+            up.close()
+            return
+        up.idle_since = now
+        self.idle.append(up)
+
+    def discard(self, up: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(up)
+        except ValueError:
+            pass
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than the idle timeout (oldest are first)."""
+        idle = self.idle
+        limit = now - self.idle_timeout
+        n = 0
+        while n < len(idle) and idle[n].idle_since < limit:
+            n += 1
+        if n:
+            expired, self.idle = idle[:n], idle[n:]
+            for up in expired:
+                up.close()
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for up in idle:
+            up.close()
+
+    def connect(self, client: ClientConnection, req: Request, timeout: float) -> None:
+        """Open a connection for `req`; calls back client.attach() or client.connect_failed()."""
+        self.connects += 1
+        task = self.loop.create_task(self._connect(self.loop.time() + timeout))
+
+        def done(t: asyncio.Task[UpstreamConnection]) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None:
+                client.connect_failed(req, f"connect to {self.address}: {_describe(exc)}")
+                return
+            up = t.result()
+            if client.closed or req.up is not None or req.backend is None:
+                # The client went away while we connected: keep the connection for the next one.
+                self.release(up, self.loop.time())
+                return
+            client.attach(req, up)
+
+        task.add_done_callback(done)
+
+    async def _connect(self, deadline: float) -> UpstreamConnection:
+        async with asyncio.timeout_at(deadline):
+            _, proto = await self.loop.create_connection(
+                lambda: UpstreamConnection(self), self.host, self.port)
+        return proto
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a real server, serving one exchange at a time."""
+
+    __slots__ = (
+        "chunked", "client", "close_delim", "cout", "ctransport", "head_done", "idle_since",
+        "interim", "out_chunked", "parser", "parts", "pool", "read_paused", "reason", "req",
+        "reused", "status", "transport", "tunnel", "upgrade_b")
+
+    def __init__(self, pool: ConnPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser: Any = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.ctransport: asyncio.Transport | None = None
+        self.req: Request | None = None
+        self.cout: list[bytes] = []
+        self.parts: list[bytes] = []
+        self.reason = b""
+        self.upgrade_b = b""
+        self.status = 0
+        self.idle_since = 0.0
+        self.chunked = False
+        self.out_chunked = False
+        self.close_delim = False
+        self.interim = False
+        self.head_done = False
+        self.reused = False
+        self.read_paused = False
+        self.tunnel = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            ct = self.ctransport
+            if ct is not None:
+                ct.write(data)
+                client = self.client
+                if client is not None:
+                    client.touch()
+            return
+        if self.req is None:
+            # Bytes on an idle connection: the server is confused; never reuse it.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._flush()
+            self._start_tunnel(data[e.args[0]:])
+            return
+        except httptools.HttpParserError as e:
+            if self.head_done:
+                self.head_done = False
+                self.parser = httptools.HttpResponseParser(self)
+                self._flush()
+                self._complete(True)
+                return
+            self._flush()
+            self._fail(f"bad response: {e}", parse_error=True)
+            return
+        if self.cout:
+            self._flush()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        client = self.client
+        if self.tunnel:
+            if client is not None:
+                client.tunnel_closed()
+            return
+        req = self.req
+        if req is None or client is None:
+            self.pool.discard(self)
+            return
+        if self.close_delim and req.resp_started and not self.head_done:
+            # The end of a response delimited by the end of the connection.
+            self._flush()
+            self._complete(False)
+            return
+        why = _describe(exc) if exc is not None else "closed by the real server"
+        self._flush()
+        self._fail(why, parse_error=False)
+
+    def pause_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.pause_for_upstream()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.resume_for_upstream()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.parts = []
+        self.reason = b""
+        self.chunked = False
+        self.close_delim = False
+        self.upgrade_b = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        code = h.SPECIAL.get(name.lower())
+        if code is None or code == h.H_HOST or code >= h.H_EXPECT:
+            self.parts += (name, b": ", value, CRLF)
+        elif code == h.H_TE:
+            if b"chunked" in value.lower():
+                self.chunked = True
+        elif code == h.H_UPGRADE:
+            self.upgrade_b = value
+        # Other hop-by-hop fields (Connection, Keep-Alive, ...) are dropped; fields named in a
+        # response's Connection header are rare enough to be passed on.
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        req = self.req
+        assert req is not None
+        self.status = status
+        if status < 200 and status != 101:
+            self.interim = True
+            # RFC 9110 §15.2: an HTTP/1.0 client gets no 1xx; our own 100 Continue went already.
+            if not req.v10 and not (status == 100 and req.sent_continue):
+                self.cout += (h.status_prefix(status), self.reason, CRLF, *self.parts, CRLF)
+            return
+        client = self.client
+        assert client is not None
+        client.first_byte(req)
+        head = self.parts
+        if status == 101:
+            head += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade_b, CRLF)
+        elif req.is_head or status == 204 or status == 304:
+            pass
+        elif self.chunked:
+            if req.v10:
+                req.keep_alive = False
+            else:
+                self.out_chunked = True
+                head.append(b"Transfer-Encoding: chunked\r\n")
+        elif not self.parser.should_keep_alive():
+            # No Content-Length, not chunked: the body ends when the connection does.
+            self.close_delim = True
+            req.keep_alive = False
+        if req.upgrade and status != 101:
+            req.keep_alive = False
+        if not req.keep_alive or client.closing:
+            req.keep_alive = False
+            head.append(b"Connection: close\r\n")
+        elif req.v10:
+            head.append(b"Connection: keep-alive\r\n")
+        self.cout += (h.status_prefix(status), self.reason, CRLF, *head, CRLF)
+        req.status = status
+        req.resp_started = True
+        if req.is_head:
+            self.head_done = True
+            raise _HeadDone
+
+    def on_body(self, data: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.resp_bytes += len(data)
+        if self.out_chunked:
+            self.cout += (b"%x\r\n" % len(data), data, CRLF)
+        else:
+            self.cout.append(data)
+        if len(self.cout) > 64:
+            self._flush()
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.status == 101:
+            return  # HttpParserUpgrade follows
+        if self.out_chunked:
+            self.cout.append(b"0\r\n\r\n")
+        self._flush()
+        self._complete(self.parser.should_keep_alive())
+
+    # -- relay --------------------------------------------------------------------------------
+
+    def start(self, client: ClientConnection, req: Request) -> None:
+        self.client = client
+        self.ctransport = client.transport
+        self.req = req
+        self.out_chunked = False
+        self.interim = False
+        self.head_done = False
+        self.status = 0
+        t = self.transport
+        assert t is not None
+        if client.write_paused and not self.read_paused:
+            self.read_paused = True
+            t.pause_reading()
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None:
+            t.write(data)
+
+    def _flush(self) -> None:
+        cout = self.cout
+        if cout:
+            self.cout = []
+            ct = self.ctransport
+            if ct is not None:
+                ct.write(b"".join(cout))
+
+    def _detach(self) -> tuple[ClientConnection | None, Request | None]:
+        client, req = self.client, self.req
+        self.client = None
+        self.ctransport = None
+        self.req = None
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return client, req
+
+    def _complete(self, keep_alive: bool) -> None:
+        client, req = self._detach()
+        if client is None or req is None:
+            return
+        # The connection can serve another request only if this request went out whole.
+        if keep_alive and req.complete and self.transport is not None:
+            self.reused = False
+            self.pool.release(self, client.loop.time())
+        else:
+            self.close()
+        client.response_done(req)
+
+    def _fail(self, why: str, *, parse_error: bool) -> None:
+        client, req = self._detach()
+        self.close()
+        if client is not None and req is not None:
+            client.upstream_failed(req, why, retry_ok=self.reused and not req.resp_started
+                                   and not parse_error and self.status == 0)
+
+    def _start_tunnel(self, rest: bytes) -> None:
+        client = self.client
+        req = self.req
+        if client is None or req is None:
+            self.close()
+            return
+        self.tunnel = True
+        if rest:
+            client.transport.write(rest)
+        client.start_tunnel(req, self)
+
+    def pause_reading(self) -> None:
+        t = self.transport
+        if t is not None and not self.read_paused:
+            self.read_paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if t is not None and self.read_paused:
+            self.read_paused = False
+            t.resume_reading()
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.close()
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.abort()

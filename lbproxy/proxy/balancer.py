@@ -14,9 +14,11 @@ rollbacks included, and don't keep picking from a balancer that has been superse
 
 from __future__ import annotations
 
+import array
 import hashlib
 import logging
 import math
+import zlib
 from collections.abc import Callable, Sequence
 
 from ..config.model import Address, RealServer, Scheduler
@@ -26,6 +28,14 @@ logger = logging.getLogger(__name__)
 _MASK64 = (1 << 64) - 1
 # 2**53: the top 53 bits of a 64-bit hash map exactly onto the mantissa of a float in (0, 1).
 _FLOAT_SCALE = float(1 << 53)
+# Hash slots per pool: 2**13 keeps each backend's share of a 16-server pool within a few percent
+# of its weight (slot counts are binomial) for a 64 KiB table per hash-scheduled pool.
+_SLOT_BITS = 13
+_SLOTS = 1 << _SLOT_BITS
+_SLOT_SHIFT = 32 - _SLOT_BITS
+# Knuth's multiplicative (Fibonacci) hashing: 2**32 / golden ratio spreads crc32's top bits.
+_FIBONACCI32 = 0x9E3779B1
+_SLOT_SALT = 0x5EED_5107
 
 
 def _hash64(data: str) -> int:
@@ -84,7 +94,7 @@ _Chooser = Callable[[str, str, Backend | None], Backend | None]
 class Balancer:
     """A pool of backends and the scheduler that picks among the available ones."""
 
-    __slots__ = ("_choose", "_rr", "backends", "scheduler")
+    __slots__ = ("_choose", "_rr", "_top", "backends", "scheduler")
 
     def __init__(self, servers: Sequence[RealServer], scheduler: Scheduler,
                  previous: Balancer | None = None) -> None:
@@ -103,6 +113,8 @@ class Balancer:
             backends.append(b)
         self.backends: tuple[Backend, ...] = tuple(backends)
         self._rr = 0  # rr's next index; where lc starts its scan, so that ties take turns
+        # The hash schedulers' per-slot top two backend indices, filled on first use (-1: not yet).
+        self._top: array.array[int] | None = None
         choosers: dict[Scheduler, _Chooser] = {
             Scheduler.ROUND_ROBIN: self._round_robin,
             Scheduler.WEIGHTED_ROUND_ROBIN: self._weighted_round_robin,
@@ -142,6 +154,12 @@ class Balancer:
             if b.enabled and b.healthy and b.weight > 0:
                 return True
         return False
+
+    def reweighed(self) -> None:
+        """Call after changing a live Backend's `weight` (not needed for enabled/healthy, nor for
+        weight 0, which always stops new requests): the hash schedulers rank by weight once per
+        slot and keep that ranking. The other schedulers read weights on every pick."""
+        self._top = None
 
     def find(self, address: Address) -> Backend | None:
         for b in self.backends:
@@ -224,26 +242,69 @@ class Balancer:
         chosen._cw -= total
         return chosen
 
-    def _rendezvous(self, key: int, exclude: Backend | None) -> Backend | None:
-        # Weighted rendezvous (highest random weight) hashing: each backend scores the key
-        # independently, the best score wins. A backend going down moves only the keys it held,
-        # spread over the others; coming back, it takes exactly those back. The score
-        # -weight / ln(u) with u uniform in (0, 1) gives each backend a share proportional to its
-        # weight (Schindelhauer & Schomaker, "Weighted distributed hash tables", 2005).
+    # Hashes: a key (client IP or URL path) falls into one of _SLOTS slots; each slot ranks all
+    # backends by weighted rendezvous (highest random weight) hashing and goes to the first
+    # available one. A backend going down moves only the slots it held, spread over the others
+    # by their second choice; coming back it takes exactly those back. The score
+    # -weight / ln(u), u uniform in (0, 1), gives each backend a share proportional to its weight
+    # (Schindelhauer & Schomaker, "Weighted distributed hash tables", 2005). Each slot's top two
+    # are computed on first use and kept, so a pick costs one crc32 and one or two lookups; the
+    # full ranking is only walked for a slot whose top two are both unavailable.
+
+    def _slot_score(self, slot_key: int, b: Backend) -> float:
+        u = ((_mix64(slot_key ^ b._seed) >> 11) + 0.5) / _FLOAT_SCALE
+        return -b.weight / math.log(u)
+
+    def _hashed(self, key: str, exclude: Backend | None) -> Backend | None:
+        backends = self.backends
+        if not backends:
+            return None
+        h = zlib.crc32(key.encode("utf-8", "surrogatepass"))
+        slot = ((h * _FIBONACCI32) & 0xFFFFFFFF) >> _SLOT_SHIFT
+        top = self._top
+        if top is None:
+            top = self._top = array.array("i", [-1]) * (2 * _SLOTS)
+        i = top[2 * slot]
+        if i < 0:
+            self._rank_slot(slot, top)
+            i = top[2 * slot]
+        b = backends[i]
+        if b.enabled and b.healthy and b.weight > 0 and b is not exclude:
+            return b
+        i = top[2 * slot + 1]
+        if i >= 0:
+            b = backends[i]
+            if b.enabled and b.healthy and b.weight > 0 and b is not exclude:
+                return b
+        return self._walk_slot(slot, exclude)
+
+    def _rank_slot(self, slot: int, top: array.array[int]) -> None:
+        slot_key = _mix64(slot + _SLOT_SALT)
+        first, second = -1, -1
+        s1 = s2 = -1.0
+        for i, b in enumerate(self.backends):
+            score = self._slot_score(slot_key, b)
+            if score > s1:
+                first, second, s1, s2 = i, first, score, s1
+            elif score > s2:
+                second, s2 = i, score
+        top[2 * slot] = first
+        top[2 * slot + 1] = second
+
+    def _walk_slot(self, slot: int, exclude: Backend | None) -> Backend | None:
+        slot_key = _mix64(slot + _SLOT_SALT)
         best = None
         best_score = 0.0
         for b in self.backends:
             if b.enabled and b.healthy and b.weight > 0 and b is not exclude:
-                u = ((_mix64(key ^ b._seed) >> 11) + 0.5) / _FLOAT_SCALE
-                score = -b.weight / math.log(u)
+                score = self._slot_score(slot_key, b)
                 if best is None or score > best_score:
-                    best = b
-                    best_score = score
+                    best, best_score = b, score
         return best
 
     def _source_hash(self, src_ip: str, url: str, exclude: Backend | None) -> Backend | None:
-        return self._rendezvous(_hash64(src_ip), exclude)
+        return self._hashed(src_ip, exclude)
 
     def _url_hash(self, src_ip: str, url: str, exclude: Backend | None) -> Backend | None:
         q = url.find("?")
-        return self._rendezvous(_hash64(url if q < 0 else url[:q]), exclude)
+        return self._hashed(url if q < 0 else url[:q], exclude)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 # An HTTP status line is short ("HTTP/1.1 200 OK\r\n"); a server that sends more than this before
 # the first CRLF is not speaking HTTP. Bounds what one probe buffers.
 _MAX_STATUS_LINE = 1024
+# What may go into the request line and Host header: visible ASCII, no spaces (RFC 9112 3.2).
+_TOKEN_SAFE = re.compile(r"[!-~]+")
 
 Probe = Callable[[Address, HealthCheck], Awaitable[str | None]]
 """Probes one server once: None when healthy, else the reason it is not. Must honour the timeout."""
@@ -97,8 +100,11 @@ async def probe_http(address: Address, check: HealthCheck) -> str | None:
     Only the status line is read; the connection is closed right after (`Connection: close`).
     """
     host = check.host or str(address)
+    if not _TOKEN_SAFE.fullmatch(check.path) or not _TOKEN_SAFE.fullmatch(host):
+        # Config validation should stop these; never put them on the wire (request splitting).
+        return f"health check path or host is not printable ASCII: {check.path!r} {host!r}"
     request = (f"GET {check.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbproxy-health\r\n"
-               f"Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
+               f"Accept: */*\r\nConnection: close\r\n\r\n").encode("ascii")
     writer = None
     try:
         async with asyncio.timeout(check.timeout):

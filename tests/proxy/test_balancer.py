@@ -179,6 +179,28 @@ def test_hash_moves_only_the_down_servers_share(scheduler: Scheduler) -> None:
     assert len(Counter(during[k] for k in moved)) == 4
     bal.backends[2].enabled = True
     assert assignment() == before
+    # Two down at once (keys whose first and second choices are both gone): still only theirs.
+    bal.backends[0].healthy = bal.backends[3].healthy = False
+    during = assignment()
+    assert {k for k in keys if before[k] != during[k]} == {
+        k for k in keys if before[k] in ("10.0.0.1", "10.0.0.4")}
+    assert set(during.values()) == {"10.0.0.2", "10.0.0.3", "10.0.0.5"}
+
+
+def test_hash_follows_a_weight_changed_at_run_time() -> None:
+    bal = Balancer(servers(1, 1), Scheduler.URL_HASH)
+    urls = [f"/u/{i}" for i in range(3000)]
+    assert 1300 <= Counter(host(bal.pick("", u)) for u in urls)["10.0.0.1"] <= 1700
+    bal.backends[0].weight = 3
+    bal.reweighed()
+    assert 2100 <= Counter(host(bal.pick("", u)) for u in urls)["10.0.0.1"] <= 2400
+
+
+def test_url_hash_takes_any_string() -> None:
+    bal = Balancer(servers(1, 1), Scheduler.URL_HASH)
+    for url in ("/caf\u00e9", "/\udcc3\udca9", "", "?only=query", "/\x00"):
+        b = bal.pick("", url)
+        assert b is not None and b is bal.pick("", url)
 
 
 def test_hash_is_the_same_in_every_process() -> None:

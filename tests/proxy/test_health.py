@@ -353,3 +353,14 @@ async def test_http_probe_against_a_closed_port() -> None:
     got = await probe_http(Address("127.0.0.1", closed_port()),
                            HealthCheck(HealthCheckType.HTTP, timeout=WAIT))
     assert got is not None and got.startswith("HTTP check failed: ConnectionRefusedError")
+
+
+@pytest.mark.parametrize(("path", "host"), [("/a b", ""), ("/x\r\nEvil: 1", ""), ("/caf\u00e9", ""),
+                                            ("/", "a\r\nb")])
+async def test_http_probe_refuses_to_send_a_malformed_request(path: str, host: str) -> None:
+    server = ScriptedHTTP([])
+    async with tcp_server(server) as port:
+        got = await probe_http(Address("127.0.0.1", port),
+                               HealthCheck(HealthCheckType.HTTP, path=path, host=host))
+    assert got is not None and "not printable ASCII" in got
+    assert server.heads == []

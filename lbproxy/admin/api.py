@@ -135,14 +135,19 @@ def cert_view(store: CertStore, cert_id: str) -> dict[str, Any]:
 
 
 def _health_of(stats: dict[str, Any], vs: str, subvs: str | None) -> dict[str, Any]:
-    """Per real server entries from the data plane's stats, if it reports them:
-    stats["vs"][vs]["real_servers"] or stats["vs"][vs]["subvs"][subvs]["real_servers"], each a
-    mapping "host:port" -> {...,"healthy": bool}."""
-    node: Any = stats.get("vs", {}).get(vs, {})
+    """Real server entries by "host:port" from the data plane's stats (`DataPlane.stats()`:
+    {vs: {"real_servers": [...], "subvs": {name: {"real_servers": [...]}}}}, each server a dict
+    with "address" and "healthy"). Missing pieces give an empty mapping."""
+    node: Any = stats.get(vs)
     if subvs is not None:
-        node = node.get("subvs", {}).get(subvs, {}) if isinstance(node, dict) else {}
-    servers = node.get("real_servers", {}) if isinstance(node, dict) else {}
-    return servers if isinstance(servers, dict) else {}
+        node = node.get("subvs", {}).get(subvs) if isinstance(node, dict) else None
+    servers = node.get("real_servers") if isinstance(node, dict) else None
+    if isinstance(servers, dict):
+        return servers
+    if isinstance(servers, list):
+        return {str(s["address"]): s for s in servers
+                if isinstance(s, dict) and "address" in s}
+    return {}
 
 
 def vs_view(vs: VirtualService, *, injected_rules: set[str], tls: TLSContexts,

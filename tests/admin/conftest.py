@@ -49,8 +49,10 @@ listen = "127.0.0.1:18080"
 real_servers = [ { address = "127.0.0.1:19001" } ]
 """
 
-STATS: dict[str, Any] = {"vs": {"shop": {"subvs": {"web": {"real_servers": {
-    "127.0.0.1:19002": {"healthy": True}, "127.0.0.1:19003": {"healthy": False}}}}}}}
+# The shape of DataPlane.stats(), cut down to what the views read.
+STATS: dict[str, Any] = {"shop": {"subvs": {"web": {"real_servers": [
+    {"address": "127.0.0.1:19002", "healthy": True},
+    {"address": "127.0.0.1:19003", "healthy": False}]}}}}
 
 
 @dataclass

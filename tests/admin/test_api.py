@@ -176,7 +176,8 @@ async def test_vs_views_show_rules_in_precedence_with_injections(admin: Admin) -
     assert body["tls"]["certificates"] == ["base"]
     web = next(s for s in body["subvs"] if s["name"] == "web")
     assert [(r["address"], r["health"]) for r in web["real_servers"]] == [
-        ("127.0.0.1:19002", {"healthy": True}), ("127.0.0.1:19003", {"healthy": False})]
+        ("127.0.0.1:19002", {"address": "127.0.0.1:19002", "healthy": True}),
+        ("127.0.0.1:19003", {"address": "127.0.0.1:19003", "healthy": False})]
     status, body = await admin.call("GET", "/api/vs")
     assert [v["name"] for v in body["virtual_services"]] == ["shop", "plain"]
     assert "tls" not in body["virtual_services"][1]

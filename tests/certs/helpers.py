@@ -95,8 +95,9 @@ async def handshake(port: int, server_name: str | None,
 
 
 async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  host: str) -> bytes:
-    writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                  host: str, path: str = "/") -> bytes:
+    """One keep-alive request; returns b"<status line>\\n<body>"."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
     length = 0
     for line in head.split(b"\r\n"):

@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 _MASK64 = (1 << 64) - 1
 # 2**53: the top 53 bits of a 64-bit hash map exactly onto the mantissa of a float in (0, 1).
 _FLOAT_SCALE = float(1 << 53)
-# Hash slots per pool: 2**13 keeps each backend's share of a 16-server pool within a few percent
-# of its weight (slot counts are binomial) for a 64 KiB table per hash-scheduled pool.
+# Hash slots per pool: slot counts are binomial, so with 2**13 slots a server of a 16-server pool
+# gets its weight's share with a standard deviation of 4% (2% with 4 servers), for a 64 KiB table
+# per hash-scheduled pool.
 _SLOT_BITS = 13
 _SLOTS = 1 << _SLOT_BITS
 _SLOT_SHIFT = 32 - _SLOT_BITS
@@ -40,7 +41,7 @@ _SLOT_SALT = 0x5EED_5107
 
 def _hash64(data: str) -> int:
     """A 64-bit hash that is the same in every process and host (unlike `hash()`, which is salted
-    per process), so that N workers and N hosts send one client or one URL to the same server."""
+    per process), so that N workers and N hosts rank servers alike (crc32 for keys, likewise)."""
     return int.from_bytes(hashlib.blake2b(data.encode(), digest_size=8).digest(), "little")
 
 

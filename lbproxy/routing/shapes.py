@@ -1,0 +1,119 @@
+r"""What a content rule's regex promises about its subject: literal text it starts or ends with.
+
+The router uses this to avoid running regexes: a regex that is nothing but anchored literal text
+(`^/api`, `\.png$`, `^www\.example\.com$`) becomes a plain prefix, suffix or exact lookup, and
+any other regex anchored on literal text (`^/api/v\d+/`, `^example\.com(:\d+)?/<token>$`) is
+only run when a request's subject carries that literal. The analysis reads the parse tree of the
+`re` module (`re._parser`, CPython's own parser, so it agrees with what `re` will match); when that
+is unavailable or the pattern is anything unusual, the answer is `FREE` (always run the regex),
+which is slower but never wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Shape(Enum):
+    EXACT = "exact"            # the subject equals the literal (pure: no regex needed)
+    PREFIX = "prefix"          # the subject starts with the literal (pure)
+    SUFFIX = "suffix"          # the subject ends with the literal (pure)
+    HAS_PREFIX = "has-prefix"  # the regex can only match if the subject starts with the literal
+    HAS_SUFFIX = "has-suffix"  # the regex can only match if the subject ends with the literal
+    FREE = "free"              # no literal to go by: always run the regex
+
+
+@dataclass(frozen=True, slots=True)
+class RegexShape:
+    shape: Shape
+    # The literal (lowercased when `folded`); "" for FREE.
+    literal: str = ""
+    # The regex ignores case: compare the lowercased subject with `literal`. Only exact for ASCII
+    # subjects (re's case folding knows pairs like "s"/"\u017f" that str.lower does not).
+    folded: bool = False
+    # The end anchor is `$` (not `\Z`): it also matches just before one final newline.
+    newline_end: bool = False
+
+
+FREE = RegexShape(Shape.FREE)
+
+
+def _load_parser() -> tuple[Any, Any] | None:
+    try:
+        return importlib.import_module("re._parser"), importlib.import_module("re._constants")
+    except ImportError:  # not CPython >= 3.11: every regex is FREE (correct, slower)
+        return None
+
+
+_SRE = _load_parser()
+
+
+def analyze(pattern: str, flags: int = 0) -> RegexShape:
+    """The shape of `pattern` compiled with `flags`; FREE whenever in doubt."""
+    if _SRE is None:
+        return FREE
+    parser, c = _SRE
+    try:
+        parsed = parser.parse(pattern, flags)
+        items = list(parsed)
+        eff = int(parsed.state.flags)
+    except Exception:  # the pattern compiled, so this is the private parser changing: stay safe
+        logger.debug("cannot analyze %r; it will always be run", pattern, exc_info=True)
+        return FREE
+    folded = bool(eff & re.IGNORECASE)
+    multiline = bool(eff & re.MULTILINE)
+    starts = {c.AT_BEGINNING_STRING} | (set() if multiline else {c.AT_BEGINNING})
+    ends = {c.AT_END_STRING} | (set() if multiline else {c.AT_END})
+
+    def literal_char(item: tuple[Any, Any]) -> str | None:
+        op, av = item
+        if op is not c.LITERAL:
+            return None
+        ch = chr(av)
+        # With IGNORECASE only ASCII folds the way str.lower does (the caller checks the subject).
+        if folded and not ch.isascii():
+            return None
+        return ch.lower() if folded else ch
+
+    start_anchored = bool(items) and items[0][0] is c.AT and items[0][1] in starts
+    end_item = items[-1] if items else None
+    end_anchored = end_item is not None and end_item[0] is c.AT and end_item[1] in ends
+    newline_end = end_anchored and end_item is not None and end_item[1] is c.AT_END
+    body = items[(1 if start_anchored else 0): (len(items) - 1 if end_anchored else len(items))]
+
+    head: list[str] = []
+    for item in body:
+        ch = literal_char(item)
+        if ch is None:
+            break
+        head.append(ch)
+    pure = len(head) == len(body)
+    text = "".join(head)
+    if start_anchored and pure:
+        if end_anchored:
+            return RegexShape(Shape.EXACT, text, folded, newline_end)
+        return RegexShape(Shape.PREFIX, text, folded)
+    if end_anchored and pure:
+        return RegexShape(Shape.SUFFIX, text, folded, newline_end)
+
+    tail: list[str] = []
+    for item in reversed(body):
+        ch = literal_char(item)
+        if ch is None:
+            break
+        tail.append(ch)
+    prefix = text if start_anchored else ""
+    suffix = "".join(reversed(tail)) if end_anchored else ""
+    if not prefix and not suffix:
+        return FREE
+    # The longer literal is the more selective filter (`^example\.com(:\d+)?/<token>$`: the token).
+    if len(suffix) > len(prefix):
+        return RegexShape(Shape.HAS_SUFFIX, suffix, folded, newline_end)
+    return RegexShape(Shape.HAS_PREFIX, prefix, folded)

@@ -46,6 +46,7 @@ T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _MISSING = object()
+_VISIBLE_ASCII_RE = re.compile(r"^[\x21-\x7e]*$")
 _DEFAULT_TLS = TLSSettings()
 _DEFAULT_REDIRECT = "https://{host}{path}"
 
@@ -212,6 +213,9 @@ def _health_check(r: _Reader, default: HealthCheck) -> HealthCheck:
     )
     if hc.type is HealthCheckType.HTTP and not hc.path.startswith("/"):
         t.error(f"must start with '/', got {hc.path!r}", "path")
+    for key, value in (("path", hc.path), ("host", hc.host)):
+        if not _VISIBLE_ASCII_RE.match(value):
+            t.error(f"{value!r} must be visible ASCII with no spaces", key)
     t.finish()
     return hc
 

@@ -276,3 +276,24 @@ def test_cli_issues_into_a_directory_and_reuses_the_account(
         [*cmd[:-4], "--country", "Germany"], capture_output=True, text=True, env=env, check=False
     )
     assert bad.returncode == 1 and "country" in bad.stderr
+
+
+async def test_issue_one_call_with_subject_fields(
+    pebble: PebbleInstance, responder: StandaloneHttp01Responder, tmp_path: Path
+) -> None:
+    from acmeclient import CsrSubject, issue, load_private_key
+
+    result = await issue(
+        pebble.directory_url,
+        ["one-call.example.com"],
+        responder,
+        ca_bundle=pebble.ca_bundle,
+        contact=["mailto:ops@example.com"],
+        cert_key_type=KeyType.RSA_3072,
+        subject=CsrSubject(country="NL", organization="Example BV"),
+    )
+    assert result.account_url.startswith("https://127.0.0.1:")
+    key = load_private_key(result.key_pem)
+    leaf = split_pem_chain(result.chain_pem)[0]
+    assert leaf.public_key() == key.public_key()
+    verify_chain(result.chain_pem, pebble.root_pem(0), ["one-call.example.com"], tmp_path)

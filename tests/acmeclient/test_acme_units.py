@@ -393,3 +393,30 @@ def test_b64url() -> None:
     assert b64url(b"\xfb\xff") == "-_8"
     assert b64url_decode("-_8") == b"\xfb\xff"
     assert base64.urlsafe_b64decode("-_8=") == b"\xfb\xff"
+
+
+def test_new_order_payload() -> None:
+    from datetime import UTC, datetime
+
+    from acmeclient.messages import Identifier, NewOrder
+
+    body = NewOrder(
+        (Identifier("a.example"), Identifier("b.example")),
+        not_before=datetime(2025, 1, 1, tzinfo=UTC),
+        not_after=datetime(2025, 1, 7, 12, tzinfo=UTC),
+        profile="shortlived",
+        replaces="aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE",
+    ).to_json()
+    assert body == {
+        "identifiers": [
+            {"type": "dns", "value": "a.example"},
+            {"type": "dns", "value": "b.example"},
+        ],
+        "notBefore": "2025-01-01T00:00:00Z",
+        "notAfter": "2025-01-07T12:00:00Z",
+        "profile": "shortlived",
+        "replaces": "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE",
+    }
+    assert NewOrder((Identifier("a.example"),)).to_json() == {
+        "identifiers": [{"type": "dns", "value": "a.example"}]
+    }

@@ -297,3 +297,24 @@ async def test_issue_one_call_with_subject_fields(
     leaf = split_pem_chain(result.chain_pem)[0]
     assert leaf.public_key() == key.public_key()
     verify_chain(result.chain_pem, pebble.root_pem(0), ["one-call.example.com"], tmp_path)
+
+
+async def test_new_order_with_validity_window(pebble: PebbleInstance) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from acmeclient.messages import parse_time
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with client_for(pebble) as c:
+        await c.new_account(terms_of_service_agreed=True)
+        res = await c.new_order(
+            ["window.example.com", "www.window.example.com"],
+            not_before=now,
+            not_after=now + timedelta(days=3),
+        )
+    assert res.order.not_before is not None and res.order.not_after is not None
+    assert parse_time(res.order.not_before) == now
+    assert parse_time(res.order.not_after) == now + timedelta(days=3)
+    assert {i.value for i in res.order.identifiers} == {"window.example.com",
+                                                         "www.window.example.com"}  # fmt: skip
+    assert len(res.order.authorizations) == 2

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections import deque
 from math import inf
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -95,7 +95,8 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         listener = self.listener
         svc = listener.service
@@ -448,6 +449,9 @@ class ClientConnection(asyncio.Protocol):
         url = req.url.decode("latin-1") if target.needs_url else ""
         backend = bal.pick(self.src_ip, url, exclude)
         if backend is None:
+            if exclude is not None:  # a retry found no other server: the failure stands
+                self._local(req, ERRORS[502], close=not req.complete)
+                return
             target.counters.not_available += 1
             self._local(req, target.na)
             return

@@ -582,6 +582,12 @@ class LEManager:
         if wait:
             await asyncio.shield(task)
             if self.store.get(cert_id) is None:
+                # A request answered with its failure is not kept (nothing to retry for the
+                # operator who saw the error); config-declared certificates keep retrying.
+                if source == "api":
+                    self.entries.pop(cert_id, None)
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.dir / "certs" / f"{cert_id}.json").unlink()
                 raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
                               subcode=entry.last_subcode)
         return self.view(cert_id)

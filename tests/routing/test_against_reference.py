@@ -2,45 +2,76 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbproxy.config.model import ContentRule, MatchOn, MatchType
+from lbproxy.config.model import ContentRule, MatchOn, MatchType, VirtualService
 from lbproxy.routing import compile_router
 
 from .reference import FakeRequest, make_vs, reference_route
 
-# A small alphabet makes prefixes, suffixes and keys collide often; the odd characters probe case
-# folding ("\u017f" long s and "\u212a" Kelvin sign fold to ASCII under re.IGNORECASE only; "\u0130"
-# lowercases to two characters) and `$` before a final newline.
-CHARS = "aAbB/.:-\n\u017f\u212a\u0130\u00e9"
+# A small alphabet makes prefixes, suffixes and keys collide often. The odd characters probe case
+# folding: "\u017f" (long s) and "\u212a" (Kelvin sign) fold to "s" and "k" under re.IGNORECASE but
+# not under str.lower, "\u0130" lowercases to two characters; "\n" probes `$`.
+CHARS = "aAbsk/.:\n\u017f\u212a\u0130\u00e9"
 text = st.text(alphabet=CHARS, max_size=6)
 
-ATOMS = ["a", "A", "b", "/", r"\.", ".", "a?", "[ab]", "b+", r"\d", "(a|b)", "(?:/b)", "\u017f",
-         "\u212a", "\n", ":", r"\w", "[^a]"]
+# Regex building blocks, each with a string it matches (to aim requests at rules).
+ATOMS = {"a": "a", "A": "A", "b": "b", "s": "s", "k": "K", "/": "/", r"\.": ".", ".": "x",
+         "a?": "a", "[ab]": "b", "b+": "bb", r"\d": "1", "(a|b)": "a", "(?:/b)": "/b",
+         "\u017f": "\u017f", "\u212a": "k", "\n": "\n", ":": ":", r"\w": "w", "[^a]": "b"}
+ATOM_LIST = list(ATOMS)
+ATOM_RE = re.compile("|".join(re.escape(a) for a in sorted(ATOMS, key=len, reverse=True)))
+FLAGS = ["", "(?i)", "(?m)", "(?s)", "", ""]
+STARTS = ["", "^", r"\A"]
+ENDS = ["", "$", r"\Z"]
+
+
 def regex_from(v: int) -> str:
-    """A valid regex decoded from one integer (one hypothesis draw; 0 decodes to the empty one)."""
-    v, flags = divmod(v, 6)
-    v, start = divmod(v, 3)
-    v, end = divmod(v, 3)
+    """A valid regex decoded from one integer (one hypothesis draw; 0 decodes to "")."""
+    v, flags = divmod(v, len(FLAGS))
+    v, start = divmod(v, len(STARTS))
+    v, end = divmod(v, len(ENDS))
     v, count = divmod(v, 5)
     atoms = []
     for _ in range(count):
-        v, atom = divmod(v, len(ATOMS))
-        atoms.append(ATOMS[atom])
-    return (["", "(?i)", "(?m)", "(?s)", "", ""][flags] + ["", "^", r"\A"][start]
-            + "".join(atoms) + ["", "$", r"\Z"][end])
+        v, atom = divmod(v, len(ATOM_LIST))
+        atoms.append(ATOM_LIST[atom])
+    return FLAGS[flags] + STARTS[start] + "".join(atoms) + ENDS[end]
 
 
-regexes = st.integers(0, 6 * 3 * 3 * 5 * len(ATOMS) ** 4).map(regex_from)
+def sample_for(rule: ContentRule) -> str:
+    """A subject the rule's pattern matches (roughly: anchors and case aside)."""
+    if rule.match_type is not MatchType.REGEX:
+        return rule.pattern
+    p = rule.pattern
+    for f in FLAGS[1:4]:
+        p = p.removeprefix(f)
+    p = p.removeprefix("^").removeprefix(r"\A").removesuffix(r"\Z")
+    if p.endswith("$") and not p.endswith(r"\$"):
+        p = p[:-1]
+    return "".join(ATOMS[a] for a in ATOM_RE.findall(p))
 
 
+# Ways to bend a sample: exact, "$" before a final newline, case changes, extra text around it,
+# re-only case folds, a line break before it (multiline `^`), one character short.
+BENDS = [
+    lambda s: s, lambda s: s + "\n", str.upper, str.lower, lambda s: "x" + s, lambda s: s + "x",
+    lambda s: s.replace("s", "\u017f").replace("k", "\u212a").replace("K", "\u212a"),
+    lambda s: "x\n" + s, lambda s: s[:-1], lambda s: s.upper() + "\n",
+]
+
+regexes = st.integers(0, len(FLAGS) * len(STARTS) * len(ENDS) * 5 * len(ATOM_LIST) ** 4
+                      ).map(regex_from)
 ONS = [MatchOn.URL, MatchOn.URL, MatchOn.URL, MatchOn.HOST, MatchOn.METHOD, MatchOn.SRC_IP,
        MatchOn.HEADER, MatchOn.BODY]
-FLAGS = [0, 0, 0, 1, 2, 0, 1, 0]
-# One integer holds all of a rule's options (hypothesis draws are the cost of this test; an
-# integer still shrinks towards "no options").
-rule_bits = st.integers(0, (1 << 24) - 1)
+FLAG_NUMBERS = [0, 0, 0, 1, 2, 0, 1, 0]
+HOSTS = ["a.b", "a", "b.a", "[::1]", "x", "a.b:80", "[::1]:80", "a:", "x"]
+# One integer holds all of a rule's or a request's choices: hypothesis draws are what this test
+# spends its time on, and an integer still shrinks towards "nothing special".
+choices = st.integers(0, (1 << 24) - 1)
 
 
 def bits(value: int, start: int, width: int) -> int:
@@ -49,7 +80,7 @@ def bits(value: int, start: int, width: int) -> int:
 
 @st.composite
 def rules(draw: st.DrawFn, name: str) -> ContentRule:
-    v = draw(rule_bits)
+    v = draw(choices)
     match_type = list(MatchType)[bits(v, 0, 2) % 3]
     pattern = draw(regexes if match_type is MatchType.REGEX else text)
     on = ONS[bits(v, 2, 3)]
@@ -59,16 +90,14 @@ def rules(draw: st.DrawFn, name: str) -> ContentRule:
         header=["x-a", "X-A", "x-b", "x-a"][bits(v, 5, 2)] if on is MatchOn.HEADER else "",
         negate=bool(bits(v, 7, 1)), ignore_case=bool(bits(v, 8, 1)),
         include_host=url and bool(bits(v, 9, 1)), include_query=url and bool(bits(v, 10, 1)),
-        fail_on_match=bits(v, 11, 3) == 1, set_flag=FLAGS[bits(v, 14, 3)],
-        only_if_flag=FLAGS[bits(v, 17, 3)], only_if_not_flag=FLAGS[bits(v, 20, 3)])
-
-
-HOSTS = ["a.b", "a", "b.a", "[::1]", "x", "a.b:80", "[::1]:80", "a:", "x"]
+        fail_on_match=bits(v, 11, 3) == 1, set_flag=FLAG_NUMBERS[bits(v, 14, 3)],
+        only_if_flag=FLAG_NUMBERS[bits(v, 17, 3)],
+        only_if_not_flag=FLAG_NUMBERS[bits(v, 20, 3)])
 
 
 @st.composite
-def requests(draw: st.DrawFn) -> FakeRequest:
-    v = draw(rule_bits)
+def random_requests(draw: st.DrawFn) -> FakeRequest:
+    v = draw(choices)
     body = draw(text).encode() if bits(v, 0, 1) else draw(st.binary(max_size=4))
     headers = {}
     if bits(v, 1, 1):
@@ -83,11 +112,27 @@ def requests(draw: st.DrawFn) -> FakeRequest:
         body=body, headers=headers)
 
 
-owners = st.sampled_from(["s0", "s1", "s2"])
+def aimed_request(rule: ContentRule, v: int) -> FakeRequest:
+    """A request whose subject for `rule` is a bent sample of the rule's pattern."""
+    s = BENDS[v % len(BENDS)](sample_for(rule))
+    if rule.on is MatchOn.URL:
+        return FakeRequest(path=s, host="" if rule.include_host else "a.b")
+    if rule.on is MatchOn.HOST:
+        return FakeRequest(host=s.lower())
+    if rule.on is MatchOn.METHOD:
+        return FakeRequest(method=s)
+    if rule.on is MatchOn.SRC_IP:
+        return FakeRequest(src_ip=s)
+    if rule.on is MatchOn.HEADER:
+        return FakeRequest(headers={rule.header.lower(): s})
+    return FakeRequest(body=s.encode())
+
+
+Scenario = tuple[VirtualService, dict[str, ContentRule], list[FakeRequest]]
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[object, dict[str, ContentRule], list[FakeRequest]]:
+def scenarios(draw: st.DrawFn) -> Scenario:
     count = draw(st.integers(0, 24))
     defined = {f"r{i}": draw(rules(f"r{i}")) for i in range(count)}
     names = list(defined)
@@ -95,19 +140,35 @@ def scenarios(draw: st.DrawFn) -> tuple[object, dict[str, ContentRule], list[Fak
         names.insert(draw(st.integers(0, len(names))), "default")
     subvs: dict[str, list[str]] = {"s0": [], "s1": [], "s2": []}
     for rn in names:
-        subvs[draw(owners)].append(rn)
+        subvs[["s0", "s1", "s2"][draw(st.integers(0, 2))]].append(rn)
     precedence = tuple(draw(st.permutations(names))) if draw(st.booleans()) else ()
     vs = make_vs(subvs, precedence)
-    return vs, defined, draw(st.lists(requests(), min_size=1, max_size=12))
+    reqs = draw(st.lists(random_requests(), min_size=1, max_size=4))
+    if defined:
+        rule_list = list(defined.values())
+        for v in draw(st.lists(choices, max_size=12)):
+            reqs.append(aimed_request(rule_list[v % len(rule_list)], v // len(rule_list)))
+    return vs, defined, reqs
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
-def test_router_agrees_with_reference(
-        scenario: tuple[object, dict[str, ContentRule], list[FakeRequest]]) -> None:
+def test_router_agrees_with_reference(scenario: Scenario) -> None:
     vs, defined, reqs = scenario
-    router = compile_router(vs, defined)  # type: ignore[arg-type]
+    router = compile_router(vs, defined)
     for req in reqs:
-        want = reference_route(vs, defined, req)  # type: ignore[arg-type]
+        want = reference_route(vs, defined, req)
         assert router.route_with_rule(req) == want, req
         assert router.route(req) == want[0]
+
+
+def test_samples_hit_their_rules() -> None:
+    """The aimed requests really reach the rules they aim at (else the test above is weak)."""
+    assert regex_from(0) == ""
+    hits = 0
+    for v in range(2000):
+        r = ContentRule("r", MatchType.REGEX, regex_from(v * 7919))
+        vs = make_vs({"s": ["r"]})
+        if reference_route(vs, {"r": r}, aimed_request(r, 0))[0] == 0:
+            hits += 1
+    assert hits > 1500

@@ -4,6 +4,7 @@ contexts, data plane, Let's Encrypt manager and admin API, wired as the composit
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import ssl
 import time
@@ -17,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from cryptography import x509
 
-from lbproxy.admin import AdminServer, create_app, load_or_create_token, start_admin
+from lbproxy.admin import AdminServer, create_app, le_cli, load_or_create_token, start_admin
 from lbproxy.certs import CertStore, config_usage
 from lbproxy.certs.manager import ClientFactory, LEManager, default_client_factory
 from lbproxy.config import parse_config
@@ -171,3 +172,70 @@ async def http_get(host: str, port: int, name: str, path: str) -> tuple[int, byt
 
 def monotonic_deadline(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+def config(pebble: PebbleInstance, upstream: int, https_port: int, admin_port: int = 0) -> str:
+    p = pebble.http_port
+    return f"""
+state_dir = "state"
+[admin]
+listen = "127.0.0.1:{admin_port or 1}"
+[access_log]
+enabled = false
+[letsencrypt]
+directory_url = "{pebble.directory_url}"
+ca_bundle = "{pebble.ca_bundle}"
+renew_period_days = 30
+
+[[vs]]
+name = "web"
+listen = "127.0.0.1:{p}"
+  [[vs.subvs]]
+  name = "app"
+  rules = ["default"]
+  health_check = {{ type = "none" }}
+  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
+
+[[vs]]
+name = "web2"
+listen = "127.0.0.2:{p}"
+  [[vs.subvs]]
+  name = "rest"
+  rules = ["default"]
+  not_available = {{ status = 404, body = "nothing here" }}
+
+[[vs]]
+name = "secure"
+listen = "127.0.0.1:{https_port}"
+protocol = "https"
+tls = {{ certificates = ["site", "boot"], default_certificate = "boot" }}
+  [[vs.subvs]]
+  name = "app"
+  rules = ["default"]
+  health_check = {{ type = "none" }}
+  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
+
+[[vs]]
+name = "redir"
+listen = "127.0.0.3:{p}"
+kind = "redirect"
+redirect_to = "https://{{hostname}}:{https_port}{{path}}"
+
+[[vs]]
+name = "secure3"
+listen = "127.0.0.3:{https_port}"
+protocol = "https"
+tls = {{ certificates = ["rcert", "boot"], default_certificate = "boot" }}
+  [[vs.subvs]]
+  name = "app"
+  rules = ["default"]
+  health_check = {{ type = "none" }}
+  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
+"""
+
+
+async def cli(node: Node, *argv: str) -> tuple[int, str]:
+    """Run `lbproxy ARGV` (le_cli.main) in a thread: it is synchronous urllib."""
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(le_cli.main, [*argv, *node.cli_args()], out=out, err=err)
+    return code, out.getvalue() + err.getvalue()

@@ -6,112 +6,16 @@ load with zero failures, a restart with no new order, backup/restore onto a seco
 from __future__ import annotations
 
 import asyncio
-import io
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-import trustme
-
-from lbproxy.admin import le_cli
 from lbproxy.runtime import Runtime
-from tests.e2e.le_node import Node, add_a_record, http_get, https_get, start_upstream, trust
-from tests.support.pebble import PebbleInstance, free_port, pebble_or_skip, start_pebble
+from tests.e2e.le_node import Node, cli, config, http_get, https_get, trust
+from tests.support.pebble import PebbleInstance, free_port
 
 LOAD_SECONDS = 30.0  # upper bound of the HTTPS load loop around a renewal
 LOAD_MAX_REQUESTS = 5000
-
-
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
-    pebble_or_skip()
-    with start_pebble(tmp_path_factory.mktemp("pebble")) as p:
-        add_a_record(p, "shop.le.test", "127.0.0.2")
-        add_a_record(p, "r.le.test", "127.0.0.3")
-        yield p
-
-
-def config(pebble: PebbleInstance, upstream: int, https_port: int, admin_port: int = 0) -> str:
-    p = pebble.http_port
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:{admin_port or 1}"
-[access_log]
-enabled = false
-[letsencrypt]
-directory_url = "{pebble.directory_url}"
-ca_bundle = "{pebble.ca_bundle}"
-renew_period_days = 30
-
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{p}"
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
-
-[[vs]]
-name = "web2"
-listen = "127.0.0.2:{p}"
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-  not_available = {{ status = 404, body = "nothing here" }}
-
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{https_port}"
-protocol = "https"
-tls = {{ certificates = ["site", "boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
-
-[[vs]]
-name = "redir"
-listen = "127.0.0.3:{p}"
-kind = "redirect"
-redirect_to = "https://{{hostname}}:{https_port}{{path}}"
-
-[[vs]]
-name = "secure3"
-listen = "127.0.0.3:{https_port}"
-protocol = "https"
-tls = {{ certificates = ["rcert", "boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
-"""
-
-
-async def cli(node: Node, *argv: str) -> tuple[int, str]:
-    """Run `lbproxy ARGV` (le_cli.main) in a thread: it is synchronous urllib."""
-    out, err = io.StringIO(), io.StringIO()
-    code = await asyncio.to_thread(le_cli.main, [*argv, *node.cli_args()], out=out, err=err)
-    return code, out.getvalue() + err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def boot() -> tuple[bytes, bytes]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("boot.invalid")
-    return (b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes())
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[int]:
-    runner, port = await start_upstream("hello from the real server")
-    yield port
-    await runner.cleanup()
 
 
 async def test_certificate_story(pebble: PebbleInstance, tmp_path: Path, upstream: int,

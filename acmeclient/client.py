@@ -123,7 +123,8 @@ class IssuedCertificate:
 class _Shell:
     """Per-order bookkeeping of the asyncio shell around OrderMachine."""
 
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # events for the machine; a non-ACME exception (a bug, a broken responder) ends the order
+    events: asyncio.Queue[Event | Exception] = field(default_factory=asyncio.Queue)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -341,6 +342,9 @@ class AcmeClient:
                 event = await self._execute(cmd, responder)
             except AcmeError as exc:
                 event = CommandFailed(exc)
+            except Exception as exc:  # handed to the driver, which re-raises it
+                shell.events.put_nowait(exc)
+                return
             shell.events.put_nowait(event)
 
         async def stop_tasks() -> None:
@@ -375,6 +379,8 @@ class AcmeClient:
                 except TimeoutError:
                     cmds = machine.handle_timer(loop.time())
                     continue
+                if isinstance(event, Exception):
+                    raise event
                 cmds = machine.handle(event, loop.time())
         finally:
             await stop_tasks()

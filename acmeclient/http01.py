@@ -21,7 +21,8 @@ class Http01Responder(Protocol):
         """Start answering; must be serving when this returns."""
 
     async def cleanup(self, domain: str, token: str) -> None:
-        """Stop answering for this token."""
+        """Stop answering for this token. Idempotent: it is also called for a token whose
+        present() failed or was cancelled."""
 
 
 class StandaloneHttp01Responder:

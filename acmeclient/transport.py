@@ -19,6 +19,7 @@ from urllib.parse import urljoin
 import aiohttp
 
 from acmeclient.errors import (
+    AcmeError,
     AcmeTimeoutError,
     BadNonceError,
     MalformedResponseError,
@@ -169,7 +170,7 @@ class Transport:
             raise self._problem(response, method, url)
         return response
 
-    def _problem(self, response: Response, method: str, url: str) -> Exception:
+    def _problem(self, response: Response, method: str, url: str) -> AcmeError:
         problem: Problem | None = None
         if response.content_type in ("application/problem+json", "application/json"):
             try:
@@ -198,8 +199,8 @@ class Transport:
         return self._nonces.popleft()
 
     async def post(self, url: str, sign: Signer, *, needs_nonce: bool = True) -> Response:
-        """POST a JWS, fetching a fresh nonce for each try; badNonce is retried with backoff-free
-        immediacy (the error answer carries a new nonce) up to the configured count."""
+        """POST a JWS with a fresh nonce per try; badNonce is retried at once (its answer carries
+        a new nonce, RFC 8555 §6.5) up to the configured count, then raised."""
         attempt = 0
         while True:
             nonce = await self._nonce() if needs_nonce else None

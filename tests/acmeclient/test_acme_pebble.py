@@ -318,3 +318,32 @@ async def test_new_order_with_validity_window(pebble: PebbleInstance) -> None:
     assert {i.value for i in res.order.identifiers} == {"window.example.com",
                                                          "www.window.example.com"}  # fmt: skip
     assert len(res.order.authorizations) == 2
+
+
+async def test_broken_responder_fails_the_order_at_once(pebble: PebbleInstance) -> None:
+    from acmeclient import PollPolicy
+    from acmeclient.errors import ResponderError
+
+    class Broken:
+        cleaned: list[str] = []
+
+        async def present(self, domain: str, token: str, key_authorization: str) -> None:
+            if domain.startswith("b"):
+                raise OSError("port 80 in use")
+
+        async def cleanup(self, domain: str, token: str) -> None:
+            self.cleaned.append(domain)
+
+    broken = Broken()
+    async with AcmeClient(
+        pebble.directory_url,
+        generate_key(),
+        ca_bundle=pebble.ca_bundle,
+        poll_policy=PollPolicy(order_timeout=10.0),
+    ) as c:
+        await c.new_account(terms_of_service_agreed=True)
+        with pytest.raises(ResponderError, match="port 80 in use"):
+            await c.obtain_certificate(["a.broken.example", "b.broken.example"], generate_key(),
+                                       broken)  # fmt: skip
+    # everything asked to be presented is cleaned up, even the one whose present() failed
+    assert sorted(broken.cleaned) == ["a.broken.example", "b.broken.example"]

@@ -149,9 +149,12 @@ async def test_profile_renewal_info_and_replaces(client: AcmeClient) -> None:
         # the server's own check of the profile name, bypassing the client's local check:
         directory = await client.directory()
         bad = {"identifiers": [{"type": "dns", "value": "a2c.example.com"}], "profile": "nope"}
-        with pytest.raises(InvalidProfileError) as info:
+        with pytest.raises(InvalidProfileError) as rejected:
             await client._post(directory.new_order, bad)
-        assert info.value.status in (400, 403) and info.value.detail == "Invalid profile specified"
+        assert (
+            rejected.value.status in (400, 403)
+            and rejected.value.detail == "Invalid profile specified"
+        )
         chain = await client.obtain_certificate(
             ["a2c.example.com"], generate_key(), responder, profile="shortlived"
         )

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds per HTTP exchange; LE answers in well under 1 s
 DEFAULT_BAD_NONCE_RETRIES = 10  # Pebble rejects ~5 % (or as configured) of nonces, twice in a row
 NONCE_POOL_LIMIT = 128  # bounded: nonces are cheap to refetch, memory is not free
+CONNECTION_LIMIT = 64  # bounded fan-out to one CA; 20 concurrent orders fit with room
 JOSE_JSON = "application/jose+json"
 USER_AGENT = "acmeclient/0.1 (python asyncio)"
 

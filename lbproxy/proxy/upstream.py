@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from . import http as h
 from .http import CRLF, Request
 
 if TYPE_CHECKING:
@@ -133,13 +133,23 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+# The response head is forwarded as the server wrote it, minus the hop-by-hop fields (RFC 9110
+# §7.6.1). One case-insensitive scan finds them; the common "Connection: keep-alive" is cut first.
+_HOP_FIELD = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|proxy-authenticate)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
+# A response head larger than this is refused (502): bounds what one upstream read buffers.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a real server, serving one exchange at a time."""
 
     __slots__ = (
-        "chunked", "client", "close_delim", "cout", "ctransport", "head_done", "idle_since",
-        "interim", "out_chunked", "parser", "parts", "pool", "read_paused", "reason", "req",
-        "reused", "status", "transport", "tunnel", "upgrade_b")
+        "client", "close_delim", "cout", "ctransport", "hbuf", "head_done", "heads", "idle_since",
+        "interim", "out_chunked", "parser", "pool", "read_paused", "req", "reused", "status",
+        "transport", "tunnel", "want_head")
 
     def __init__(self, pool: ConnPool) -> None:
         self.pool = pool
@@ -149,12 +159,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.ctransport: asyncio.Transport | None = None
         self.req: Request | None = None
         self.cout: list[bytes] = []
-        self.parts: list[bytes] = []
-        self.reason = b""
-        self.upgrade_b = b""
+        self.heads: list[bytes] = []
+        self.hbuf = b""
         self.status = 0
         self.idle_since = 0.0
-        self.chunked = False
+        self.want_head = True
         self.out_chunked = False
         self.close_delim = False
         self.interim = False
@@ -184,6 +193,8 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the server is confused; never reuse it.
             self.close()
             return
+        if self.want_head and not self._collect_heads(data):
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -202,6 +213,26 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.cout:
             self._flush()
+
+    def _collect_heads(self, data: bytes) -> bool:
+        """Keep the raw bytes of the response heads that start in `data` (1xx ones included)."""
+        buf = self.hbuf + data if self.hbuf else data
+        pos = 0
+        while True:
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0:
+                self.hbuf = buf[pos:]
+                if len(self.hbuf) > MAX_RESPONSE_HEAD:
+                    self._fail("response head too large", parse_error=True)
+                    return False
+                return True
+            head = buf[pos:end + 2]
+            self.heads.append(head)
+            pos = end + 4
+            if head[9:10] != b"1" or head[9:12] == b"101":
+                self.hbuf = b""
+                self.want_head = False
+                return True
 
     def eof_received(self) -> bool | None:
         return False
@@ -240,53 +271,51 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.parts = []
-        self.reason = b""
-        self.chunked = False
-        self.close_delim = False
-        self.upgrade_b = b""
-
-    def on_status(self, status: bytes) -> None:
-        self.reason = status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        code = h.SPECIAL.get(name.lower())
-        if code is None or code == h.H_HOST or code >= h.H_EXPECT:
-            self.parts += (name, b": ", value, CRLF)
-        elif code == h.H_TE:
-            if b"chunked" in value.lower():
-                self.chunked = True
-        elif code == h.H_UPGRADE:
-            self.upgrade_b = value
-        # Other hop-by-hop fields (Connection, Keep-Alive, ...) are dropped; fields named in a
-        # response's Connection header are rare enough to be passed on.
-
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         req = self.req
         assert req is not None
         self.status = status
+        heads = self.heads
+        head = heads.pop(0) if heads else b""
+        if not head:
+            raise httptools.HttpParserError("response head not found")
+        chunked = False
+        upgrade = b""
+        if head.startswith(b"HTTP/1.0"):
+            head = b"HTTP/1.1" + head[8:]
+        i = head.find(_KEEP_ALIVE_LINE)
+        if i >= 0:
+            head = head[:i] + head[i + 24:]  # keeps the CRLF ending the line before
+        if _HOP_FIELD.search(head) is not None:
+            for m in _HOP_FIELD.finditer(head):
+                name = m.group(1).lower()
+                if name == b"transfer-encoding":
+                    if b"chunked" in m.group(2).lower():
+                        chunked = True
+                elif name == b"upgrade":
+                    upgrade = m.group(2)
+            head = _HOP_FIELD.sub(b"", head)
         if status < 200 and status != 101:
             self.interim = True
             # RFC 9110 §15.2: an HTTP/1.0 client gets no 1xx; our own 100 Continue went already.
             if not req.v10 and not (status == 100 and req.sent_continue):
-                self.cout += (h.status_prefix(status), self.reason, CRLF, *self.parts, CRLF)
+                self.cout += (head, CRLF)
             return
         client = self.client
         assert client is not None
         client.first_byte(req)
-        head = self.parts
+        extra = b""
         if status == 101:
-            head += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade_b, CRLF)
+            extra = b"Connection: upgrade\r\nUpgrade: " + upgrade + CRLF
         elif req.is_head or status == 204 or status == 304:
             pass
-        elif self.chunked:
+        elif chunked:
             if req.v10:
                 req.keep_alive = False
             else:
                 self.out_chunked = True
-                head.append(b"Transfer-Encoding: chunked\r\n")
+                extra = b"Transfer-Encoding: chunked\r\n"
         elif not self.parser.should_keep_alive():
             # No Content-Length, not chunked: the body ends when the connection does.
             self.close_delim = True
@@ -295,10 +324,10 @@ class UpstreamConnection(asyncio.Protocol):
             req.keep_alive = False
         if not req.keep_alive or client.closing:
             req.keep_alive = False
-            head.append(b"Connection: close\r\n")
+            extra += b"Connection: close\r\n"
         elif req.v10:
-            head.append(b"Connection: keep-alive\r\n")
-        self.cout += (h.status_prefix(status), self.reason, CRLF, *head, CRLF)
+            extra += b"Connection: keep-alive\r\n"
+        self.cout += (head, extra, CRLF) if extra else (head, CRLF)
         req.status = status
         req.resp_started = True
         if req.is_head:
@@ -334,8 +363,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.ctransport = client.transport
         self.req = req
         self.out_chunked = False
+        self.close_delim = False
         self.interim = False
-        self.head_done = False
+        self.want_head = True
+        if self.heads or self.hbuf:
+            self.heads = []
+            self.hbuf = b""
         self.status = 0
         t = self.transport
         assert t is not None

@@ -288,7 +288,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Subcommands of the Let's Encrypt manager, parsed and run by lbproxy.admin.le_cli.
+_LE_GROUPS = ("le", "backup", "restore")
+
+
 def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    if (argv[:1] and argv[0] in _LE_GROUPS) or argv[:2] == ["vs", "convert"]:
+        from . import le_cli
+
+        return le_cli.main(argv, out=out, err=err)
     out = out or sys.stdout
     err = err or sys.stderr
     try:

@@ -122,3 +122,11 @@ async def test_unreachable_and_usage_errors(admin: Admin, tmp_path: Path) -> Non
     code = await asyncio.to_thread(main, ["status", "-c", str(tmp_path / "missing.toml")],
                                    out=out, err=err)
     assert code == 1 and "give --admin and --token-file" in err.getvalue()
+
+
+async def test_le_commands_are_handed_to_le_cli(admin: Admin) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(main, ["le", "list", "--admin", admin.url, "--token-file",
+                                          str(admin.token_file)], out=out, err=err)
+    # This admin app has no /api/le routes: le_cli got the command and reached the API.
+    assert code == 1 and "(404)" in err.getvalue()

@@ -127,7 +127,7 @@ class Transport:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=0),
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=CONNECTION_LIMIT),
                 headers={"User-Agent": self._user_agent},
             )
         return self._session

@@ -10,12 +10,16 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 from .accesslog import configure_access_log
+from .admin import AdminServer, create_app, load_or_create_token, start_admin
+from .certs import CertStore, config_usage
+from .certs.manager import LEManager
 from .config import load_file
 from .config.model import AccessLogSettings, Config
 from .errors import ConfigError, LBProxyError
+from .proxy import DataPlane
+from .proxy.tls import TLSContexts
 from .runtime import RuntimeStore
 
 logger = logging.getLogger(__name__)
@@ -49,26 +53,41 @@ class App:
         self._fp = _fingerprint(config_path)
         self._watch_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._closers: list[Any] = []
         self.reloads_ok = 0
         self._access_log = config.access_log
+        self._admin_settings = config.admin
         self.reloads_failed = 0
-        from .proxy import DataPlane
-
-        self.dataplane = DataPlane()
+        self.state_dir = Path(config.state_dir)
+        if not self.state_dir.is_absolute():
+            self.state_dir = config_path.parent / self.state_dir
+        self.store = CertStore(self.state_dir,
+                               usage=config_usage(lambda: self.runtime.current.config))
+        self.tls = TLSContexts(self.store, self.runtime.current.effective_services())
+        self.dataplane = DataPlane(tls_factory=self.tls.factory)
+        self.manager = LEManager(self.state_dir, self.runtime, self.store,
+                                 config_path=config_path)
+        self.admin: AdminServer | None = None
 
     @property
     def config(self) -> Config:
         return self.runtime.current.config
 
     async def start(self, *, watch: bool = True) -> None:
-        state = Path(self.config.state_dir)
-        if not state.is_absolute():
-            state = self.config_path.parent / state
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
         configure_access_log(self.config.access_log, self.config_path.parent)
+        # Certificates first, so https listeners open with their SNI contexts ready.
+        self.runtime.subscribe(self.tls.on_runtime)
         self.runtime.subscribe(self.dataplane.apply)
         await self.dataplane.apply(self.runtime.current)
+        # Never waits on the CA: renewals and declared certificates are scheduled, not awaited.
+        await self.manager.start()
+        if self.config.admin.enabled:
+            app = create_app(runtime=self.runtime, dataplane_stats=self.dataplane.stats,
+                             store=self.store, tls=self.tls,
+                             token=load_or_create_token(self.state_dir),
+                             extra_routes=[self.manager.register_routes])
+            self.admin = await start_admin(app, self.config.admin.listen)
+            logger.info("admin API on http://%s (token in %s)", self.config.admin.listen,
+                        self.state_dir / "admin.token")
         if watch:
             self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
         logger.info("lbproxy started: %d virtual services, generation %d",
@@ -95,6 +114,9 @@ class App:
                          self.config_path, e, self.runtime.current.generation)
             return False
         self.reloads_ok += 1
+        await self.manager.sync_config(cfg)
+        if cfg.admin != self._admin_settings:
+            logger.warning("admin settings changed; they take effect at the next restart")
         if cfg.access_log != self._access_log:
             configure_access_log(cfg.access_log, self.config_path.parent)
             self._access_log = cfg.access_log
@@ -124,8 +146,9 @@ class App:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
-        for close in reversed(self._closers):
-            await close()
+        if self.admin is not None:
+            await self.admin.close()
+        await self.manager.stop()
         await self.dataplane.shutdown(self.config.drain_timeout)
         configure_access_log(AccessLogSettings(enabled=False), self.config_path.parent)
         logger.info("lbproxy stopped")

@@ -56,11 +56,11 @@ def sample_for(rule: ContentRule) -> str:
 
 
 # Ways to bend a sample: exact, "$" before a final newline, case changes, extra text around it,
-# re-only case folds, a line break before it (multiline `^`), one character short.
+# re-only case folds, line breaks around it (multiline `^` and `$`), one character short.
 BENDS = [
     lambda s: s, lambda s: s + "\n", str.upper, str.lower, lambda s: "x" + s, lambda s: s + "x",
     lambda s: s.replace("s", "\u017f").replace("k", "\u212a").replace("K", "\u212a"),
-    lambda s: "x\n" + s, lambda s: s[:-1], lambda s: s.upper() + "\n",
+    lambda s: "x\n" + s, lambda s: s + "\nx", lambda s: s[:-1], lambda s: s.upper() + "\n",
 ]
 
 regexes = st.integers(0, len(FLAGS) * len(STARTS) * len(ENDS) * 5 * len(ATOM_LIST) ** 4
@@ -71,7 +71,7 @@ FLAG_NUMBERS = [0, 0, 0, 1, 2, 0, 1, 0]
 HOSTS = ["a.b", "a", "b.a", "[::1]", "x", "a.b:80", "[::1]:80", "a:", "x"]
 # One integer holds all of a rule's or a request's choices: hypothesis draws are what this test
 # spends its time on, and an integer still shrinks towards "nothing special".
-choices = st.integers(0, (1 << 24) - 1)
+choices = st.integers(0, (1 << 26) - 1)
 
 
 def bits(value: int, start: int, width: int) -> int:
@@ -88,7 +88,8 @@ def rules(draw: st.DrawFn, name: str) -> ContentRule:
     return ContentRule(
         name=name, match_type=match_type, pattern=pattern, on=on,
         header=["x-a", "X-A", "x-b", "x-a"][bits(v, 5, 2)] if on is MatchOn.HEADER else "",
-        negate=bool(bits(v, 7, 1)), ignore_case=bool(bits(v, 8, 1)),
+        # Rarely negated: a negated rule matches almost anything and would hide the rules after it.
+        negate=bits(v, 23, 3) == 1, ignore_case=bool(bits(v, 8, 1)),
         include_host=url and bool(bits(v, 9, 1)), include_query=url and bool(bits(v, 10, 1)),
         fail_on_match=bits(v, 11, 3) == 1, set_flag=FLAG_NUMBERS[bits(v, 14, 3)],
         only_if_flag=FLAG_NUMBERS[bits(v, 17, 3)],
@@ -144,10 +145,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     precedence = tuple(draw(st.permutations(names))) if draw(st.booleans()) else ()
     vs = make_vs(subvs, precedence)
     reqs = draw(st.lists(random_requests(), min_size=1, max_size=4))
-    if defined:
-        rule_list = list(defined.values())
-        for v in draw(st.lists(choices, max_size=12)):
-            reqs.append(aimed_request(rule_list[v % len(rule_list)], v // len(rule_list)))
+    # Aim two requests at every rule; their bends come from one draw (draws are the cost here).
+    v = draw(choices)
+    for i, rule in enumerate(defined.values()):
+        reqs.append(aimed_request(rule, v + i))
+        reqs.append(aimed_request(rule, 3 * v + 7 * i + 1))
     return vs, defined, reqs
 
 

@@ -326,8 +326,10 @@ async def test_broken_responder_fails_the_order_at_once(pebble: PebbleInstance) 
 
     class Broken:
         cleaned: list[str] = []
+        asked: list[str] = []
 
         async def present(self, domain: str, token: str, key_authorization: str) -> None:
+            self.asked.append(domain)
             if domain.startswith("b"):
                 raise OSError("port 80 in use")
 
@@ -346,4 +348,6 @@ async def test_broken_responder_fails_the_order_at_once(pebble: PebbleInstance) 
             await c.obtain_certificate(["a.broken.example", "b.broken.example"], generate_key(),
                                        broken)  # fmt: skip
     # everything asked to be presented is cleaned up, even the one whose present() failed
-    assert sorted(broken.cleaned) == ["a.broken.example", "b.broken.example"]
+    # (whether "a" was asked before "b" failed depends on which authorization came back first)
+    assert "b.broken.example" in broken.asked
+    assert set(broken.asked) <= set(broken.cleaned) <= {"a.broken.example", "b.broken.example"}

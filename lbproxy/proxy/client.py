@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from .service import Listener, Service, Target
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("lbproxy.access")
 
 # Why reading from the client is paused (a bit mask: reading resumes when all are clear).
 P_PIPELINE = 1  # requests are queued behind the one in flight
@@ -45,7 +44,6 @@ D_FIRST_BYTE = 3  # waiting for the response head -> 504
 D_TUNNEL = 4  # an idle WebSocket/Upgrade tunnel -> close
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_ACCESS_FMT = '%s %s %s %s "%s %s" %d %d %.3f'
 
 
 class _Reject(Exception):
@@ -55,7 +53,7 @@ class _Reject(Exception):
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
-        "hbytes", "head_bytes", "in_head", "ip_b", "listener", "loop", "nheaders", "out",
+        "head_bytes", "in_head", "ip_b", "listener", "loop", "out",
         "out_up", "parser", "paused", "pending_error", "queue", "raw", "reject", "req", "running",
         "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
 
@@ -84,8 +82,6 @@ class ClientConnection(asyncio.Protocol):
         self.raw: list[bytes] = []
         self.in_head = False
         self.head_bytes = 0
-        self.hbytes = 0
-        self.nheaders = 0
         self.reject = 0
         self.pending_error = 0
         self.running = False
@@ -186,14 +182,13 @@ class ClientConnection(asyncio.Protocol):
             self.reject = 0
             if status == 400:
                 logger.debug("bad request from %s: %s", self.src_ip, e)
-            self._flush_out()
             self.feeding = False
+            self._flush_out()
             self._bad(status)
             return
-        finally:
-            self.feeding = False
-            if self.out:
-                self._flush_out()
+        self.feeding = False
+        if self.out:
+            self._flush_out()
         if self.in_head:
             self.head_bytes += len(data)
             if self.head_bytes > self.listener.service.max_header_bytes:
@@ -254,30 +249,25 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        if req is not None:  # the URL arrived in pieces
+            req.url += url
+            return
+        # The first callback of a request (cheaper than a separate on_message_begin).
         now = self.loop.time()
         svc = self.listener.service
-        self.req = Request(svc, self.src_ip, now)
+        self.req = Request(svc, self.src_ip, now, url)
         self.in_head = True
-        self.nheaders = 0
-        self.hbytes = 0
         self.clen = b""
         self.conn_extra = None
         if self.cur is None:
             self.deadline = now + svc.t_head
             self.dkind = D_HEAD
 
-    def on_url(self, url: bytes) -> None:
-        req = self.req
-        assert req is not None
-        req.url = req.url + url if req.url else url
-
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
-        self.nheaders += 1
-        self.hbytes += len(name) + len(value) + 4
-        req.headers.append((name, value))
         code = h.SPECIAL.get(name.lower())
         if code is None:
             req.fwd += (name, b": ", value, CRLF)
@@ -292,11 +282,12 @@ class ClientConnection(asyncio.Protocol):
             if b"chunked" in value.lower():
                 req.chunked = True
         elif code == h.H_CONNECTION:
+            # Not None once a Connection field was seen; holds the field names it lists.
+            if self.conn_extra is None:
+                self.conn_extra = []
             for tok in value.lower().split(b","):
                 tok = tok.strip()
                 if tok and tok not in h.CONNECTION_KEYWORDS:
-                    if self.conn_extra is None:
-                        self.conn_extra = []
                     self.conn_extra.append(tok)
         elif code == h.H_UPGRADE:
             req.upgrade_b = value
@@ -322,22 +313,29 @@ class ClientConnection(asyncio.Protocol):
         p = self.parser
         self.in_head = False
         self.head_bytes = 0
-        req.keep_alive = p.should_keep_alive()
+        req.keep_alive = ka = p.should_keep_alive()
         req.method_b = m = p.get_method()
         req.is_head = m == b"HEAD"
-        if p.get_http_version() == "1.0":
-            req.v10 = True
-        req.upgrade = p.should_upgrade()
-        if self.nheaders > svc.max_headers or self.hbytes + len(req.url) > svc.max_header_bytes:
+        if not ka or self.conn_extra is not None or req.upgrade_b:
+            # Only then can it be HTTP/1.0 (which keeps alive only when asked) or an Upgrade.
+            req.v10 = p.get_http_version() == "1.0"
+            req.upgrade = p.should_upgrade()
+        fwd = req.fwd
+        fwd[0] = m
+        fwd[2] = req.url
+        if len(fwd) > svc.max_headers * 4 + 4 or sum(map(len, fwd)) > svc.max_header_bytes:
             self.reject = 431
             raise _Reject
         if m == b"CONNECT":
             self.reject = 405
             raise _Reject
-        if svc.max_body and self.clen and int(self.clen) > svc.max_body:
+        clen = self.clen
+        if (clen and clen != b"0") or req.chunked:
+            req.has_body = True
+        if svc.max_body and clen and int(clen) > svc.max_body:
             self.reject = 413
             raise _Reject
-        if self.conn_extra is not None:
+        if self.conn_extra:
             self._drop_connection_fields(req, self.conn_extra)
         if self.cur is None and not self.queue:
             self.cur = req
@@ -394,7 +392,6 @@ class ClientConnection(asyncio.Protocol):
         svc.counters.requests += 1
         pre = svc.pre_router
         if pre is not None:
-            req.prepare_routing()
             idx = pre.route(req)
             if idx >= 0:
                 self._serve(req, svc.pre_targets[idx], None)
@@ -425,7 +422,6 @@ class ClientConnection(asyncio.Protocol):
     def _route_now(self, req: Request) -> None:
         req.waiting_route = False
         svc: Service = req.svc  # type: ignore[assignment]
-        req.prepare_routing()
         router = svc.router
         if router.needs_body and req.chunks:
             body = b"".join(req.chunks)
@@ -440,7 +436,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _serve(self, req: Request, target: Target, exclude: Any) -> None:
         req.target = target
-        target.counters.requests += 1
         bal = target.balancer
         if bal is None:
             target.counters.not_available += 1
@@ -455,21 +450,27 @@ class ClientConnection(asyncio.Protocol):
             target.counters.not_available += 1
             self._local(req, target.na)
             return
-        req.backend = backend
-        req.server = backend
+        req.backend = req.server = backend
         if not req.head:
             req.head = self._build_head(req)
         pool = target.pools[backend]
         up = pool.acquire(req.t0)
         if up is not None:
-            self.attach(req, up)
+            if not req.has_body and not req.expect:
+                # The fast path: a pooled connection and a request without a body.
+                req.up = up
+                up.start(self, req)
+                up.transport.write(req.head)  # type: ignore[union-attr]
+                self.deadline = req.t0 + req.svc.t_first_byte  # type: ignore[attr-defined]
+                self.dkind = D_FIRST_BYTE
+            else:
+                self.attach(req, up)
         else:
             pool.connect(self, req, req.svc.t_connect)  # type: ignore[attr-defined]
 
     def _build_head(self, req: Request) -> bytes:
         svc: Service = req.svc  # type: ignore[assignment]
-        parts = [req.method_b, b" ", req.url, b" HTTP/1.1\r\n"]
-        parts += req.fwd
+        parts = req.fwd
         if svc.add_forwarded:
             if req.xff:
                 parts += (b"X-Forwarded-For: ", req.xff, b", ", self.ip_b, CRLF)
@@ -488,14 +489,11 @@ class ClientConnection(asyncio.Protocol):
     @staticmethod
     def _drop_connection_fields(req: Request, names: list[bytes]) -> None:
         drop = set(names)
-        fwd: list[bytes] = []
-        for name, value in req.headers:
-            ln = name.lower()
-            if ln in drop:
-                continue
-            code = h.SPECIAL.get(ln)
-            if code is None or code == h.H_HOST or code == h.H_CLEN:
-                fwd += (name, b": ", value, CRLF)
+        old = req.fwd
+        fwd = old[:4]
+        for i in range(4, len(old) - 3, 4):
+            if old[i].lower() not in drop:
+                fwd += old[i:i + 4]
         req.fwd = fwd
 
     def attach(self, req: Request, up: UpstreamConnection) -> None:
@@ -574,7 +572,6 @@ class ClientConnection(asyncio.Protocol):
         self._finish(req)
 
     def _redirect(self, req: Request, svc: Service) -> None:
-        req.prepare_routing()
         host = req.host_b.decode("latin-1")
         hostname, port = _split_host(host, svc.port)
         url = req.url.decode("latin-1")
@@ -643,7 +640,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish(self, req: Request) -> None:
         svc: Service = req.svc  # type: ignore[assignment]
-        if svc.log:
+        if svc.log is not None:
             _log_access(svc, req, self.loop.time())
         if req is self.cur:
             self.cur = None
@@ -720,7 +717,7 @@ class ClientConnection(asyncio.Protocol):
         resp = ERRORS[status]
         if req is None:
             svc = self.listener.service
-            req = Request(svc, self.src_ip, self.loop.time())
+            req = Request(svc, self.src_ip, self.loop.time(), b"-")
             req.method_b = b"-"
             svc.counters.requests += 1
         req.status = status
@@ -729,7 +726,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(resp.close_full)
             self.transport.close()
         svc2: Service = req.svc  # type: ignore[assignment]
-        if svc2.log:
+        if svc2.log is not None:
             _log_access(svc2, req, self.loop.time())
 
     # -- Upgrade tunnels ----------------------------------------------------------------------
@@ -738,7 +735,7 @@ class ClientConnection(asyncio.Protocol):
         self.first_byte(req)
         self._release(req, True)
         svc: Service = req.svc  # type: ignore[assignment]
-        if svc.log:
+        if svc.log is not None:
             _log_access(svc, req, self.loop.time())
         self.cur = None
         self.tunnel = up
@@ -775,11 +772,7 @@ def _split_host(host: str, default_port: int) -> tuple[str, str]:
 def _log_access(svc: Service, req: Request, now: float) -> None:
     target = req.target
     backend = req.server
-    rec = access_logger.makeRecord(
-        "lbproxy.access", logging.INFO, "", 0, _ACCESS_FMT,
-        (svc.name, target.name if target is not None else "-",  # type: ignore[attr-defined]
-         backend.address if backend is not None else "-",  # type: ignore[attr-defined]
-         req.src_ip, req.method_b.decode("latin-1"), req.url.decode("latin-1"),
-         req.status, req.resp_bytes, (now - req.t0) * 1000.0),
-        None)
-    access_logger.handle(rec)
+    svc.log.line(  # type: ignore[union-attr]
+        svc.name, target.name if target is not None else "-",  # type: ignore[attr-defined]
+        backend.address if backend is not None else "-",  # type: ignore[attr-defined]
+        req.src_ip, req.method_b, req.url, req.status, req.resp_bytes, req.t0, now)

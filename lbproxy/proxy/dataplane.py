@@ -14,8 +14,9 @@ from typing import Any
 
 from ..config.model import HealthCheck, Protocol, VirtualService
 from ..runtime import Runtime
+from .accesslog import AccessLog
 from .balancer import Balancer
-from .client import ClientConnection, access_logger
+from .client import ClientConnection
 from .errors import ListenError
 from .health import HealthMonitor
 from .service import Counters, Listener, Pool, PoolFactory, TargetCounters, build_service
@@ -59,6 +60,7 @@ class DataPlane:
         self._tick = _MAX_TICK
         self._runtime: Runtime | None = None
         self._stopped = False
+        self._access: AccessLog | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -101,6 +103,8 @@ class DataPlane:
             if self._sweeper is not None:
                 self._sweeper.cancel()
                 self._sweeper = None
+            if self._access is not None:
+                self._access.flush()
 
     def listening_ports(self) -> dict[str, tuple[str, int]]:
         return {lst.name: lst.sockname for lst in self._listeners.values()}
@@ -115,7 +119,7 @@ class DataPlane:
             if svc.direct is not None:
                 all_targets.append(svc.direct)
             for t in all_targets:
-                servers = []
+                servers: list[dict[str, Any]] = []
                 if t.balancer is not None:
                     for b in t.balancer.backends:
                         servers.append({
@@ -123,8 +127,9 @@ class DataPlane:
                             "healthy": b.healthy, "down_reason": b.down_reason,
                             "active": b.active, "requests": b.requests, "failures": b.failures,
                         })
+                # Requests sent to a real server are counted by the balancer (Backend.requests).
                 targets[t.name] = {
-                    "requests": t.counters.requests,
+                    "requests": t.counters.not_available + sum(s["requests"] for s in servers),
                     "not_available": t.counters.not_available,
                     "available": t.balancer.any_available() if t.balancer is not None else False,
                     "real_servers": servers,
@@ -157,7 +162,10 @@ class DataPlane:
     async def _apply(self, runtime: Runtime) -> None:
         loop = self._get_loop()
         cfg = runtime.config
-        log = cfg.access_log.enabled and access_logger.isEnabledFor(logging.INFO)
+        if self._access is None:
+            self._access = AccessLog(loop)
+        # Checked once per generation: a logger configured later takes effect on the next reload.
+        log = self._access if cfg.access_log.enabled and self._access.enabled() else None
         rules = runtime.rules()
         factory = PoolFactory(loop, self._pools, self._conn_pools, self._target_counters,
                               self._make_monitor)

@@ -104,32 +104,27 @@ ERRORS: dict[int, LocalResponse] = {
 class Request:
     """One request on a client connection: what was parsed, and the state of its exchange.
 
-    Satisfies routing's `RequestInfo`: method, path, query, host, src_ip, body, header(). The str
-    views are filled by `prepare_routing()` only when a router needs them.
+    Satisfies routing's `RequestInfo` (method, path, query, host, src_ip, body, header()); the str
+    views are properties decoded only when a router asks for them. `fwd` is the head forwarded
+    upstream, as pieces: [method, " ", url, " HTTP/1.1\\r\\n", name, ": ", value, "\\r\\n", ...].
     """
 
     __slots__ = (
         "_hmap", "attempts", "backend", "body", "body_bytes", "buffered", "chunked", "chunks",
-        "complete", "discard", "expect", "fwd", "head", "headers", "host", "host_b", "is_head",
-        "keep_alive", "method", "method_b", "path", "query", "resp_bytes", "resp_started",
-        "sent_continue", "server", "src_ip", "started", "status", "svc", "t0", "target", "up",
-        "upgrade", "upgrade_b", "url", "v10", "waiting_route", "xff", "xfp_in")
+        "complete", "discard", "expect", "fwd", "has_body", "head", "host_b", "is_head",
+        "keep_alive", "method_b", "resp_bytes", "resp_started", "sent_continue", "server",
+        "src_ip", "started", "status", "svc", "t0", "target", "up", "upgrade", "upgrade_b",
+        "url", "v10", "waiting_route", "xff")
 
-    def __init__(self, svc: object, src_ip: str, t0: float) -> None:
+    def __init__(self, svc: object, src_ip: str, t0: float, url: bytes) -> None:
         self.svc = svc
         self.src_ip = src_ip
         self.t0 = t0
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.fwd: list[bytes] = []
+        self.url = url
+        self.fwd: list[bytes] = [b"", b" ", b"", b" HTTP/1.1\r\n"]
         self.host_b = b""
-        self.host = ""
         self.xff = b""
-        self.xfp_in = b""
         self.method_b = b""
-        self.method = ""
-        self.path = ""
-        self.query = ""
         self.body = b""
         self.head = b""
         self.upgrade_b = b""
@@ -142,6 +137,7 @@ class Request:
         self.chunked = False
         self.complete = False
         self.discard = False
+        self.has_body = False
         self.expect = False
         self.is_head = False
         self.keep_alive = True
@@ -157,23 +153,40 @@ class Request:
         self.target: object = None
         self._hmap: dict[str, str] | None = None
 
-    def prepare_routing(self) -> None:
-        self.method = self.method_b.decode("latin-1")
-        url = self.url.decode("latin-1")
-        q = url.find("?")
-        if q < 0:
-            self.path, self.query = url, ""
-        else:
-            self.path, self.query = url[:q], url[q + 1:]
-        self.host = self.host_b.decode("latin-1").lower()
+    @property
+    def method(self) -> str:
+        return self.method_b.decode("latin-1")
+
+    @property
+    def path(self) -> str:
+        url = self.url
+        q = url.find(b"?")
+        return (url if q < 0 else url[:q]).decode("latin-1")
+
+    @property
+    def query(self) -> str:
+        url = self.url
+        q = url.find(b"?")
+        return "" if q < 0 else url[q + 1:].decode("latin-1")
+
+    @property
+    def host(self) -> str:
+        return self.host_b.decode("latin-1").lower()
 
     def header(self, name_lower: str) -> str:
+        """A request header as the client sent it (several joined with ", "; missing = "").
+
+        Hop-by-hop fields are not visible; X-Forwarded-For is (as the client sent it).
+        """
         m = self._hmap
         if m is None:
             m = {}
-            for k, v in self.headers:
-                lk = k.decode("latin-1").lower()
-                sv = v.decode("latin-1")
+            fwd = self.fwd
+            for i in range(4, len(fwd) - 3, 4):
+                lk = fwd[i].decode("latin-1").lower()
+                sv = fwd[i + 2].decode("latin-1")
                 m[lk] = f"{m[lk]}, {sv}" if lk in m else sv
+            if self.xff:
+                m["x-forwarded-for"] = self.xff.decode("latin-1")
             self._hmap = m
         return m.get(name_lower, "")

@@ -26,6 +26,7 @@ from ..config.model import (
 )
 from ..routing import Router, compile_router
 from ..runtime import Injection
+from .accesslog import AccessLog
 from .balancer import Backend, Balancer
 from .http import LocalResponse
 from .upstream import ConnPool
@@ -54,10 +55,11 @@ class Counters:
 
 
 class TargetCounters:
-    __slots__ = ("not_available", "requests")
+    """Requests a pool answered with its "not available" response (the balancer counts the rest)."""
+
+    __slots__ = ("not_available",)
 
     def __init__(self) -> None:
-        self.requests = 0
         self.not_available = 0
 
 
@@ -109,7 +111,8 @@ class Service:
         "pre_targets", "redirect_status", "redirect_to", "router", "t_connect", "t_first_byte",
         "t_head", "t_idle", "targets", "vs", "xfp_line")
 
-    def __init__(self, vs: VirtualService, counters: Counters, log: bool, port: int) -> None:
+    def __init__(self, vs: VirtualService, counters: Counters, log: AccessLog | None,
+                 port: int) -> None:
         self.vs = vs
         self.name = vs.name
         self.counters = counters
@@ -192,7 +195,7 @@ class PoolFactory:
 
 def build_service(vs: VirtualService, rules: dict[str, ContentRule],
                   injections: tuple[Injection, ...], factory: PoolFactory, counters: Counters,
-                  log: bool, port: int) -> Service:
+                  log: AccessLog | None, port: int) -> Service:
     svc = Service(vs, counters, log, port)
     if vs.kind is VSKind.REDIRECT:
         svc.mode = M_REDIRECT

@@ -339,7 +339,12 @@ class ClientConnection(asyncio.Protocol):
             self._drop_connection_fields(req, self.conn_extra)
         if self.cur is None and not self.queue:
             self.cur = req
-            self._start(req)
+            if svc.mode == M_DIRECT and svc.pre_router is None:
+                req.started = True
+                svc.counters.requests += 1
+                self._serve(req, svc.direct, None)  # type: ignore[arg-type]
+            else:
+                self._start(req)
         else:
             self.queue.append(req)
             self.pause(P_PIPELINE)
@@ -454,13 +459,23 @@ class ClientConnection(asyncio.Protocol):
         if not req.head:
             req.head = self._build_head(req)
         pool = target.pools[backend]
-        up = pool.acquire(req.t0)
+        idle = pool.idle
+        if idle and idle[-1].idle_since >= req.t0 - pool.idle_timeout:
+            up: UpstreamConnection | None = idle.pop()
+            up.reused = True  # type: ignore[union-attr]
+        else:
+            up = pool.acquire(req.t0)
         if up is not None:
-            if not req.has_body and not req.expect:
+            t = up.transport
+            if not req.has_body and not req.expect and t is not None and not self.write_paused:
                 # The fast path: a pooled connection and a request without a body.
                 req.up = up
-                up.start(self, req)
-                up.transport.write(req.head)  # type: ignore[union-attr]
+                up.client = self
+                up.ctransport = self.transport
+                up.req = req
+                up.want_head = True
+                up.status = 0
+                t.write(req.head)
                 self.deadline = req.t0 + req.svc.t_first_byte  # type: ignore[attr-defined]
                 self.dkind = D_FIRST_BYTE
             else:
@@ -587,8 +602,22 @@ class ClientConnection(asyncio.Protocol):
         self._local(req, resp)
 
     def response_done(self, req: Request) -> None:
-        self._release(req, True)
-        self._finish(req)
+        """The real server's answer went out whole (the per-request fast path, inlined)."""
+        backend = req.backend
+        if backend is not None:
+            req.backend = None
+            req.target.balancer.release(backend)  # type: ignore[attr-defined]
+        svc: Service = req.svc  # type: ignore[assignment]
+        if svc.log is not None:
+            _log_access(svc, req, self.loop.time())
+        if req is self.cur:
+            self.cur = None
+        if (self.paused or not req.keep_alive or self.closing or not req.complete or self.queue
+                or self.in_head):
+            self._finish_slow(req)
+            return
+        self.deadline = self.loop.time() + svc.t_idle
+        self.dkind = D_IDLE
 
     def upstream_failed(self, req: Request, why: str, retry_ok: bool) -> None:
         if req is not self.cur or self.closed:
@@ -644,6 +673,9 @@ class ClientConnection(asyncio.Protocol):
             _log_access(svc, req, self.loop.time())
         if req is self.cur:
             self.cur = None
+        self._finish_slow(req)
+
+    def _finish_slow(self, req: Request) -> None:
         if self.paused & P_UPSTREAM:
             self.resume(P_UPSTREAM)
         if not req.keep_alive or self.closing:

@@ -351,24 +351,42 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.status == 101:
             return  # HttpParserUpgrade follows
+        cout = self.cout
         if self.out_chunked:
-            self.cout.append(b"0\r\n\r\n")
-        self._flush()
-        self._complete(self.parser.should_keep_alive())
+            self.out_chunked = False
+            cout.append(b"0\r\n\r\n")
+        # The end of the exchange, inlined (the per-request fast path): write, detach, pool.
+        client = self.client
+        req = self.req
+        if client is None or req is None:
+            return
+        self.cout = []
+        client.transport.write(b"".join(cout) if len(cout) > 1 else cout[0])
+        self.client = None
+        self.ctransport = None
+        self.req = None
+        if self.read_paused:
+            self.resume_reading()
+        # The connection can serve another request only if this request went out whole.
+        if req.complete and self.parser.should_keep_alive() and self.transport is not None:
+            pool = self.pool
+            if pool.retired or len(pool.idle) >= MAX_IDLE_PER_SERVER:
+                self.close()
+            else:
+                self.idle_since = req.t0
+                pool.idle.append(self)
+        else:
+            self.close()
+        client.response_done(req)
 
     # -- relay --------------------------------------------------------------------------------
 
     def start(self, client: ClientConnection, req: Request) -> None:
+        # (ClientConnection._serve inlines this for its fast path: keep the two in step.)
         self.client = client
         self.ctransport = client.transport
         self.req = req
-        self.out_chunked = False
-        self.close_delim = False
-        self.interim = False
         self.want_head = True
-        if self.heads or self.hbuf:
-            self.heads = []
-            self.hbuf = b""
         self.status = 0
         t = self.transport
         assert t is not None
@@ -405,7 +423,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         # The connection can serve another request only if this request went out whole.
         if keep_alive and req.complete and self.transport is not None:
-            self.reused = False
             self.pool.release(self, client.loop.time())
         else:
             self.close()

@@ -1,0 +1,94 @@
+"""The regex shape analysis and the longest-prefix lookup the router is built from."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbproxy.routing import prefixes
+from lbproxy.routing.prefixes import prefix_lookup, trie_regex
+from lbproxy.routing.shapes import RegexShape, Shape, analyze
+
+ACME = r"^example\.com(:\d+)?/\.well-known/acme-challenge/abc_-1$"
+
+
+@pytest.mark.parametrize(("pattern", "flags", "shape"), [
+    (r"^/api", 0, RegexShape(Shape.PREFIX, "/api")),
+    (r"\A/api", 0, RegexShape(Shape.PREFIX, "/api")),
+    (r"\.png$", 0, RegexShape(Shape.SUFFIX, ".png", newline_end=True)),
+    (r"\.png\Z", 0, RegexShape(Shape.SUFFIX, ".png")),
+    (r"^www\.a\.com$", 0, RegexShape(Shape.EXACT, "www.a.com", newline_end=True)),
+    (r"^/api/v\d+/", 0, RegexShape(Shape.HAS_PREFIX, "/api/v")),
+    (r"^/ab?", 0, RegexShape(Shape.HAS_PREFIX, "/a")),
+    (r"/x/\d+\.json$", 0, RegexShape(Shape.HAS_SUFFIX, ".json", newline_end=True)),
+    (ACME, 0, RegexShape(Shape.HAS_SUFFIX, "/.well-known/acme-challenge/abc_-1",
+                         newline_end=True)),
+    (r"^/API", re.IGNORECASE, RegexShape(Shape.PREFIX, "/api", folded=True)),
+    (r"(?i)^/API", 0, RegexShape(Shape.PREFIX, "/api", folded=True)),
+    (r"(?i)^a\u017fb", 0, RegexShape(Shape.HAS_PREFIX, "a", folded=True)),  # long s: not ASCII
+    (r"^a\u017fb", 0, RegexShape(Shape.PREFIX, "a\u017fb")),
+    (r"(?m)^a", 0, RegexShape(Shape.FREE)),  # ^ after any newline
+    (r"(?m)a$", 0, RegexShape(Shape.FREE)),
+    (r"(?m)\Aa\Z", 0, RegexShape(Shape.EXACT, "a")),
+    (r"(?x) ^ a b \Z", 0, RegexShape(Shape.EXACT, "ab")),
+    (r"^a|^b", 0, RegexShape(Shape.FREE)),
+    (r"^ab|^ac", 0, RegexShape(Shape.HAS_PREFIX, "a")),  # re factors the common prefix out
+    (r"^(a)", 0, RegexShape(Shape.FREE)),
+    (r"^a*", 0, RegexShape(Shape.FREE)),
+    (r"/api", 0, RegexShape(Shape.FREE)),
+    (r"^", 0, RegexShape(Shape.PREFIX, "")),
+    (r"^$", 0, RegexShape(Shape.EXACT, "", newline_end=True)),
+])
+def test_analyze(pattern: str, flags: int, shape: RegexShape) -> None:
+    assert analyze(pattern, flags) == shape
+
+
+KEYS = st.sets(st.text(alphabet="ab/.", max_size=5), max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(KEYS, st.lists(st.text(alphabet="ab/.c", max_size=7), max_size=10))
+def test_prefix_lookup_finds_the_longest_key(keys: set[str], subjects: list[str]) -> None:
+    look = prefix_lookup({k: k for k in keys}, None)
+    for s in subjects:
+        want = max((k for k in keys if s.startswith(k)), key=len, default=None)
+        assert look(s) == want
+
+
+def test_trie_regex_shape() -> None:
+    assert trie_regex(["/api", "/api/v1", "/static"]) == r"/(?:api(?:/v1|)|static)"
+    assert re.fullmatch(trie_regex(["a", "ab", "abc"]), "abc")
+
+
+DEEP = {"a" * n + "b" for n in range(250)} | {"a" * n for n in range(1, 250)}
+
+
+def check_deep(look: object) -> None:
+    assert callable(look)
+    assert look("a" * 10 + "b" + "zz") == 11
+    assert look("a" * 300) == 249
+    assert look("zz") == -1
+
+
+def test_prefix_lookup_of_a_deep_trie() -> None:
+    # 250 nested groups (the pattern length limit): re copes today.
+    check_deep(prefix_lookup({k: len(k) for k in DEEP}, -1))
+
+
+def test_prefix_lookup_falls_back_when_re_gives_up(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(prefixes, "trie_regex", lambda keys: "(" * 300)  # re.error
+    check_deep(prefix_lookup({k: len(k) for k in DEEP}, -1))
+    assert "slower lookup" in caplog.text
+
+
+def test_small_sets_use_startswith(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(keys: object) -> str:
+        raise AssertionError("no regex for a handful of keys")
+
+    monkeypatch.setattr(prefixes, "trie_regex", boom)
+    look = prefix_lookup({"/a": 1, "/ab": 2}, 0)
+    assert (look("/abc"), look("/ax"), look("/b")) == (2, 1, 0)

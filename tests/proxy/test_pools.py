@@ -1,0 +1,154 @@
+"""Upstream connection pools, flow control against a stalled client, access log, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import tracemalloc
+
+import pytest
+
+from lbproxy.config.model import Timeouts
+from lbproxy.proxy import DataPlane
+
+from .conftest import Client, RawUpstream, Upstream, build, make_vs, read_head, serve
+
+T = 10
+
+
+async def test_stale_pooled_connection_is_retried(dataplane: DataPlane) -> None:
+    """A server that closes a kept-alive connection just as a request arrives costs no error."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        first = raw.connections == 1
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await read_head(r)
+        if first:
+            return  # closes without answering the second request
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await r.read()
+
+    async with RawUpstream(handler) as raw, asyncio.timeout(T):
+        ports = await serve(dataplane, make_vs(ports=(raw.port,)))
+        c = await Client.connect(ports["web"])
+        assert (await c.request()).body == b"ok"
+        r = await c.request()
+        assert r.status == 200 and r.body == b"ok"
+        assert raw.connections == 2
+        c.close()
+
+
+async def test_idle_upstream_connections_expire(dataplane: DataPlane, upstream: Upstream) -> None:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,),
+                                           timeouts=Timeouts(upstream_idle=0.1)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        assert (await c.request()).status == 200
+        pools = dataplane.stats()["upstream_pools"]
+        assert [p["idle"] for p in pools.values()] == [1]
+        for _ in range(200):  # the sweep runs every 25 ms here; no event tells when it did
+            if [p["idle"] for p in dataplane.stats()["upstream_pools"].values()] == [0]:
+                break
+            await asyncio.sleep(0.02)
+        assert [p["idle"] for p in dataplane.stats()["upstream_pools"].values()] == [0]
+        assert (await c.request()).status == 200
+        c.close()
+    assert len(upstream.peers) == 2
+
+
+async def test_stalled_client_pauses_the_real_server(dataplane: DataPlane,
+                                                     upstream: Upstream) -> None:
+    size = 64 * 1024 * 1024
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        async with asyncio.timeout(30):
+            c = await Client.connect(ports["web"])
+            await c.send(build(path=f"/big?n={size}&cl=1"))
+            await asyncio.sleep(0.5)  # read nothing: every buffer on the way fills up
+            held, _ = tracemalloc.get_traced_memory()
+            head = await read_head(c.r)
+            assert b"Content-Length: %d" % size in head
+            got = 0
+            while got < size:
+                got += len(await c.r.read(1 << 20))
+            assert got == size
+            c.close()
+    finally:
+        tracemalloc.stop()
+    # Socket buffers hold some of it; the proxy holds at most its high-water marks.
+    assert held < 8 * 1024 * 1024, held
+
+
+async def test_access_log_lines(dataplane: DataPlane, upstream: Upstream,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lbproxy.access")
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        for i in range(3):
+            assert (await c.request(path=f"/log{i}?q=1")).status == 200
+        assert (await c.request(path="/status/404")).status == 404
+        c.close()
+        for _ in range(100):
+            if sum(r.getMessage().count("\n") + 1
+                   for r in caplog.records if r.name == "lbproxy.access") >= 4:
+                break
+            await asyncio.sleep(0.01)
+    lines = [line for r in caplog.records if r.name == "lbproxy.access"
+             for line in r.getMessage().split("\n")]
+    assert len(lines) == 4
+    server = f"127.0.0.1:{upstream.port}"
+    for i in range(3):
+        parts = lines[i].split(" ")
+        assert parts[1:5] == ["web", "-", server, "127.0.0.1"]
+        assert parts[5:7] == ['"GET', f'/log{i}?q=1"']
+        assert parts[7] == "200" and int(parts[8]) > 0 and float(parts[9]) >= 0
+    assert lines[3].split(" ")[7] == "404"
+
+
+async def test_stats_are_json(dataplane: DataPlane, upstream: Upstream) -> None:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        assert (await c.request()).status == 200
+        stats = json.loads(json.dumps(dataplane.stats()))
+        web = stats["virtual_services"]["web"]
+        assert web["listen"] == f"127.0.0.1:{ports['web']}"
+        assert web["connections"]["active"] == 1
+        assert web["requests"] == 1
+        assert web["real_servers"][0]["requests"] == 1
+        assert web["real_servers"][0]["healthy"] is True
+        c.close()
+
+
+async def test_health_check_takes_a_dead_server_out(dataplane: DataPlane,
+                                                    upstream: Upstream) -> None:
+    import socket
+
+    from lbproxy.config.model import HealthCheck, HealthCheckType
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    check = HealthCheck(type=HealthCheckType.TCP, interval=0.05, timeout=0.5, rise=1, fall=1)
+    ports = await serve(dataplane, make_vs(ports=(dead, upstream.port), health_check=check))
+    async with asyncio.timeout(T):
+        for _ in range(200):  # until the first probe of the dead server has answered
+            servers = dataplane.stats()["virtual_services"]["web"]["real_servers"]
+            if not servers[0]["healthy"]:
+                break
+            await asyncio.sleep(0.02)
+        assert not servers[0]["healthy"]
+        c = await Client.connect(ports["web"])
+        for _ in range(6):
+            assert (await c.request()).json()["port"] == upstream.port
+        c.close()
+    servers = dataplane.stats()["virtual_services"]["web"]["real_servers"]
+    assert servers[0]["failures"] == 0 and servers[1]["requests"] == 6

@@ -329,6 +329,9 @@ class ClientConnection(asyncio.Protocol):
         if m == b"CONNECT":
             self.reject = 405
             raise _Reject
+        if not req.host_b and p.get_http_version() != "1.0":
+            self.reject = 400  # RFC 9112 §3.2: an HTTP/1.1 request without Host
+            raise _Reject
         clen = self.clen
         if (clen and clen != b"0") or req.chunked:
             req.has_body = True
@@ -494,6 +497,9 @@ class ClientConnection(asyncio.Protocol):
             parts.append(svc.xfp_line)
             if req.host_b:
                 parts += (b"X-Forwarded-Host: ", req.host_b, CRLF)
+        if not req.host_b:
+            # An HTTP/1.0 request without Host goes out as HTTP/1.1, which requires one.
+            parts.append(f"Host: {req.backend.address}\r\n".encode())  # type: ignore[attr-defined]
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         if req.upgrade:

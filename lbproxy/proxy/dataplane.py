@@ -170,7 +170,9 @@ class DataPlane:
         factory = PoolFactory(loop, self._pools, self._conn_pools, self._target_counters,
                               self._make_monitor)
         plan: dict[tuple[Any, ...], tuple[Listener | None, Any]] = {}
-        for vs in runtime.effective_services():
+        # The config's VSs, not `Runtime.effective_services()`: injections are served by a
+        # first-precedence router of their own (see service.build_service), for every kind of VS.
+        for vs in cfg.virtual_services:
             key = _listener_key(vs)
             counters = self._counters.get(vs.name) or Counters()
             old = self._listeners.get(key)

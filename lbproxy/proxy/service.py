@@ -219,12 +219,10 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
         svc.mode = M_DIRECT
         svc.direct = factory.target(vs, "", (), vs.scheduler, vs.health_check,
                                     vs.not_available)
-    # Injected SubVSs that `Runtime.effective_vs` could not fold in (a redirect VS, a VS with its
-    # own real servers) are still answered first: ACME HTTP-01 challenges usually arrive on the
-    # port-80 redirect VS.
-    mine = tuple(i for i in injections if i.vs == vs.name)
-    folded = {s.name for s in vs.subvs}
-    extra = tuple(i for i in mine if i.subvs.name not in folded)
+    # Injected SubVSs (ACME HTTP-01 challenges) are answered ahead of everything else, whatever the
+    # kind of VS: a redirect VS (where challenges usually arrive), a VS with real servers, a VS
+    # balancing over its SubVSs in order (which keeps doing so for every other request).
+    extra = tuple(i for i in injections if i.vs == vs.name)
     if extra:
         pre_vs = dataclasses.replace(
             vs, kind=VSKind.PROXY, real_servers=(), subvs=tuple(i.subvs for i in extra),

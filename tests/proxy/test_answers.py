@@ -273,3 +273,38 @@ async def test_injection_answers_on_redirect_vs(dataplane: DataPlane) -> None:
         r = await c.request(path="/other")
         assert r.status == 301 and r.header("Location") == "https://example.com/other"
         c.close()
+
+
+async def test_injection_on_vs_with_real_servers_and_ordered_subvs(dataplane: DataPlane,
+                                                                   upstream: Upstream) -> None:
+    from lbproxy.config.model import Config
+    from lbproxy.runtime import Runtime
+
+    acme, rule = _acme_subvs("t2")
+    direct = make_vs("direct", ports=(upstream.port,))
+    ordered = make_vs("ordered", subvs=(
+        SubVS("only", real_servers=rs(upstream.port), health_check=NO_CHECK),),
+        content_switching=False)
+    rt = Runtime(2, Config(virtual_services=(direct, ordered)),
+                 (Injection("direct", acme, rule), Injection("ordered", acme, rule)))
+    await dataplane.apply(rt)
+    async with asyncio.timeout(T):
+        for name in ("direct", "ordered"):
+            c = await Client.connect(dataplane.listening_ports()[name][1])
+            r = await c.request(path="/.well-known/acme-challenge/t2")
+            assert r.status == 200 and r.body == b"t2.thumb"
+            # Everything else is served as without the injection.
+            assert (await c.request(path="/app")).json()["path"] == "/app"
+            c.close()
+
+
+async def test_http11_request_without_host_is_400(dataplane: DataPlane,
+                                                  upstream: Upstream) -> None:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        await c.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert (await c.response()).status == 400
+        c2 = await Client.connect(ports["web"])
+        await c2.send(b"GET /old HTTP/1.0\r\n\r\n")
+        assert (await c2.response()).json()["path"] == "/old"

@@ -139,6 +139,10 @@ _HOP_FIELD = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
     rb"|proxy-authenticate)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]+)[ \t]*(?=\r)",
+                             re.IGNORECASE)
+# Final statuses without a body (RFC 9110 §6.4.1): left to the parser.
+_NO_BODY = frozenset((b"204", b"304"))
 # A response head larger than this is refused (502): bounds what one upstream read buffers.
 MAX_RESPONSE_HEAD = 64 * 1024
 
@@ -193,8 +197,11 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the server is confused; never reuse it.
             self.close()
             return
-        if self.want_head and not self._collect_heads(data):
-            return
+        if self.want_head:
+            if not self.hbuf and self._fast_response(data):
+                return
+            if not self._collect_heads(data):
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -213,6 +220,64 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.cout:
             self._flush()
+
+    def _fast_response(self, data: bytes) -> bool:
+        """Relay a whole response that arrived in one read without running the parser.
+
+        Only the common, unambiguous shape: HTTP/1.1, a final status with a body, exactly one
+        Content-Length and the body complete in `data` with nothing after it, no hop-by-hop field
+        but "Connection: keep-alive"/"Keep-Alive". The parser sits at a message boundary before
+        and after, so anything else simply takes the parser's path. Returns True if handled.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or not data.startswith(b"HTTP/1.1 "):
+            return False
+        req = self.req
+        client = self.client
+        if req is None or client is None or req.is_head:
+            return False
+        status = data[9:12]
+        if not status.isdigit() or status[0] < 50 or status in _NO_BODY:  # 50 = ord("2")
+            return False
+        head = data[:end + 2]
+        lengths = _CONTENT_LENGTH.findall(head)
+        if len(lengths) != 1 or end + 4 + int(lengths[0]) != len(data):
+            return False
+        i = head.find(_KEEP_ALIVE_LINE)
+        if i >= 0:
+            head = head[:i] + head[i + 24:]
+        m = _HOP_FIELD.search(head)
+        if m is not None:
+            if m.group(1).lower() != b"keep-alive" or _HOP_FIELD.search(head, m.end()):
+                return False
+            head = head[:m.start()] + head[m.end():]
+        code = int(status)
+        req.status = code
+        req.resp_started = True
+        req.resp_bytes = len(data) - end - 4
+        if not req.keep_alive or client.closing or req.upgrade:
+            req.keep_alive = False
+            head += b"Connection: close\r\n"
+        elif req.v10:
+            head += b"Connection: keep-alive\r\n"
+        client.transport.write(head + data[end + 2:])
+        # As on_message_complete: detach, back to the pool, tell the client.
+        self.client = None
+        self.ctransport = None
+        self.req = None
+        if self.read_paused:
+            self.resume_reading()
+        if req.complete and self.transport is not None:
+            pool = self.pool
+            if pool.retired or len(pool.idle) >= MAX_IDLE_PER_SERVER:
+                self.close()
+            else:
+                self.idle_since = req.t0
+                pool.idle.append(self)
+        else:
+            self.close()
+        client.response_done(req)
+        return True
 
     def _collect_heads(self, data: bytes) -> bool:
         """Keep the raw bytes of the response heads that start in `data` (1xx ones included)."""

@@ -233,3 +233,38 @@ async def test_http10_client(dataplane: DataPlane, upstream: Upstream) -> None:
         r = await c2.response()
         assert r.json()["path"] == "/b"
         assert await c2.closed()
+
+
+async def test_response_shapes_relayed_exactly(dataplane: DataPlane) -> None:
+    """Whole responses in one read (relayed without the parser) and split ones (parsed) agree."""
+    answers = [
+        [b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+         b"Content-Length: 3\r\nX-A: 1\r\n\r\nabc"],
+        [b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\na", b"bc"],
+        [b"HTTP/1.1 200 OK\r\nContent-Len", b"gth: 3\r\n\r\nabc"],
+        [b"HTTP/1.1 404 Not Found\r\ncontent-length:3\r\n\r\nabc"],
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+    ]
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for pieces in answers:
+            await read_head(r)
+            for piece in pieces:
+                w.write(piece)
+                await w.drain()
+                await asyncio.sleep(0.01)  # make the pieces separate reads (not a sync device)
+
+    async with RawUpstream(handler) as raw, asyncio.timeout(T):
+        ports = await serve(dataplane, make_vs(ports=(raw.port,)))
+        c = await Client.connect(ports["web"])
+        for i, status in enumerate((200, 201, 200, 404, 200, 200)):
+            r = await c.request(path=f"/{i}")
+            assert r.status == status
+            assert r.body == (b"" if i == 5 else b"abc")
+            names = [k.lower() for k, _ in r.headers]
+            assert "connection" not in names and "keep-alive" not in names
+            if i == 0:
+                assert r.raw_head == (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\n\r\n")
+        c.close()
+        assert raw.connections == 1

@@ -387,6 +387,9 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             if req.chunked:
                 self._up_send(up, b"0\r\n\r\n")  # type: ignore[arg-type]
+            if req is self.cur and not req.resp_started:
+                self.deadline = self.loop.time() + req.svc.t_first_byte  # type: ignore[attr-defined]
+                self.dkind = D_FIRST_BYTE
         elif req.waiting_route:
             self._route_now(req)
         if not req.keep_alive:
@@ -546,8 +549,13 @@ class ClientConnection(asyncio.Protocol):
         elif req.complete and req.chunked:
             data += b"0\r\n\r\n"
         self._up_send(up, data)
-        self.deadline = self.loop.time() + req.svc.t_first_byte  # type: ignore[attr-defined]
-        self.dkind = D_FIRST_BYTE
+        if req.complete:
+            self.deadline = self.loop.time() + req.svc.t_first_byte  # type: ignore[attr-defined]
+            self.dkind = D_FIRST_BYTE
+        else:
+            # The first-byte wait starts once the whole request went out (on_message_complete).
+            self.deadline = inf
+            self.dkind = D_NONE
 
     def _up_send(self, up: UpstreamConnection, data: bytes) -> None:
         if self.feeding:

@@ -308,3 +308,18 @@ async def test_http11_request_without_host_is_400(dataplane: DataPlane,
         c2 = await Client.connect(ports["web"])
         await c2.send(b"GET /old HTTP/1.0\r\n\r\n")
         assert (await c2.response()).json()["path"] == "/old"
+
+
+async def test_first_byte_wait_starts_after_the_request_body(dataplane: DataPlane,
+                                                             upstream: Upstream) -> None:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,),
+                                           timeouts=Timeouts(first_byte=0.2)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        await c.send(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nab")
+        for piece in (b"cd", b"ef"):
+            await asyncio.sleep(0.2)  # a slow upload: longer in total than first_byte
+            await c.send(piece)
+        r = await c.response()
+        assert r.status == 200 and r.body == b"6"
+        c.close()

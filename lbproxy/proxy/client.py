@@ -42,6 +42,7 @@ D_HEAD = 1  # reading a request head -> 408
 D_IDLE = 2  # keep-alive idle -> close
 D_FIRST_BYTE = 3  # waiting for the response head -> 504
 D_TUNNEL = 4  # an idle WebSocket/Upgrade tunnel -> close
+D_REQUEST = 5  # a whole exchange took too long (a stalled upload or download) -> 408/504/abort
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -214,6 +215,18 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self._local(cur, ERRORS[504], close=not cur.complete)
+        elif kind == D_REQUEST and cur is not None:
+            up = cur.up
+            if isinstance(up, UpstreamConnection) and up.req is cur:
+                up._detach()
+                up.abort()
+            cur.up = None
+            self._release(cur, True)
+            if cur.resp_started:
+                self.transport.abort()
+            else:
+                self.req = None
+                self._local(cur, ERRORS[504 if cur.complete else 408], close=True)
         elif kind == D_HEAD and cur is None:
             self._bad(408)
         elif kind in (D_IDLE, D_TUNNEL, D_HEAD):
@@ -553,9 +566,10 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.loop.time() + req.svc.t_first_byte  # type: ignore[attr-defined]
             self.dkind = D_FIRST_BYTE
         else:
-            # The first-byte wait starts once the whole request went out (on_message_complete).
-            self.deadline = inf
-            self.dkind = D_NONE
+            # The first-byte wait starts once the whole request went out (on_message_complete);
+            # until then the whole exchange is bounded by the request timeout.
+            self.deadline = req.t0 + req.svc.t_request  # type: ignore[attr-defined]
+            self.dkind = D_REQUEST
 
     def _up_send(self, up: UpstreamConnection, data: bytes) -> None:
         if self.feeding:
@@ -577,8 +591,9 @@ class ClientConnection(asyncio.Protocol):
 
     def first_byte(self, req: Request) -> None:
         if req is self.cur:
-            self.deadline = inf
-            self.dkind = D_NONE
+            # The response streams now, bounded by the request timeout as a whole.
+            self.deadline = req.t0 + req.svc.t_request  # type: ignore[attr-defined]
+            self.dkind = D_REQUEST
 
     # -- answers ------------------------------------------------------------------------------
 

@@ -278,7 +278,7 @@ class DataPlane:
         shortest = _MAX_TICK * _SWEEPS_PER_TIMEOUT
         for vs in runtime.config.virtual_services:
             t = vs.timeouts
-            shortest = min(shortest, t.head, t.idle, t.first_byte, t.upstream_idle)
+            shortest = min(shortest, t.head, t.idle, t.first_byte, t.request, t.upstream_idle)
         self._tick = max(_MIN_TICK, min(_MAX_TICK, shortest / _SWEEPS_PER_TIMEOUT))
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -109,7 +109,7 @@ class Service:
         "add_forwarded", "counters", "direct", "log", "max_body", "max_connections",
         "max_header_bytes", "max_headers", "mode", "na", "name", "port", "pre_router",
         "pre_targets", "redirect_status", "redirect_to", "router", "t_connect", "t_first_byte",
-        "t_head", "t_idle", "targets", "vs", "xfp_line")
+        "t_head", "t_idle", "t_request", "targets", "vs", "xfp_line")
 
     def __init__(self, vs: VirtualService, counters: Counters, log: AccessLog | None,
                  port: int) -> None:
@@ -133,6 +133,7 @@ class Service:
         self.t_idle = t.idle
         self.t_connect = t.connect
         self.t_first_byte = t.first_byte
+        self.t_request = t.request
         lim = vs.limits
         self.max_header_bytes = lim.max_header_bytes
         self.max_headers = lim.max_headers

@@ -323,3 +323,15 @@ async def test_first_byte_wait_starts_after_the_request_body(dataplane: DataPlan
         r = await c.response()
         assert r.status == 200 and r.body == b"6"
         c.close()
+
+
+async def test_request_timeout_bounds_a_stalled_upload(dataplane: DataPlane,
+                                                       upstream: Upstream) -> None:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,),
+                                           timeouts=Timeouts(request=0.3)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        await c.send(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+        r = await c.response()  # the rest of the body never comes
+        assert r.status == 408
+        assert await c.closed()

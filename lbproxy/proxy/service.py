@@ -1,10 +1,20 @@
 """What one VS runs with for one config generation, and the listener that serves it.
 
-`build_service()` turns an effective `VirtualService` into a `Service`: the compiled router,
+`build_service()` turns a configured `VirtualService` into a `Service`: the compiled router,
 one `Target` per pool (the VS's own real servers or a SubVS) with its balancer, upstream connection
 pools and prebuilt "not available" answer, and the VS's timeouts and limits as plain attributes
 (the hot path reads them per request). A `Listener` holds the current `Service` of its address; a
 reload swaps that one reference, so requests in flight finish with the generation they started in.
+
+How a VS picks where a request goes:
+- kind = redirect: every request gets `redirect_status` with the `redirect_to` Location.
+- real servers: balanced over them; none available -> the VS's NotAvailable answer.
+- SubVSs with content_switching: the router's choice; the SubVS balances over its real servers, or
+  answers its own NotAvailable when it has none available; no rule matched -> the VS's
+  NotAvailable; a fail-on-match rule -> 403 and close.
+- SubVSs without content_switching: the first SubVS (config order) that has an available real
+  server takes the request; none -> the VS's NotAvailable.
+- Run-time injections (ACME HTTP-01 SubVS + rule) are tried before all of the above, on every kind.
 """
 
 from __future__ import annotations

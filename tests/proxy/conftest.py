@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,16 @@ from lbproxy.proxy import DataPlane
 from lbproxy.runtime import Runtime
 
 NO_CHECK = HealthCheck(type=HealthCheckType.NONE)
+
+
+if os.environ.get("LBPROXY_TEST_UVLOOP") == "1":
+    # The data plane runs on uvloop in production; LBPROXY_TEST_UVLOOP=1 runs these tests on it.
+    @pytest.fixture(scope="session")
+    def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+        import uvloop
+
+        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+        return policy
 
 
 def servers(*ports: int) -> tuple[RealServer, ...]:

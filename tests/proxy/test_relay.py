@@ -268,3 +268,58 @@ async def test_response_shapes_relayed_exactly(dataplane: DataPlane) -> None:
                 assert r.raw_head == (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\n\r\n")
         c.close()
         assert raw.connections == 1
+
+
+async def test_mixed_pipeline_in_random_pieces(dataplane: DataPlane, upstream: Upstream) -> None:
+    """Proxied, local, bodied, chunked and HEAD requests pipelined and cut at random points."""
+    import random
+
+    from lbproxy.config.model import ContentRule, MatchType, NotAvailable, SubVS
+
+    from .conftest import NO_CHECK
+    from .conftest import servers as rs
+
+    local = SubVS("local", rules=("loc",), health_check=NO_CHECK,
+                  not_available=NotAvailable(200, b"local!", "text/plain"))
+    app = SubVS("app", real_servers=rs(upstream.port), rules=("default",), health_check=NO_CHECK)
+    vs = make_vs(subvs=(local, app), content_switching=True)
+    ports = await serve(dataplane, vs, rules=(ContentRule("loc", MatchType.PREFIX, "/local"),))
+    rnd = random.Random(7)
+    kinds = ["get", "post", "chunked", "local", "local-post", "head"]
+    async with asyncio.timeout(20):
+        for _ in range(5):
+            plan = [rnd.choice(kinds) for _ in range(25)]
+            data = b""
+            for i, k in enumerate(plan):
+                if k == "get":
+                    data += build(path=f"/g{i}")
+                elif k == "post":
+                    data += build("POST", f"/p{i}", body=b"b" * rnd.randint(0, 3000))
+                elif k == "chunked":
+                    data += (f"POST /c{i} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                             f"\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").encode()
+                elif k == "local":
+                    data += build(path=f"/local{i}")
+                elif k == "local-post":
+                    data += build("POST", f"/local{i}", body=b"z" * rnd.randint(1, 5000))
+                else:
+                    data += build("HEAD", f"/h{i}")
+            c = await Client.connect(ports["web"])
+            pos = 0
+            while pos < len(data):  # bounded: pos grows by at least 1 per turn
+                step = rnd.randint(1, 700)
+                await c.send(data[pos:pos + step])
+                pos += step
+            for i, k in enumerate(plan):
+                r = await c.response(head=k == "head")
+                assert r.status == 200, (i, k)
+                if k in ("local", "local-post"):
+                    assert r.body == b"local!"
+                elif k == "head":
+                    assert r.body == b""
+                else:
+                    got = r.json()
+                    assert got["path"] == f"/{k[0]}{i}"
+                    if k == "chunked":
+                        assert got["body"] == "abcde"
+            c.close()

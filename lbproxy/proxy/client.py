@@ -474,10 +474,11 @@ class ClientConnection(asyncio.Protocol):
             target.counters.not_available += 1
             self._local(req, target.na)
             return
-        req.backend = req.server = backend
+        req.backend = backend
+        pool = target.pools[backend]
+        req.server = pool  # its address, preformatted, names the real server in logs
         if not req.head:
             req.head = self._build_head(req)
-        pool = target.pools[backend]
         idle = pool.idle
         if idle and idle[-1].idle_since >= req.t0 - pool.idle_timeout:
             up: UpstreamConnection | None = idle.pop()

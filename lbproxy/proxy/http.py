@@ -149,7 +149,7 @@ class Request:
         self.waiting_route = False
         self.up: object = None
         self.backend: object = None
-        self.server: object = None  # the backend that served, kept for the access log
+        self.server: object = None  # the ConnPool of the real server that served (for logs)
         self.target: object = None
         self._hmap: dict[str, str] | None = None
 

@@ -54,6 +54,18 @@ def trie_regex(keys: Iterable[str]) -> str:
     return emit(root)
 
 
+def trie_match(keys: Iterable[str]) -> Callable[[str], re.Match[str] | None] | None:
+    """`match` of the compiled trie regex of `keys` (m.group() is the longest key the subject
+    starts with), or None when `re` cannot compile it (pathological nesting)."""
+    keys = list(keys)
+    try:
+        return re.compile(trie_regex(keys)).match
+    except (RecursionError, re.error, OverflowError):
+        logger.warning("prefix set of %d keys too deep for one regex; using a slower lookup",
+                       len(keys))
+        return None
+
+
 def prefix_lookup(table: Mapping[str, V], missing: V) -> Callable[[str], V]:
     """A function returning table[k] for the longest key k that its argument starts with, or
     `missing` when none does."""
@@ -68,11 +80,8 @@ def prefix_lookup(table: Mapping[str, V], missing: V) -> Callable[[str], V]:
             return missing
 
         return small
-    try:
-        match = re.compile(trie_regex(frozen)).match
-    except (RecursionError, re.error, OverflowError):  # pathological nesting: stay correct
-        logger.warning("prefix set of %d keys too deep for one regex; using a slower lookup",
-                       len(frozen))
+    match = trie_match(frozen)
+    if match is None:
         return _by_length(frozen, missing)
 
     def trie(subject: str) -> V:

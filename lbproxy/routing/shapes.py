@@ -40,9 +40,14 @@ class RegexShape:
     folded: bool = False
     # The end anchor is `$` (not `\Z`): it also matches just before one final newline.
     newline_end: bool = False
+    # Can be one alternative of a combined regex: no group references (numbering shifts), no named
+    # groups (names would clash), no global inline flags (they must lead the whole pattern).
+    combinable: bool = False
 
 
 FREE = RegexShape(Shape.FREE)
+# Conservative: backreferences, named groups, conditionals, lookbehinds (`(?<`) rule combining out.
+_REFERENCES = re.compile(r"\\[1-9]|\(\?P|\(\?\(|\(\?<")
 
 
 def _load_parser() -> tuple[Any, Any] | None:
@@ -67,6 +72,7 @@ def analyze(pattern: str, flags: int = 0) -> RegexShape:
     except Exception:  # the pattern compiled, so this is the private parser changing: stay safe
         logger.debug("cannot analyze %r; it will always be run", pattern, exc_info=True)
         return FREE
+    combinable = (eff & ~re.UNICODE) == (flags & ~re.UNICODE) and not _REFERENCES.search(pattern)
     folded = bool(eff & re.IGNORECASE)
     multiline = bool(eff & re.MULTILINE)
     starts = {c.AT_BEGINNING_STRING} | (set() if multiline else {c.AT_BEGINNING})
@@ -98,10 +104,10 @@ def analyze(pattern: str, flags: int = 0) -> RegexShape:
     text = "".join(head)
     if start_anchored and pure:
         if end_anchored:
-            return RegexShape(Shape.EXACT, text, folded, newline_end)
-        return RegexShape(Shape.PREFIX, text, folded)
+            return RegexShape(Shape.EXACT, text, folded, newline_end, combinable)
+        return RegexShape(Shape.PREFIX, text, folded, combinable=combinable)
     if end_anchored and pure:
-        return RegexShape(Shape.SUFFIX, text, folded, newline_end)
+        return RegexShape(Shape.SUFFIX, text, folded, newline_end, combinable)
 
     tail: list[str] = []
     for item in reversed(body):
@@ -112,8 +118,46 @@ def analyze(pattern: str, flags: int = 0) -> RegexShape:
     prefix = text if start_anchored else ""
     suffix = "".join(reversed(tail)) if end_anchored else ""
     if not prefix and not suffix:
-        return FREE
+        return RegexShape(Shape.FREE, combinable=combinable)
     # The longer literal is the more selective filter (`^example\.com(:\d+)?/<token>$`: the token).
     if len(suffix) > len(prefix):
-        return RegexShape(Shape.HAS_SUFFIX, suffix, folded, newline_end)
-    return RegexShape(Shape.HAS_PREFIX, prefix, folded)
+        return RegexShape(Shape.HAS_SUFFIX, suffix, folded, newline_end, combinable)
+    return RegexShape(Shape.HAS_PREFIX, prefix, folded, combinable=combinable)
+
+
+# A cut right before one of these would split a quantifier from what it repeats.
+_QUANTIFIERS = frozenset("*+?{")
+# Candidate cut points tried before giving up on factoring (each costs a parse per pattern).
+_MAX_CUTS = 8
+
+
+def factor(patterns: list[str], flags: int = 0) -> str | None:
+    """One regex that matches at position 0 iff one of `patterns` does: their common leading text
+    written once, then the alternation of what is left of each (`re` checks the first character
+    of each alternative before entering it, so this is cheap where the patterns first differ in a
+    literal). None when there is no common text that is a clean cut of every pattern, i.e. the
+    parse of head + rest is not the parse of the pattern (groups in the head also refuse, as the
+    rests would be numbered apart)."""
+    if _SRE is None or len(patterns) < 2:
+        return None
+    parser, _ = _SRE
+    common = patterns[0]
+    for p in patterns[1:]:
+        while not p.startswith(common):
+            common = common[:-1]
+    tried = 0
+    for cut in range(len(common), 0, -1):
+        if tried == _MAX_CUTS:
+            break
+        if any(len(p) > cut and p[cut] in _QUANTIFIERS for p in patterns):
+            continue
+        tried += 1
+        try:
+            head = list(parser.parse(common[:cut], flags).data)
+            rests = [p[cut:] for p in patterns]
+            if all(repr(head + list(parser.parse(p[cut:], flags).data))
+                   == repr(list(parser.parse(p, flags).data)) for p in patterns):
+                return common[:cut] + "(?:" + "|".join(f"(?:{r})" for r in rests) + ")"
+        except Exception:  # a head or rest that is not a regex on its own: try a shorter cut
+            continue
+    return None

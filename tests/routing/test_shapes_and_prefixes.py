@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -43,7 +44,23 @@ ACME = r"^example\.com(:\d+)?/\.well-known/acme-challenge/abc_-1$"
     (r"^$", 0, RegexShape(Shape.EXACT, "", newline_end=True)),
 ])
 def test_analyze(pattern: str, flags: int, shape: RegexShape) -> None:
-    assert analyze(pattern, flags) == shape
+    assert dataclasses.replace(analyze(pattern, flags), combinable=False) == shape
+
+
+@pytest.mark.parametrize(("pattern", "flags", "combinable"), [
+    (r"^/api/v\d+/", 0, True),
+    (r"^/api/(en|de)/", 0, True),  # `|` inside a group: fine, alternatives are wrapped
+    (r"^/api/v\d+/", re.IGNORECASE, True),
+    (r"(?i)^/api/v\d+/", 0, False),  # a global flag must lead the whole combined pattern
+    (r"(?i)^/api/v\d+/", re.IGNORECASE, True),  # ... unless it changes nothing
+    (r"^/(a)\1", 0, False),  # group numbers shift
+    (r"^/(?P<x>a)", 0, False),  # names would clash
+    (r"^/(?P<x>a)(?P=x)", 0, False),
+    (r"^/(a)?(?(1)b|c)", 0, False),
+    (r"^/(?<=/)a", 0, False),  # conservative
+])
+def test_combinable(pattern: str, flags: int, combinable: bool) -> None:
+    assert analyze(pattern, flags).combinable is combinable
 
 
 KEYS = st.sets(st.text(alphabet="ab/.", max_size=5), max_size=30)

@@ -1,0 +1,459 @@
+"""Compiling a VS's rules into the one Python function the router calls per request.
+
+Plain rules (no flags) are grouped by subject. Within a group, prefix rules, postfix rules (on the
+reversed subject) and regexes that are just anchored text (`shapes.py`) become tables: a
+longest-prefix lookup (`prefixes.py`) or an exact-match dict whose every entry holds the first
+rule that surely fires for a subject ending there, negated rules included. Other regexes anchored
+on text are "candidates" of the table entry for their text and only run when the subject carries
+it; several start-anchored candidates with the same text run as one combined `re.match` whose
+alternatives are in precedence order, so the first alternative that matches is the first rule.
+Regexes with no usable text ("free") run one by one, and only while they could still beat the
+best match found so far.
+
+The groups are then written out as the source of one function (no closure call per table, no
+loop over groups) and compiled with `compile()`/`exec()`. The source only ever contains names
+this module makes up and integers; every pattern, key and table reaches it through the
+function's globals, never as text.
+
+Rules that set or test flags depend on evaluation order: they run one by one after the groups,
+only those ahead of the best plain match (LoadMaster uses them sparingly).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config.model import ContentRule, MatchOn, MatchType
+from .prefixes import SMALL, prefix_lookup, trie_match
+from .shapes import Shape, analyze, factor
+from .subjects import RequestInfo, Subject, SubjectKey, body_text, hostname, predicate, subject_for
+
+logger = logging.getLogger(__name__)
+
+Search = Callable[[str], "re.Match[str] | None"]
+# Runs a table entry's candidate regexes: (subject, best so far) -> new best.
+Runner = Callable[[str, int], int]
+
+# A combined regex pays off from this many start-anchored regexes on one text (fewer: one
+# re.search each is as cheap).
+COMBINE_FROM = 3
+# The heads filter of a prefix table compares this many leading characters at most: enough to
+# tell "/api" from "/app", short enough that few keys are shorter.
+HEAD = 4
+# Up to this many free regexes are written out inline; more run in a loop that stops early.
+INLINE_FREE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One rule in a table: its pattern matches iff the looked-up subject hits one of `keys`
+    (direct), or may only match then (candidate: `search` decides)."""
+
+    index: int
+    keys: tuple[str, ...]
+    negate: bool
+    search: Search | None = None
+    # For combining start-anchored candidates: the pattern and its compile flags.
+    combine: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    index: int
+    search: Search
+    negate: bool
+
+
+@dataclass
+class _Group:
+    """The plain rules that look at one subject."""
+
+    key: SubjectKey
+    subject: Subject
+    lowest: int
+    # (kind "exact" | "prefix" | "suffix", folded) -> entries
+    tables: dict[tuple[str, bool], list[_Entry]]
+    free: list[_Candidate]
+    rules: list[tuple[int, Callable[[str], bool], bool]]  # for the slow path
+    # A folded table holds entries derived from regexes, exact only for ASCII subjects.
+    ascii_only: bool = False
+
+
+def _group_rule(g: _Group, i: int, rule: ContentRule) -> None:
+    g.lowest = min(g.lowest, i)
+    neg = rule.negate
+    g.rules.append((i, predicate(rule), neg))
+
+    def put(kind: str, folded: bool, entry: _Entry) -> None:
+        g.tables.setdefault((kind, folded), []).append(entry)
+
+    if rule.match_type is not MatchType.REGEX:
+        lit = rule.pattern.lower() if rule.ignore_case else rule.pattern
+        if rule.match_type is MatchType.PREFIX:
+            put("prefix", rule.ignore_case, _Entry(i, (lit,), neg))
+        else:
+            put("suffix", rule.ignore_case, _Entry(i, (lit[::-1],), neg))
+        return
+    flags = re.IGNORECASE if rule.ignore_case else 0
+    search = re.compile(rule.pattern, flags).search
+    shape = analyze(rule.pattern, flags)
+    lit, folded = shape.literal, shape.folded
+    if shape.shape is Shape.FREE:
+        g.free.append(_Candidate(i, search, neg))
+        return
+    g.ascii_only |= folded
+    rev = lit[::-1]
+    tail = (lit, lit + "\n") if shape.newline_end else (lit,)
+    rtail = (rev, "\n" + rev) if shape.newline_end else (rev,)
+    if shape.shape is Shape.EXACT:
+        put("exact", folded, _Entry(i, tail, neg))
+    elif shape.shape is Shape.PREFIX:
+        put("prefix", folded, _Entry(i, (lit,), neg))
+    elif shape.shape is Shape.SUFFIX:
+        put("suffix", folded, _Entry(i, rtail, neg))
+    elif shape.shape is Shape.HAS_PREFIX:
+        combine = (rule.pattern, flags) if shape.combinable and not neg else None
+        put("prefix", folded, _Entry(i, (lit,), neg, search, combine))
+    else:
+        put("suffix", folded, _Entry(i, rtail, neg, search))
+
+
+@dataclass(frozen=True, slots=True)
+class _Combo:
+    """Start-anchored candidates on one text, as one regex (alternatives in precedence order,
+    each closed by an empty marker group: m.lastindex -> marks -> the first rule that matches),
+    with a cheaper yes/no check run first (their common head factored out) when there is one."""
+
+    lowest: int
+    check: Search | None
+    match: Search
+    marks: tuple[int, ...]
+
+
+def _combo(entries: list[_Entry]) -> _Combo:
+    parts, marks, group = [], [-1], 0
+    patterns = []
+    flags = 0
+    for e in entries:
+        assert e.combine is not None
+        pattern, flags = e.combine
+        patterns.append(pattern)
+        group += re.compile(pattern, flags).groups + 1
+        marks += [-1] * (group - len(marks)) + [e.index]
+        parts.append(f"(?:{pattern})()")
+    factored = factor(patterns, flags)
+    check = re.compile(factored, flags).match if factored is not None else None
+    return _Combo(entries[0].index, check, re.compile("|".join(parts), flags).match,
+                  tuple(marks))
+
+
+def _runner(hit: list[_Entry]) -> Runner | None:
+    """The function running the candidate regexes a table entry hit (None: there are none)."""
+    cands = sorted({id(e): e for e in hit if e.search is not None}.values(),
+                   key=lambda e: e.index)
+    if not cands:
+        return None
+    by_key: dict[tuple[str, int], list[_Entry]] = {}
+    for e in cands:
+        if e.combine is not None:
+            by_key.setdefault((e.keys[0], e.combine[1]), []).append(e)
+    groups = [same for same in by_key.values() if len(same) >= COMBINE_FROM]
+    combined = {id(e) for same in groups for e in same}
+    combos = tuple(sorted((_combo(same) for same in groups), key=lambda c: c.lowest))
+    singles = tuple((e.index, e.search, e.negate) for e in cands
+                    if id(e) not in combined and e.search is not None)
+
+    def run(s: str, best: int) -> int:
+        for c in combos:
+            if c.lowest < best and (c.check is None or c.check(s) is not None):
+                m = c.match(s)
+                if m is not None and m.lastindex is not None and c.marks[m.lastindex] < best:
+                    best = c.marks[m.lastindex]
+        for i, search, neg in singles:
+            if i >= best:
+                break
+            if (search(s) is None) is neg:
+                return i
+        return best
+
+    return run
+
+
+def _first_fire(hit: list[_Entry], negated: list[_Entry], n: int) -> int:
+    """The first rule that surely fires for a subject that hit the entries `hit`."""
+    first = n
+    for e in hit:
+        if e.search is None and not e.negate:
+            first = min(first, e.index)
+    hit_ids = {id(e) for e in hit}
+    for e in negated:  # sorted: the first negated rule whose pattern cannot match fires
+        if id(e) not in hit_ids:
+            return min(first, e.index)
+    return first
+
+
+# What a table lookup yields per key: the first rule that surely fires, and the runner of the
+# candidates to try (None: none).
+Value = tuple[int, Runner | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    kind: str
+    folded: bool
+    values: dict[str, Value]
+    missing: Value
+    with_runners: bool
+
+
+def _table(kind: str, folded: bool, entries: list[_Entry], n: int) -> _Table:
+    by_key: dict[str, list[_Entry]] = {}
+    for e in entries:
+        for k in e.keys:
+            by_key.setdefault(k, []).append(e)
+    negated = sorted((e for e in entries if e.negate), key=lambda e: e.index)
+    runners: dict[tuple[str, ...], Runner | None] = {}
+    values: dict[str, Value] = {}
+    for key in by_key:
+        if kind == "exact":
+            chain = [key]
+        else:  # every key that is a prefix of this one is hit as well
+            chain = [key[:j] for j in range(len(key) + 1) if key[:j] in by_key]
+        hit = [e for k in chain for e in by_key[k]]
+        rkey = tuple(k for k in chain if any(e.search is not None for e in by_key[k]))
+        if rkey not in runners:
+            runners[rkey] = _runner(hit)
+        values[key] = (_first_fire(hit, negated, n), runners[rkey])
+    missing: Value = (_first_fire([], negated, n), None)
+    return _Table(kind, folded, values, missing,
+                  with_runners=any(e.search is not None for e in entries))
+
+
+# --- writing the function ----------------------------------------------------------------------
+
+
+class _Source:
+    """Lines of Python plus the globals they refer to (by made-up names only)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.env: dict[str, Any] = {}
+
+    def const(self, prefix: str, value: object) -> str:
+        name = f"{prefix}{len(self.env)}"
+        self.env[name] = value
+        return name
+
+    def add(self, depth: int, line: str) -> None:
+        self.lines.append("    " * depth + line)
+
+
+def _subject_lines(out: _Source, d: int, g: _Group) -> None:
+    kind = g.key[0]
+    if kind == "url":
+        host, query = g.key[1] == "True", g.key[2] == "True"
+        base = "req.host + req.path" if host else "req.path"
+        if query:
+            out.add(d, "q = req.query")
+            out.add(d, f's = {base} + "?" + q if q else {base}')
+        else:
+            out.add(d, f"s = {base}")
+    elif kind == MatchOn.HOST.value:
+        out.add(d, "s = req.host")
+        out.add(d, f'if ":" in s: s = {out.const("hostname", hostname)}(s)')
+    elif kind == MatchOn.METHOD.value:
+        out.add(d, "s = req.method")
+    elif kind == MatchOn.SRC_IP.value:
+        out.add(d, "s = req.src_ip")
+    elif kind == MatchOn.HEADER.value:
+        out.add(d, f"s = req.header({out.const('name', g.key[1])})")
+    else:
+        out.add(d, f"s = {out.const('body', body_text)}(req)")
+
+
+def _table_lines(out: _Source, d: int, t: _Table, var: str, slot: int) -> str | None:
+    """Look `var` up in table `t`: lower `best`; return the variable holding the runner."""
+    v, c = f"v{slot}", f"c{slot}"
+    target = f"{v}, {c}" if t.with_runners else v
+
+    def value(x: Value) -> str:
+        return out.const("val", x if t.with_runners else x[0])
+
+    if t.kind == "exact":
+        table = {k: (x if t.with_runners else x[0]) for k, x in t.values.items()}
+        out.add(d, f"{target} = {out.const('exact', table)}.get({var}, {value(t.missing)})")
+    else:
+        # Most subjects start with none of the keys: one slice and set lookup rules that out
+        # before any regex runs (keys are cut to their shortest length, at most HEAD).
+        k = min(HEAD, *(len(key) for key in t.values))
+        if k > 0 and len(t.values) > 1:
+            heads = frozenset(key[:k] for key in t.values)
+            out.add(d, f"if {var}[:{k}] not in {out.const('heads', heads)}: "
+                       f"{target} = {value(t.missing)}")
+            out.add(d, "else:")
+            d += 1
+        if len(t.values) <= SMALL:
+            keyed = sorted(t.values.items(), key=lambda kv: -len(kv[0]))
+            for j, (key, x) in enumerate(keyed):
+                word = "if" if j == 0 else "elif"
+                out.add(d, f"{word} {var}.startswith({out.const('key', key)}): "
+                           f"{target} = {value(x)}")
+            out.add(d, f"else: {target} = {value(t.missing)}")
+        else:
+            plain = {key: (x if t.with_runners else x[0]) for key, x in t.values.items()}
+            missing = t.missing if t.with_runners else t.missing[0]
+            match = trie_match(plain)
+            if match is not None:
+                out.add(d, f"m = {out.const('trie', match)}({var})")
+                out.add(d, f"{target} = {out.const('table', plain)}[m.group()] "
+                           f"if m is not None else {out.const('val', missing)}")
+            else:
+                look = prefix_lookup(plain, missing)
+                out.add(d, f"{target} = {out.const('look', look)}({var})")
+        d -= 1 if k > 0 and len(t.values) > 1 else 0
+    out.add(d, f"if {v} < best: best = {v}")
+    return c if t.with_runners else None
+
+
+def _free_lines(out: _Source, d: int, free: list[_Candidate]) -> None:
+    free = sorted(free, key=lambda c: c.index)
+    if len(free) <= INLINE_FREE:
+        for c in free:
+            test = "is None" if c.negate else "is not None"
+            out.add(d, f"if {c.index} < best and {out.const('rx', c.search)}(s) {test}: "
+                       f"best = {c.index}")
+        return
+    steps = tuple((c.index, c.search, c.negate) for c in free)
+
+    def run_free(s: str, best: int) -> int:
+        for i, search, neg in steps:
+            if i >= best:
+                break
+            if (search(s) is None) is neg:
+                return i
+        return best
+
+    out.add(d, f"best = {out.const('free', run_free)}(s, best)")
+
+
+def _group_lines(out: _Source, g: _Group, n: int) -> None:
+    out.add(1, f"if {g.lowest} < best:  # subject {'/'.join(g.key)}")
+    d = 2
+    _subject_lines(out, d, g)
+    if g.ascii_only:
+        rules = tuple(sorted(g.rules, key=lambda r: r[0]))
+
+        def slow(s: str, best: int) -> int:
+            for i, matches, neg in rules:
+                if i >= best:
+                    break
+                if matches(s) is not neg:
+                    return i
+            return best
+
+        out.add(d, f"if not s.isascii(): best = {out.const('slow', slow)}(s, best)")
+        out.add(d, "else:")
+        d += 1
+    folded = any(f for _, f in g.tables)
+    if folded:
+        out.add(d, "f = s.lower()")
+    reversed_vars: set[str] = set()
+    runner_vars: list[str] = []
+    for slot, ((kind, fold), entries) in enumerate(sorted(g.tables.items())):
+        var = "f" if fold else "s"
+        if kind == "suffix":
+            if var not in reversed_vars:
+                out.add(d, f"r{var} = {var}[::-1]")
+                reversed_vars.add(var)
+            var = "r" + var
+        c = _table_lines(out, d, _table(kind, fold, entries, n), var, slot)
+        if c is not None:
+            runner_vars.append(c)
+    for c in runner_vars:
+        out.add(d, f"if {c} is not None: best = {c}(s, best)")
+    _free_lines(out, d, g.free)
+
+
+def _flag_runner(flagged: list[tuple[int, ContentRule]]) -> Callable[[RequestInfo, int], int]:
+    steps = tuple(
+        (i, (1 << r.only_if_flag) if r.only_if_flag else 0,
+         (1 << r.only_if_not_flag) if r.only_if_not_flag else 0,
+         (1 << r.set_flag) if r.set_flag else 0,
+         subject_for(r)[1], predicate(r), r.negate)
+        for i, r in flagged)
+
+    def run_flags(req: RequestInfo, best: int) -> int:
+        flags = 0
+        for i, need, forbid, sets, subject, matches, neg in steps:
+            if i >= best:
+                break
+            if (need and not flags & need) or flags & forbid:
+                continue
+            if matches(subject(req)) is not neg:
+                if sets:
+                    flags |= sets
+                    continue
+                return i
+        return best
+
+    return run_flags
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """first(req) -> index of the deciding rule (n: none); route(req) -> outcome; the source."""
+
+    first: Callable[[RequestInfo], int]
+    route: Callable[[RequestInfo], int]
+    source: str
+
+
+def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...]) -> Compiled:
+    """`rules` in precedence order, None for `default`; outcomes[i] is route()'s answer when rule
+    i decides, outcomes[len(rules)] when none does."""
+    n = len(rules)
+    cap = next((i for i, r in enumerate(rules) if r is None), n)  # nothing after `default` runs
+    live = [(i, r) for i, r in enumerate(rules[:cap]) if r is not None]
+    groups: dict[SubjectKey, _Group] = {}
+    flagged: list[tuple[int, ContentRule]] = []
+    for i, r in live:
+        if r.set_flag or r.only_if_flag or r.only_if_not_flag:
+            flagged.append((i, r))
+            continue
+        key, subject = subject_for(r)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = _Group(key, subject, n, {}, [], [])
+        _group_rule(g, i, r)
+    out = _Source()
+    out.add(0, "def first(req):")
+    out.add(1, f"best = {cap}")
+    for g in sorted(groups.values(), key=lambda g: g.lowest):
+        _group_lines(out, g, n)
+    if flagged:
+        out.add(1, f"if {flagged[0][0]} < best: "
+                   f"best = {out.const('flags', _flag_runner(flagged))}(req, best)")
+    body = out.lines[1:]
+    out.add(1, "return best")
+    # route() is the same body answering the outcome: one call less on the hot path.
+    out.add(0, "def route(req):")
+    out.lines.extend(body)
+    out.add(1, f"return {out.const('outcomes', outcomes)}[best]")
+    source = "\n".join(out.lines) + "\n"
+    env = dict(out.env)
+    exec(compile(source, "<content rules>", "exec"), env)  # our own source: see the docstring
+    return Compiled(env["first"], env["route"], source)
+
+
+def needs_body(rules: list[ContentRule | None]) -> bool:
+    """Whether a rule that can run (none after `default`) matches on the body."""
+    for r in rules:
+        if r is None:
+            return False
+        if r.on is MatchOn.BODY:
+            return True
+    return False

@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,7 +174,8 @@ class Proc:
     """A child in its own process group, pinned to one core; stop() kills the whole group."""
 
     def __init__(self, name: str, argv: Sequence[str], core: int, workdir: Path,
-                 stdout_path: Path | None = None, nice: int = 0) -> None:
+                 stdout_path: Path | None = None, nice: int = 0,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.stdout_path = stdout_path or workdir / f"{name}.stdout"
         self.stderr_path = workdir / f"{name}.stderr"
@@ -181,8 +183,8 @@ class Proc:
         self._err = open(self.stderr_path, "wb")
         self.popen = subprocess.Popen(
             [*_nice(nice), "taskset", "-c", str(core), *argv], cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out, stderr=self._err, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
+            start_new_session=True, env=env)
 
     @property
     def pid(self) -> int:
@@ -252,24 +254,36 @@ def find_worker(proc: Proc, deadline: float) -> int:
     raise RuntimeError(f"{proc.name}: no worker process appeared\n{proc.stderr_tail()}")
 
 
-def core_times() -> dict[int, tuple[int, int]]:
-    """cpuN -> (busy ticks, total ticks) from /proc/stat."""
+@dataclass(frozen=True, slots=True)
+class CoreTicks:
+    """One CPU's counters from /proc/stat (clock ticks)."""
+
+    task: int  # user + nice + system + steal: time spent running processes
+    softirq: int  # irq + softirq: mostly the loopback network stack, not charged to a process
+    total: int
+
+
+def core_times() -> dict[int, CoreTicks]:
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         m = re.match(r"cpu(\d+) (.*)", line)
         if m:
-            v = [int(x) for x in m.group(2).split()]
-            idle = v[3] + v[4]  # idle + iowait
-            total = sum(v[:8])  # user..steal; guest time is already inside user
-            out[int(m.group(1))] = (total - idle, total)
+            user, nice, system, idle, iowait, irq, softirq, steal = (
+                int(x) for x in m.group(2).split()[:8])
+            out[int(m.group(1))] = CoreTicks(user + nice + system + steal, irq + softirq,
+                                             user + nice + system + idle + iowait + irq + softirq
+                                             + steal)
     return out
 
 
-def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
-              core: int) -> float:
-    b0, t0 = before.get(core, (0, 0))
-    b1, t1 = after.get(core, (0, 0))
-    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+def core_share(before: dict[int, CoreTicks], after: dict[int, CoreTicks], core: int
+               ) -> tuple[float, float]:
+    """(process share, irq+softirq share) of one core between two readings."""
+    b, a = before.get(core), after.get(core)
+    if a is None or b is None or a.total <= b.total:
+        return 0.0, 0.0
+    span = a.total - b.total
+    return (a.task - b.task) / span, (a.softirq - b.softirq) / span
 
 
 def probe(port: int, path: str, timeout: float = PROBE_TIMEOUT) -> tuple[int, int]:
@@ -348,11 +362,11 @@ def parse_wrk(text: str) -> WrkResult:
     )
 
 
-def run_wrk(port: int, path: str, conns: int, threads: int, seconds: float,
+def run_wrk(port: int, path: str, conns: int, threads: int, seconds: int,
             nice: int = 0) -> WrkResult:
     argv = [*_nice(nice), "taskset", "-c", str(RIG_CORE), "wrk", "--latency", f"-t{threads}",
             f"-c{conns}",
-            f"-d{seconds:g}s", f"--timeout={WRK_REQUEST_TIMEOUT}", f"http://127.0.0.1:{port}{path}"]
+            f"-d{seconds}s", f"--timeout={WRK_REQUEST_TIMEOUT}", f"http://127.0.0.1:{port}{path}"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + WRK_GRACE,
                           check=False)
     if done.returncode != 0:
@@ -423,8 +437,12 @@ def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
     elif name == "lbproxy":
         conf = d / "lbproxy.toml"
         conf.write_text(lbproxy_config(rules, port, backend_port, d, access_log))
+        # PYTHONPATH: import this checkout's packages even if the venv's editable-install finder
+        # is stale (it was generated when the packages had no __init__.py, and then resolves
+        # `acmeclient` as a namespace package from any directory but the repo root).
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = Proc(name, [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning"],
-                    PROXY_CORE, d, nice=nice)
+                    PROXY_CORE, d, nice=nice, env=env)
     else:
         raise ValueError(name)
     try:
@@ -471,7 +489,8 @@ class Cell:
     cpu_us_per_req: float  # proxy user+sys per request
     proxy_cpu: float  # proxy CPU seconds / wall seconds (1.0 = its core saturated)
     backend_cpu: float
-    core0_busy: float
+    core0_tasks: float  # share of core 0 running processes (the proxy and anything else)
+    core0_softirq: float  # share of core 0 in irq/softirq (network stack, not in proxy_cpu)
     core1_busy: float
     errors: int  # socket errors + non-2xx
     error: str = ""  # set when the cell could not be measured
@@ -479,7 +498,13 @@ class Cell:
     @property
     def noise(self) -> float:
         """Share of core 0 used by something other than the proxy (other engineers' work)."""
-        return max(0.0, self.core0_busy - self.proxy_cpu)
+        return max(0.0, self.core0_tasks - self.proxy_cpu)
+
+
+def failed_cell(proxy: str, size: str, conns: int, rnd: int, why: str) -> Cell:
+    return Cell(proxy, size, conns, rnd, rps=0, requests=0, p50_us=0, p99_us=0, cpu_us_per_req=0,
+                proxy_cpu=0, backend_cpu=0, core0_tasks=0, core0_softirq=0, core1_busy=0,
+                errors=0, error=why[:500] or "failed")
 
 
 def measure(proxy: str, run: Running, backend: Running, port: int, size: str, conns: int,
@@ -492,11 +517,12 @@ def measure(proxy: str, run: Running, backend: Running, port: int, size: str, co
     p1, b1, t1 = cpu_seconds(run.measured_pid), cpu_seconds(backend.measured_pid), time.monotonic()
     c1 = core_times()
     wall = t1 - t0
+    tasks0, si0 = core_share(c0, c1, PROXY_CORE)
     return Cell(proxy=proxy, size=size, conns=conns, round=rnd, rps=w.rps, requests=w.requests,
                 p50_us=w.p50_us, p99_us=w.p99_us,
                 cpu_us_per_req=(p1 - p0) / max(w.requests, 1) * 1e6,
                 proxy_cpu=(p1 - p0) / wall, backend_cpu=(b1 - b0) / wall,
-                core0_busy=core_busy(c0, c1, PROXY_CORE), core1_busy=core_busy(c0, c1, RIG_CORE),
+                core0_tasks=tasks0, core0_softirq=si0, core1_busy=sum(core_share(c0, c1, RIG_CORE)),
                 errors=w.socket_errors + w.non_2xx)
 
 
@@ -521,8 +547,7 @@ def bench_proxy(proxy: str, workdir: Path, backend: Running, backend_port: int,
             try:
                 cell = measure(proxy, run, backend, port, size, conns, rnd, args)
             except (RuntimeError, ValueError, subprocess.TimeoutExpired, OSError) as e:
-                cell = Cell(proxy, size, conns, rnd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                            error=str(e)[:500])
+                cell = failed_cell(proxy, size, conns, rnd, str(e))
             results.append(cell)
             print(f"  {proxy:8} {size:5} c={conns:<4} {fmt_cell(cell)}", flush=True)
             if not run.proc.alive():
@@ -533,8 +558,9 @@ def bench_proxy(proxy: str, workdir: Path, backend: Running, backend_port: int,
     lines = count_lines(run.access_log)
     log_info: dict[str, object] = {"access_log_lines": lines,
                                    "access_log_bytes": _size(run.access_log)}
-    with contextlib.suppress(OSError):
-        run.access_log.unlink()  # ~100 bytes per request: do not fill /tmp over many runs
+    if not args.keep:
+        with contextlib.suppress(OSError):
+            run.access_log.unlink()  # ~100 bytes per request: do not fill /tmp over many runs
     return results, log_info
 
 
@@ -551,15 +577,27 @@ def fmt_cell(c: Cell) -> str:
     err = f"  errors={c.errors}" if c.errors else ""
     return (f"{c.rps:9.0f} req/s  p50 {c.p50_us / 1e3:6.2f} ms  p99 {c.p99_us / 1e3:6.2f} ms  "
             f"{c.cpu_us_per_req:5.1f} us CPU/req  proxy {c.proxy_cpu:4.0%}  "
-            f"core0 noise {c.noise:4.0%}  core1 {c.core1_busy:4.0%}{err}")
+            f"noise0 {c.noise:4.0%} si0 {c.core0_softirq:4.0%}  core1 {c.core1_busy:4.0%}{err}")
 
 
 def median_cell(cells: list[Cell]) -> Cell:
+    """Each figure's median over the rounds that ran (the lower median: a value that was
+    actually observed), so one disturbed round moves neither req/s nor p99."""
     ok = [c for c in cells if not c.error]
     if not ok:
         return cells[0]
-    ok.sort(key=lambda c: c.rps)
-    return ok[(len(ok) - 1) // 2]  # the lower median: a real run, not an average of two
+    if len(ok) == 1:
+        return ok[0]
+
+    def med(name: str) -> float:
+        return float(statistics.median_low(getattr(c, name) for c in ok))
+
+    return Cell(ok[0].proxy, ok[0].size, ok[0].conns, round=-1, rps=med("rps"),
+                requests=int(med("requests")), p50_us=med("p50_us"), p99_us=med("p99_us"),
+                cpu_us_per_req=med("cpu_us_per_req"), proxy_cpu=med("proxy_cpu"),
+                backend_cpu=med("backend_cpu"), core0_tasks=med("core0_tasks"),
+                core0_softirq=med("core0_softirq"), core1_busy=med("core1_busy"),
+                errors=int(med("errors")))
 
 
 def verdict(table: dict[tuple[str, str, int], Cell], size: str, conns: int
@@ -576,7 +614,7 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
                 cells: Sequence[tuple[str, int]]) -> list[dict[str, object]]:
     verdicts: list[dict[str, object]] = []
     hdr = (f"{'cell':12} {'proxy':8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us CPU/req':>10} "
-           f"{'proxy CPU':>9} {'noise0':>6} {'core1':>6} {'errors':>6}")
+           f"{'proxy CPU':>9} {'noise0':>6} {'si0':>5} {'core1':>6} {'errors':>6}")
     print("\n" + hdr)
     print("-" * len(hdr))
     for size, conns in cells:
@@ -590,6 +628,7 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
             else:
                 print(f"{label:12} {p:8} {c.rps:9.0f} {c.p50_us / 1e3:7.2f} {c.p99_us / 1e3:7.2f} "
                       f"{c.cpu_us_per_req:10.1f} {c.proxy_cpu:9.0%} {c.noise:6.0%} "
+                      f"{c.core0_softirq:5.0%} "
                       f"{c.core1_busy:6.0%} {c.errors:6d}")
             label = ""
         rr, pr, v = verdict(table, size, conns)
@@ -605,12 +644,14 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured cell")
-    ap.add_argument("--warmup", type=float, default=None,
+    ap.add_argument("--duration", type=int, default=10,
+                    help="whole seconds per measured cell (wrk takes whole seconds)")
+    ap.add_argument("--warmup", type=int, default=None,
                     help="seconds of warm-up wrk before each cell (default: duration/5, >= 1)")
     ap.add_argument("--quick", action="store_true", help="3 s cells, 1 s warm-up (smoke run)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the whole sweep N times (proxies interleaved); report the median")
+                    help="repeat the whole sweep N times (proxies interleaved); report each "
+                         "figure's median over the rounds")
     ap.add_argument("--threads", type=int, default=1, choices=(1, 2), help="wrk threads")
     ap.add_argument("--only", default=",".join(PROXIES),
                     help="comma-separated subset of " + ",".join(PROXIES))
@@ -627,12 +668,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.duration = 3.0
-        args.warmup = 1.0
+        args.duration = 3
+        args.warmup = 1
     if args.warmup is None:
-        args.warmup = max(1.0, args.duration / 5)
-    if not 1 <= args.rounds <= 10 or not 0.5 <= args.duration <= 600 or not 0 <= args.rules <= 1000:
-        ap.error("--rounds must be 1..10, --duration 0.5..600, --rules 0..1000")
+        args.warmup = max(1, args.duration // 5)
+    if not 1 <= args.rounds <= 10 or not 1 <= args.duration <= 600 or not 0 <= args.rules <= 1000:
+        ap.error("--rounds must be 1..10, --duration 1..600, --rules 0..1000")
     return args
 
 
@@ -732,8 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 rnd, args)
                     except RuntimeError as e:
                         print(f"  {p}: FAILED: {e}")
-                        res = [Cell(p, s, c, rnd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, error=str(e)[:500])
-                               for s, c in cells]
+                        res = [failed_cell(p, s, c, rnd, str(e)) for s, c in cells]
                         info = {"error": str(e)[:2000]}
                     all_cells.extend(res)
                     info["requests_measured"] = sum(c.requests for c in res)

@@ -44,6 +44,11 @@ COMBINE_FROM = 3
 # The heads filter of a prefix table compares this many leading characters at most: enough to
 # tell "/api" from "/app", short enough that few keys are shorter.
 HEAD = 4
+# Up to this many distinct heads are tested with one str.startswith/endswith(tuple) call (no
+# slice); more go in a set.
+FEW_HEADS = 8
+# Tables with fewer keys than this are cheaper to test key by key.
+FILTER_FROM = 3
 # Up to this many free regexes are written out inline; more run in a loop that stops early.
 INLINE_FREE = 8
 
@@ -208,6 +213,8 @@ class _Table:
     values: dict[str, Value]
     missing: Value
     with_runners: bool
+    with_negated: bool
+    none: int  # "no rule": the number of rules
 
 
 def _table(kind: str, folded: bool, entries: list[_Entry], n: int) -> _Table:
@@ -230,7 +237,8 @@ def _table(kind: str, folded: bool, entries: list[_Entry], n: int) -> _Table:
         values[key] = (_first_fire(hit, negated, n), runners[rkey])
     missing: Value = (_first_fire([], negated, n), None)
     return _Table(kind, folded, values, missing,
-                  with_runners=any(e.search is not None for e in entries))
+                  with_runners=any(e.search is not None for e in entries),
+                  with_negated=bool(negated), none=n)
 
 
 # --- writing the function ----------------------------------------------------------------------
@@ -275,48 +283,83 @@ def _subject_lines(out: _Source, d: int, g: _Group) -> None:
         out.add(d, f"s = {out.const('body', body_text)}(req)")
 
 
-def _table_lines(out: _Source, d: int, t: _Table, var: str, slot: int) -> str | None:
-    """Look `var` up in table `t`: lower `best`; return the variable holding the runner."""
-    v, c = f"v{slot}", f"c{slot}"
-    target = f"{v}, {c}" if t.with_runners else v
+def _prefilter(keys: list[str], suffix: bool) -> tuple[str, int, frozenset[str] | tuple[str, ...]]:
+    """How to rule out, cheaply, that a subject starts (ends, for a suffix table whose keys are
+    reversed) with any key, by its first (last) k <= HEAD characters: ("tuple", k, heads) for one
+    str.startswith/endswith call when the heads are few, ("set", k, heads) for a slice and a set
+    lookup, or ("none", 0, ()) when no test helps (an empty key matches everything)."""
+    if not keys or "" in keys:
+        return "none", 0, ()
+    k = min(HEAD, *(len(key) for key in keys))
+    heads = {key[:k][::-1] if suffix else key[:k] for key in keys}
+    if len(heads) <= FEW_HEADS:
+        return "tuple", k, tuple(sorted(heads))
+    return "set", k, frozenset(heads)
 
-    def value(x: Value) -> str:
+
+def _table_lines(out: _Source, d: int, t: _Table, var: str) -> None:
+    """Look subject `var` ("s" or its lowercase "f") up in table `t` and lower `best`; run the
+    candidates of the entry hit. Only a hit costs more than the prefilter."""
+    suffix = t.kind == "suffix"
+
+    def apply(d: int, value: str) -> None:
+        """Lower best by the value held in expression `value` (an int, or (int, runner))."""
+        if t.with_runners:
+            out.add(d, f"v, c = {value}")
+            out.add(d, "if v < best: best = v")
+            out.add(d, "if c is not None: best = c(s, best)")
+        else:
+            out.add(d, f"v = {value}")
+            out.add(d, "if v < best: best = v")
+
+    def apply_missing(d: int) -> None:
+        if t.missing[0] < t.none:  # a negated rule fires when no key is hit
+            out.add(d, f"if {t.missing[0]} < best: best = {t.missing[0]}")
+
+    def const(x: Value) -> str:
         return out.const("val", x if t.with_runners else x[0])
 
     if t.kind == "exact":
         table = {k: (x if t.with_runners else x[0]) for k, x in t.values.items()}
-        out.add(d, f"{target} = {out.const('exact', table)}.get({var}, {value(t.missing)})")
-    else:
-        # Most subjects start with none of the keys: one slice and set lookup rules that out
-        # before any regex runs (keys are cut to their shortest length, at most HEAD).
-        k = min(HEAD, *(len(key) for key in t.values))
-        if k > 0 and len(t.values) > 1:
-            heads = frozenset(key[:k] for key in t.values)
-            out.add(d, f"if {var}[:{k}] not in {out.const('heads', heads)}: "
-                       f"{target} = {value(t.missing)}")
-            out.add(d, "else:")
-            d += 1
-        if len(t.values) <= SMALL:
-            keyed = sorted(t.values.items(), key=lambda kv: -len(kv[0]))
-            for j, (key, x) in enumerate(keyed):
-                word = "if" if j == 0 else "elif"
-                out.add(d, f"{word} {var}.startswith({out.const('key', key)}): "
-                           f"{target} = {value(x)}")
-            out.add(d, f"else: {target} = {value(t.missing)}")
+        apply(d, f"{out.const('exact', table)}.get({var}, {const(t.missing)})")
+        return
+    keys = list(t.values)
+    how, k, heads = _prefilter(keys, suffix)
+    filtered = how != "none" and len(keys) >= FILTER_FROM
+    if filtered:
+        if how == "tuple":
+            method = "endswith" if suffix else "startswith"
+            out.add(d, f"if {var}.{method}({out.const('heads', heads)}):")
         else:
-            plain = {key: (x if t.with_runners else x[0]) for key, x in t.values.items()}
-            missing = t.missing if t.with_runners else t.missing[0]
-            match = trie_match(plain)
-            if match is not None:
-                out.add(d, f"m = {out.const('trie', match)}({var})")
-                out.add(d, f"{target} = {out.const('table', plain)}[m.group()] "
-                           f"if m is not None else {out.const('val', missing)}")
-            else:
-                look = prefix_lookup(plain, missing)
-                out.add(d, f"{target} = {out.const('look', look)}({var})")
-        d -= 1 if k > 0 and len(t.values) > 1 else 0
-    out.add(d, f"if {v} < best: best = {v}")
-    return c if t.with_runners else None
+            cut = f"{var}[-{k}:]" if suffix else f"{var}[:{k}]"
+            out.add(d, f"if {cut} in {out.const('heads', heads)}:")
+        d += 1
+    if len(keys) <= SMALL:  # a few startswith/endswith calls, longest key first; no reversal
+        method = "endswith" if suffix else "startswith"
+        for j, key in enumerate(sorted(keys, key=len, reverse=True)):
+            text = out.const("key", key[::-1] if suffix else key)
+            out.add(d, f"{'if' if j == 0 else 'elif'} {var}.{method}({text}):")
+            apply(d + 1, const(t.values[key]))
+        if t.missing[0] < t.none:
+            out.add(d, "else:")
+            apply_missing(d + 1)
+    else:
+        plain = {key: (x if t.with_runners else x[0]) for key, x in t.values.items()}
+        subject = f"{var}[::-1]" if suffix else var
+        match = trie_match(plain)
+        if match is not None:
+            out.add(d, f"m = {out.const('trie', match)}({subject})")
+            out.add(d, "if m is not None:")
+            apply(d + 1, f"{out.const('table', plain)}[m.group()]")
+            if t.missing[0] < t.none:
+                out.add(d, "else:")
+                apply_missing(d + 1)
+        else:
+            look = prefix_lookup(plain, t.missing if t.with_runners else t.missing[0])
+            apply(d, f"{out.const('look', look)}({subject})")
+    if filtered and t.missing[0] < t.none:
+        out.add(d - 1, "else:")
+        apply_missing(d)
 
 
 def _free_lines(out: _Source, d: int, free: list[_Candidate]) -> None:
@@ -361,20 +404,8 @@ def _group_lines(out: _Source, g: _Group, n: int) -> None:
     folded = any(f for _, f in g.tables)
     if folded:
         out.add(d, "f = s.lower()")
-    reversed_vars: set[str] = set()
-    runner_vars: list[str] = []
-    for slot, ((kind, fold), entries) in enumerate(sorted(g.tables.items())):
-        var = "f" if fold else "s"
-        if kind == "suffix":
-            if var not in reversed_vars:
-                out.add(d, f"r{var} = {var}[::-1]")
-                reversed_vars.add(var)
-            var = "r" + var
-        c = _table_lines(out, d, _table(kind, fold, entries, n), var, slot)
-        if c is not None:
-            runner_vars.append(c)
-    for c in runner_vars:
-        out.add(d, f"if {c} is not None: best = {c}(s, best)")
+    for (kind, fold), entries in sorted(g.tables.items()):
+        _table_lines(out, d, _table(kind, fold, entries, n), "f" if fold else "s")
     _free_lines(out, d, g.free)
 
 

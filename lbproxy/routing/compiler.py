@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.model import ContentRule, MatchOn, MatchType
-from .prefixes import SMALL, prefix_lookup, trie_match
+from .prefixes import prefix_lookup, trie_match
 from .shapes import Shape, analyze, factor
 from .subjects import RequestInfo, Subject, SubjectKey, body_text, hostname, predicate, subject_for
 
@@ -38,19 +38,32 @@ Search = Callable[[str], "re.Match[str] | None"]
 # Runs a table entry's candidate regexes: (subject, best so far) -> new best.
 Runner = Callable[[str, int], int]
 
-# A combined regex pays off from this many start-anchored regexes on one text (fewer: one
-# re.search each is as cheap).
-COMBINE_FROM = 3
-# The heads filter of a prefix table compares this many leading characters at most: enough to
-# tell "/api" from "/app", short enough that few keys are shorter.
-HEAD = 4
-# Up to this many distinct heads are tested with one str.startswith/endswith(tuple) call (no
-# slice); more go in a set.
-FEW_HEADS = 8
-# Tables with fewer keys than this are cheaper to test key by key.
-FILTER_FROM = 3
-# Up to this many free regexes are written out inline; more run in a loop that stops early.
-INLINE_FREE = 8
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Where the compiler switches between ways of doing the same thing (all give the same
+    answers; tests move these to reach every way with few rules). Measured on the 2-core bench
+    machine with bench/rules_bench.py."""
+
+    # Up to this many keys, a table is a chain of startswith/endswith calls; more: a trie regex
+    # (one re.match costs about as much as four startswith calls).
+    small: int = 4
+    # Tables with at least this many keys get a head/tail prefilter first.
+    filter_from: int = 3
+    # The prefilter compares this many leading (trailing) characters at most: enough to tell
+    # "/api" from "/app", short enough that few keys are shorter.
+    head: int = 4
+    # Up to this many distinct heads are tested by one str.startswith/endswith(tuple) call (no
+    # slice); more go in a set. Heads shorter than 3 characters are only used when no key is
+    # longer (a lone "/" rules nothing out).
+    few_heads: int = 8
+    # From this many start-anchored regexes on one literal, they run as one combined regex
+    # (fewer: one re.search each is as cheap).
+    combine_from: int = 3
+    # Up to this many free regexes are written out inline; more run in a loop that stops early.
+    inline_free: int = 8
+
+
+DEFAULT_TUNING = Tuning()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +169,7 @@ def _combo(entries: list[_Entry]) -> _Combo:
                   tuple(marks))
 
 
-def _runner(hit: list[_Entry]) -> Runner | None:
+def _runner(hit: list[_Entry], tuning: Tuning) -> Runner | None:
     """The function running the candidate regexes a table entry hit (None: there are none)."""
     cands = sorted({id(e): e for e in hit if e.search is not None}.values(),
                    key=lambda e: e.index)
@@ -166,7 +179,7 @@ def _runner(hit: list[_Entry]) -> Runner | None:
     for e in cands:
         if e.combine is not None:
             by_key.setdefault((e.keys[0], e.combine[1]), []).append(e)
-    groups = [same for same in by_key.values() if len(same) >= COMBINE_FROM]
+    groups = [same for same in by_key.values() if len(same) >= tuning.combine_from]
     combined = {id(e) for same in groups for e in same}
     combos = tuple(sorted((_combo(same) for same in groups), key=lambda c: c.lowest))
     singles = tuple((e.index, e.search, e.negate) for e in cands
@@ -217,7 +230,7 @@ class _Table:
     none: int  # "no rule": the number of rules
 
 
-def _table(kind: str, folded: bool, entries: list[_Entry], n: int) -> _Table:
+def _table(kind: str, folded: bool, entries: list[_Entry], n: int, tuning: Tuning) -> _Table:
     by_key: dict[str, list[_Entry]] = {}
     for e in entries:
         for k in e.keys:
@@ -233,7 +246,7 @@ def _table(kind: str, folded: bool, entries: list[_Entry], n: int) -> _Table:
         hit = [e for k in chain for e in by_key[k]]
         rkey = tuple(k for k in chain if any(e.search is not None for e in by_key[k]))
         if rkey not in runners:
-            runners[rkey] = _runner(hit)
+            runners[rkey] = _runner(hit, tuning)
         values[key] = (_first_fire(hit, negated, n), runners[rkey])
     missing: Value = (_first_fire([], negated, n), None)
     return _Table(kind, folded, values, missing,
@@ -272,7 +285,8 @@ def _subject_lines(out: _Source, d: int, g: _Group) -> None:
             out.add(d, f"s = {base}")
     elif kind == MatchOn.HOST.value:
         out.add(d, "s = req.host")
-        out.add(d, f'if ":" in s: s = {out.const("hostname", hostname)}(s)')
+        out.add(d, f'if ":" in s: s = s.partition(":")[0] if s[0] != "[" '
+                   f'else {out.const("hostname", hostname)}(s)')
     elif kind == MatchOn.METHOD.value:
         out.add(d, "s = req.method")
     elif kind == MatchOn.SRC_IP.value:
@@ -283,21 +297,24 @@ def _subject_lines(out: _Source, d: int, g: _Group) -> None:
         out.add(d, f"s = {out.const('body', body_text)}(req)")
 
 
-def _prefilter(keys: list[str], suffix: bool) -> tuple[str, int, frozenset[str] | tuple[str, ...]]:
+def _prefilter(keys: list[str], suffix: bool, tuning: Tuning
+               ) -> tuple[str, int, frozenset[str] | tuple[str, ...]]:
     """How to rule out, cheaply, that a subject starts (ends, for a suffix table whose keys are
-    reversed) with any key, by its first (last) k <= HEAD characters: ("tuple", k, heads) for one
-    str.startswith/endswith call when the heads are few, ("set", k, heads) for a slice and a set
-    lookup, or ("none", 0, ()) when no test helps (an empty key matches everything)."""
+    reversed) with any key, by its first (last) k <= tuning.head characters: ("tuple", k, heads)
+    for one str.startswith/endswith call when the heads are few, ("set", k, heads) for a slice
+    and a set lookup, or ("none", 0, ()) when no test helps (an empty key matches everything)."""
     if not keys or "" in keys:
         return "none", 0, ()
-    k = min(HEAD, *(len(key) for key in keys))
-    heads = {key[:k][::-1] if suffix else key[:k] for key in keys}
-    if len(heads) <= FEW_HEADS:
-        return "tuple", k, tuple(sorted(heads))
-    return "set", k, frozenset(heads)
+    longest = min(tuning.head, *(len(key) for key in keys))
+    for k in range(longest, min(longest, 3) - 1, -1):
+        heads = {key[:k][::-1] if suffix else key[:k] for key in keys}
+        if len(heads) <= tuning.few_heads:
+            return "tuple", k, tuple(sorted(heads))
+    return "set", longest, frozenset(key[:longest][::-1] if suffix else key[:longest]
+                                     for key in keys)
 
 
-def _table_lines(out: _Source, d: int, t: _Table, var: str) -> None:
+def _table_lines(out: _Source, d: int, t: _Table, var: str, tuning: Tuning) -> None:
     """Look subject `var` ("s" or its lowercase "f") up in table `t` and lower `best`; run the
     candidates of the entry hit. Only a hit costs more than the prefilter."""
     suffix = t.kind == "suffix"
@@ -324,8 +341,8 @@ def _table_lines(out: _Source, d: int, t: _Table, var: str) -> None:
         apply(d, f"{out.const('exact', table)}.get({var}, {const(t.missing)})")
         return
     keys = list(t.values)
-    how, k, heads = _prefilter(keys, suffix)
-    filtered = how != "none" and len(keys) >= FILTER_FROM
+    how, k, heads = _prefilter(keys, suffix, tuning)
+    filtered = how != "none" and len(keys) >= tuning.filter_from
     if filtered:
         if how == "tuple":
             method = "endswith" if suffix else "startswith"
@@ -334,7 +351,7 @@ def _table_lines(out: _Source, d: int, t: _Table, var: str) -> None:
             cut = f"{var}[-{k}:]" if suffix else f"{var}[:{k}]"
             out.add(d, f"if {cut} in {out.const('heads', heads)}:")
         d += 1
-    if len(keys) <= SMALL:  # a few startswith/endswith calls, longest key first; no reversal
+    if len(keys) <= tuning.small:  # a few startswith/endswith calls, longest key first; no reversal
         method = "endswith" if suffix else "startswith"
         for j, key in enumerate(sorted(keys, key=len, reverse=True)):
             text = out.const("key", key[::-1] if suffix else key)
@@ -362,9 +379,9 @@ def _table_lines(out: _Source, d: int, t: _Table, var: str) -> None:
         apply_missing(d)
 
 
-def _free_lines(out: _Source, d: int, free: list[_Candidate]) -> None:
+def _free_lines(out: _Source, d: int, free: list[_Candidate], tuning: Tuning) -> None:
     free = sorted(free, key=lambda c: c.index)
-    if len(free) <= INLINE_FREE:
+    if len(free) <= tuning.inline_free:
         for c in free:
             test = "is None" if c.negate else "is not None"
             out.add(d, f"if {c.index} < best and {out.const('rx', c.search)}(s) {test}: "
@@ -383,7 +400,7 @@ def _free_lines(out: _Source, d: int, free: list[_Candidate]) -> None:
     out.add(d, f"best = {out.const('free', run_free)}(s, best)")
 
 
-def _group_lines(out: _Source, g: _Group, n: int) -> None:
+def _group_lines(out: _Source, g: _Group, n: int, tuning: Tuning) -> None:
     out.add(1, f"if {g.lowest} < best:  # subject {'/'.join(g.key)}")
     d = 2
     _subject_lines(out, d, g)
@@ -405,8 +422,8 @@ def _group_lines(out: _Source, g: _Group, n: int) -> None:
     if folded:
         out.add(d, "f = s.lower()")
     for (kind, fold), entries in sorted(g.tables.items()):
-        _table_lines(out, d, _table(kind, fold, entries, n), "f" if fold else "s")
-    _free_lines(out, d, g.free)
+        _table_lines(out, d, _table(kind, fold, entries, n, tuning), "f" if fold else "s", tuning)
+    _free_lines(out, d, g.free, tuning)
 
 
 def _flag_runner(flagged: list[tuple[int, ContentRule]]) -> Callable[[RequestInfo, int], int]:
@@ -443,7 +460,8 @@ class Compiled:
     source: str
 
 
-def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...]) -> Compiled:
+def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...],
+                  tuning: Tuning = DEFAULT_TUNING) -> Compiled:
     """`rules` in precedence order, None for `default`; outcomes[i] is route()'s answer when rule
     i decides, outcomes[len(rules)] when none does."""
     n = len(rules)
@@ -464,7 +482,7 @@ def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...]) ->
     out.add(0, "def first(req):")
     out.add(1, f"best = {cap}")
     for g in sorted(groups.values(), key=lambda g: g.lowest):
-        _group_lines(out, g, n)
+        _group_lines(out, g, n, tuning)
     if flagged:
         out.add(1, f"if {flagged[0][0]} < best: "
                    f"best = {out.const('flags', _flag_runner(flagged))}(req, best)")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from ..config.model import DEFAULT_RULE, ContentRule, VirtualService, rule_order
 from ..errors import ConfigError, ConfigProblem
-from .compiler import compile_rules, needs_body
+from .compiler import DEFAULT_TUNING, Tuning, compile_rules, needs_body
 from .subjects import RequestInfo
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 NO_MATCH: int = -1
 REFUSE: int = -2
 
-__all__ = ["NO_MATCH", "REFUSE", "RequestInfo", "Router", "compile_router"]
+__all__ = ["NO_MATCH", "REFUSE", "RequestInfo", "Router", "Tuning", "compile_router"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +71,10 @@ class Router:
         return self._outcomes[i], (i if i < len(self.rule_names) else NO_MATCH)
 
 
-def compile_router(vs: VirtualService, rules: Mapping[str, ContentRule]) -> Router:
-    """Compile `vs`'s rules (named in `rule_order(vs)`, defined in `rules`) into a Router."""
+def compile_router(vs: VirtualService, rules: Mapping[str, ContentRule], *,
+                   tuning: Tuning = DEFAULT_TUNING) -> Router:
+    """Compile `vs`'s rules (named in `rule_order(vs)`, defined in `rules`) into a Router.
+    `tuning` only changes how fast it is, never an answer (tests use it)."""
     order = rule_order(vs)
     subvs_index = {s.name: i for i, s in enumerate(vs.subvs)}
     problems = [ConfigProblem(f"vs {vs.name!r}", f"unknown content rule {rn!r}")
@@ -84,7 +86,7 @@ def compile_router(vs: VirtualService, rules: Mapping[str, ContentRule]) -> Rout
     ordered = [None if rn == DEFAULT_RULE else rules[rn] for rn, _ in order]
     outcomes = (*(REFUSE if r is not None and r.fail_on_match else subvs_index[sn]
                   for r, (_, sn) in zip(ordered, order, strict=True)), NO_MATCH)
-    compiled = compile_rules(ordered, outcomes)
+    compiled = compile_rules(ordered, outcomes, tuning)
     return Router(
         subvs_names=tuple(s.name for s in vs.subvs),
         rule_names=tuple(rn for rn, _ in order),

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lbproxy.config.model import ContentRule, MatchOn, MatchType, VirtualService
-from lbproxy.routing import compile_router
+from lbproxy.routing import Tuning, compile_router
 
 from .reference import FakeRequest, make_vs, reference_route
 
@@ -156,15 +156,31 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return vs, defined, reqs
 
 
+def tuning_from(v: int) -> Tuning:
+    """Thresholds decoded from one integer, from "every shortcut" to "none": the same rules then
+    compile into tries instead of startswith chains, set instead of tuple prefilters, combined
+    regexes instead of single ones, loops instead of inline code."""
+    v, small = divmod(v, 3)
+    v, filter_from = divmod(v, 3)
+    v, head = divmod(v, 3)
+    v, few = divmod(v, 3)
+    v, combine = divmod(v, 4)
+    v, inline = divmod(v, 2)
+    return Tuning(small=[0, 1, 4][small], filter_from=[0, 3, 100][filter_from],
+                  head=[1, 2, 4][head], few_heads=[0, 1, 8][few],
+                  combine_from=[1, 2, 3, 100][combine], inline_free=[0, 8][inline])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_router_agrees_with_reference(scenario: Scenario) -> None:
+@given(scenarios(), st.integers(0, 3 ** 4 * 4 * 2 - 1).map(tuning_from))
+def test_router_agrees_with_reference(scenario: Scenario, tuning: Tuning) -> None:
     vs, defined, reqs = scenario
-    router = compile_router(vs, defined)
+    routers = [compile_router(vs, defined), compile_router(vs, defined, tuning=tuning)]
     for req in reqs:
         want = reference_route(vs, defined, req)
-        assert router.route_with_rule(req) == want, req
-        assert router.route(req) == want[0]
+        for router in routers:
+            assert router.route_with_rule(req) == want, (req, router.source)
+            assert router.route(req) == want[0]
 
 
 def test_samples_hit_their_rules() -> None:

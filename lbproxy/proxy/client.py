@@ -400,7 +400,8 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             if req.chunked:
                 self._up_send(up, b"0\r\n\r\n")  # type: ignore[arg-type]
-            if req is self.cur and not req.resp_started:
+            if self.dkind == D_REQUEST and req is self.cur and not req.resp_started:
+                # The body went out whole: now the real server has first_byte to answer.
                 self.deadline = self.loop.time() + req.svc.t_first_byte  # type: ignore[attr-defined]
                 self.dkind = D_FIRST_BYTE
         elif req.waiting_route:

@@ -180,3 +180,41 @@ async def test_https_vs(dataplane: DataPlane, upstream: Upstream) -> None:
             c.close()
     finally:
         await dp.shutdown(0.5)
+
+
+async def test_protocol_change_reopens_the_listener(upstream: Upstream) -> None:
+    import socket
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("www.example")
+
+    def factory(vs: VirtualService) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        return ctx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plain = VirtualService(name="web", listen=Address("127.0.0.1", port),
+                           real_servers=rs(upstream.port), health_check=NO_CHECK)
+    tls = dataclasses.replace(plain, protocol=Protocol.HTTPS, tls=TLSSettings(certificates=("c",)))
+    dp = DataPlane(tls_factory=factory)
+    try:
+        await dp.apply(runtime(plain))
+        async with asyncio.timeout(T):
+            c = await Client.connect(port)
+            assert (await c.request()).status == 200
+            await dp.apply(runtime(tls, generation=2))
+            # The open plain connection was on the old listener: it drains (idle: closed now).
+            assert await c.closed()
+            client_ctx = ssl.create_default_context()
+            ca.configure_trust(client_ctx)
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx,
+                                                 server_hostname="www.example")
+            resp = await Client(r, w).request(host="www.example")
+            seen = {k.lower(): v for k, v in resp.json()["headers"]}
+            assert seen["x-forwarded-proto"] == "https"
+            w.close()
+    finally:
+        await dp.shutdown(0.5)

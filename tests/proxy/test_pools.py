@@ -152,3 +152,37 @@ async def test_health_check_takes_a_dead_server_out(dataplane: DataPlane,
         c.close()
     servers = dataplane.stats()["virtual_services"]["web"]["real_servers"]
     assert servers[0]["failures"] == 0 and servers[1]["requests"] == 6
+
+
+async def test_half_closed_client_still_gets_its_answer(dataplane: DataPlane,
+                                                        upstream: Upstream) -> None:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        await c.send(build(path="/slow?d=0.1"))
+        c.w.write_eof()
+        r = await c.response()
+        assert r.status == 200 and r.body == b"slow"
+        assert await c.closed()
+
+
+async def test_client_gone_mid_response_frees_everything(dataplane: DataPlane,
+                                                         upstream: Upstream) -> None:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        await c.send(build(path=f"/big?n={32 * 1024 * 1024}&cl=1"))
+        await read_head(c.r)
+        await c.r.readexactly(100_000)
+        c.w.transport.abort()
+        for _ in range(200):  # no event tells when the proxy noticed; bounded
+            web = dataplane.stats()["virtual_services"]["web"]
+            if web["connections"]["active"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert web["connections"]["active"] == 0
+        assert web["real_servers"][0]["active"] == 0
+        # The half-read upstream connection was closed, not pooled: a new request works.
+        c2 = await Client.connect(ports["web"])
+        assert (await c2.request(path="/after")).json()["path"] == "/after"
+        c2.close()

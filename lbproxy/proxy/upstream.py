@@ -239,28 +239,38 @@ class UpstreamConnection(asyncio.Protocol):
         status = data[9:12]
         if not status.isdigit() or status[0] < 50 or status in _NO_BODY:  # 50 = ord("2")
             return False
-        head = data[:end + 2]
-        lengths = _CONTENT_LENGTH.findall(head)
-        if len(lengths) != 1 or end + 4 + int(lengths[0]) != len(data):
+        hend = end + 2  # the head's last field ends here; the blank line follows
+        lengths = _CONTENT_LENGTH.findall(data, 0, hend)
+        if len(lengths) != 1 or hend + 2 + int(lengths[0]) != len(data):
             return False
-        i = head.find(_KEEP_ALIVE_LINE)
-        if i >= 0:
-            head = head[:i] + head[i + 24:]
-        m = _HOP_FIELD.search(head)
-        if m is not None:
-            if m.group(1).lower() != b"keep-alive" or _HOP_FIELD.search(head, m.end()):
+        # Hop-by-hop fields to cut: only "Connection: keep-alive" and "Keep-Alive: ..." qualify.
+        cuts = []
+        for m in _HOP_FIELD.finditer(data, 0, hend):
+            name = m.group(1).lower()
+            if name != b"keep-alive" and not (
+                    name == b"connection" and m.group(2).strip().lower() == b"keep-alive"):
                 return False
-            head = head[:m.start()] + head[m.end():]
-        code = int(status)
-        req.status = code
+            cuts.append(m.span())
+        req.status = int(status)
         req.resp_started = True
-        req.resp_bytes = len(data) - end - 4
+        req.resp_bytes = len(data) - hend - 2
+        extra = b""
         if not req.keep_alive or client.closing or req.upgrade:
             req.keep_alive = False
-            head += b"Connection: close\r\n"
+            extra = b"\r\nConnection: close"
         elif req.v10:
-            head += b"Connection: keep-alive\r\n"
-        client.transport.write(head + data[end + 2:])
+            extra = b"\r\nConnection: keep-alive"
+        if not cuts and not extra:
+            out = data  # forwarded as it came
+        else:
+            pieces = []
+            pos = 0
+            for a, b in cuts:
+                pieces.append(data[pos:a])
+                pos = b
+            pieces += (data[pos:end], extra, data[end:])
+            out = b"".join(pieces)
+        client.transport.write(out)
         # As on_message_complete: detach, back to the pool, tell the client.
         self.client = None
         self.ctransport = None

@@ -41,7 +41,8 @@ class RegexShape:
     # The end anchor is `$` (not `\Z`): it also matches just before one final newline.
     newline_end: bool = False
     # Can be one alternative of a combined regex: no group references (numbering shifts), no named
-    # groups (names would clash), no global inline flags (they must lead the whole pattern).
+    # groups (names would clash), no global inline flags like `(?i)` (they must lead the whole
+    # pattern; a rule's ignore_case is a compile flag instead).
     combinable: bool = False
 
 
@@ -60,6 +61,15 @@ def _load_parser() -> tuple[Any, Any] | None:
 _SRE = _load_parser()
 
 
+def _wraps(pattern: str, flags: int) -> bool:
+    """Whether `pattern` still compiles inside a group (global inline flags like `(?i)` do not)."""
+    try:
+        re.compile(f"(?:{pattern})()", flags)
+    except re.error:
+        return False
+    return True
+
+
 def analyze(pattern: str, flags: int = 0) -> RegexShape:
     """The shape of `pattern` compiled with `flags`; FREE whenever in doubt."""
     if _SRE is None:
@@ -72,7 +82,7 @@ def analyze(pattern: str, flags: int = 0) -> RegexShape:
     except Exception:  # the pattern compiled, so this is the private parser changing: stay safe
         logger.debug("cannot analyze %r; it will always be run", pattern, exc_info=True)
         return FREE
-    combinable = (eff & ~re.UNICODE) == (flags & ~re.UNICODE) and not _REFERENCES.search(pattern)
+    combinable = not _REFERENCES.search(pattern) and _wraps(pattern, flags)
     folded = bool(eff & re.IGNORECASE)
     multiline = bool(eff & re.MULTILINE)
     starts = {c.AT_BEGINNING_STRING} | (set() if multiline else {c.AT_BEGINNING})

@@ -8,7 +8,7 @@ import pytest
 
 from lbproxy.config.model import BODY_MATCH_LIMIT, ContentRule, MatchOn, MatchType
 from lbproxy.errors import ConfigError
-from lbproxy.routing import NO_MATCH, REFUSE, Router, compile_router
+from lbproxy.routing import NO_MATCH, REFUSE, Router, Tuning, compile_router
 
 from .reference import FakeRequest, make_vs, reference_route
 
@@ -31,10 +31,20 @@ def router_for(rules: list[ContentRule], *, default: bool = False,
     return compile_router(vs, {r.name: r for r in rules}), vs
 
 
+# Thresholds at both extremes: every table a trie with a set prefilter, every regex combined or
+# looped; and no shortcut at all.
+EAGER = Tuning(small=0, filter_from=0, head=2, few_heads=0, combine_from=1, inline_free=0)
+LAZY = Tuning(small=1000, filter_from=1000, combine_from=1000, inline_free=1000)
+
+
 def route(rules: list[ContentRule], req: FakeRequest, **kw: Any) -> int:
     router, vs = router_for(rules, **kw)
     got = router.route(req)
-    assert router.route_with_rule(req) == reference_route(vs, {r.name: r for r in rules}, req)
+    want = reference_route(vs, {r.name: r for r in rules}, req)
+    assert router.route_with_rule(req) == want
+    for tuning in (EAGER, LAZY):
+        other = compile_router(vs, {r.name: r for r in rules}, tuning=tuning)
+        assert other.route_with_rule(req) == want, tuning
     return got
 
 
@@ -334,3 +344,31 @@ def test_1024_rules() -> None:
     early = rule("early", PREFIX, "/app1020/")
     router, _ = router_for([early, *rules])
     assert router.route(FakeRequest(path="/app1020/x")) == 0
+
+
+def test_start_anchored_regexes_on_one_literal_run_combined() -> None:
+    """Several `^/api/v<digits>/...` rules share the literal "/api/v": they run as one regex whose
+    first matching alternative is the first rule; inline flags and group references keep a
+    regex out of the combination (it would not compile or would mean something else)."""
+    rules = [rule("a", REGEX, r"^/api/v\d+/cart/"),
+             rule("b", REGEX, r"(?i)^/api/v\d+/SHOP/", ignore_case=True),
+             rule("c", REGEX, r"^/api/v\d+/(shop|cart)/"),
+             rule("d", REGEX, r"^/api/v\d+/(x)\1/"),
+             rule("e", REGEX, r"^/api/v\d+/"),
+             rule("f", REGEX, r"^/api/v\d+/cart/x", negate=True)]
+    router, vs = router_for(rules)
+    defined = {r.name: r for r in rules}
+    for path, want in [("/api/v2/cart/", 0), ("/api/v2/shop/", 1), ("/api/v2/xx/", 3),
+                       ("/api/v2/other", 4), ("/api/v2", 5), ("/api/v2/cart/x", 0)]:
+        req = FakeRequest(path=path)
+        assert router.route(req) == want, path
+        assert router.route_with_rule(req) == reference_route(vs, defined, req)
+
+
+def test_free_regexes_run_in_order_and_negated() -> None:
+    """Regexes with no literal to go by run one by one (inline or in a loop), first wins."""
+    rules = [rule("a", REGEX, r"\d{3}"), rule("b", REGEX, r"x+y", negate=True),
+             rule("c", REGEX, r"[a-z]+\.php")]
+    for path, want in [("/123", 0), ("/xy/1", NO_MATCH), ("/a.php", 1), ("/xxy/a.php", 2),
+                       ("/xy", NO_MATCH)]:
+        assert route(rules, FakeRequest(path=path)) == want, path

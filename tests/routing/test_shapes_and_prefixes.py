@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lbproxy.routing import prefixes
 from lbproxy.routing.prefixes import prefix_lookup, trie_regex
-from lbproxy.routing.shapes import RegexShape, Shape, analyze
+from lbproxy.routing.shapes import RegexShape, Shape, analyze, factor
 
 ACME = r"^example\.com(:\d+)?/\.well-known/acme-challenge/abc_-1$"
 
@@ -52,7 +52,8 @@ def test_analyze(pattern: str, flags: int, shape: RegexShape) -> None:
     (r"^/api/(en|de)/", 0, True),  # `|` inside a group: fine, alternatives are wrapped
     (r"^/api/v\d+/", re.IGNORECASE, True),
     (r"(?i)^/api/v\d+/", 0, False),  # a global flag must lead the whole combined pattern
-    (r"(?i)^/api/v\d+/", re.IGNORECASE, True),  # ... unless it changes nothing
+    (r"(?i)^/api/v\d+/", re.IGNORECASE, False),  # ... even when it changes nothing
+    (r"(?u)^/api", 0, False),
     (r"^/(a)\1", 0, False),  # group numbers shift
     (r"^/(?P<x>a)", 0, False),  # names would clash
     (r"^/(?P<x>a)(?P=x)", 0, False),
@@ -109,3 +110,41 @@ def test_small_sets_use_startswith(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefixes, "trie_regex", boom)
     look = prefix_lookup({"/a": 1, "/ab": 2}, 0)
     assert (look("/abc"), look("/ax"), look("/b")) == (2, 1, 0)
+
+
+@pytest.mark.parametrize(("patterns", "factored"), [
+    ([r"^/api/v\d+/cart/", r"^/api/v\d+/shop/"], r"^/api/v\d+/(?:(?:cart/)|(?:shop/))"),
+    ([r"^/a{2,3}x", r"^/a{2,4}y"], r"^/(?:(?:a{2,3}x)|(?:a{2,4}y))"),  # not inside {m,n}
+    ([r"^/ab?", r"^/ac"], r"^/(?:(?:ab?)|(?:ac))"),  # not between an atom and its quantifier
+    ([r"^/x\.y", r"^/x\.z"], r"^/x\.(?:(?:y)|(?:z))"),
+    ([r"^/[ab]c", r"^/[ab]d"], r"^/[ab](?:(?:c)|(?:d))"),
+    ([r"^/[ab]c", r"^/[ac]d"], r"^/(?:(?:[ab]c)|(?:[ac]d))"),  # not inside a class
+    ([r"^ab|^ac", r"^ad"], None),  # a top-level | is no clean cut
+    ([r"^/a"], None),
+])
+def test_factor(patterns: list[str], factored: str | None) -> None:
+    assert factor(patterns) == factored
+
+
+FACTOR_ATOMS = ["a", "b", "/", r"\.", ".", "a?", "b*", "[ab]", "(a|b)", r"\d", "{2}", "|", "^",
+                "(", ")"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(FACTOR_ATOMS), max_size=6).map("".join),
+                min_size=2, max_size=4),
+       st.lists(st.text(alphabet="ab/.1", max_size=6), min_size=1, max_size=6))
+def test_factor_matches_iff_one_pattern_does(patterns: list[str], subjects: list[str]) -> None:
+    valid = []
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error:
+            continue
+        valid.append(p)
+    factored = factor(valid)
+    if factored is None:
+        return
+    rx = re.compile(factored)
+    for s in subjects:
+        assert (rx.match(s) is not None) == any(re.match(p, s) for p in valid), (factored, s)

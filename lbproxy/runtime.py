@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .config.model import Config, ContentRule, SubVS, VirtualService, VSKind, rule_order
+from .config.model import Config, ContentRule, SubVS, VirtualService, rule_order
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,20 @@ class Runtime:
     injections: tuple[Injection, ...] = ()
 
     def effective_vs(self, vs: VirtualService) -> VirtualService:
-        """The VS as the data plane runs it: injected SubVSs first, their rules first."""
+        """The VS as shown to operators: injected SubVSs first, their rules first in precedence.
+
+        The data plane answers injected rules in a first-precedence pre-router of its own, ahead
+        of content switching, real servers and redirects, so this view only adds them; it never
+        changes how the VS's own traffic is routed (content switching stays as configured).
+        """
         mine = [i for i in self.injections if i.vs == vs.name]
-        if not mine or vs.kind is not VSKind.PROXY or vs.real_servers:
+        if not mine:
             return vs
         order = tuple(rn for rn, _ in rule_order(vs))
         return dataclasses.replace(
             vs,
             subvs=tuple(i.subvs for i in mine) + vs.subvs,
             precedence=tuple(i.rule.name for i in mine) + order,
-            content_switching=True,
         )
 
     def effective_services(self) -> tuple[VirtualService, ...]:

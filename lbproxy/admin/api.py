@@ -2,7 +2,10 @@
 
 Routes (JSON in, JSON out; errors are {"error": message, "reason"?: code} with a fitting status):
 
-    GET    /api/status                      process, config generation, counts, expiring certs
+    GET    /api/status                      process, config generation, counts, expiring certs;
+                                            every VS with listener, SubVSs, real servers (up,
+                                            connections, requests, requests/s); every
+                                            certificate (days left, next renewal, last error)
     GET    /api/certs                       every certificate with the VSs that use it
     POST   /api/certs                       import {id, cert, key?, chain?, passphrase?, strict?}
                                             or {id, pkcs12 (base64), passphrase?, strict?}
@@ -15,8 +18,10 @@ Routes (JSON in, JSON out; errors are {"error": message, "reason"?: code} with a
     GET    /api/vs/{name}                   one VS: SubVSs, rules in precedence order, servers
 
 Later features add routes through `extra_routes` registrars (the Let's Encrypt manager adds
-/api/le/...); they find the shared objects under the AppKeys below. Request bodies may carry keys
-and passphrases: they are never logged.
+/api/le/... and the certificate status source under CERT_STATUS_KEY; lbproxy.metrics adds
+/metrics); they find the shared objects under the AppKeys below. Every route needs the bearer
+token except the paths given in `open_paths` (e.g. ("/metrics",) for a Prometheus without the
+token). Request bodies may carry keys and passphrases: they are never logged.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hmac
 import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,8 @@ from ..certs.errors import CertInputError
 from ..certs.store import ADMIN_TARGET, CertStore, ImportResult, with_users, write_atomic
 from ..config.model import Protocol, VirtualService, rule_order
 from ..errors import AdminError, StoreError
+from ..events import CertStatus
+from ..metrics import RateMeter, request_counters
 from ..proxy.tls import TLSContexts
 from ..runtime import RuntimeStore
 
@@ -60,6 +68,13 @@ STORE_KEY = web.AppKey("store", CertStore)
 TLS_KEY = web.AppKey("tls", TLSContexts)
 STATS_KEY: web.AppKey[DataplaneStats] = web.AppKey("dataplane_stats")
 STARTED_KEY = web.AppKey("started", float)
+CertStatusSource = Callable[[], Iterable[CertStatus]]
+# Set by the Let's Encrypt manager's registrar: every certificate with its renewal schedule.
+CERT_STATUS_KEY: web.AppKey[CertStatusSource] = web.AppKey("cert_status")
+RATES_KEY = web.AppKey("rates", RateMeter)
+# Requests/s in `status` are averaged over this window, sampled this often (seconds).
+RATE_WINDOW = 60.0
+RATE_SAMPLE_INTERVAL = 10.0
 
 
 def load_or_create_token(state_dir: Path) -> str:
@@ -88,7 +103,7 @@ def _json_error(status: int, message: str, reason: str | None = None) -> web.Res
     return web.json_response(body, status=status)
 
 
-def _auth_middleware(token: str) -> Any:
+def _auth_middleware(token: str, open_paths: Collection[str] = ()) -> Any:
     expected = token.encode()
 
     @web.middleware
@@ -96,6 +111,8 @@ def _auth_middleware(token: str) -> Any:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+        if not ok and request.method == "GET" and request.path in open_paths:
+            ok = True
         if not ok:
             resp = _json_error(401, "missing or wrong bearer token" if header
                                else "missing bearer token")
@@ -134,11 +151,11 @@ def cert_view(store: CertStore, cert_id: str) -> dict[str, Any]:
     return with_users(store.require(cert_id), store.users(cert_id))
 
 
-def _health_of(stats: dict[str, Any], vs: str, subvs: str | None) -> dict[str, Any]:
+def _health_of(stats: Mapping[str, Any], vs: str, subvs: str | None) -> dict[str, Any]:
     """Real server entries by "host:port" from the data plane's stats (`DataPlane.stats()`:
     {vs: {"real_servers": [...], "subvs": {name: {"real_servers": [...]}}}}, each server a dict
     with "address" and "healthy"). Missing pieces give an empty mapping."""
-    node: Any = stats.get(vs)
+    node: Any = _vs_stats(stats).get(vs)
     if subvs is not None:
         node = node.get("subvs", {}).get(subvs) if isinstance(node, dict) else None
     servers = node.get("real_servers") if isinstance(node, dict) else None
@@ -148,6 +165,13 @@ def _health_of(stats: dict[str, Any], vs: str, subvs: str | None) -> dict[str, A
         return {str(s["address"]): s for s in servers
                 if isinstance(s, dict) and "address" in s}
     return {}
+
+
+def _vs_stats(stats: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The per-VS part of `DataPlane.stats()` ({"virtual_services": {...}}, or the per-VS
+    mapping itself)."""
+    vss = stats.get("virtual_services")
+    return vss if isinstance(vss, Mapping) else stats
 
 
 def vs_view(vs: VirtualService, *, injected_rules: set[str], tls: TLSContexts,
@@ -182,6 +206,71 @@ def _services(request: web.Request) -> tuple[tuple[VirtualService, ...], set[str
     return rt.effective_services(), {i.rule.name for i in rt.injections}
 
 
+def _rs_status(r: Mapping[str, Any], key: str, rates: Mapping[str, float]) -> dict[str, Any]:
+    return {"address": str(r.get("address", "")), "up": r.get("healthy"),
+            "enabled": r.get("enabled"), "connections": r.get("active"),
+            "requests": r.get("requests"), "requests_per_s": _rate(rates, key)}
+
+
+def _rate(rates: Mapping[str, float], key: str) -> float | None:
+    v = rates.get(key)
+    return None if v is None else round(v, 3)
+
+
+def _servers_status(stats: Mapping[str, Any], vs: str, subvs: str, configured: Sequence[Any],
+                    rates: Mapping[str, float]) -> list[dict[str, Any]]:
+    live = _health_of(stats, vs, subvs or None)
+    rows = []
+    for rs in configured:
+        addr = str(rs.address)
+        r = live.get(addr) or {"address": addr, "enabled": rs.enabled}
+        rows.append(_rs_status(r, f"{vs}/{subvs}/{addr}", rates))
+    return rows
+
+
+def services_status(services: Sequence[VirtualService], stats: Mapping[str, Any],
+                    rates: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Every VS as configured, with what the data plane says of it (missing stats: None)."""
+    per_vs = _vs_stats(stats)
+    out = []
+    for vs in services:
+        node = per_vs.get(vs.name)
+        node = node if isinstance(node, Mapping) else {}
+        conns = node.get("connections")
+        conns = conns if isinstance(conns, Mapping) else {}
+        subs = node.get("subvs")
+        subs = subs if isinstance(subs, Mapping) else {}
+
+        subvs_rows = []
+        for s in vs.subvs:
+            sn = subs.get(s.name)
+            sn = sn if isinstance(sn, Mapping) else {}
+            subvs_rows.append({
+                "name": s.name, "available": sn.get("available"),
+                "requests": sn.get("requests"), "not_available": sn.get("not_available"),
+                "requests_per_s": _rate(rates, f"{vs.name}/{s.name}"),
+                "real_servers": _servers_status(stats, vs.name, s.name, s.real_servers, rates)})
+        out.append({
+            "name": vs.name, "listen": node.get("listen") or str(vs.listen),
+            "protocol": vs.protocol.value, "kind": vs.kind.value,
+            "listening": bool(node), "connections": conns.get("active"),
+            "requests": node.get("requests"), "requests_per_s": _rate(rates, vs.name),
+            "subvs": subvs_rows,
+            "real_servers": _servers_status(stats, vs.name, "", vs.real_servers, rates)})
+    return out
+
+
+def certificates_status(request: web.Request, now: dt.datetime) -> list[dict[str, Any]]:
+    source = request.app.get(CERT_STATUS_KEY)
+    if source is not None:
+        return [c.to_json(now) for c in source()]
+    store = request.app[STORE_KEY]
+    return [CertStatus(id=i.id, names=tuple(i.names), managed_by=i.managed_by or "",
+                       serial=f"{i.serial:x}", not_before=i.not_before, not_after=i.not_after,
+                       state="imported", used_by=tuple(store.users(i.id))).to_json(now)
+            for i in store.list()]
+
+
 async def status(request: web.Request) -> web.Response:
     app = request.app
     rt = app[RUNTIME_KEY].current
@@ -190,6 +279,12 @@ async def status(request: web.Request) -> web.Response:
     expiring = [{"id": i.id, "not_after": i.not_after.isoformat(),
                  "expired": i.not_after < now}
                 for i in store.list() if i.not_after - now < EXPIRY_WARNING]
+    stats = app[STATS_KEY]()
+    counters = request_counters(stats)
+    meter = app[RATES_KEY]
+    mono = time.monotonic()
+    rates = meter.rates(mono, counters)
+    meter.observe(mono, counters)
     return web.json_response({
         "ok": True,
         "pid": os.getpid(),
@@ -199,7 +294,9 @@ async def status(request: web.Request) -> web.Response:
         "injections": len(rt.injections),
         "certificates": len(store.list()),
         "certificates_expiring": expiring,
-        "dataplane": app[STATS_KEY](),
+        "services": services_status(rt.effective_services(), stats, rates),
+        "certificate_status": certificates_status(request, now),
+        "dataplane": stats,
     })
 
 
@@ -348,13 +445,39 @@ async def show_vs(request: web.Request) -> web.Response:
     raise AdminError(f"no virtual service {name!r}", status=404)
 
 
+async def _sample_rates(app: web.Application) -> None:
+    """Feeds the requests/s meter every RATE_SAMPLE_INTERVAL so `status` has a recent base."""
+    meter = app[RATES_KEY]
+    while True:
+        try:
+            meter.observe(time.monotonic(), request_counters(app[STATS_KEY]()))
+        except Exception:
+            logger.exception("requests/s sample failed")
+        await asyncio.sleep(RATE_SAMPLE_INTERVAL)
+
+
+async def _rate_sampler(app: web.Application) -> Any:
+    task = asyncio.create_task(_sample_rates(app), name="admin-rate-sampler")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(*, runtime: RuntimeStore, dataplane_stats: DataplaneStats, store: CertStore,
                tls: TLSContexts, token: str,
-               extra_routes: Sequence[RouteRegistrar] = ()) -> web.Application:
-    """The admin application; serve it with `lbproxy.admin.server.start_admin`."""
+               extra_routes: Sequence[RouteRegistrar] = (),
+               open_paths: Collection[str] = ()) -> web.Application:
+    """The admin application; serve it with `lbproxy.admin.server.start_admin`.
+
+    `open_paths`: GET paths served without the token (e.g. ("/metrics",)); none by default.
+    """
     if len(token) < 16:
         raise ValueError("the admin token is too short to be a secret")
-    app = web.Application(middlewares=[_auth_middleware(token)], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[_auth_middleware(token, frozenset(open_paths))],
+                          client_max_size=MAX_BODY)
+    app[RATES_KEY] = RateMeter(window=RATE_WINDOW)
+    app.cleanup_ctx.append(_rate_sampler)
     app[RUNTIME_KEY] = runtime
     app[STORE_KEY] = store
     app[TLS_KEY] = tls

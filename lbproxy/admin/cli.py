@@ -3,7 +3,8 @@
     lbproxy cert import ID --cert F [--key F] [--chain F] | --pkcs12 F  [--passphrase-file F]
     lbproxy cert list | show ID | delete ID | assign ID TARGET [--default] [--remove]
     lbproxy vs list | show NAME
-    lbproxy status
+    lbproxy status          VSs (listeners, SubVSs, real servers up/down, connections,
+                            requests/s) and every certificate (days left, next renewal, error)
 
 Each takes --json (the API's answer as is), -c CONFIG (default lbproxy.toml), --admin URL and
 --token-file F. Exit status: 0 done, 1 refused or unreachable, 2 bad usage.
@@ -211,6 +212,56 @@ def print_vs(v: dict[str, Any], out: TextIO) -> None:
                 else f"none (answers {s['not_available_status']})"] for s in v["subvs"]], out)
 
 
+def _cell(v: Any, fmt: str = "{}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _up(r: dict[str, Any]) -> str:
+    if r.get("enabled") is False:
+        return "disabled"
+    up = r.get("up")
+    return "-" if up is None else ("up" if up else "DOWN")
+
+
+def print_services(services: list[dict[str, Any]], out: TextIO) -> None:
+    """One row per VS, then its SubVSs and real servers indented under it."""
+    rows: list[list[str]] = []
+
+    def servers(rs: list[dict[str, Any]], indent: str) -> None:
+        for r in rs:
+            rows.append([f"{indent}{r['address']}", "", _up(r), _cell(r.get("connections")),
+                         _cell(r.get("requests")), _cell(r.get("requests_per_s"), "{:.1f}")])
+
+    for v in services:
+        rows.append([v["name"], f"{v['protocol']}://{v['listen']}",
+                     "listening" if v.get("listening") else "NOT LISTENING",
+                     _cell(v.get("connections")), _cell(v.get("requests")),
+                     _cell(v.get("requests_per_s"), "{:.1f}")])
+        servers(v.get("real_servers", []), "  ")
+        for sub in v.get("subvs", []):
+            avail = sub.get("available")
+            state = "-" if avail is None else ("available" if avail else "NOT AVAILABLE")
+            rows.append([f"  {sub['name']}", "SubVS", state, "", _cell(sub.get("requests")),
+                         _cell(sub.get("requests_per_s"), "{:.1f}")])
+            servers(sub.get("real_servers", []), "    ")
+    if rows:
+        table(("VIRTUAL SERVICE / SUBVS / REAL SERVER", "LISTENER", "STATE", "CONNS",
+               "REQUESTS", "REQ/S"), rows, out)
+
+
+def print_cert_status(certs: list[dict[str, Any]], out: TextIO) -> None:
+    rows = []
+    for c in certs:
+        left = c.get("days_left")
+        rows.append([c["id"], ",".join(c.get("names", [])) or "-",
+                     "-" if left is None else f"{left:.1f}", c.get("state") or "-",
+                     (c.get("next_renewal") or "-")[:16],
+                     (c.get("last_error") or "-").replace("\n", " ")])
+    if rows:
+        table(("CERTIFICATE", "NAMES", "DAYS LEFT", "STATE", "NEXT RENEWAL", "LAST ERROR"),
+              rows, out)
+
+
 def print_status(s: dict[str, Any], out: TextIO) -> None:
     rows = [("pid", str(s["pid"])), ("uptime", f"{s['uptime_s']:.0f} s"),
             ("config generation", str(s["generation"])),
@@ -220,6 +271,12 @@ def print_status(s: dict[str, Any], out: TextIO) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}", file=out)
+    if s.get("services"):
+        print(file=out)
+        print_services(s["services"], out)
+    if s.get("certificate_status"):
+        print(file=out)
+        print_cert_status(s["certificate_status"], out)
     for c in s["certificates_expiring"]:
         state = "EXPIRED" if c["expired"] else "expires"
         print(f"warning: certificate {c['id']} {state} {c['not_after']}", file=out)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from ..config.model import (
     VirtualService,
 )
 from ..errors import AdminError, ConfigError, StoreError
+from ..events import CertEvent, CertStatus, EventKind, EventSink, NullSink
 from ..runtime import RuntimeStore
 from . import acme_renewal as policy
 from .acme_backup import BackupContents, BackupError, seal, unseal
@@ -286,7 +288,8 @@ class LEManager:
 
     def __init__(self, state_dir: Path, runtime: RuntimeStore, store: CertStore, *,
                  clock: Clock = _utcnow, client_factory: ClientFactory = default_client_factory,
-                 config_path: Path | None = None, hostname: str | None = None) -> None:
+                 config_path: Path | None = None, hostname: str | None = None,
+                 events: EventSink | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / LE_DIR
         self.runtime = runtime
@@ -308,6 +311,11 @@ class LEManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.orders_placed = 0
+        # Certificate events (requested ... deleted) go here; `lbproxy.events.Events` in a
+        # running process, a NullSink when nobody listens.
+        self.events: EventSink = events or NullSink()
+        # ACME operations by (operation, result): result "success" or the LoadMaster code.
+        self.acme_requests: Counter[tuple[str, str]] = Counter()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -404,6 +412,19 @@ class LEManager:
         self.log.problem(err)
         return err
 
+    def _count(self, operation: str, code: int | None) -> None:
+        self.acme_requests[(operation, "success" if code is None else str(int(code)))] += 1
+
+    def _emit(self, kind: EventKind, entry_id: str, message: str, *, code: int | None = None,
+              subcode: int | None = None, failures: int = 0) -> None:
+        info = self.store.get(entry_id)
+        entry = self.entries.get(entry_id)
+        names = tuple(entry.template.names) if entry else (info.names if info else ())
+        self.events.emit(CertEvent(
+            kind, entry_id, self.clock(), message, tuple(names),
+            f"{info.serial:x}" if info else "", info.not_after if info else None,
+            code, subcode, failures))
+
     # -- settings ---------------------------------------------------------------------------------
 
     async def _check_directory(self, url: str, ca_bundle: str) -> None:
@@ -418,13 +439,16 @@ class LEManager:
             async with asyncio.timeout(DIRECTORY_TIMEOUT):
                 await client.directory()
         except (NetworkError, TimeoutError) as exc:
+            self._count("directory", AcmeCode.NETWORK)
             raise self._problem(LeError(AcmeCode.NETWORK,
                                         f"cannot fetch the directory {url}: {exc}")) from None
         except AcmeError as exc:
+            self._count("directory", AcmeCode.BAD_DIRECTORY)
             raise self._problem(LeError(AcmeCode.BAD_DIRECTORY,
                                         f"bad directory at {url}: {exc}")) from None
         finally:
             await client.close()
+        self._count("directory", None)
 
     async def set_directory(self, url: str, ca_bundle: str | None = None) -> Settings:
         bundle = self.settings.ca_bundle if ca_bundle is None else ca_bundle
@@ -476,12 +500,18 @@ class LEManager:
                                            terms_of_service_agreed=True)
         except MalformedResponseError as exc:
             if "Location" in str(exc):
+                self._count("new_account", AcmeCode.ACCOUNT_WITHOUT_URL)
                 raise self._problem(LeError(AcmeCode.ACCOUNT_WITHOUT_URL, str(exc))) from None
-            raise self._problem(classify(exc, action="register account")) from None
+            err = classify(exc, action="register account")
+            self._count("new_account", err.code)
+            raise self._problem(err) from None
         except AcmeError as exc:
-            raise self._problem(classify(exc, action="register account")) from None
+            err = classify(exc, action="register account")
+            self._count("new_account", err.code)
+            raise self._problem(err) from None
         finally:
             await client.close()
+        self._count("new_account", None)
         account = Account(res.url, mail, key)
         self._save_account(account)
         self.log.audit(f"account registered: {res.url}")
@@ -498,18 +528,25 @@ class LEManager:
         try:
             res = await client.new_account(only_return_existing=True)
         except AccountDoesNotExistError as exc:
+            self._count("link_account", AcmeCode.NOT_REGISTERED)
             raise self._problem(LeError(
                 AcmeCode.NOT_REGISTERED,
                 f"the uploaded key has no account at {self.settings.directory_url}: "
                 f"{exc.detail}")) from None
         except MalformedResponseError as exc:
             if "Location" in str(exc):
+                self._count("link_account", AcmeCode.ACCOUNT_WITHOUT_URL)
                 raise self._problem(LeError(AcmeCode.ACCOUNT_WITHOUT_URL, str(exc))) from None
-            raise self._problem(classify(exc, action="link account")) from None
+            err = classify(exc, action="link account")
+            self._count("link_account", err.code)
+            raise self._problem(err) from None
         except AcmeError as exc:
-            raise self._problem(classify(exc, action="link account")) from None
+            err = classify(exc, action="link account")
+            self._count("link_account", err.code)
+            raise self._problem(err) from None
         finally:
             await client.close()
+        self._count("link_account", None)
         contact = [c.removeprefix("mailto:") for c in getattr(res.account, "contact", ())]
         self._save_account(Account(res.url, contact[0] if contact else "", key))
         self.log.audit(f"account linked by key upload: {res.url}")
@@ -623,8 +660,12 @@ class LEManager:
             self.store.delete(cert_id, override=True)
         with contextlib.suppress(FileNotFoundError):
             (self.dir / "certs" / f"{cert_id}.json").unlink()
+        names = tuple(entry.template.names)
         del self.entries[entry.id]
         self.log.audit(f"certificate deleted: {cert_id}")
+        self.events.emit(CertEvent(EventKind.DELETED, cert_id, self.clock(), "deleted", names,
+                                   f"{info.serial:x}" if info else "",
+                                   info.not_after if info else None))
 
     def _entry(self, cert_id: str) -> Entry:
         entry = self.entries.get(cert_id)
@@ -672,6 +713,41 @@ class LEManager:
             "renewals": e.renewals,
         }
 
+    def cert_statuses(self) -> list[CertStatus]:
+        """Every certificate of the store and every managed one not yet issued, with its
+        renewal schedule and last error (for status, metrics and the expiry check)."""
+        now = self.clock()
+        out: list[CertStatus] = []
+        seen: set[str] = set()
+        for info in self.store.list():
+            seen.add(info.id)
+            e = self.entries.get(info.id)
+            base = CertStatus(id=info.id, names=tuple(info.names),
+                              managed_by=info.managed_by or "", serial=f"{info.serial:x}",
+                              not_before=info.not_before, not_after=info.not_after,
+                              state="imported", used_by=tuple(self.store.users(info.id)))
+            out.append(base if e is None else self._status(e, base, now))
+        for cid in sorted(self.entries):
+            if cid not in seen:
+                e = self.entries[cid]
+                out.append(self._status(e, CertStatus(id=cid, names=tuple(e.template.names),
+                                                      managed_by=MANAGED_BY), now))
+        return out
+
+    def _status(self, e: Entry, base: CertStatus, now: dt.datetime) -> CertStatus:
+        validity = (policy.Validity(base.not_before, base.not_after)
+                    if base.not_before and base.not_after else None)
+        state = policy.state_at(now, validity, self.settings.renew_period_days, e.ari,
+                                e.failures, e.id in self._running)
+        nxt = policy.next_attempt(now, validity, self.settings.renew_period_days, e.ari,
+                                  e.failures, jitter=e.jitter) if e.auto_renew else None
+        return dataclasses.replace(
+            base, managed_by=MANAGED_BY, state=state.value, auto_renew=e.auto_renew,
+            next_attempt=nxt, last_success=e.issued, failures=e.failures.count,
+            last_error=e.last_error, last_code=e.last_code,
+            ari_start=e.ari.start if e.ari else None, ari_end=e.ari.end if e.ari else None,
+            renewals=e.renewals)
+
     def list_view(self) -> list[dict[str, Any]]:
         return [self.view(i) for i in sorted(self.entries)]
 
@@ -710,11 +786,16 @@ class LEManager:
                     with contextlib.suppress(AcmeError, ValueError):
                         replaces = ari_cert_id(chain.chain_pem)
             client = self._client()
-            responder = RuntimeHttp01Responder(
+            responder = _ObservedResponder(
                 self.runtime, entry.id, dict(entry.template.routes), self.journal,
-                fail_at=self.fault_codes)
+                fail_at=self.fault_codes, on_present=lambda domain, vs: self._emit(
+                    EventKind.CHALLENGE_PRESENTED, entry.id,
+                    f"http-01 answer for {domain} served by VS {vs}"))
             key = generate_key(entry.template.acme_key_type)
             self.orders_placed += 1
+            self._emit(EventKind.REQUESTED, entry.id,
+                       f"{'renewal' if old else 'order'} placed for "
+                       f"{', '.join(entry.template.names)}{' (manual)' if manual else ''}")
             try:
                 async with asyncio.timeout(ORDER_TIMEOUT):
                     chain_pem = await client.obtain_certificate(
@@ -747,6 +828,9 @@ class LEManager:
             entry.last_error, entry.last_code, entry.last_subcode = (
                 err.text, err.code, err.subcode)
             self._save_entry(entry)
+            self._count("order", err.code)
+            self._emit(EventKind.FAILED, entry.id, err.text, code=err.code, subcode=err.subcode,
+                       failures=entry.failures.count)
             return
         finally:
             if responder is not None:
@@ -766,6 +850,10 @@ class LEManager:
         self.log.audit(f"certificate {'renewed' if old else 'issued'}: {entry.id} serial "
                        f"{new.serial:x} for {','.join(new.names)} until "
                        f"{new.not_after.isoformat()}{' (manual)' if manual else ''}")
+        self._count("order", None)
+        self._emit(EventKind.RENEWED if old else EventKind.ISSUED, entry.id,
+                   f"{'renewed' if old else 'issued'} until {new.not_after.isoformat()}"
+                   f"{' (manual)' if manual else ''}")
 
     # -- scheduling -------------------------------------------------------------------------------
 
@@ -819,7 +907,10 @@ class LEManager:
                     ri = await client.fetch_renewal_info(material.chain_pem.decode())
             except (AcmeError, TimeoutError, ValueError) as exc:
                 logger.info("renewalInfo for %s not available: %s", e.id, exc)
+                self._count("renewal_info", classify(exc, action="renewalInfo").code)
                 ri = None
+            else:
+                self._count("renewal_info", None)
             finally:
                 await client.close()
             if ri is not None:
@@ -990,9 +1081,24 @@ class LEManager:
     # -- admin API ------------------------------------------------------------------------------
 
     def register_routes(self, app: web.Application) -> None:
+        from ..admin.api import CERT_STATUS_KEY
         from ..admin.le_api import add_routes
 
         add_routes(app, self)
+        app[CERT_STATUS_KEY] = self.cert_statuses
+
+
+class _ObservedResponder(RuntimeHttp01Responder):
+    """The runtime responder, telling `on_present(domain, vs)` once an answer is served."""
+
+    def __init__(self, *args: Any, on_present: Callable[[str, str], None], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._on_present = on_present
+
+    async def present(self, domain: str, token: str, key_authorization: str) -> None:
+        await super().present(domain, token, key_authorization)
+        live = self.live
+        self._on_present(domain, live[-1].vs if live else "")
 
 
 def convert_snippet(vs: VirtualService, sub: SubVS) -> str:

@@ -25,6 +25,7 @@ from .model import (
     CertificateRequest,
     Config,
     ContentRule,
+    EventSettings,
     HealthCheck,
     HealthCheckType,
     LetsEncryptSettings,
@@ -482,6 +483,45 @@ def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | 
     return req if cid and cn and vs else None
 
 
+_DEFAULT_EVENTS = EventSettings()
+
+
+def _events(r: _Reader) -> EventSettings:
+    t = r.table("events")
+    d = _DEFAULT_EVENTS
+    url = t.text("webhook_url", "")
+    if url and not url.startswith(("https://", "http://")):
+        t.error(f"{url!r} is not an http(s) URL", "webhook_url")
+    raw = t._get("webhook_headers", {}, (dict,), "a table of strings")
+    headers: list[tuple[str, str]] = []
+    for name, value in raw.items():
+        where = f"webhook_headers.{name}"
+        if not _HEADER_NAME_RE.match(name):
+            t.error(f"{name!r} is not a valid header name", where)
+        elif not isinstance(value, str):
+            t.error(f"expected a string, got {type(value).__name__}", where)
+        elif "\r" in value or "\n" in value:
+            t.error("must not contain line breaks", where)
+        else:
+            headers.append((name, value))
+    ev = EventSettings(
+        webhook_url=url,
+        webhook_timeout=t.number("webhook_timeout", d.webhook_timeout, 0.1, 300),
+        webhook_retries=t.integer("webhook_retries", d.webhook_retries, 0, 100),
+        webhook_backoff=t.number("webhook_backoff", d.webhook_backoff, 0.01, 3600),
+        webhook_backoff_cap=t.number("webhook_backoff_cap", d.webhook_backoff_cap, 0.01, 86400),
+        webhook_queue=t.integer("webhook_queue", d.webhook_queue, 1, 1_000_000),
+        webhook_headers=tuple(headers),
+        expiry_warning_days=t.integer("expiry_warning_days", d.expiry_warning_days, 1, 365),
+        check_interval=t.number("check_interval", d.check_interval, 1, 86400),
+    )
+    if ev.webhook_backoff_cap < ev.webhook_backoff:
+        t.error(f"must be at least webhook_backoff ({ev.webhook_backoff})",
+                "webhook_backoff_cap")
+    t.finish()
+    return ev
+
+
 def parse_config(text: str, *, base: Path | None = None, source: str = "<config>") -> Config:
     """Parse and validate; raises ConfigError listing every problem found."""
     try:
@@ -551,8 +591,10 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
         if any(c.id == req.id for c in certs):
             t.error(f"certificate {req.id!r} is declared twice", "id")
         certs.append(req)
+    events = _events(r)
     cfg = Config(
         letsencrypt=le,
+        events=events,
         certificates=tuple(certs),
         virtual_services=tuple(vss),
         rules=tuple(rules),

@@ -234,6 +234,29 @@ MAX_SANS = 10
 
 
 @dataclass(frozen=True, slots=True)
+class EventSettings:
+    """Where certificate events go (the log always) and when expiry is warned about."""
+
+    # "" = no webhook; else every event is POSTed to it as JSON.
+    webhook_url: str = ""
+    # Seconds one webhook attempt may take (connect, send, answer).
+    webhook_timeout: float = 5.0
+    # Further attempts after a failed one (network error, timeout, 408/425/429/5xx).
+    webhook_retries: int = 5
+    # Seconds before the first retry, doubling up to webhook_backoff_cap.
+    webhook_backoff: float = 2.0
+    webhook_backoff_cap: float = 300.0
+    # Events waiting for the webhook; when full the oldest is dropped (with a log line).
+    webhook_queue: int = 1000
+    # Extra request headers, e.g. Authorization for the receiver.
+    webhook_headers: tuple[tuple[str, str], ...] = ()
+    # `expiring` is raised when a certificate has fewer days left than this.
+    expiry_warning_days: int = 14
+    # Seconds between expiry checks (each check also repeats the renewal-failing warning).
+    check_interval: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     virtual_services: tuple[VirtualService, ...] = ()
     rules: tuple[ContentRule, ...] = ()
@@ -243,6 +266,7 @@ class Config:
     drain_timeout: float = 30.0
     letsencrypt: LetsEncryptSettings = field(default_factory=LetsEncryptSettings)
     certificates: tuple[CertificateRequest, ...] = ()
+    events: EventSettings = field(default_factory=EventSettings)
 
     def vs_by_name(self, name: str) -> VirtualService | None:
         for vs in self.virtual_services:

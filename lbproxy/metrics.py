@@ -1,0 +1,455 @@
+"""Prometheus metrics read at scrape time (no per-request cost), the /metrics route, and the
+requests-per-second meter behind `lbproxy status`.
+
+`MetricsCollector` is a prometheus_client custom collector: at each scrape it calls
+`DataPlane.stats()`, the certificate status source and the ACME counters, and turns whatever keys
+are present into metric families. The data plane keeps plain integer counters; nothing here runs
+per request.
+
+The stats shape read (every key optional; unknown keys are ignored):
+
+    {"virtual_services": {VS: {
+        "listen", "protocol", "kind",
+        "connections": {"active", "total", "refused"}, "requests",
+        "bytes_in", "bytes_out",                         # client side, bytes
+        "responses": {"1xx": n, "2xx": n, ..., "5xx": n},
+        "latency_buckets": {upper_bound_seconds: n, ..., "+Inf": n},  # per bucket, NOT cumulative
+        "latency_sum", "latency_count",                  # seconds, requests
+        "rule_hits": {rule: n}, "limit_rejections": {limit: n},
+        "real_servers": [RS, ...],                       # a VS without SubVSs
+        "subvs": {SubVS: {"requests", "not_available", "available", "bytes_in", "bytes_out",
+                          "responses", "latency_buckets", "latency_sum", "latency_count",
+                          "real_servers": [RS, ...]}}}},
+     "draining_listeners": n, "upstream_pools": {address: {"idle", "connects"}}}
+    RS = {"address", "weight", "enabled", "healthy", "active", "requests", "failures",
+          "bytes_in", "bytes_out", "responses", "latency_buckets", "latency_sum",
+          "latency_count"}
+
+`latency_buckets` counts each request once, in the first bucket whose upper bound is at least its
+latency (one increment per request on the hot path); the collector makes them cumulative as
+Prometheus wants. A bucket "+Inf" (or float("inf")) holds the rest; without it, latency_count
+minus the other buckets is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .events import CertStatus, Events
+
+logger = logging.getLogger(__name__)
+
+StatsSource = Callable[[], Mapping[str, Any]]
+CertSource = Callable[[], Iterable[CertStatus]]
+AcmeSource = Callable[[], Mapping[tuple[str, str], int]]
+
+METRICS_PATH = "/metrics"
+RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_LEVEL_LABELS: dict[str, tuple[str, ...]] = {
+    "vs": ("vs",), "subvs": ("vs", "subvs"), "real_server": ("vs", "subvs", "real_server")}
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v)):
+        return float(v)
+    return None
+
+
+def _ts(v: Any) -> float | None:
+    return v.timestamp() if v is not None else None
+
+
+def _bound(key: Any) -> float | None:
+    if isinstance(key, str) and key.strip().lower() in ("+inf", "inf"):
+        return math.inf
+    try:
+        return float(key)
+    except (TypeError, ValueError):
+        return None
+
+
+def cumulative_buckets(per_bucket: Mapping[Any, Any],
+                       count: float | None) -> list[tuple[str, float]] | None:
+    """Per-bucket counts -> Prometheus cumulative buckets ending with +Inf (None if unusable)."""
+    bounds: list[tuple[float, float]] = []
+    for k, v in per_bucket.items():
+        b, n = _bound(k), _num(v)
+        if b is None or n is None:
+            return None
+        bounds.append((b, n))
+    bounds.sort()
+    out: list[tuple[str, float]] = []
+    total = 0.0
+    for b, n in bounds:
+        total += n
+        if math.isinf(b):
+            break
+        out.append((repr(b), total))
+    else:
+        total = max(total, count or 0.0)
+    out.append(("+Inf", total))
+    return out
+
+
+def _servers(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    rs = node.get("real_servers")
+    if isinstance(rs, Mapping):
+        return [{"address": k, **v} for k, v in rs.items() if isinstance(v, Mapping)]
+    if isinstance(rs, list):
+        return [r for r in rs if isinstance(r, Mapping) and "address" in r]
+    return []
+
+
+def _vs_map(stats: Mapping[str, Any]) -> Mapping[str, Any]:
+    vss = stats.get("virtual_services")
+    return vss if isinstance(vss, Mapping) else {}
+
+
+class _Families:
+    """Metric families created on first use, so only present stats keys are exported."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, Metric] = {}
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...]) -> CounterMetricFamily:
+        m = self.items.get(name)
+        if m is None:
+            m = self.items[name] = CounterMetricFamily(name, doc, labels=labels)
+        assert isinstance(m, CounterMetricFamily)
+        return m
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> GaugeMetricFamily:
+        m = self.items.get(name)
+        if m is None:
+            m = self.items[name] = GaugeMetricFamily(name, doc, labels=labels)
+        assert isinstance(m, GaugeMetricFamily)
+        return m
+
+    def histogram(self, name: str, doc: str, labels: tuple[str, ...]) -> HistogramMetricFamily:
+        m = self.items.get(name)
+        if m is None:
+            m = self.items[name] = HistogramMetricFamily(name, doc, labels=labels)
+        assert isinstance(m, HistogramMetricFamily)
+        return m
+
+
+class MetricsCollector(Collector):
+    """Every lbproxy metric, computed when Prometheus scrapes."""
+
+    def __init__(self, stats: StatsSource, *, certs: CertSource | None = None,
+                 acme: AcmeSource | None = None, events: Events | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.stats = stats
+        self.certs = certs
+        self.acme = acme
+        self.events = events
+        self.clock = clock
+        self.scrapes = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.scrapes += 1
+        f = _Families()
+        try:
+            self._dataplane(f, self.stats())
+        except Exception:  # a stats shape we do not understand must not break the scrape
+            logger.exception("metrics: data plane stats could not be read")
+        if self.certs is not None:
+            self._certs(f, list(self.certs()))
+        if self.acme is not None:
+            c = f.counter("lbproxy_acme_requests", "ACME operations by result (success or the "
+                          "LoadMaster code of the failure).", ("operation", "result"))
+            for (op, result), n in sorted(self.acme().items()):
+                c.add_metric([op, result], n)
+        if self.events is not None:
+            self._events(f, self.events)
+        yield from f.items.values()
+
+    # -- data plane ---------------------------------------------------------------------------
+
+    def _traffic(self, f: _Families, level: str, labels: list[str],
+                 node: Mapping[str, Any]) -> None:
+        """The optional per-level keys: bytes, response classes, latency."""
+        names = _LEVEL_LABELS[level]
+        for key, metric, doc in (
+                ("bytes_in", "bytes_received", "Bytes received from clients."),
+                ("bytes_out", "bytes_sent", "Bytes sent to clients.")):
+            n = _num(node.get(key))
+            if n is not None:
+                f.counter(f"lbproxy_{level}_{metric}", doc, names).add_metric(labels, n)
+        responses = node.get("responses")
+        if isinstance(responses, Mapping):
+            c = f.counter(f"lbproxy_{level}_responses", "Responses by status class.",
+                          (*names, "class"))
+            for cls, v in sorted(responses.items()):
+                n = _num(v)
+                if n is not None:
+                    c.add_metric([*labels, str(cls)], n)
+        buckets = node.get("latency_buckets")
+        if isinstance(buckets, Mapping):
+            count = _num(node.get("latency_count"))
+            cum = cumulative_buckets(buckets, count)
+            if cum is not None:
+                f.histogram(f"lbproxy_{level}_request_duration_seconds",
+                            "Request duration from the request head to the end of the "
+                            "response.", names).add_metric(
+                    labels, cum, _num(node.get("latency_sum")) or 0.0)
+
+    def _real_servers(self, f: _Families, vs: str, subvs: str,
+                      servers: list[Mapping[str, Any]]) -> None:
+        names = _LEVEL_LABELS["real_server"]
+        for r in servers:
+            labels = [vs, subvs, str(r["address"])]
+            for key, kind, metric, doc in (
+                    ("requests", "c", "requests", "Requests sent to the real server."),
+                    ("failures", "c", "failures", "Failed attempts to reach the real server."),
+                    ("active", "g", "active", "Requests in flight to the real server."),
+                    ("healthy", "g", "up", "1 when the health check says up, else 0."),
+                    ("enabled", "g", "enabled", "1 when enabled in the config."),
+                    ("weight", "g", "weight", "Scheduling weight.")):
+                n = _num(r.get(key))
+                if n is None:
+                    continue
+                name = f"lbproxy_real_server_{metric}"
+                fam = f.counter(name, doc, names) if kind == "c" else f.gauge(name, doc, names)
+                fam.add_metric(labels, n)
+            self._traffic(f, "real_server", labels, r)
+
+    def _dataplane(self, f: _Families, stats: Mapping[str, Any]) -> None:
+        for vs, node in sorted(_vs_map(stats).items()):
+            if not isinstance(node, Mapping):
+                continue
+            f.gauge("lbproxy_vs_info", "A virtual service and its listener.",
+                    ("vs", "listen", "protocol", "kind")).add_metric(
+                [vs, str(node.get("listen", "")), str(node.get("protocol", "")),
+                 str(node.get("kind", ""))], 1)
+            n = _num(node.get("requests"))
+            if n is not None:
+                f.counter("lbproxy_vs_requests", "Requests received.", ("vs",)).add_metric(
+                    [vs], n)
+            conns = node.get("connections")
+            if isinstance(conns, Mapping):
+                for key, kind, metric, doc in (
+                        ("active", "g", "connections_active", "Open client connections."),
+                        ("total", "c", "connections", "Client connections accepted."),
+                        ("refused", "c", "connections_refused",
+                         "Client connections refused at the max_connections limit.")):
+                    v = _num(conns.get(key))
+                    if v is None:
+                        continue
+                    name = f"lbproxy_vs_{metric}"
+                    fam = (f.counter(name, doc, ("vs",)) if kind == "c"
+                           else f.gauge(name, doc, ("vs",)))
+                    fam.add_metric([vs], v)
+            self._traffic(f, "vs", [vs], node)
+            for key, metric, label, doc in (
+                    ("rule_hits", "lbproxy_rule_hits", "rule", "Requests matched by each "
+                     "content rule."),
+                    ("limit_rejections", "lbproxy_limit_rejections", "limit",
+                     "Requests or connections refused by each limit.")):
+                table = node.get(key)
+                if isinstance(table, Mapping):
+                    c = f.counter(metric, doc, ("vs", label))
+                    for name, v in sorted(table.items()):
+                        x = _num(v)
+                        if x is not None:
+                            c.add_metric([vs, str(name)], x)
+            self._real_servers(f, vs, "", _servers(node))
+            subs = node.get("subvs")
+            if isinstance(subs, Mapping):
+                for sub, snode in sorted(subs.items()):
+                    if not isinstance(snode, Mapping):
+                        continue
+                    labels = [vs, str(sub)]
+                    for key, kind, metric, doc in (
+                            ("requests", "c", "requests", "Requests routed to the SubVS."),
+                            ("not_available", "c", "not_available",
+                             "Requests answered with the SubVS's not-available response."),
+                            ("available", "g", "available",
+                             "1 when at least one real server can take a request.")):
+                        v = _num(snode.get(key))
+                        if v is None:
+                            continue
+                        name = f"lbproxy_subvs_{metric}"
+                        fam = (f.counter(name, doc, ("vs", "subvs")) if kind == "c"
+                               else f.gauge(name, doc, ("vs", "subvs")))
+                        fam.add_metric(labels, v)
+                    self._traffic(f, "subvs", labels, snode)
+                    self._real_servers(f, vs, str(sub), _servers(snode))
+        draining = _num(stats.get("draining_listeners"))
+        if draining is not None:
+            f.gauge("lbproxy_draining_listeners", "Listeners of removed VSs still draining.",
+                    ()).add_metric([], draining)
+        pools = stats.get("upstream_pools")
+        if isinstance(pools, Mapping):
+            for addr, p in sorted(pools.items()):
+                if not isinstance(p, Mapping):
+                    continue
+                idle, connects = _num(p.get("idle")), _num(p.get("connects"))
+                if idle is not None:
+                    f.gauge("lbproxy_upstream_idle_connections",
+                            "Pooled keep-alive connections to a real server.",
+                            ("real_server",)).add_metric([str(addr)], idle)
+                if connects is not None:
+                    f.counter("lbproxy_upstream_connects",
+                              "Upstream connections opened to a real server.",
+                              ("real_server",)).add_metric([str(addr)], connects)
+
+    # -- certificates -------------------------------------------------------------------------
+
+    def _certs(self, f: _Families, certs: list[CertStatus]) -> None:
+        lab = ("certificate",)
+        info = f.gauge("lbproxy_certificate_info", "One per certificate: names, issuer side, "
+                       "renewal state and serial (the serial changes at renewal; the "
+                       "certificate label does not).",
+                       ("certificate", "names", "managed_by", "state", "serial"))
+        gauges = (
+            ("not_after", "lbproxy_certificate_not_after_timestamp_seconds",
+             "Expiry (notAfter) as a Unix time."),
+            ("not_before", "lbproxy_certificate_not_before_timestamp_seconds",
+             "Start of validity (notBefore) as a Unix time."),
+            ("next_attempt", "lbproxy_certificate_next_renewal_timestamp_seconds",
+             "When the next renewal attempt is scheduled, as a Unix time."),
+            ("last_success", "lbproxy_certificate_last_success_timestamp_seconds",
+             "When the certificate was last issued or renewed, as a Unix time."),
+            ("ari_start", "lbproxy_certificate_ari_window_start_timestamp_seconds",
+             "Start of the CA's suggested renewal window (ARI, RFC 9773)."),
+            ("ari_end", "lbproxy_certificate_ari_window_end_timestamp_seconds",
+             "End of the CA's suggested renewal window (ARI, RFC 9773)."),
+        )
+        for c in certs:
+            info.add_metric([c.id, ",".join(c.names), c.managed_by or "imported",
+                             c.state, c.serial], 1)
+            for attr, name, doc in gauges:
+                v = _ts(getattr(c, attr))
+                if v is not None:
+                    f.gauge(name, doc, lab).add_metric([c.id], v)
+            if c.managed_by:
+                f.gauge("lbproxy_certificate_renewal_failures",
+                        "Consecutive failed renewal attempts (0 after a success).",
+                        lab).add_metric([c.id], c.failures)
+                f.counter("lbproxy_certificate_renewals",
+                          "Renewals since the certificate was first issued.",
+                          lab).add_metric([c.id], c.renewals)
+
+    def _events(self, f: _Families, events: Events) -> None:
+        c = f.counter("lbproxy_certificate_events", "Certificate events by kind.", ("kind",))
+        for kind, n in sorted(events.counts.items()):
+            c.add_metric([kind], n)
+        wh = events.webhook
+        if wh is not None:
+            d = f.counter("lbproxy_webhook_events", "Events handed to the webhook, by outcome.",
+                          ("result",))
+            d.add_metric(["delivered"], wh.counters.delivered)
+            d.add_metric(["failed"], wh.counters.failed)
+            d.add_metric(["dropped"], wh.counters.dropped)
+            f.counter("lbproxy_webhook_attempts", "HTTP attempts made to the webhook.",
+                      ()).add_metric([], wh.counters.attempts)
+            f.gauge("lbproxy_webhook_queue_length", "Events waiting for the webhook.",
+                    ()).add_metric([], wh.queued)
+
+
+def make_registry(collector: MetricsCollector) -> CollectorRegistry:
+    """A registry of its own (no process-wide default registry, no globals)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def metrics_routes(collector: MetricsCollector) -> Callable[[web.Application], None]:
+    """A registrar for `create_app(extra_routes=...)` adding GET /metrics."""
+    registry = make_registry(collector)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    def register(app: web.Application) -> None:
+        app.router.add_get(METRICS_PATH, metrics)
+
+    return register
+
+
+# -- requests per second --------------------------------------------------------------------------
+
+def request_counters(stats: Mapping[str, Any]) -> dict[str, float]:
+    """Every request counter of the stats, keyed "vs", "vs/subvs" and "vs/subvs/address"
+    (subvs "" for the real servers of a VS without SubVSs)."""
+    out: dict[str, float] = {}
+    for vs, node in _vs_map(stats).items():
+        if not isinstance(node, Mapping):
+            continue
+        n = _num(node.get("requests"))
+        if n is not None:
+            out[vs] = n
+        for r in _servers(node):
+            v = _num(r.get("requests"))
+            if v is not None:
+                out[f"{vs}//{r['address']}"] = v
+        subs = node.get("subvs")
+        if isinstance(subs, Mapping):
+            for sub, snode in subs.items():
+                if not isinstance(snode, Mapping):
+                    continue
+                v = _num(snode.get("requests"))
+                if v is not None:
+                    out[f"{vs}/{sub}"] = v
+                for r in _servers(snode):
+                    x = _num(r.get("requests"))
+                    if x is not None:
+                        out[f"{vs}/{sub}/{r['address']}"] = x
+    return out
+
+
+class RateMeter:
+    """Rates of growing counters over the last `window` seconds, from samples taken by the
+    caller at times it passes in (sans-I/O)."""
+
+    def __init__(self, window: float = 60.0, min_span: float = 1.0) -> None:
+        self.window = window
+        self.min_span = min_span
+        self._samples: deque[tuple[float, dict[str, float]]] = deque()
+
+    def observe(self, now: float, counters: Mapping[str, float]) -> None:
+        self._samples.append((now, dict(counters)))
+        # Keep one sample older than the window so a rate always spans close to all of it.
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+
+    def rates(self, now: float, counters: Mapping[str, float]) -> dict[str, float]:
+        """Per-second rate of each counter since the oldest usable sample; a key with no
+        sample far enough back is left out. A counter that went down (a VS re-created) counts
+        from zero."""
+        base: tuple[float, dict[str, float]] | None = None
+        for t, sample in self._samples:
+            if self.min_span <= now - t:
+                base = (t, sample)
+                if now - t <= self.window:
+                    break
+        if base is None:
+            return {}
+        t, sample = base
+        span = now - t
+        out: dict[str, float] = {}
+        for k, v in counters.items():
+            old = sample.get(k, 0.0)
+            out[k] = (v - old if v >= old else v) / span
+        return out

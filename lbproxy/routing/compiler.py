@@ -367,7 +367,7 @@ def _table_lines(out: _Source, d: int, t: _Table, var: str, tuning: Tuning) -> N
         if match is not None:
             out.add(d, f"m = {out.const('trie', match)}({subject})")
             out.add(d, "if m is not None:")
-            apply(d + 1, f"{out.const('table', plain)}[m.group()]")
+            apply(d + 1, f"{out.const('table', plain)}[m[0]]")
             if t.missing[0] < t.none:
                 out.add(d, "else:")
                 apply_missing(d + 1)
@@ -400,8 +400,9 @@ def _free_lines(out: _Source, d: int, free: list[_Candidate], tuning: Tuning) ->
     out.add(d, f"best = {out.const('free', run_free)}(s, best)")
 
 
-def _group_lines(out: _Source, g: _Group, n: int, tuning: Tuning) -> None:
-    out.add(1, f"if {g.lowest} < best:  # subject {'/'.join(g.key)}")
+def _group_lines(out: _Source, g: _Group, n: int, tuning: Tuning, first: bool) -> None:
+    # The first group always runs (its lowest rule is ahead of `default`).
+    out.add(1, f"if {'True' if first else f'{g.lowest} < best'}:  # subject {'/'.join(g.key)}")
     d = 2
     _subject_lines(out, d, g)
     if g.ascii_only:
@@ -481,8 +482,8 @@ def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...],
     out = _Source()
     out.add(0, "def first(req):")
     out.add(1, f"best = {cap}")
-    for g in sorted(groups.values(), key=lambda g: g.lowest):
-        _group_lines(out, g, n, tuning)
+    for j, g in enumerate(sorted(groups.values(), key=lambda g: g.lowest)):
+        _group_lines(out, g, n, tuning, first=j == 0)
     if flagged:
         out.add(1, f"if {flagged[0][0]} < best: "
                    f"best = {out.const('flags', _flag_runner(flagged))}(req, best)")

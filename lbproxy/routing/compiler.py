@@ -179,9 +179,19 @@ def _runner(hit: list[_Entry], tuning: Tuning) -> Runner | None:
     for e in cands:
         if e.combine is not None:
             by_key.setdefault((e.keys[0], e.combine[1]), []).append(e)
-    groups = [same for same in by_key.values() if len(same) >= tuning.combine_from]
-    combined = {id(e) for same in groups for e in same}
-    combos = tuple(sorted((_combo(same) for same in groups), key=lambda c: c.lowest))
+    made: list[_Combo] = []
+    combined: set[int] = set()
+    for same in by_key.values():
+        if len(same) < tuning.combine_from:
+            continue
+        try:
+            made.append(_combo(same))
+        except re.error:  # not expected (shapes.analyze vets each pattern); run them singly
+            logger.warning("cannot combine %d regexes; they run one by one", len(same),
+                           exc_info=True)
+            continue
+        combined.update(id(e) for e in same)
+    combos = tuple(sorted(made, key=lambda c: c.lowest))
     singles = tuple((e.index, e.search, e.negate) for e in cands
                     if id(e) not in combined and e.search is not None)
 

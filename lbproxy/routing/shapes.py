@@ -61,13 +61,13 @@ def _load_parser() -> tuple[Any, Any] | None:
 _SRE = _load_parser()
 
 
-def _wraps(pattern: str, flags: int) -> bool:
-    """Whether `pattern` still compiles inside a group (global inline flags like `(?i)` do not)."""
-    try:
-        re.compile(f"(?:{pattern})()", flags)
-    except re.error:
-        return False
-    return True
+# Global inline flags (`(?i)`, `(?aiLmsux)`): CPython 3.11+ only accepts them at the start.
+_GLOBAL_FLAGS = re.compile(r"\(\?[aiLmsux]+\)")
+
+
+def _wraps(pattern: str) -> bool:
+    """Whether `pattern` still compiles inside a group: not if it starts with global flags."""
+    return _GLOBAL_FLAGS.match(pattern) is None
 
 
 def analyze(pattern: str, flags: int = 0) -> RegexShape:
@@ -82,7 +82,7 @@ def analyze(pattern: str, flags: int = 0) -> RegexShape:
     except Exception:  # the pattern compiled, so this is the private parser changing: stay safe
         logger.debug("cannot analyze %r; it will always be run", pattern, exc_info=True)
         return FREE
-    combinable = not _REFERENCES.search(pattern) and _wraps(pattern, flags)
+    combinable = not _REFERENCES.search(pattern) and _wraps(pattern)
     folded = bool(eff & re.IGNORECASE)
     multiline = bool(eff & re.MULTILINE)
     starts = {c.AT_BEGINNING_STRING} | (set() if multiline else {c.AT_BEGINNING})

@@ -372,3 +372,18 @@ def test_free_regexes_run_in_order_and_negated() -> None:
     for path, want in [("/123", 0), ("/xy/1", NO_MATCH), ("/a.php", 1), ("/xxy/a.php", 2),
                        ("/xy", NO_MATCH)]:
         assert route(rules, FakeRequest(path=path)) == want, path
+
+
+def test_a_combination_that_fails_runs_its_regexes_one_by_one(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import re
+
+    from lbproxy.routing import compiler
+
+    def broken(entries: object) -> object:
+        raise re.error("no")
+
+    monkeypatch.setattr(compiler, "_combo", broken)
+    rules = [rule(f"r{i}", REGEX, rf"^/api/v\d+/x{i}/") for i in range(4)]
+    assert route(rules, FakeRequest(path="/api/v1/x2/")) == 2
+    assert "one by one" in caplog.text

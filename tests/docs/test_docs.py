@@ -1,0 +1,200 @@
+"""The reference manual cannot drift: every config key (with its default) is in docs/config.md
+and its example parses, every CLI command and option is in docs/cli.md, every log code and event
+in docs/log-codes.md, every exported metric in docs/operations.md, and the example systemd unit
+is accepted by systemd-analyze."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import enum
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from lbproxy import __main__ as main_cli
+from lbproxy.admin import cli as admin_cli
+from lbproxy.admin import le_cli
+from lbproxy.certs.acme_log import AcmeCode, VSSubCode
+from lbproxy.config import model as M
+from lbproxy.config import parse_config
+from lbproxy.config.model import EventSettings
+from lbproxy.events import CertStatus, EventKind, Events
+from lbproxy.metrics import MetricsCollector, make_registry
+from tests.metrics.test_metrics import STATS
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+# Every dataclass of the config model, by the section it is documented in.
+SECTIONS = ("Config", "VirtualService", "RealServer", "HealthCheck", "NotAvailable",
+            "ContentRule", "SubVS", "Timeouts", "Limits", "TLSSettings", "AdminSettings",
+            "AccessLogSettings", "LetsEncryptSettings", "CertificateRequest", "EventSettings")
+# Fields whose TOML key has another name.
+TOML_KEY = {("Config", "virtual_services"): "vs", ("Config", "rules"): "rule",
+            ("Config", "certificates"): "certificate", ("ContentRule", "match_type"): "match"}
+
+
+def _toml(v: Any) -> str | None:
+    """A simple default as TOML, or None when it is a table or an array of tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, enum.Enum):
+        return json.dumps(v.value)
+    if isinstance(v, M.Address):
+        return json.dumps(str(v))
+    if isinstance(v, bytes):
+        return json.dumps(v.decode())
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, tuple) and all(isinstance(x, int | str) for x in v):
+        return "[" + ", ".join(str(_toml(x)) for x in v) + "]"
+    return None
+
+
+def _section(text: str, marker: str) -> str:
+    """The text from the heading containing `marker` to the next heading of its level."""
+    m = re.search(rf"^(#+) .*{re.escape(marker)}.*$", text, re.M)
+    assert m, f"no heading with {marker!r}"
+    level = len(m.group(1))
+    rest = text[m.end():]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+def _rows(section: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.fullmatch(r"`([^`]+)`", cells[0]) if len(cells) >= 5 else None
+        if m:
+            rows[m.group(1)] = cells
+    return rows
+
+
+@pytest.mark.parametrize("cls_name", SECTIONS)
+def test_every_config_key_is_documented_with_its_default(cls_name: str) -> None:
+    text = (DOCS / "config.md").read_text()
+    rows = _rows(_section(text, f"({cls_name})"))
+    for f in dataclasses.fields(getattr(M, cls_name)):
+        key = TOML_KEY.get((cls_name, f.name), f.name)
+        assert key in rows, f"{cls_name}.{f.name} (`{key}`) is missing from docs/config.md"
+        _, typ, default, example, meaning = rows[key][:5]
+        assert typ and example and meaning, f"{cls_name}.{key}: empty cell"
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            assert default == "required", f"{cls_name}.{key} is required"
+        elif f.default is not dataclasses.MISSING and _toml(f.default) is not None:
+            assert default.startswith(f"`{_toml(f.default)}`"), (
+                f"{cls_name}.{key}: docs say {default}, the model {_toml(f.default)}")
+    model_keys = {TOML_KEY.get((cls_name, f.name), f.name)
+                  for f in dataclasses.fields(getattr(M, cls_name))}
+    assert set(rows) - model_keys == set(), "documented keys that do not exist"
+
+
+def test_the_example_config_is_valid() -> None:
+    text = (DOCS / "config.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    cfg = parse_config(example)
+    assert {vs.name for vs in cfg.virtual_services} == {"web80", "shop"}
+    assert cfg.events.webhook_url and cfg.certificates[0].sans
+
+
+def _commands(p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+              ) -> Iterator[tuple[tuple[str, ...], list[str]]]:
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prefix, [o for a in p._actions for o in a.option_strings
+                       if o.startswith("--") and o != "--help"]
+        return
+    for name, sp in subs[0].choices.items():
+        yield from _commands(sp, (*prefix, name))
+
+
+ALL_COMMANDS = [c for parser in (main_cli._parser(), admin_cli._parser(), le_cli._parser())
+                for c in _commands(parser)]
+COMMON = ("--config", "--admin", "--token-file", "--json")
+
+
+@pytest.mark.parametrize(("command", "options"), ALL_COMMANDS,
+                         ids=[" ".join(c) for c, _ in ALL_COMMANDS])
+def test_every_cli_command_and_option_is_documented(command: tuple[str, ...],
+                                                    options: list[str]) -> None:
+    text = (DOCS / "cli.md").read_text()
+    name = "lbproxy " + " ".join(command)
+    section = _section(text, f"`{name}`")
+    common = _section(text, "Command reference")
+    for opt in options:
+        where = common if opt in COMMON and command[0] not in ("run", "check") else section
+        assert opt in where, f"{opt} of `{name}` is missing from docs/cli.md"
+    assert len(section.strip()) > 30, f"`{name}` has no description"
+
+
+def test_every_log_code_and_event_has_a_cause_and_fix() -> None:
+    text = (DOCS / "log-codes.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3:
+            rows[cells[0]] = cells
+    for code in AcmeCode:
+        assert str(code.value) in rows, f"code {code.value} ({code.name}) is not documented"
+        assert all(rows[str(code.value)][1:4]), f"code {code.value}: empty cause or fix"
+    for sub in VSSubCode:
+        assert f"17.{sub.value}" in rows, f"sub-code 17.{sub.value} is not documented"
+    for kind in EventKind:
+        assert any(kind.value in k for k in rows), f"event {kind.value} is not documented"
+
+
+def test_every_metric_is_documented() -> None:
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    certs = [CertStatus(id="c", names=("a",), managed_by="letsencrypt", serial="1",
+                        not_before=when, not_after=when, next_attempt=when, last_success=when,
+                        ari_start=when, ari_end=when)]
+    events = Events(EventSettings(webhook_url="http://127.0.0.1:9/"))
+    collector = MetricsCollector(lambda: STATS, certs=lambda: certs,
+                                 acme=lambda: {("order", "success"): 1}, events=events)
+    text = generate_latest(make_registry(collector)).decode()
+    exported = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
+    assert len(exported) > 40
+    doc = (DOCS / "operations.md").read_text()
+    documented = dict(re.findall(r"^\| `(lbproxy_[a-z_]+)` \| (\w+) \|", doc, re.M))
+    for name, kind in sorted(exported):
+        assert documented.get(name) == kind, f"{name} ({kind}) is not in docs/operations.md"
+    assert set(documented) <= {n for n, _ in exported}, "documented metrics that are not exported"
+
+
+def test_the_systemd_unit() -> None:
+    unit = (ROOT / "conf" / "lbproxy.service").read_text()
+    settings = dict(re.findall(r"^(\w+)=(.*)$", unit, re.M))
+    assert " run -c " in settings["ExecStart"] and "HUP" in unit
+    assert re.search(r"^ExecReload=.* check -c ", unit, re.M)
+    assert int(settings["TimeoutStopSec"]) > M.Config().drain_timeout
+    assert "CAP_NET_BIND_SERVICE" in settings["AmbientCapabilities"]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    lbproxy = Path(sys.executable).parent / "lbproxy"
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        path = tmp / "lbproxy.service"
+        path.write_text(unit.replace("/opt/lbproxy/bin/lbproxy", str(lbproxy)))
+        ok = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
+                            timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        path.write_text(unit.replace("/opt/lbproxy/bin/lbproxy", "lbproxy-relative"))
+        bad = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
+                             timeout=30)
+        assert bad.returncode != 0  # the check can fail
+    finally:
+        shutil.rmtree(tmp)

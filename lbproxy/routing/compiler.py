@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.model import ContentRule, MatchOn, MatchType
-from .prefixes import prefix_lookup, trie_match
+from .prefixes import prefix_lookup, trie_match, trie_regex
 from .shapes import Shape, analyze, factor
 from .subjects import RequestInfo, Subject, SubjectKey, body_text, hostname, predicate, subject_for
 
@@ -61,6 +61,9 @@ class Tuning:
     combine_from: int = 3
     # Up to this many free regexes are written out inline; more run in a loop that stops early.
     inline_free: int = 8
+    # From this many free regexes that need some text (`/item\d+/` needs "/item"), one scan of
+    # the subject finds which of those texts it holds, and only their regexes run.
+    scan_from: int = 4
 
 
 DEFAULT_TUNING = Tuning()
@@ -84,6 +87,8 @@ class _Candidate:
     index: int
     search: Search
     negate: bool
+    literal: str = ""  # text the subject must contain for the regex to match ("": none known)
+    folded: bool = False  # ... in the lowercased subject
 
 
 @dataclass
@@ -121,7 +126,8 @@ def _group_rule(g: _Group, i: int, rule: ContentRule) -> None:
     shape = analyze(rule.pattern, flags)
     lit, folded = shape.literal, shape.folded
     if shape.shape is Shape.FREE:
-        g.free.append(_Candidate(i, search, neg))
+        g.free.append(_Candidate(i, search, neg, lit, folded))
+        g.ascii_only |= folded and bool(lit) and not neg
         return
     g.ascii_only |= folded
     rev = lit[::-1]
@@ -389,8 +395,50 @@ def _table_lines(out: _Source, d: int, t: _Table, var: str, tuning: Tuning) -> N
         apply_missing(d)
 
 
+def _scanner(cands: list[_Candidate]) -> tuple[Callable[[str], list[str]],
+                                                Callable[[str, list[str], int], int]] | None:
+    """(findall: subject -> the longest of the regexes' texts starting at each position where one
+    does, run: (subject, found, best) -> new best running just the regexes whose text was found),
+    or None when the texts make a regex too deep for `re`."""
+    texts = {c.literal for c in cands}
+    match = trie_match(texts)  # also vets the trie regex
+    if match is None:
+        return None
+    findall = re.compile("(?=(" + trie_regex(texts) + "))").findall
+    # A text found at a position brings along the shorter texts that are prefixes of it.
+    chain: dict[str, tuple[tuple[int, Search], ...]] = {}
+    for text in texts:
+        chain[text] = tuple(sorted(((c.index, c.search) for c in cands
+                                    if text.startswith(c.literal)), key=lambda x: x[0]))
+
+    def run(s: str, found: list[str], best: int) -> int:
+        todo: set[tuple[int, Search]] = set()
+        for text in found:
+            todo.update(chain[text])
+        for i, search in sorted(todo, key=lambda x: x[0]):
+            if i >= best:
+                break
+            if search(s) is not None:
+                return i
+        return best
+
+    return findall, run
+
+
 def _free_lines(out: _Source, d: int, free: list[_Candidate], tuning: Tuning) -> None:
     free = sorted(free, key=lambda c: c.index)
+    for folded in (False, True):
+        scanned = [c for c in free if c.literal and not c.negate and c.folded is folded]
+        if len(scanned) < tuning.scan_from:
+            continue
+        made = _scanner(scanned)
+        if made is None:
+            continue
+        findall, run = made
+        out.add(d, f"found = {out.const('scan', findall)}({'f' if folded else 's'})")
+        out.add(d, f"if found: best = {out.const('scanned', run)}(s, found, best)")
+        gone = {id(c) for c in scanned}
+        free = [c for c in free if id(c) not in gone]
     if len(free) <= tuning.inline_free:
         for c in free:
             test = "is None" if c.negate else "is not None"
@@ -429,7 +477,7 @@ def _group_lines(out: _Source, g: _Group, n: int, tuning: Tuning, first: bool) -
         out.add(d, f"if not s.isascii(): best = {out.const('slow', slow)}(s, best)")
         out.add(d, "else:")
         d += 1
-    folded = any(f for _, f in g.tables)
+    folded = any(f for _, f in g.tables) or any(c.folded and c.literal for c in g.free)
     if folded:
         out.add(d, "f = s.lower()")
     for (kind, fold), entries in sorted(g.tables.items()):

@@ -27,13 +27,14 @@ class Shape(Enum):
     SUFFIX = "suffix"          # the subject ends with the literal (pure)
     HAS_PREFIX = "has-prefix"  # the regex can only match if the subject starts with the literal
     HAS_SUFFIX = "has-suffix"  # the regex can only match if the subject ends with the literal
-    FREE = "free"              # no literal to go by: always run the regex
+    FREE = "free"              # no anchored literal: run the regex (if `literal` is in the subject)
 
 
 @dataclass(frozen=True, slots=True)
 class RegexShape:
     shape: Shape
-    # The literal (lowercased when `folded`); "" for FREE.
+    # The literal (lowercased when `folded`); for FREE, text the subject must contain somewhere
+    # ("" when there is none to go by).
     literal: str = ""
     # The regex ignores case: compare the lowercased subject with `literal`. Only exact for ASCII
     # subjects (re's case folding knows pairs like "s"/"\u017f" that str.lower does not).
@@ -128,7 +129,18 @@ def analyze(pattern: str, flags: int = 0) -> RegexShape:
     prefix = text if start_anchored else ""
     suffix = "".join(reversed(tail)) if end_anchored else ""
     if not prefix and not suffix:
-        return RegexShape(Shape.FREE, combinable=combinable)
+        # Still, every top-level literal is required somewhere: keep the longest run of them.
+        runs: list[str] = [""]
+        run: list[str] = []
+        for item in items:
+            ch = literal_char(item)
+            if ch is None:
+                runs.append("".join(run))
+                run = []
+            else:
+                run.append(ch)
+        runs.append("".join(run))
+        return RegexShape(Shape.FREE, max(runs, key=len), folded, combinable=combinable)
     # The longer literal is the more selective filter (`^example\.com(:\d+)?/<token>$`: the token).
     if len(suffix) > len(prefix):
         return RegexShape(Shape.HAS_SUFFIX, suffix, folded, newline_end, combinable)

@@ -166,13 +166,15 @@ def tuning_from(v: int) -> Tuning:
     v, few = divmod(v, 3)
     v, combine = divmod(v, 4)
     v, inline = divmod(v, 2)
+    v, scan = divmod(v, 3)
     return Tuning(small=[0, 1, 4][small], filter_from=[0, 3, 100][filter_from],
                   head=[1, 2, 4][head], few_heads=[0, 1, 8][few],
-                  combine_from=[1, 2, 3, 100][combine], inline_free=[0, 8][inline])
+                  combine_from=[1, 2, 3, 100][combine], inline_free=[0, 8][inline],
+                  scan_from=[1, 4, 1000][scan])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.integers(0, 3 ** 4 * 4 * 2 - 1).map(tuning_from))
+@given(scenarios(), st.integers(0, 3 ** 5 * 4 * 2 - 1).map(tuning_from))
 def test_router_agrees_with_reference(scenario: Scenario, tuning: Tuning) -> None:
     vs, defined, reqs = scenario
     routers = [compile_router(vs, defined), compile_router(vs, defined, tuning=tuning)]

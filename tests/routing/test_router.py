@@ -33,8 +33,9 @@ def router_for(rules: list[ContentRule], *, default: bool = False,
 
 # Thresholds at both extremes: every table a trie with a set prefilter, every regex combined or
 # looped; and no shortcut at all.
-EAGER = Tuning(small=0, filter_from=0, head=2, few_heads=0, combine_from=1, inline_free=0)
-LAZY = Tuning(small=1000, filter_from=1000, combine_from=1000, inline_free=1000)
+EAGER = Tuning(small=0, filter_from=0, head=2, few_heads=0, combine_from=1, inline_free=0,
+               scan_from=1)
+LAZY = Tuning(small=1000, filter_from=1000, combine_from=1000, inline_free=1000, scan_from=1000)
 
 
 def route(rules: list[ContentRule], req: FakeRequest, **kw: Any) -> int:
@@ -387,3 +388,15 @@ def test_a_combination_that_fails_runs_its_regexes_one_by_one(
     rules = [rule(f"r{i}", REGEX, rf"^/api/v\d+/x{i}/") for i in range(4)]
     assert route(rules, FakeRequest(path="/api/v1/x2/")) == 2
     assert "one by one" in caplog.text
+
+
+def test_free_regexes_with_text_are_found_by_one_scan() -> None:
+    """Unanchored regexes that need some text (`/item\\d+/` needs "/item") only run when one scan
+    of the subject finds that text; texts that are prefixes of others are found with them."""
+    rules = [rule(f"i{i}", REGEX, rf"/item{i}/\d+") for i in range(6)]
+    rules += [rule("short", REGEX, r"/item\d/x"), rule("php", REGEX, r"(?i)\.PHP\b"),
+              rule("digits", REGEX, r"\d{5}")]
+    for path, want in [("/shop/item3/42", 3), ("/item1/x", 6), ("/item12/7", NO_MATCH),
+                       ("/a/INDEX.php?", 7), ("/a/12345", 8), ("/item/x", NO_MATCH),
+                       ("/item5/a/item0/9", 0)]:
+        assert route(rules, FakeRequest(path=path)) == want, path

@@ -31,15 +31,18 @@ ACME = r"^example\.com(:\d+)?/\.well-known/acme-challenge/abc_-1$"
     (r"(?i)^/API", 0, RegexShape(Shape.PREFIX, "/api", folded=True)),
     (r"(?i)^a\u017fb", 0, RegexShape(Shape.HAS_PREFIX, "a", folded=True)),  # long s: not ASCII
     (r"^a\u017fb", 0, RegexShape(Shape.PREFIX, "a\u017fb")),
-    (r"(?m)^a", 0, RegexShape(Shape.FREE)),  # ^ after any newline
-    (r"(?m)a$", 0, RegexShape(Shape.FREE)),
+    (r"(?m)^a", 0, RegexShape(Shape.FREE, "a")),  # ^ after any newline; "a" is still needed
+    (r"(?m)a$", 0, RegexShape(Shape.FREE, "a")),
     (r"(?m)\Aa\Z", 0, RegexShape(Shape.EXACT, "a")),
     (r"(?x) ^ a b \Z", 0, RegexShape(Shape.EXACT, "ab")),
     (r"^a|^b", 0, RegexShape(Shape.FREE)),
     (r"^ab|^ac", 0, RegexShape(Shape.HAS_PREFIX, "a")),  # re factors the common prefix out
     (r"^(a)", 0, RegexShape(Shape.FREE)),
     (r"^a*", 0, RegexShape(Shape.FREE)),
-    (r"/api", 0, RegexShape(Shape.FREE)),
+    (r"/api", 0, RegexShape(Shape.FREE, "/api")),
+    (r"/it\d+/(ab|cd)\.json", 0, RegexShape(Shape.FREE, ".json")),  # the longest run
+    (r"(?i)x/API/", 0, RegexShape(Shape.FREE, "x/api/", folded=True)),
+    (r"a|bcd", 0, RegexShape(Shape.FREE)),  # nothing is required of every match
     (r"^", 0, RegexShape(Shape.PREFIX, "")),
     (r"^$", 0, RegexShape(Shape.EXACT, "", newline_end=True)),
 ])

@@ -7,8 +7,10 @@ rule that surely fires for a subject ending there, negated rules included. Other
 on text are "candidates" of the table entry for their text and only run when the subject carries
 it; several start-anchored candidates with the same text run as one combined `re.match` whose
 alternatives are in precedence order, so the first alternative that matches is the first rule.
-Regexes with no usable text ("free") run one by one, and only while they could still beat the
-best match found so far.
+Unanchored regexes that need some text run only when one lookahead scan of the subject finds
+it; regexes with no text to go by run one by one, and only while they could still beat the best
+match found so far. Every table gets a head/tail prefilter (`str.startswith(tuple)` or a slice in
+a set), so a request that hits none of a table's keys pays one string operation for it.
 
 The groups are then written out as the source of one function (no closure call per table, no
 loop over groups) and compiled with `compile()`/`exec()`. The source only ever contains names
@@ -459,8 +461,10 @@ def _free_lines(out: _Source, d: int, free: list[_Candidate], tuning: Tuning) ->
 
 
 def _group_lines(out: _Source, g: _Group, n: int, tuning: Tuning, first: bool) -> None:
-    # The first group always runs (its lowest rule is ahead of `default`).
-    out.add(1, f"if {'True' if first else f'{g.lowest} < best'}:  # subject {'/'.join(g.key)}")
+    # The first group always runs (its lowest rule is ahead of `default`). The comment names the
+    # kind of subject only: a header name is config text, and config text never enters source.
+    kind = "/".join(g.key) if g.key[0] == "url" else g.key[0]
+    out.add(1, f"if {'True' if first else f'{g.lowest} < best'}:  # subject {kind}")
     d = 2
     _subject_lines(out, d, g)
     if g.ascii_only:

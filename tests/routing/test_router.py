@@ -400,3 +400,11 @@ def test_free_regexes_with_text_are_found_by_one_scan() -> None:
                        ("/a/INDEX.php?", 7), ("/a/12345", 8), ("/item/x", NO_MATCH),
                        ("/item5/a/item0/9", 0)]:
         assert route(rules, FakeRequest(path=path)) == want, path
+
+
+def test_config_text_never_enters_the_generated_source() -> None:
+    evil = 'x"\nimport os; os._exit(3)\n#'
+    r = rule("r", PREFIX, evil, on=HEADER, header=evil)
+    router, _ = router_for([r])
+    assert evil not in router.source and "import" not in router.source
+    assert router.route(FakeRequest(headers={evil.lower(): evil + "!"})) == 0

@@ -133,7 +133,7 @@ FACTOR_ATOMS = ["a", "b", "/", r"\.", ".", "a?", "b*", "[ab]", "(a|b)", r"\d", "
                 "(", ")"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(FACTOR_ATOMS), max_size=6).map("".join),
                 min_size=2, max_size=4),
        st.lists(st.text(alphabet="ab/.1", max_size=6), min_size=1, max_size=6))

@@ -18,6 +18,8 @@ from .certs.manager import LEManager
 from .config import load_file
 from .config.model import AccessLogSettings, Config
 from .errors import ConfigError, LBProxyError
+from .events import Events
+from .metrics import METRICS_PATH, MetricsCollector, metrics_routes
 from .proxy import DataPlane
 from .proxy.tls import TLSContexts
 from .runtime import RuntimeStore
@@ -64,8 +66,13 @@ class App:
                                usage=config_usage(lambda: self.runtime.current.config))
         self.tls = TLSContexts(self.store, self.runtime.current.effective_services())
         self.dataplane = DataPlane(tls_factory=self.tls.factory)
+        self.events = Events(config.events)
         self.manager = LEManager(self.state_dir, self.runtime, self.store,
-                                 config_path=config_path)
+                                 config_path=config_path, events=self.events)
+        self.events.watch(self.manager.cert_statuses)
+        self.metrics = MetricsCollector(
+            self.dataplane.stats, certs=self.manager.cert_statuses,
+            acme=lambda: self.manager.acme_requests, events=self.events)
         self.admin: AdminServer | None = None
 
     @property
@@ -80,11 +87,15 @@ class App:
         await self.dataplane.apply(self.runtime.current)
         # Never waits on the CA: renewals and declared certificates are scheduled, not awaited.
         await self.manager.start()
+        await self.events.start()
         if self.config.admin.enabled:
             app = create_app(runtime=self.runtime, dataplane_stats=self.dataplane.stats,
                              store=self.store, tls=self.tls,
                              token=load_or_create_token(self.state_dir),
-                             extra_routes=[self.manager.register_routes])
+                             extra_routes=[self.manager.register_routes,
+                                           metrics_routes(self.metrics)],
+                             open_paths=(METRICS_PATH,) if self.config.admin.metrics_public
+                             else ())
             self.admin = await start_admin(app, self.config.admin.listen)
             logger.info("admin API on http://%s (token in %s)", self.config.admin.listen,
                         self.state_dir / "admin.token")
@@ -149,6 +160,7 @@ class App:
         if self.admin is not None:
             await self.admin.close()
         await self.manager.stop()
+        await self.events.stop()
         await self.dataplane.shutdown(self.config.drain_timeout)
         configure_access_log(AccessLogSettings(enabled=False), self.config_path.parent)
         logger.info("lbproxy stopped")

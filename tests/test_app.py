@@ -289,3 +289,44 @@ async def test_process_sighup_reloads_and_sigterm_drains(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_admin_metrics_and_status_are_wired(
+        tmp_path: Path, backends: tuple[int, int, asyncio.Event]) -> None:
+    pa, _, _ = backends
+    port, admin_port = free_port(), free_port()
+    text = config_text(port, pa).replace(
+        "[admin]\nenabled = false", f'[admin]\nlisten = "127.0.0.1:{admin_port}"')
+    cfg_path = tmp_path / "lb.toml"
+    cfg_path.write_text(text)
+    app = App(cfg_path, load_file(cfg_path))
+    await app.start(watch=False)
+    try:
+        token = (tmp_path / "state" / "admin.token").read_text().strip()
+        assert (tmp_path / "state" / "admin.token").stat().st_mode & 0o777 == 0o600
+        base = f"http://127.0.0.1:{admin_port}"
+        auth = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.get(f"http://127.0.0.1:{port}/api/m") as r:
+                    assert r.status == 200
+            async with s.get(f"{base}/metrics") as r:
+                assert r.status == 401
+            async with s.get(f"{base}/metrics", headers=auth) as r:
+                assert r.status == 200
+                body = await r.text()
+            async with s.get(f"{base}/api/status", headers=auth) as r:
+                assert r.status == 200
+                status = await r.json()
+        samples = [line for line in body.splitlines()
+                   if line.startswith("lbproxy_") and 'vs="web"' in line]
+        assert samples, body[:2000]
+        assert "web" in json_dump(status)
+    finally:
+        await app.stop()
+
+
+def json_dump(obj: object) -> str:
+    import json
+
+    return json.dumps(obj)

@@ -565,6 +565,7 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
     admin = AdminSettings(
         listen=_address(admin_t, "listen", required=False) or AdminSettings().listen,
         enabled=admin_t.flag("enabled", True),
+        metrics_public=admin_t.flag("metrics_public", False),
     )
     admin_t.finish()
     log_t = r.table("access_log")

@@ -186,6 +186,8 @@ class VirtualService:
 class AdminSettings:
     listen: Address = Address("127.0.0.1", 8444)
     enabled: bool = True
+    # Serve /metrics without the bearer token (only on a trusted management network).
+    metrics_public: bool = False
 
 
 @dataclass(frozen=True, slots=True)

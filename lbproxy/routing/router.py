@@ -9,7 +9,8 @@ Semantics (LoadMaster's content switching, issue 2):
 - Matching: `prefix` = the subject starts with the pattern, `postfix` = it ends with it, `regex` =
   `re.search` finds it anywhere (anchor it with `^`/`$` yourself). `ignore_case` lowercases both
   subject and pattern (`str.lower`) for prefix and postfix and compiles a regex with
-  `re.IGNORECASE`. `negate` inverts the outcome of the match.
+  `re.IGNORECASE` (whose Unicode folding knows a few pairs str.lower does not, e.g. the long s
+  folds to "s"; the router keeps re's meaning). `negate` inverts the outcome of the match.
 - The subject, by `on`:
   - `url`: the path as sent (percent-encoded, without the query); with `include_query`,
     path + "?" + query when the request has a query; with `include_host`, the Host header as sent
@@ -22,6 +23,7 @@ Semantics (LoadMaster's content switching, issue 2):
 - When a rule matches: if it sets a flag, the flag is set and evaluation continues with the next
   rule (a flag-setting rule is a marker, never a choice); otherwise, with `fail_on_match`, the
   request is refused (`REFUSE`); otherwise its SubVS is selected. Nothing matched: `NO_MATCH`.
+  Rules after `default` are never reached.
 
 How it stays cheap with 1024 rules (DESIGN.md section 3): see `compiler.py`. In short, rules are
 grouped by subject; prefixes, postfixes and regexes that are just anchored text become

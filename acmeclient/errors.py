@@ -34,9 +34,11 @@ AcmeError
 │   ├── NetworkError              refused/reset connection, TLS handshake/verification failure
 │   ├── AcmeTimeoutError          a named deadline passed (request or order)
 │   └── MalformedResponseError    an answer that is not what RFC 8555 says it must be
+│       └── UnexpectedStatusError non-2xx without a problem document (.status, .retry_after)
 ├── ResponderError                the HTTP-01 responder failed to present or clean up
 ├── ClientStateError              asked for something out of order (no account yet,
-│                                 unsupported profile, an event the order machine cannot take)
+│   │                             unsupported profile, an event the order machine cannot take)
+│   └── NoSupportedChallengeError an authorization offers no challenge type this client solves
 └── CryptoError                   bad key/CSR/certificate input: unreadable PEM or JWK, wrong
                                   passphrase, unsupported key type, invalid subject field
 """
@@ -266,12 +268,34 @@ class MalformedResponseError(TransportError):
     """The CA's answer violates RFC 8555 (bad JSON, missing field or header)."""
 
 
+class UnexpectedStatusError(MalformedResponseError):
+    """A non-2xx answer without a problem document (a proxy's 502, a CA's bare 503): `status`
+    and the Retry-After it carried (seconds, or None) let the caller back off correctly."""
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
 class ResponderError(AcmeError):
     """The pluggable HTTP-01 responder raised while presenting or cleaning up a challenge."""
 
 
 class ClientStateError(AcmeError):
     """The caller asked for something the current state does not allow."""
+
+
+class NoSupportedChallengeError(ClientStateError):
+    """The CA offered no challenge this client can solve (http-01) for `identifier`;
+    `offered` lists the challenge types it did offer."""
+
+    def __init__(self, identifier: str, offered: tuple[str, ...] = ()) -> None:
+        self.identifier = identifier
+        self.offered = offered
+        listed = ", ".join(offered) if offered else "none"
+        super().__init__(f"the CA offers no http-01 challenge for {identifier} "
+                         f"(offered: {listed})")
 
 
 class CryptoError(AcmeError):

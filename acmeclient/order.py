@@ -12,7 +12,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from acmeclient.errors import AcmeError, AcmeTimeoutError, ClientStateError, ValidationError
+from acmeclient.errors import (
+    AcmeError,
+    AcmeTimeoutError,
+    ClientStateError,
+    NoSupportedChallengeError,
+    ValidationError,
+)
 from acmeclient.jws import key_authorization
 from acmeclient.messages import Authorization, Challenge, Order, Status
 
@@ -291,7 +297,9 @@ class OrderMachine:
             chal = authz.challenge(HTTP01)
             if chal is None:
                 return self._fail(
-                    ClientStateError(f"the CA offers no http-01 challenge for {slot.domain}")
+                    NoSupportedChallengeError(
+                        slot.domain, tuple(c.type for c in authz.challenges)
+                    )
                 )
             slot.challenge_url = chal.url
             slot.token = chal.token

@@ -24,6 +24,7 @@ from acmeclient.errors import (
     BadNonceError,
     MalformedResponseError,
     NetworkError,
+    UnexpectedStatusError,
     problem_error,
 )
 from acmeclient.messages import Problem
@@ -180,8 +181,10 @@ class Transport:
                 problem = None
         if problem is None:
             text = response.body[:200].decode("utf-8", "replace")
-            return MalformedResponseError(
-                f"{method} {url}: HTTP {response.status} without a problem document: {text!r}"
+            return UnexpectedStatusError(
+                f"{method} {url}: HTTP {response.status} without a problem document: {text!r}",
+                status=response.status,
+                retry_after=response.retry_after,
             )
         return problem_error(problem, status=response.status, retry_after=response.retry_after)
 

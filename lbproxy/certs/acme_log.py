@@ -23,11 +23,12 @@ from acmeclient.errors import (
     AcmeError,
     AcmeProblem,
     AcmeTimeoutError,
-    ClientStateError,
     CryptoError,
     MalformedResponseError,
     NetworkError,
+    NoSupportedChallengeError,
     ResponderError,
+    UnexpectedStatusError,
     ValidationError,
 )
 
@@ -151,11 +152,11 @@ def classify(exc: BaseException, *, action: str) -> LeError:
                        f"{action}: validation failed{who}: {_problem_json(exc)}")
     if isinstance(exc, NetworkError | AcmeTimeoutError):
         return LeError(AcmeCode.NETWORK, f"{action}: network failure: {exc}")
+    if isinstance(exc, UnexpectedStatusError):  # non-2xx without a problem document
+        return LeError(AcmeCode.HTTP_STATUS, f"{action}: {exc}", retry_after=exc.retry_after)
     if isinstance(exc, MalformedResponseError):
-        if "HTTP " in str(exc):  # a non-2xx answer without a problem document
-            return LeError(AcmeCode.HTTP_STATUS, f"{action}: {exc}")
         return LeError(AcmeCode.UNKNOWN_CERT_STATUS, f"{action}: unexpected CA answer: {exc}")
-    if isinstance(exc, ClientStateError) and "http-01" in str(exc):
+    if isinstance(exc, NoSupportedChallengeError):
         return LeError(AcmeCode.NO_HTTP01, f"{action}: {exc}")
     if isinstance(exc, CryptoError):
         return LeError(AcmeCode.UNPARSABLE_CERT, f"{action}: {exc}")

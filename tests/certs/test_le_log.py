@@ -13,8 +13,10 @@ from acmeclient.errors import (
     MalformedError,
     MalformedResponseError,
     NetworkError,
+    NoSupportedChallengeError,
     RateLimitedError,
     ResponderError,
+    UnexpectedStatusError,
     ValidationError,
 )
 from acmeclient.messages import Problem
@@ -58,10 +60,14 @@ def test_classify_acmeclient_errors() -> None:
         "urn:ietf:params:acme:error:unauthorized", "wrong answer"), identifier="a.test"),
         action="x")
     assert v.code == 13 and "a.test" in v.text and "wrong answer" in v.text
+    assert classify(NoSupportedChallengeError("a", ("dns-01",)), action="x").code == 11
+    # the code comes from the type, not from words in a message
     assert classify(ClientStateError("the CA offers no http-01 challenge for a"),
-                    action="x").code == 11
-    assert classify(MalformedResponseError("x: HTTP 500 without a problem document"),
-                    action="x").code == 4
+                    action="x").code != 11
+    bare = classify(UnexpectedStatusError("x: HTTP 503 without a problem document",
+                                          status=503, retry_after=120.0), action="x")
+    assert bare.code == 4 and bare.retry_after == 120.0
+    assert classify(MalformedResponseError("order without finalize URL"), action="x").code == 14
     inner = LeError(AcmeCode.SET_PRECEDENCE, "precedence")
     wrapped = ResponderError("responder failed")
     wrapped.__cause__ = inner

@@ -79,4 +79,9 @@ def configure_access_log(settings: AccessLogSettings, base: Path) -> None:
         logger.addHandler(BufferedFileHandler(path))
         logger.propagate = False
     else:
-        logger.propagate = True
+        # The data plane batches lines (one record per loop iteration, each line carrying its
+        # own timestamp), so the message is written as it is, without a logging prefix.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -51,7 +52,8 @@ MAX_P99_RATIO = 1.5
 
 SIZES = {"100B": ("/bench/100", 100), "4KiB": ("/bench/4k", 4096)}
 CONNECTIONS = (64, 256)
-PROXIES = ("nginx", "haproxy", "lbproxy")
+# "lean" is a calibration floor (bench/peers/lean_proxy.py: no rules, no log), not a peer.
+PROXIES = ("nginx", "haproxy", "lbproxy", "lean")
 
 # Deadlines (seconds). A proxy that does not answer within READY_TIMEOUT is reported as failed.
 READY_TIMEOUT = 20.0
@@ -185,6 +187,7 @@ class Proc:
             [*_nice(nice), "taskset", "-c", str(core), *argv], cwd=workdir,
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
             start_new_session=True, env=env)
+        set_autogroup_nice(self.popen.pid, nice)
 
     @property
     def pid(self) -> int:
@@ -217,6 +220,15 @@ class Proc:
 
 def _nice(n: int) -> list[str]:
     return ["nice", "-n", str(n)] if n else []
+
+
+def set_autogroup_nice(pid: int, nice: int) -> None:
+    """With sched_autogroup (Debian's default) CPU is shared between sessions first, so a
+    process's own nice value only ranks it inside its session; each child here runs in its own
+    session, whose weight is set through /proc/<pid>/autogroup."""
+    if nice:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -339,6 +351,7 @@ class WrkResult:
     p99_us: float
     socket_errors: int
     non_2xx: int
+    cpu_seconds: float = 0.0  # wrk's own user+sys
 
 
 def parse_wrk(text: str) -> WrkResult:
@@ -367,11 +380,22 @@ def run_wrk(port: int, path: str, conns: int, threads: int, seconds: int,
     argv = [*_nice(nice), "taskset", "-c", str(RIG_CORE), "wrk", "--latency", f"-t{threads}",
             f"-c{conns}",
             f"-d{seconds}s", f"--timeout={WRK_REQUEST_TIMEOUT}", f"http://127.0.0.1:{port}{path}"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + WRK_GRACE,
-                          check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-    return parse_wrk(done.stdout)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    set_autogroup_nice(proc.pid, nice)
+    try:
+        out, err = proc.communicate(timeout=seconds + WRK_GRACE)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(STOP_TIMEOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only wrk was reaped in between
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err or out}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return dataclasses.replace(parse_wrk(out), cpu_seconds=cpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +467,9 @@ def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = Proc(name, [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning"],
                     PROXY_CORE, d, nice=nice, env=env)
+    elif name == "lean":
+        proc = Proc(name, [sys.executable, str(PEERS / "lean_proxy.py"), str(port),
+                           str(backend_port)], PROXY_CORE, d, nice=nice)
     else:
         raise ValueError(name)
     try:
@@ -460,6 +487,8 @@ def peer_available(name: str) -> str | None:
     """None if the proxy can run, else why not."""
     if name in ("nginx", "haproxy"):
         return None if shutil.which(name) else f"{name} binary not found (apt-get install)"
+    if name == "lean":
+        return None
     if not LBPROXY.exists():
         return f"{LBPROXY} not found"
     try:
@@ -491,7 +520,9 @@ class Cell:
     backend_cpu: float
     core0_tasks: float  # share of core 0 running processes (the proxy and anything else)
     core0_softirq: float  # share of core 0 in irq/softirq (network stack, not in proxy_cpu)
-    core1_busy: float
+    core1_busy: float  # share of core 1 busy (wrk + backend + softirq + anything else)
+    core1_tasks: float  # share of core 1 running processes
+    rig_cpu: float  # share of core 1 used by wrk + backend (user+sys)
     errors: int  # socket errors + non-2xx
     error: str = ""  # set when the cell could not be measured
 
@@ -500,11 +531,16 @@ class Cell:
         """Share of core 0 used by something other than the proxy (other engineers' work)."""
         return max(0.0, self.core0_tasks - self.proxy_cpu)
 
+    @property
+    def noise1(self) -> float:
+        """Share of core 1 used by something other than wrk, the backend and softirq."""
+        return max(0.0, self.core1_tasks - self.rig_cpu)
+
 
 def failed_cell(proxy: str, size: str, conns: int, rnd: int, why: str) -> Cell:
     return Cell(proxy, size, conns, rnd, rps=0, requests=0, p50_us=0, p99_us=0, cpu_us_per_req=0,
                 proxy_cpu=0, backend_cpu=0, core0_tasks=0, core0_softirq=0, core1_busy=0,
-                errors=0, error=why[:500] or "failed")
+                core1_tasks=0, rig_cpu=0, errors=0, error=why[:500] or "failed")
 
 
 def measure(proxy: str, run: Running, backend: Running, port: int, size: str, conns: int,
@@ -518,11 +554,13 @@ def measure(proxy: str, run: Running, backend: Running, port: int, size: str, co
     c1 = core_times()
     wall = t1 - t0
     tasks0, si0 = core_share(c0, c1, PROXY_CORE)
+    tasks1, si1 = core_share(c0, c1, RIG_CORE)
     return Cell(proxy=proxy, size=size, conns=conns, round=rnd, rps=w.rps, requests=w.requests,
                 p50_us=w.p50_us, p99_us=w.p99_us,
                 cpu_us_per_req=(p1 - p0) / max(w.requests, 1) * 1e6,
                 proxy_cpu=(p1 - p0) / wall, backend_cpu=(b1 - b0) / wall,
-                core0_tasks=tasks0, core0_softirq=si0, core1_busy=sum(core_share(c0, c1, RIG_CORE)),
+                core0_tasks=tasks0, core0_softirq=si0, core1_busy=tasks1 + si1,
+                core1_tasks=tasks1, rig_cpu=(b1 - b0 + w.cpu_seconds) / wall,
                 errors=w.socket_errors + w.non_2xx)
 
 
@@ -577,7 +615,8 @@ def fmt_cell(c: Cell) -> str:
     err = f"  errors={c.errors}" if c.errors else ""
     return (f"{c.rps:9.0f} req/s  p50 {c.p50_us / 1e3:6.2f} ms  p99 {c.p99_us / 1e3:6.2f} ms  "
             f"{c.cpu_us_per_req:5.1f} us CPU/req  proxy {c.proxy_cpu:4.0%}  "
-            f"noise0 {c.noise:4.0%} si0 {c.core0_softirq:4.0%}  core1 {c.core1_busy:4.0%}{err}")
+            f"noise0 {c.noise:4.0%} si0 {c.core0_softirq:4.0%}  core1 {c.core1_busy:4.0%} "
+            f"noise1 {c.noise1:4.0%}{err}")
 
 
 def median_cell(cells: list[Cell]) -> Cell:
@@ -597,6 +636,7 @@ def median_cell(cells: list[Cell]) -> Cell:
                 cpu_us_per_req=med("cpu_us_per_req"), proxy_cpu=med("proxy_cpu"),
                 backend_cpu=med("backend_cpu"), core0_tasks=med("core0_tasks"),
                 core0_softirq=med("core0_softirq"), core1_busy=med("core1_busy"),
+                core1_tasks=med("core1_tasks"), rig_cpu=med("rig_cpu"),
                 errors=int(med("errors")))
 
 
@@ -614,7 +654,7 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
                 cells: Sequence[tuple[str, int]]) -> list[dict[str, object]]:
     verdicts: list[dict[str, object]] = []
     hdr = (f"{'cell':12} {'proxy':8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us CPU/req':>10} "
-           f"{'proxy CPU':>9} {'noise0':>6} {'si0':>5} {'core1':>6} {'errors':>6}")
+           f"{'proxy CPU':>9} {'noise0':>6} {'si0':>5} {'core1':>6} {'noise1':>6} {'errors':>6}")
     print("\n" + hdr)
     print("-" * len(hdr))
     for size, conns in cells:
@@ -628,8 +668,8 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
             else:
                 print(f"{label:12} {p:8} {c.rps:9.0f} {c.p50_us / 1e3:7.2f} {c.p99_us / 1e3:7.2f} "
                       f"{c.cpu_us_per_req:10.1f} {c.proxy_cpu:9.0%} {c.noise:6.0%} "
-                      f"{c.core0_softirq:5.0%} "
-                      f"{c.core1_busy:6.0%} {c.errors:6d}")
+                      f"{c.core0_softirq:5.0%} {c.core1_busy:6.0%} {c.noise1:6.0%} "
+                      f"{c.errors:6d}")
             label = ""
         rr, pr, v = verdict(table, size, conns)
         if rr is not None and pr is not None:
@@ -663,8 +703,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-access-log", action="store_true",
                     help="turn every proxy's access log off (diagnostics only)")
     ap.add_argument("--nice", type=int, default=0,
-                    help="run proxy, backend and wrk at this nice level (e.g. -10 as root) so "
-                         "that other work on the machine disturbs the measurement less")
+                    help="run proxy, backend and wrk at this nice level, applied to their "
+                         "scheduler autogroups (e.g. -5, as root) so that other work on the "
+                         "machine disturbs the measurement less")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -691,7 +732,7 @@ def select_cells(spec: str) -> list[tuple[str, int]]:
 
 
 def _cell_json(c: Cell) -> dict[str, object]:
-    return {**dataclasses.asdict(c), "noise0": round(c.noise, 3)}
+    return {**dataclasses.asdict(c), "noise0": round(c.noise, 3), "noise1": round(c.noise1, 3)}
 
 
 def git_head() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from collections.abc import Container, Mapping
 from pathlib import Path
@@ -108,7 +109,9 @@ def build_injection(
         re.compile(pattern)
     except re.error as exc:
         raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name}: {exc}") from None
-    rule = ContentRule(name=name, match_type=MatchType.REGEX, pattern=pattern, include_host=True)
+    # include_query: a token followed by any query is not the token (the regex ends at it).
+    rule = ContentRule(name=name, match_type=MatchType.REGEX, pattern=pattern, include_host=True,
+                       include_query=True)
     # 21: the SubVS (no real servers)
     if AcmeCode.ADD_SUBVS in fail_at:
         raise LeError(AcmeCode.ADD_SUBVS, f"cannot add SubVS {name} to {vs_name} (fault injection)")
@@ -159,16 +162,29 @@ class ChallengeJournal:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / JOURNAL_FILE
+        # "<path> is damaged (...)" once a read found it so; set_aside() keeps it for the operator.
+        self.damaged = ""
 
     def entries(self) -> list[dict[str, str]]:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
-        except ValueError:
-            logger.warning("challenge journal %s is damaged; treating it as empty", self.path)
+        except ValueError as exc:
+            self.damaged = f"{self.path} is damaged ({exc})"
+            logger.error("challenge journal %s", self.damaged)
             return []
-        return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+        if not isinstance(data, list):
+            self.damaged = f"{self.path} is damaged (not a list)"
+            return []
+        return [e for e in data if isinstance(e, dict)]
+
+    def set_aside(self) -> Path:
+        """Move a damaged journal out of the way (kept, never overwritten); returns where."""
+        aside = self.path.with_name(f"{JOURNAL_FILE}.damaged")
+        os.replace(self.path, aside)
+        self.damaged = ""
+        return aside
 
     def _write(self, entries: list[dict[str, str]]) -> None:
         write_atomic(self.path, json.dumps(entries, indent=1).encode())

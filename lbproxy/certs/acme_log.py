@@ -188,13 +188,25 @@ class AcmeLog:
         self._lock = threading.Lock()
 
     def _append(self, path: Path, line: str) -> None:
-        with self._lock:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, (line + "\n").encode("utf-8", "replace"))
-            finally:
-                os.close(fd)
+        # A full or read-only state directory must not turn the report of a problem into a
+        # second, unreported one: the line still reaches the process log.
+        try:
+            with self._lock:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, (line + "\n").encode("utf-8", "replace"))
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            logger.error("cannot append to %s (%s): %s", path, exc.strerror or exc, line)
+
+    def error(self, text: str) -> None:
+        """A problem that has no Let's Encrypt code (damaged state, a failed state write): the
+        System Message File and the process log."""
+        line = f"{rfc3339(self._now())} {self._host} Acme: {_one_line(text)}"
+        logger.error("%s", line)
+        self._append(self.messages_path, line)
 
     def problem(self, err: LeError) -> None:
         """One ACME problem, with its code, in the System Message File."""

@@ -67,7 +67,7 @@ from .acme_challenge import (
 )
 from .acme_log import AcmeCode, AcmeLog, LeError, classify
 from .errors import CertInputError
-from .store import CertStore, write_atomic
+from .store import CertStore, storage_error, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +306,9 @@ class LEManager:
         self.account: Account | None = None
         self.account_problem: LeError | None = None
         self.entries: dict[str, Entry] = {}
+        # State files found damaged at start: certificate id (or file name) -> what is wrong,
+        # naming the path. Never silently used, never overwritten by the manager.
+        self.damaged: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -324,6 +327,8 @@ class LEManager:
         _mkdir_private(self.dir)
         _mkdir_private(self.dir / "certs")
         self._load()
+        for what in sorted(self.store.problems.values()):
+            self.log.error(f"damaged certificate store state, not used: {what}")
         await self._clear_leftovers()
         await self.sync_config(self.runtime.current.config)
         self._task = asyncio.create_task(self._scheduler(), name="le-scheduler")
@@ -347,14 +352,20 @@ class LEManager:
         if p.exists():
             try:
                 self.settings = Settings.from_json(json.loads(p.read_text()))
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.error("%s is damaged (%s); using the config's settings", p, exc)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                self.damaged[p.name] = f"{p}: {exc}"
+                self.log.error(f"{p} is damaged ({exc}); using the config file's settings, "
+                               "the file is left as it is")
         self._load_account()
         for f in sorted((self.dir / "certs").glob("*.json")):
             try:
                 e = Entry.from_json(json.loads(f.read_text()))
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.error("certificate metadata %s is damaged (%s); skipped", f, exc)
+                if e.id != f.stem:
+                    raise ValueError(f"it names certificate {e.id!r}")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                self.damaged[f.stem] = f"{f}: {exc}"
+                self.log.error(f"certificate metadata {f} is damaged ({exc}); certificate "
+                               f"{f.stem} is not renewed until the file is repaired or removed")
                 continue
             self.entries[e.id] = e
 
@@ -366,18 +377,20 @@ class LEManager:
         try:
             key = load_account_key(keyf.read_bytes())
         except (OSError, CryptoError) as exc:
-            self._problem(LeError(AcmeCode.INVALID_STORED_KEY,
-                                  f"the stored account key cannot be used: {exc}"))
+            self.damaged[keyf.name] = f"{keyf}: {exc}"
+            self.account_problem = self._problem(LeError(AcmeCode.INVALID_STORED_KEY,
+                                  f"the stored account key {keyf} cannot be used: {exc}"))
             return
+        why = "it has no account URL"
         try:
             d = json.loads(meta.read_text())
-            url = str(d.get("url") or "")
+            url = str(d.get("url") or "") if isinstance(d, dict) else ""
         except (OSError, ValueError) as exc:
-            url, d = "", {}
-            logger.error("account.json unreadable: %s", exc)
+            url, d, why = "", {}, f"it is damaged ({exc})"
+            self.damaged[meta.name] = f"{meta}: {exc}"
         if not url:
-            self._problem(LeError(AcmeCode.ACCOUNT_WITHOUT_URL,
-                                  "the stored account has no account URL"))
+            self.account_problem = self._problem(LeError(AcmeCode.ACCOUNT_WITHOUT_URL,
+                                  f"the stored account {meta} cannot be used: {why}"))
             return
         self.account = Account(url, str(d.get("email", "")), key)
 
@@ -385,6 +398,13 @@ class LEManager:
         """Challenges journaled by a previous run: remove any still injected, then forget them;
         their certificates are retried by the scheduler (never issued ones are due at once)."""
         leftovers = self.journal.entries()
+        if self.journal.damaged:
+            try:
+                self.log.error(f"challenge journal {self.journal.damaged}; kept aside as "
+                               f"{self.journal.set_aside()}")
+            except OSError as exc:
+                self.log.error(f"challenge journal {self.journal.damaged}; cannot set it "
+                               f"aside: {exc.strerror or exc}")
         for e in leftovers:
             vs, subvs = e.get("vs", ""), e.get("subvs", "")
             if any(i.vs == vs and i.subvs.name == subvs for i in self.runtime.current.injections):
@@ -395,18 +415,40 @@ class LEManager:
 
     # -- persistence ------------------------------------------------------------------------------
 
+    def _write(self, path: Path, data: bytes, what: str) -> None:
+        """An atomic state write; a failure is a StoreError naming the file and the cause."""
+        try:
+            write_atomic(path, data)
+        except OSError as exc:
+            raise storage_error(what, exc, path) from None
+
     def _save_settings(self) -> None:
-        write_atomic(self.dir / "settings.json", _dump(self.settings.to_json()))
+        self._write(self.dir / "settings.json", _dump(self.settings.to_json()),
+                    "Let's Encrypt settings not stored")
+        self.damaged.pop("settings.json", None)
 
     def _save_account(self, account: Account) -> None:
         # The key first: an account.json never points at a key that is not on disk.
-        write_atomic(self.dir / "account.key", private_key_to_pem(account.key))
-        write_atomic(self.dir / "account.json", _dump({"url": account.url,
-                                                        "email": account.email}))
+        self._write(self.dir / "account.key", private_key_to_pem(account.key),
+                    "account key not stored")
+        self._write(self.dir / "account.json", _dump({"url": account.url,
+                                                       "email": account.email}),
+                    "account not stored")
         self.account, self.account_problem = account, None
+        self.damaged.pop("account.key", None)
+        self.damaged.pop("account.json", None)
 
     def _save_entry(self, e: Entry) -> None:
-        write_atomic(self.dir / "certs" / f"{e.id}.json", _dump(e.to_json()))
+        self._write(self.dir / "certs" / f"{e.id}.json", _dump(e.to_json()),
+                    f"certificate {e.id} status not stored")
+
+    def _save_entry_or_report(self, e: Entry) -> None:
+        """Persist status after an order; a failed write is reported, the order's outcome and
+        the in-memory status stand (the next successful write catches up)."""
+        try:
+            self._save_entry(e)
+        except StoreError as exc:
+            self.log.error(str(exc))
 
     def _problem(self, err: LeError) -> LeError:
         self.log.problem(err)
@@ -727,6 +769,14 @@ class LEManager:
                               not_before=info.not_before, not_after=info.not_after,
                               state="imported", used_by=tuple(self.store.users(info.id)))
             out.append(base if e is None else self._status(e, base, now))
+        for cid in sorted(set(self.damaged) - set(self.entries) - seen):
+            if cid in ("settings.json", "account.json", "account.key"):
+                continue
+            out.append(CertStatus(id=cid, names=(), managed_by=MANAGED_BY, state="damaged",
+                                  auto_renew=False, last_error=self.damaged[cid]))
+        for cid, what in sorted(self.store.problems.items()):
+            if cid not in seen and cid not in self.entries and cid not in self.damaged:
+                out.append(CertStatus(id=cid, names=(), state="damaged", last_error=what))
         for cid in sorted(self.entries):
             if cid not in seen:
                 e = self.entries[cid]
@@ -779,6 +829,10 @@ class LEManager:
         responder: RuntimeHttp01Responder | None = None
         try:
             self.validate_template(entry.id, entry.template, known=entry.vs_seen)
+            if entry.id in self.store.problems:
+                # Ordering would only burn a rate limit: the result could not be stored.
+                raise LeError(AcmeCode.UNPARSABLE_CERT, f"{action}: the stored certificate is "
+                              f"damaged: {self.store.problems[entry.id]}")
             replaces = None
             if old is not None:
                 chain = self.store.material(entry.id)
@@ -811,9 +865,13 @@ class LEManager:
                 self.store.import_pem(entry.id, chain_pem.encode(), private_key_to_pem(key),
                                       replace=old is not None, managed_by=MANAGED_BY,
                                       override=True)
-            except (CertInputError, StoreError, ValueError) as exc:
+            except (CertInputError, ValueError) as exc:
                 raise LeError(AcmeCode.UNPARSABLE_CERT,
                               f"{action}: the issued certificate cannot be used: {exc}") from None
+            except StoreError as exc:  # the state directory refused the write
+                raise LeError(AcmeCode.UNPARSABLE_CERT,
+                              f"{action}: the issued certificate cannot be stored: {exc}"
+                              ) from None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -827,7 +885,7 @@ class LEManager:
                                                    err.retry_after)
             entry.last_error, entry.last_code, entry.last_subcode = (
                 err.text, err.code, err.subcode)
-            self._save_entry(entry)
+            self._save_entry_or_report(entry)
             self._count("order", err.code)
             self._emit(EventKind.FAILED, entry.id, err.text, code=err.code, subcode=err.subcode,
                        failures=entry.failures.count)
@@ -845,7 +903,7 @@ class LEManager:
             vs for _, vs in entry.template.routes if cfg.vs_by_name(vs)}))
         if old is not None:
             entry.renewals += 1
-        self._save_entry(entry)
+        self._save_entry_or_report(entry)
         new = self.store.require(entry.id)
         self.log.audit(f"certificate {'renewed' if old else 'issued'}: {entry.id} serial "
                        f"{new.serial:x} for {','.join(new.names)} until "
@@ -949,6 +1007,8 @@ class LEManager:
         for cid, req in declared.items():
             t = Template.from_request(req)
             e = self.entries.get(cid)
+            if e is None and cid in self.damaged:
+                continue  # reported at start; its file is not overwritten
             if e is None:
                 if self.store.get(cid) is not None:
                     self._problem(LeError(AcmeCode.NAMES_VS_MISMATCH,

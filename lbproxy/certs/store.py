@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -145,6 +146,15 @@ def _mkdir_private(path: Path) -> None:
     os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; make it exact
 
 
+def storage_error(what: str, exc: OSError, where: Path) -> StoreError:
+    """A failed state write as an error naming the file and the cause (507 when the disk is
+    full, 500 otherwise); whatever was stored before is untouched."""
+    path = exc.filename or where
+    cause = exc.strerror or type(exc).__name__
+    status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+    return StoreError(f"{what}: cannot write {path}: {cause}", status=status)
+
+
 class CertStore:
     """Certificates by id, cached in memory, persisted under `<state_dir>/certs`.
 
@@ -163,6 +173,9 @@ class CertStore:
         self._vs_assign: dict[str, VSCertificates] = {}
         self._admin_assign: tuple[str, ...] = ()
         self._version = 0
+        # Damaged state found at load: id (or file name) -> what is wrong, naming the path.
+        # Such a certificate is not served and not overwritten until the operator moves it.
+        self.problems: dict[str, str] = {}
         _mkdir_private(Path(state_dir))
         _mkdir_private(self.root)
         self._load()
@@ -251,8 +264,12 @@ class CertStore:
                 raise StoreError(f"certificate {cert_id!r} is in use by {', '.join(users)}; "
                                  "unassign it first", status=409)
             trash = self.root / f"{_TRASH_PREFIX}{cert_id}.{secrets.token_hex(4)}"
-            os.replace(self.root / cert_id, trash)
-            _fsync_dir(self.root)
+            try:
+                os.replace(self.root / cert_id, trash)
+                _fsync_dir(self.root)
+            except OSError as exc:
+                raise storage_error(f"certificate {cert_id!r} not deleted", exc,
+                                    self.root / cert_id) from None
             shutil.rmtree(trash, ignore_errors=True)
             del self._infos[cert_id]
             del self._material[cert_id]
@@ -325,6 +342,10 @@ class CertStore:
                 raise StoreError(f"no certificate {cert_id!r} to replace", status=404)
             if old is not None:
                 self._refuse_managed(old, "replace", override)
+            if cert_id in self.problems:
+                raise StoreError(f"certificate {cert_id!r} is damaged on disk "
+                                 f"({self.problems[cert_id]}); move {self.root / cert_id} "
+                                 "away before importing it again", status=409)
             info = CertInfo(
                 id=cert_id, names=parsed.names, subject=parsed.subject, issuer=parsed.issuer,
                 serial=parsed.serial, not_before=parsed.not_before, not_after=parsed.not_after,
@@ -335,10 +356,14 @@ class CertStore:
                 managed_by=managed_by if managed_by is not None or old is None
                 else old.managed_by,
             )
-            if old is None:
-                self._write_new(info, parsed)
-            else:
-                self._write_generation(info, parsed, old.generation)
+            try:
+                if old is None:
+                    self._write_new(info, parsed)
+                else:
+                    self._write_generation(info, parsed, old.generation)
+            except OSError as exc:
+                raise storage_error(f"certificate {cert_id!r} not stored", exc,
+                                    self.root / cert_id) from None
             self._infos[cert_id] = info
             self._material[cert_id] = CertMaterial(
                 cert_id, parsed.chain_pem, parsed.key_pem, parsed.names, parsed.serial,
@@ -389,7 +414,10 @@ class CertStore:
         doc = {"vs": {vs: {"certificates": list(a.certificates), "default": a.default}
                       for vs, a in sorted(vs_assign.items())},
                ADMIN_TARGET: list(admin)}
-        write_atomic(self.root / _ASSIGNMENTS, json.dumps(doc, indent=2).encode())
+        try:
+            write_atomic(self.root / _ASSIGNMENTS, json.dumps(doc, indent=2).encode())
+        except OSError as exc:
+            raise storage_error("assignment not stored", exc, self.root / _ASSIGNMENTS) from None
         self._vs_assign = vs_assign
         self._admin_assign = admin
         self._version += 1
@@ -408,8 +436,10 @@ class CertStore:
                 continue
             try:
                 self._load_one(entry)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                logger.error("certificate directory %s is unreadable (%s); skipped", entry, e)
+            except (OSError, ValueError, KeyError, TypeError, StoreError) as e:
+                self.problems[name] = f"{entry}: {e}"
+                logger.error("certificate directory %s is damaged (%s); not served, left as "
+                             "it is", entry, e)
         path = self.root / _ASSIGNMENTS
         if path.exists():
             try:
@@ -419,7 +449,8 @@ class CertStore:
                     for vs, a in doc.get("vs", {}).items()}
                 self._admin_assign = tuple(doc.get(ADMIN_TARGET, ()))
             except (OSError, ValueError, KeyError, TypeError) as e:
-                logger.error("%s is unreadable (%s); no run-time assignments loaded", path, e)
+                self.problems[_ASSIGNMENTS] = f"{path}: {e}"
+                logger.error("%s is damaged (%s); no run-time assignments loaded", path, e)
         self._version += 1
         logger.info("certificate store %s: %d certificates", self.root, len(self._infos))
 
@@ -428,8 +459,17 @@ class CertStore:
         if info.id != d.name:
             raise ValueError(f"meta.json names {info.id!r}")
         g = info.generation
-        chain = (d / f"fullchain-{g}.pem").read_bytes()
-        key = (d / f"key-{g}.pem").read_bytes()
+        chain_path, key_path = d / f"fullchain-{g}.pem", d / f"key-{g}.pem"
+        chain, key = chain_path.read_bytes(), key_path.read_bytes()
+        # What is served must be what meta.json describes: a garbled PEM or a key of another
+        # certificate is refused here rather than failing (or worse) at a TLS handshake.
+        try:
+            parsed = parse_pem(chain, key, now=self._clock())
+        except CertInputError as exc:
+            raise ValueError(f"{chain_path.name}/{key_path.name}: {exc}") from None
+        if parsed.fingerprint != info.fingerprint or parsed.serial != info.serial:
+            raise ValueError(f"{chain_path.name} is not the certificate meta.json describes "
+                             f"(serial {parsed.serial:x}, expected {info.serial:x})")
         for stale in d.iterdir():  # generations other than the committed one never served
             if stale.name not in (_META, f"fullchain-{g}.pem", f"key-{g}.pem"):
                 stale.unlink(missing_ok=True)
@@ -444,4 +484,4 @@ def with_users(info: CertInfo, users: Iterable[str]) -> dict[str, Any]:
 
 
 __all__ = ["ADMIN_TARGET", "CertInfo", "CertStore", "ImportResult", "config_usage",
-           "with_users", "write_atomic"]
+           "storage_error", "with_users", "write_atomic"]

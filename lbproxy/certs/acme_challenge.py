@@ -190,15 +190,29 @@ class ChallengeJournal:
         write_atomic(self.path, json.dumps(entries, indent=1).encode())
 
     def add(self, cert_id: str, vs: str, subvs: str) -> None:
+        """Journal a challenge before it is injected; LeError 21 if the file cannot be
+        written (nothing is injected that a restart could not find)."""
         entries = [e for e in self.entries() if not (e.get("vs") == vs and
                                                        e.get("subvs") == subvs)]
-        self._write([*entries, {"cert": cert_id, "vs": vs, "subvs": subvs}])
+        try:
+            self._write([*entries, {"cert": cert_id, "vs": vs, "subvs": subvs}])
+        except OSError as exc:
+            raise LeError(AcmeCode.ADD_SUBVS,
+                          f"cannot add SubVS {subvs} to {vs}: cannot write the challenge "
+                          f"journal {exc.filename or self.path}: {exc.strerror or exc}"
+                          ) from None
 
     def remove(self, vs: str, subvs: str) -> None:
+        """Forget a removed challenge; a failed write is logged (the next start clears the
+        entry, whose SubVS no longer exists)."""
         entries = self.entries()
         keep = [e for e in entries if not (e.get("vs") == vs and e.get("subvs") == subvs)]
         if len(keep) != len(entries):
-            self._write(keep)
+            try:
+                self._write(keep)
+            except OSError as exc:
+                logger.error("cannot write the challenge journal %s: %s", self.path,
+                             exc.strerror or exc)
 
     def clear(self) -> None:
         if self.path.exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import deque
 from math import inf
 from typing import TYPE_CHECKING, Any, cast
@@ -20,11 +21,11 @@ from ..config.model import BODY_MATCH_LIMIT
 from ..routing import REFUSE
 from . import http as h
 from .http import CRLF, ERRORS, LocalResponse, Request
-from .service import M_DIRECT, M_REDIRECT, M_SWITCH
+from .service import LATENCY_BUCKETS, M_DIRECT, M_REDIRECT, M_SWITCH
 from .upstream import HIGH_WATER, LOW_WATER, UpstreamConnection
 
 if TYPE_CHECKING:
-    from .service import Listener, Service, Target
+    from .service import Listener, Service, Target, Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ class _Reject(Exception):
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
-        "head_bytes", "in_head", "ip_b", "listener", "loop", "out",
-        "out_up", "parser", "paused", "pending_error", "queue", "raw", "reject", "req", "running",
-        "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
+        "head_bytes", "in_head", "ip_b", "listener", "loop", "nmark", "nread", "out",
+        "out_up", "parser", "paused", "pending_error", "queue", "raw", "reject", "reject_key",
+        "req", "running", "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -84,6 +85,9 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = False
         self.head_bytes = 0
         self.reject = 0
+        self.reject_key = ""
+        self.nread = 0  # bytes read from the client
+        self.nmark = 0  # ... of which already counted to a finished request
         self.pending_error = 0
         self.running = False
         self.clen = b""
@@ -101,6 +105,8 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             transport.abort()
             listener.counters.refused += 1
+            if not listener.closing:
+                listener.counters.limits["max_connections"] += 1
             return
         listener.conns.add(self)
         listener.counters.connections += 1
@@ -164,6 +170,7 @@ class ClientConnection(asyncio.Protocol):
             tunnel.write(data)
             self.deadline = self.loop.time() + self.listener.service.t_idle
             return
+        self.nread += len(data)
         if self.upgraded or self.paused & P_STOP:
             if self.upgraded and not self.paused & P_STOP:
                 self.raw.append(data)
@@ -180,12 +187,19 @@ class ClientConnection(asyncio.Protocol):
             self.pause(P_UPGRADE)
         except httptools.HttpParserError as e:
             status = self.reject or 400
+            key = self.reject_key or _LIMIT_OF[status]
             self.reject = 0
+            self.reject_key = ""
             if status == 400:
                 logger.debug("bad request from %s: %s", self.src_ip, e)
             self.feeding = False
-            self._flush_out()
-            self._bad(status)
+            if self.req is not None and self.req is self.cur:
+                # Bytes coalesced for the upstream of the bad request itself: never sent.
+                self.out = []
+                self.out_up = None
+            else:
+                self._flush_out()  # those of an earlier, good request
+            self._bad(status, key)
             return
         self.feeding = False
         if self.out:
@@ -193,7 +207,7 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head:
             self.head_bytes += len(data)
             if self.head_bytes > self.listener.service.max_header_bytes:
-                self._bad(431)
+                self._bad(431, "header_too_large")
 
     # -- deadlines (called by the listener's sweep) -------------------------------------------
 
@@ -202,7 +216,9 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = inf
         self.dkind = D_NONE
         cur = self.cur
+        limits = self.listener.counters.limits
         if kind == D_FIRST_BYTE and cur is not None:
+            limits["upstream_timeout"] += 1
             up = cur.up
             if isinstance(up, UpstreamConnection) and up.req is cur:
                 up._detach()
@@ -216,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._local(cur, ERRORS[504], close=not cur.complete)
         elif kind == D_REQUEST and cur is not None:
+            limits["request_timeout"] += 1
             up = cur.up
             if isinstance(up, UpstreamConnection) and up.req is cur:
                 up._detach()
@@ -228,8 +245,9 @@ class ClientConnection(asyncio.Protocol):
                 self.req = None
                 self._local(cur, ERRORS[504 if cur.complete else 408], close=True)
         elif kind == D_HEAD and cur is None:
-            self._bad(408)
+            self._bad(408, "head_timeout")
         elif kind in (D_IDLE, D_TUNNEL, D_HEAD):
+            limits["head_timeout" if kind == D_HEAD else "idle_timeout"] += 1
             self.transport.close()
 
     def touch(self) -> None:
@@ -286,14 +304,21 @@ class ClientConnection(asyncio.Protocol):
             req.fwd += (name, b": ", value, CRLF)
             return
         if code == h.H_HOST:
+            if req.host_b or value.translate(None, h.HOST_CHARS) or not value:
+                self.reject = 400  # several Host fields, or one that is not a host[:port]
+                raise _Reject
             req.host_b = value
             req.fwd += (name, b": ", value, CRLF)
         elif code == h.H_CLEN:
             self.clen = value
             req.fwd += (name, b": ", value, CRLF)
         elif code == h.H_TE:
-            if b"chunked" in value.lower():
-                req.chunked = True
+            # Only a lone "chunked" (RFC 9112 §6.1): we decode no other coding, and llhttp has
+            # already refused one whose final coding is not chunked, and a second field.
+            if req.chunked or value.rstrip(b" \t").lower() != b"chunked":
+                self.reject = 400
+                raise _Reject
+            req.chunked = True
         elif code == h.H_CONNECTION:
             # Not None once a Connection field was seen; holds the field names it lists.
             if self.conn_extra is None:
@@ -330,17 +355,29 @@ class ClientConnection(asyncio.Protocol):
         req.method_b = m = p.get_method()
         req.is_head = m == b"HEAD"
         if not ka or self.conn_extra is not None or req.upgrade_b:
-            # Only then can it be HTTP/1.0 (which keeps alive only when asked) or an Upgrade.
-            req.v10 = p.get_http_version() == "1.0"
+            # Only then can it be HTTP/1.0 (which keeps alive only when asked), an Upgrade, or
+            # another version (llhttp takes 0.9 and 2.0; their keep-alive works like 1.0's).
+            version = p.get_http_version()
+            if version != "1.1" and version != "1.0":
+                self.reject = 505
+                raise _Reject
+            req.v10 = version == "1.0"
             req.upgrade = p.should_upgrade()
         fwd = req.fwd
         fwd[0] = m
-        fwd[2] = req.url
-        if len(fwd) > svc.max_headers * 4 + 4 or sum(map(len, fwd)) > svc.max_header_bytes:
-            self.reject = 431
-            raise _Reject
+        url = req.url
         if m == b"CONNECT":
             self.reject = 405
+            raise _Reject
+        if url[0] != 47:  # not origin-form ("/..."): the rare shapes are checked off the fast path
+            self._check_target(req, url)
+        fwd[2] = req.url
+        if len(fwd) > svc.max_headers * 4 + 4:
+            self.reject = 431
+            self.reject_key = "too_many_headers"
+            raise _Reject
+        if sum(map(len, fwd)) > svc.max_header_bytes:
+            self.reject = 431
             raise _Reject
         if not req.host_b and p.get_http_version() != "1.0":
             self.reject = 400  # RFC 9112 §3.2: an HTTP/1.1 request without Host
@@ -348,6 +385,9 @@ class ClientConnection(asyncio.Protocol):
         clen = self.clen
         if (clen and clen != b"0") or req.chunked:
             req.has_body = True
+            if req.chunked and p.get_http_version() != "1.1":
+                self.reject = 400  # RFC 9112 §6.1: chunked framing is HTTP/1.1 only
+                raise _Reject
         if svc.max_body and clen and int(clen) > svc.max_body:
             self.reject = 413
             raise _Reject
@@ -364,6 +404,21 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.queue.append(req)
             self.pause(P_PIPELINE)
+
+    def _check_target(self, req: Request, url: bytes) -> None:
+        """The request target is not origin-form: "*" (OPTIONS only) or absolute-form, whose
+        authority must agree with Host (RFC 9112 §3.2.2); it goes upstream as origin-form."""
+        if url == b"*":
+            if req.method_b != b"OPTIONS":
+                self.reject = 400
+                raise _Reject
+            return
+        m = h.ABSOLUTE_FORM.fullmatch(url)
+        if m is None or m.group(2).lower() != req.host_b.lower():
+            self.reject = 400
+            raise _Reject
+        path = m.group(3) or b"/"
+        req.url = b"/" + path if path[0] == 63 else path  # 63 = "?"
 
     def on_body(self, data: bytes) -> None:
         req = self.req
@@ -451,10 +506,15 @@ class ClientConnection(asyncio.Protocol):
         if router.needs_body and req.chunks:
             body = b"".join(req.chunks)
             req.body = body[:BODY_MATCH_LIMIT]
-        idx = router.route(req)
+        # router.route() split in two to count the deciding rule (route_with_rule without the
+        # tuple): the index of the rule, then its outcome.
+        i = router._first(req)
+        svc.rule_hits[i] += 1
+        idx = router._outcomes[i]
         if idx >= 0:
             self._serve(req, svc.targets[idx], None)
         elif idx == REFUSE:
+            svc.counters.limits["refused_by_rule"] += 1
             self._local(req, ERRORS[403], close=True)
         else:
             self._local(req, svc.na)
@@ -476,8 +536,9 @@ class ClientConnection(asyncio.Protocol):
             self._local(req, target.na)
             return
         req.backend = backend
-        pool = target.pools[backend]
-        req.server = pool  # its address, preformatted, names the real server in logs
+        srv = target.pools[backend]
+        req.server = srv  # counts the request; its address, preformatted, names it in logs
+        pool = srv.cp
         if not req.head:
             req.head = self._build_head(req)
         idle = pool.idle
@@ -606,12 +667,15 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = keep
         if req.is_head:
             data = (resp.keep10 if req.v10 else resp.keep) if keep else resp.close
+            req.hlen = len(data)
         elif keep:
             data = resp.keep_full if not req.v10 else resp.keep10 + resp.body
             req.resp_bytes = len(resp.body)
+            req.hlen = len(data) - req.resp_bytes
         else:
             data = resp.close_full
             req.resp_bytes = len(resp.body)
+            req.hlen = len(data) - req.resp_bytes
         req.status = resp.status
         req.resp_started = True
         self.transport.write(data)
@@ -639,16 +703,44 @@ class ClientConnection(asyncio.Protocol):
             req.backend = None
             req.target.balancer.release(backend)  # type: ignore[attr-defined]
         svc: Service = req.svc  # type: ignore[assignment]
+        now = self.loop.time()
+        # _account(), inlined: the hot path.
+        dt = now - req.t0
+        tc = req.target.counters  # type: ignore[attr-defined]
+        tc.lat[bisect_left(LATENCY_BUCKETS, dt)] += 1
+        tc.lat_sum += dt
+        srv = req.server
+        srv.resp[req.status // 100] += 1  # type: ignore[attr-defined]
+        nread = self.nread
+        srv.bytes_in += nread - self.nmark  # type: ignore[attr-defined]
+        self.nmark = nread
+        srv.bytes_out += req.hlen + req.resp_bytes  # type: ignore[attr-defined]
         if svc.log is not None:
-            _log_access(svc, req, self.loop.time())
+            _log_access(svc, req, now)
         if req is self.cur:
             self.cur = None
         if (self.paused or not req.keep_alive or self.closing or not req.complete or self.queue
                 or self.in_head):
             self._finish_slow(req)
             return
-        self.deadline = self.loop.time() + svc.t_idle
+        self.deadline = now + svc.t_idle
         self.dkind = D_IDLE
+
+    def _account(self, req: Request, now: float) -> None:
+        """Count a finished request: latency in its pool (or VS), bytes and status class in its
+        real server (or pool, or VS). One object per figure; stats() adds the levels up."""
+        dt = now - req.t0
+        target = req.target
+        tc: Traffic = (target.counters if target is not None  # type: ignore[attr-defined]
+                       else req.svc.counters)  # type: ignore[attr-defined]
+        tc.lat[bisect_left(LATENCY_BUCKETS, dt)] += 1
+        tc.lat_sum += dt
+        srv: Traffic = req.server or tc  # type: ignore[assignment]
+        srv.resp[req.status // 100] += 1
+        nread = self.nread
+        srv.bytes_in += nread - self.nmark
+        self.nmark = nread
+        srv.bytes_out += req.hlen + req.resp_bytes
 
     def upstream_failed(self, req: Request, why: str, retry_ok: bool) -> None:
         if req is not self.cur or self.closed:
@@ -665,7 +757,7 @@ class ClientConnection(asyncio.Protocol):
             # A pooled connection the server had closed: resend on a fresh one.
             req.attempts += 1
             target: Target = req.target  # type: ignore[assignment]
-            pool = target.pools[req.backend]  # type: ignore[index]
+            pool = target.pools[req.backend].cp  # type: ignore[index]
             up = pool.acquire(self.loop.time())
             if up is not None:
                 self.attach(req, up)
@@ -676,11 +768,13 @@ class ClientConnection(asyncio.Protocol):
         self._release(req, False)
         self._local(req, ERRORS[502], close=not req.complete)
 
-    def connect_failed(self, req: Request, why: str) -> None:
+    def connect_failed(self, req: Request, why: str, timed_out: bool = False) -> None:
         backend = req.backend
         if req is not self.cur or self.closed or backend is None:
             self._release(req, True)
             return
+        if timed_out:
+            self.listener.counters.limits["upstream_timeout"] += 1
         logger.warning("VS %s: %s", self.listener.name, why)
         self._release(req, False)
         target: Target = req.target  # type: ignore[assignment]
@@ -700,8 +794,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish(self, req: Request) -> None:
         svc: Service = req.svc  # type: ignore[assignment]
+        now = self.loop.time()
+        self._account(req, now)
         if svc.log is not None:
-            _log_access(svc, req, self.loop.time())
+            _log_access(svc, req, now)
         if req is self.cur:
             self.cur = None
         self._finish_slow(req)
@@ -751,8 +847,10 @@ class ClientConnection(asyncio.Protocol):
                 self.deadline = now + svc.t_idle
                 self.dkind = D_IDLE
 
-    def _bad(self, status: int) -> None:
-        """A request that cannot be served (malformed, too big): answer `status` and close."""
+    def _bad(self, status: int, key: str) -> None:
+        """A request that cannot be served (malformed, too big, too slow): answer `status`, count
+        it under the limit `key`, and close."""
+        self.listener.counters.limits[key] += 1
         self.pause(P_STOP)
         self.closing = True
         bad = self.req
@@ -785,12 +883,15 @@ class ClientConnection(asyncio.Protocol):
             svc.counters.requests += 1
         req.status = status
         req.resp_bytes = len(resp.body)
+        req.hlen = len(resp.close_full) - req.resp_bytes
         if not self.closed:
             self.transport.write(resp.close_full)
             self.transport.close()
         svc2: Service = req.svc  # type: ignore[assignment]
+        now = self.loop.time()
+        self._account(req, now)
         if svc2.log is not None:
-            _log_access(svc2, req, self.loop.time())
+            _log_access(svc2, req, now)
 
     # -- Upgrade tunnels ----------------------------------------------------------------------
 
@@ -798,8 +899,10 @@ class ClientConnection(asyncio.Protocol):
         self.first_byte(req)
         self._release(req, True)
         svc: Service = req.svc  # type: ignore[assignment]
+        now = self.loop.time()
+        self._account(req, now)
         if svc.log is not None:
-            _log_access(svc, req, self.loop.time())
+            _log_access(svc, req, now)
         self.cur = None
         self.tunnel = up
         raw, self.raw = self.raw, []
@@ -813,6 +916,11 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = None
         if not self.closed:
             self.transport.close()
+
+
+# The limit counted when a parser callback rejects with a status and names none.
+_LIMIT_OF = {400: "bad_request", 405: "bad_request", 505: "bad_request", 413: "body_too_large",
+             431: "header_too_large"}
 
 
 def _server(req: Request) -> str:

@@ -19,7 +19,17 @@ from .balancer import Balancer
 from .client import ClientConnection
 from .errors import ListenError
 from .health import HealthMonitor
-from .service import Counters, Listener, Pool, PoolFactory, TargetCounters, build_service
+from .service import (
+    LATENCY_BUCKETS,
+    RESPONSE_CLASSES,
+    Counters,
+    Listener,
+    Pool,
+    PoolFactory,
+    TargetCounters,
+    Traffic,
+    build_service,
+)
 from .upstream import ConnPool
 
 logger = logging.getLogger(__name__)
@@ -110,7 +120,21 @@ class DataPlane:
         return {lst.name: lst.sockname for lst in self._listeners.values()}
 
     def stats(self) -> dict[str, Any]:
+        """Counters for the admin API and metrics, added up at call time (nothing per request).
+
+        Per VS, SubVS and real server: `bytes_in`/`bytes_out` (client side: bytes read from the
+        client for the requests it took / response head + body sent; chunk framing excluded),
+        `responses` by status class. Per VS and SubVS: `latency` (request start to response end:
+        `buckets` bounds in seconds, per-bucket `counts` NOT cumulative with a last +Inf slot,
+        `sum` seconds, `count`), also flat as `latency_buckets` {bound: n, "+Inf": n},
+        `latency_sum`, `latency_count` (the shape lbproxy.metrics reads). Per VS: `rule_hits`
+        (content switching) and `limit_rejections`. A real server's counters survive reloads by
+        address; a VS's include SubVSs removed by a reload.
+        """
         out: dict[str, Any] = {}
+        by_vs: dict[str, list[TargetCounters]] = {}
+        for (vs_name, _), tc in self._target_counters.items():
+            by_vs.setdefault(vs_name, []).append(tc)
         for lst in self._listeners.values():
             svc = lst.service
             c = lst.counters
@@ -122,19 +146,24 @@ class DataPlane:
                 servers: list[dict[str, Any]] = []
                 if t.balancer is not None:
                     for b in t.balancer.backends:
+                        st = t.pools[b]
                         servers.append({
                             "address": str(b.address), "weight": b.weight, "enabled": b.enabled,
                             "healthy": b.healthy, "down_reason": b.down_reason,
                             "active": b.active, "requests": b.requests, "failures": b.failures,
+                            "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
+                            "responses": _classes(st.resp),
                         })
+                tc = t.counters
                 # Requests sent to a real server are counted by the balancer (Backend.requests).
                 targets[t.name] = {
-                    "requests": t.counters.not_available + sum(s["requests"] for s in servers),
-                    "not_available": t.counters.not_available,
+                    "requests": tc.not_available + sum(s["requests"] for s in servers),
+                    "not_available": tc.not_available,
                     "available": t.balancer.any_available() if t.balancer is not None else False,
                     "real_servers": servers,
+                    **_traffic([tc, *tc.servers.values()]),
                 }
-            out[lst.name] = {
+            vs_entry = {
                 "listen": f"{lst.sockname[0]}:{lst.sockname[1]}",
                 "protocol": lst.protocol.value,
                 "kind": svc.vs.kind.value,
@@ -143,7 +172,15 @@ class DataPlane:
                 "requests": c.requests,
                 "subvs": {k: v for k, v in targets.items() if k != "-"},
                 "real_servers": targets["-"]["real_servers"] if "-" in targets else [],
+                "rule_hits": c.rule_totals(),
+                "limit_rejections": dict(c.limits),
             }
+            parts: list[Traffic] = [c]
+            for tc in by_vs.get(lst.name, ()):
+                parts.append(tc)
+                parts.extend(tc.servers.values())
+            vs_entry.update(_traffic(parts))
+            out[lst.name] = vs_entry
         return {"virtual_services": out,
                 "draining_listeners": len(self._draining),
                 "upstream_pools": {cp.address: {"idle": len(cp.idle), "connects": cp.connects}
@@ -300,3 +337,33 @@ class DataPlane:
                 self._sweeper = loop.call_later(self._tick, self._sweep)
 
 
+def _classes(resp: list[int]) -> dict[str, int]:
+    """Status classes 1xx..5xx (a status above 599 counts as 5xx)."""
+    out = dict(zip(RESPONSE_CLASSES, resp[1:6], strict=True))
+    out["5xx"] += sum(resp[6:])
+    return out
+
+
+def _traffic(parts: list[Traffic]) -> dict[str, Any]:
+    """The sum of some Traffic counters as stats() shows them."""
+    resp = [0] * len(parts[0].resp)
+    lat = [0] * (len(LATENCY_BUCKETS) + 1)
+    total = 0.0
+    bytes_in = bytes_out = 0
+    for p in parts:
+        bytes_in += p.bytes_in
+        bytes_out += p.bytes_out
+        total += p.lat_sum
+        for i, n in enumerate(p.resp):
+            resp[i] += n
+        for i, n in enumerate(p.lat):
+            lat[i] += n
+    count = sum(lat)
+    flat: dict[str, int] = {str(b): n for b, n in zip(LATENCY_BUCKETS, lat, strict=False)}
+    flat["+Inf"] = lat[-1]
+    return {
+        "bytes_in": bytes_in, "bytes_out": bytes_out, "responses": _classes(resp),
+        "latency": {"buckets": list(LATENCY_BUCKETS), "counts": lat, "sum": total,
+                    "count": count},
+        "latency_buckets": flat, "latency_sum": total, "latency_count": count,
+    }

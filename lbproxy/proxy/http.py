@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 CRLF = b"\r\n"
@@ -39,6 +40,14 @@ SPECIAL: dict[bytes, int] = {
 
 # Connection tokens that are not header names to remove.
 CONNECTION_KEYWORDS = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+# What a Host value may contain (RFC 3986 host [":" port]: reg-name, IPv4, [IPv6]); deleting
+# these with bytes.translate leaves nothing for a valid one. "," and "@" are left out on purpose
+# (a list or userinfo in Host only ever means someone probing for a confused parser).
+HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+              b"-._~!$&'()*+;=:[]%")
+# An absolute-form request target (RFC 9112 §3.2.2): scheme, authority without userinfo, rest.
+ABSOLUTE_FORM = re.compile(rb"(https?)://([^/?#@]+)([/?][^#]*)?", re.IGNORECASE)
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
@@ -98,7 +107,7 @@ def error_response(status: int) -> LocalResponse:
 
 
 ERRORS: dict[int, LocalResponse] = {
-    s: error_response(s) for s in (400, 403, 405, 408, 413, 431, 500, 502, 503, 504)}
+    s: error_response(s) for s in (400, 403, 405, 408, 413, 431, 500, 502, 503, 504, 505)}
 
 
 class Request:
@@ -111,7 +120,7 @@ class Request:
 
     __slots__ = (
         "_hmap", "attempts", "backend", "body", "body_bytes", "buffered", "chunked", "chunks",
-        "complete", "discard", "expect", "fwd", "has_body", "head", "host_b", "is_head",
+        "complete", "discard", "expect", "fwd", "has_body", "head", "hlen", "host_b", "is_head",
         "keep_alive", "method_b", "resp_bytes", "resp_started", "sent_continue", "server",
         "src_ip", "started", "status", "svc", "t0", "target", "up", "upgrade", "upgrade_b",
         "url", "v10", "waiting_route", "xff")
@@ -132,6 +141,7 @@ class Request:
         self.buffered = 0
         self.body_bytes = 0
         self.resp_bytes = 0
+        self.hlen = 0  # response head bytes sent to the client
         self.status = 0
         self.attempts = 0
         self.chunked = False
@@ -149,7 +159,7 @@ class Request:
         self.waiting_route = False
         self.up: object = None
         self.backend: object = None
-        self.server: object = None  # the ConnPool of the real server that served (for logs)
+        self.server: object = None  # the real server's ServerStats (counters, address)
         self.target: object = None
         self._hmap: dict[str, str] | None = None
 

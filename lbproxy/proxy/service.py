@@ -53,24 +53,101 @@ M_ORDERED = 2  # SubVSs without content switching: the first with an available r
 M_REDIRECT = 3  # an HTTP redirect VS
 
 
-class Counters:
-    """Per-VS counters that live as long as the VS name (carried across reloads)."""
+# Latency histogram bounds (seconds), Prometheus' default buckets plus 1 ms: a request counts once,
+# in the first bucket whose bound is at least its latency; the last slot is +Inf.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Responses are counted by status // 100; llhttp accepts any three-digit status, hence 10 slots.
+_STATUS_SLOTS = 10
+RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# The limits a request or connection can hit (see client.py for each one's answer).
+LIMIT_KEYS = ("bad_request", "head_timeout", "idle_timeout", "header_too_large",
+              "too_many_headers", "body_too_large", "max_connections", "request_timeout",
+              "upstream_timeout", "refused_by_rule")
 
-    __slots__ = ("connections", "refused", "requests")
+
+class Traffic:
+    """Plain counters bumped once per finished request: bytes, response classes, latency.
+
+    Each level holds only what no level below it counted, so the hot path bumps one object per
+    figure; `DataPlane.stats()` adds them up at scrape time (VS = own + its SubVSs; SubVS = own +
+    its real servers).
+    """
+
+    __slots__ = ("bytes_in", "bytes_out", "lat", "lat_sum", "resp")
 
     def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.resp = [0] * _STATUS_SLOTS
+        self.lat = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.lat_sum = 0.0
+
+
+class Counters(Traffic):
+    """Per-VS counters that live as long as the VS name (carried across reloads).
+
+    Traffic here is what no SubVS took (bad requests, redirects, no rule matched, refused).
+    """
+
+    __slots__ = ("connections", "limits", "refused", "requests", "rule_gens", "rule_hits")
+
+    def __init__(self) -> None:
+        super().__init__()
         self.connections = 0
         self.refused = 0
         self.requests = 0
+        self.limits = dict.fromkeys(LIMIT_KEYS, 0)
+        # Rule hits of older generations by rule name, and the live per-generation lists
+        # (rule names, hits by rule index; the last slot counts "no rule matched").
+        self.rule_hits: dict[str, int] = {}
+        self.rule_gens: list[tuple[tuple[str, ...], list[int]]] = []
+
+    def new_rule_gen(self, names: tuple[str, ...]) -> list[int]:
+        """A hit list for a new router; folds all but the two newest older lists into rule_hits
+        (a generation being drained may still count for a while)."""
+        hits = [0] * (len(names) + 1)
+        gens = self.rule_gens
+        while len(gens) > 2:
+            old_names, old_hits = gens.pop(0)
+            for name, n in zip(old_names, old_hits, strict=False):
+                if n:
+                    self.rule_hits[name] = self.rule_hits.get(name, 0) + n
+        gens.append((names, hits))
+        return hits
+
+    def rule_totals(self) -> dict[str, int]:
+        out = dict(self.rule_hits)
+        for names, hits in self.rule_gens:
+            for name, n in zip(names, hits, strict=False):
+                out[name] = out.get(name, 0) + n
+        return out
 
 
-class TargetCounters:
-    """Requests a pool answered with its "not available" response (the balancer counts the rest)."""
+class ServerStats(Traffic):
+    """One real server of one pool (VS, SubVS): its traffic, kept across reloads by address, and
+    the connection pool of that address for the current generation.
 
-    __slots__ = ("not_available",)
+    `bytes_in` counts the client bytes of the requests it served, `bytes_out` the response bytes
+    relayed from it (head as sent + body, chunk framing excluded)."""
+
+    __slots__ = ("address", "cp")
+
+    def __init__(self, cp: ConnPool) -> None:
+        super().__init__()
+        self.cp = cp
+        self.address = cp.address  # preformatted: names the real server in logs
+
+
+class TargetCounters(Traffic):
+    """Per-pool (VS, SubVS) counters across reloads: its "not available" answers and their
+    traffic, the latency of every request it took, and its real servers' `ServerStats`."""
+
+    __slots__ = ("not_available", "servers")
 
     def __init__(self) -> None:
+        super().__init__()
         self.not_available = 0
+        self.servers: dict[str, ServerStats] = {}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,7 +178,7 @@ class Target:
 
     __slots__ = ("balancer", "counters", "na", "name", "needs_url", "pool", "pools")
 
-    def __init__(self, name: str, pool: Pool | None, pools: dict[Backend, ConnPool],
+    def __init__(self, name: str, pool: Pool | None, pools: dict[Backend, ServerStats],
                  na: NotAvailable, counters: TargetCounters) -> None:
         self.name = name
         self.pool = pool
@@ -118,7 +195,8 @@ class Service:
     __slots__ = (
         "add_forwarded", "counters", "direct", "log", "max_body", "max_connections",
         "max_header_bytes", "max_headers", "mode", "na", "name", "port", "pre_router",
-        "pre_targets", "redirect_status", "redirect_to", "router", "t_connect", "t_first_byte",
+        "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_connect",
+        "t_first_byte",
         "t_head", "t_idle", "t_request", "targets", "vs", "xfp_line")
 
     def __init__(self, vs: VirtualService, counters: Counters, log: AccessLog | None,
@@ -130,6 +208,7 @@ class Service:
         self.port = port
         self.mode = M_DIRECT
         self.router: Any = None
+        self.rule_hits: list[int] = []
         self.targets: tuple[Target, ...] = ()
         self.direct: Target | None = None
         self.pre_router: Router | None = None
@@ -192,14 +271,18 @@ class PoolFactory:
                 pool.monitor = self.make_monitor(balancer, check, label)
                 self.new_pools.append(pool)
             self.pools[key] = pool
-        conns: dict[Backend, ConnPool] = {}
+        conns: dict[Backend, ServerStats] = {}
         idle = vs.timeouts.upstream_idle
         for b in pool.balancer.backends:
             addr = (b.address.host, b.address.port)
             cp = self.conn_pools.get(addr)
             if cp is None:
                 cp = self.conn_pools[addr] = ConnPool(self.loop, addr[0], addr[1], idle)
-            conns[b] = cp
+            st = counters.servers.get(cp.address)
+            if st is None:
+                st = counters.servers[cp.address] = ServerStats(cp)
+            st.cp = cp
+            conns[b] = st
             self.addresses[addr] = min(idle, self.addresses.get(addr, idle))
         return Target(name, pool, conns, na, counters)
 
@@ -221,6 +304,7 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
             svc.mode = M_SWITCH
             router = compile_router(vs, rules)
             svc.router = router
+            svc.rule_hits = counters.new_rule_gen(router.rule_names)
             svc.targets = tuple(targets[n] for n in router.subvs_names)
         else:
             svc.mode = M_ORDERED

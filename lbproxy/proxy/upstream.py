@@ -167,7 +167,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "client", "close_delim", "cout", "ctransport", "hbuf", "head_done", "heads", "idle_since",
-        "interim", "out_chunked", "parser", "pool", "read_paused", "req", "reused", "status",
+        "interim", "out_chunked", "parser", "pending_head", "pool", "read_paused", "req",
+        "reused", "status",
         "transport", "tunnel", "validator", "want_head")
 
     def __init__(self, pool: ConnPool) -> None:
@@ -188,6 +189,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_delim = False
         self.interim = False
         self.head_done = False
+        self.pending_head = False  # a final response head waits in cout, not sent yet
         self.reused = False
         self.read_paused = False
         self.tunnel = False
@@ -231,6 +233,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self._flush()
                 self._complete(True)
                 return
+            req = self.req
+            if self.pending_head and req is not None:
+                # Nothing of this response reached the client yet: it gets a clean 502 instead.
+                self.cout = []
+                self.pending_head = False
+                req.resp_started = False
+                req.status = 0
             self._flush()
             self._fail(f"bad response: {e}", parse_error=True)
             return
@@ -433,6 +442,7 @@ class UpstreamConnection(asyncio.Protocol):
             extra += b"Connection: keep-alive\r\n"
         self.cout += (head, extra, CRLF) if extra else (head, CRLF)
         req.hlen = len(head) + len(extra) + 2
+        self.pending_head = True
         req.status = status
         req.resp_started = True
         if req.is_head:
@@ -457,6 +467,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.status == 101:
             return  # HttpParserUpgrade follows
         cout = self.cout
+        self.pending_head = False
         if self.out_chunked:
             self.out_chunked = False
             cout.append(b"0\r\n\r\n")
@@ -505,6 +516,7 @@ class UpstreamConnection(asyncio.Protocol):
             t.write(data)
 
     def _flush(self) -> None:
+        self.pending_head = False
         cout = self.cout
         if cout:
             self.cout = []

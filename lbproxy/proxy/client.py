@@ -55,7 +55,7 @@ class _Reject(Exception):
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
-        "head_bytes", "in_head", "ip_b", "listener", "loop", "nmark", "nread", "out",
+        "head_bytes", "host_ok", "in_head", "ip_b", "listener", "loop", "nmark", "nread", "out",
         "out_up", "parser", "paused", "pending_error", "queue", "raw", "reject", "reject_key",
         "req", "running", "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
 
@@ -86,6 +86,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.reject = 0
         self.reject_key = ""
+        self.host_ok = b"\x00"  # the last Host value that passed the check
         self.nread = 0  # bytes read from the client
         self.nmark = 0  # ... of which already counted to a finished request
         self.pending_error = 0
@@ -304,9 +305,13 @@ class ClientConnection(asyncio.Protocol):
             req.fwd += (name, b": ", value, CRLF)
             return
         if code == h.H_HOST:
-            if req.host_b or value.translate(None, h.HOST_CHARS) or not value:
-                self.reject = 400  # several Host fields, or one that is not a host[:port]
+            # Several Host fields, or one that is not a host[:port]: 400. A keep-alive client
+            # repeats its Host: the last good one is not checked again.
+            if req.host_b or (value != self.host_ok and (
+                    value.translate(None, h.HOST_CHARS) or not value)):
+                self.reject = 400
                 raise _Reject
+            self.host_ok = value
             req.host_b = value
             req.fwd += (name, b": ", value, CRLF)
         elif code == h.H_CLEN:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +86,18 @@ TOKENS = ("[[vs]]\n", "[[vs.subvs]]\n", "[[rule]]\n", "[admin]\n", "[vs.limits]\
           "=", ",", "\n", '"""', "\\", "\x00", "\r", "#", ".", "real_servers = ", "rules = ")
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _examples(n: int) -> int:
+    """`n` keeps the suite fast; LBPROXY_FUZZ_SCALE=5 (say) runs five times as many."""
+    return int(n * float(os.environ.get("LBPROXY_FUZZ_SCALE", "1")))
+
+
+@settings(max_examples=_examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(TOKENS) | st.text(max_size=4), max_size=40).map("".join))
 def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
     check(text, Path("/nonexistent-lbproxy-base"))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs)
 def test_any_structured_config_is_a_config_or_a_config_error(data: dict[str, Any]) -> None:
     check(dump(data), Path("/nonexistent-lbproxy-base"))

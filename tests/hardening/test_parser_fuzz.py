@@ -6,6 +6,7 @@ error answer (4xx/5xx, connection closed)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,7 +163,12 @@ def mutated(draw: st.DrawFn) -> list[bytes]:
     return [p for p in pieces if p]
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[
+def _examples(n: int) -> int:
+    """`n` keeps the suite fast; LBPROXY_FUZZ_SCALE=5 (say) runs five times as many."""
+    return int(n * float(os.environ.get("LBPROXY_FUZZ_SCALE", "1")))
+
+
+@settings(max_examples=_examples(1500), deadline=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(mutated())
 def test_mutated_requests(loop: asyncio.AbstractEventLoop, pieces: list[bytes]) -> None:
@@ -172,7 +178,7 @@ def test_mutated_requests(loop: asyncio.AbstractEventLoop, pieces: list[bytes]) 
     _check(rig)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[
+@settings(max_examples=_examples(1000), deadline=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.binary(max_size=64), max_size=4))
 def test_random_bytes(loop: asyncio.AbstractEventLoop, pieces: list[bytes]) -> None:

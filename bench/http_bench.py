@@ -435,7 +435,8 @@ def _nginx_user() -> str:
 
 
 def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
-                rules: Sequence[Rule], access_log: bool = True, nice: int = 0) -> Running:
+                rules: Sequence[Rule], access_log: bool = True, nice: int = 0,
+                lbproxy_src: Path = REPO) -> Running:
     d = workdir / name
     d.mkdir()
     log = d / "access.log"
@@ -464,7 +465,7 @@ def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
         # PYTHONPATH: import this checkout's packages even if the venv's editable-install finder
         # is stale (it was generated when the packages had no __init__.py, and then resolves
         # `acmeclient` as a namespace package from any directory but the repo root).
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(lbproxy_src)}
         proc = Proc(name, [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning"],
                     PROXY_CORE, d, nice=nice, env=env)
     elif name == "lean":
@@ -579,7 +580,8 @@ def bench_proxy(proxy: str, workdir: Path, backend: Running, backend_port: int,
     d = workdir / f"{proxy}-r{rnd}"
     d.mkdir()
     results: list[Cell] = []
-    run = start_proxy(proxy, d, port, backend_port, rules, not args.no_access_log, args.nice)
+    run = start_proxy(proxy, d, port, backend_port, rules, not args.no_access_log, args.nice,
+                      args.lbproxy_src)
     try:
         for size, conns in cells:
             try:
@@ -706,6 +708,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="run proxy, backend and wrk at this nice level, applied to their "
                          "scheduler autogroups (e.g. -5, as root) so that other work on the "
                          "machine disturbs the measurement less")
+    ap.add_argument("--lbproxy-src", type=Path, default=REPO,
+                    help="directory holding the lbproxy/ and acmeclient/ packages to run, e.g. "
+                         "`git archive <commit> lbproxy acmeclient | tar -x -C DIR` for an A/B "
+                         "of two commits (default: this checkout)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -861,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "median": [_cell_json(c) for c in table.values()], "verdicts": verdicts,
         "access_logs": logs, "skipped": skipped,
         "loadavg": {"before": load_before, "after": load_after},
-    }, indent=2))
+    }, indent=2, default=str))
     print(f"results: {out.relative_to(REPO)}")
     all_pass = all(v["verdict"] == "PASS" for v in verdicts)
     return 0 if all_pass else 1

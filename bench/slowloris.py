@@ -78,7 +78,8 @@ def serve(head_timeout: float, conn: Connection) -> None:
 async def attack(port: int, args: argparse.Namespace) -> dict[str, float]:
     await load_loop(port, args.clients, 200, 2.0)  # warm-up
     base = await load_loop(port, args.clients, args.requests, args.seconds)
-    slow = SlowClients(port, args.slow, every=1.0)
+    slow = SlowClients(port, args.slow, every=1.0,
+                       drip_for=args.head_timeout - 1.0)
     t0 = time.monotonic()
     await slow.open()
     opened = time.monotonic() - t0

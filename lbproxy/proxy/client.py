@@ -4,6 +4,37 @@ Requests are parsed by httptools in callbacks; each one is routed, balanced and 
 pooled upstream connection without a Task or Future. Pipelined requests queue behind the one in
 flight (reading pauses while any wait) and are answered in order. Deadlines are plain floats checked
 by the listener's periodic sweep (no timer handle per request).
+
+Strict HTTP/1.1 (RFC 9112), enforced here and by llhttp (strict mode): a malformed or ambiguous
+request is answered and the connection closed; nothing of it is forwarded. 400 for: Content-Length
+with Transfer-Encoding, several or malformed Content-Lengths, a Transfer-Encoding other than one
+lone "chunked" (unknown codings, chunked not last, two fields, chunked in HTTP/1.0), obs-fold,
+whitespace before a colon, bare CR or LF, bad chunk sizes or extensions, NUL/control bytes in the
+request line or fields, several Host fields or one that is not host[:port], HTTP/1.1 without Host,
+an absolute-form target whose authority differs from Host (an agreeing one goes upstream in
+origin-form), "*" with a method other than OPTIONS, unknown methods; 405 for CONNECT; 505 for
+versions other than HTTP/1.0 and 1.1. Fields go upstream rebuilt as "Name: value" CRLF (the
+request line always HTTP/1.1); responses are checked by llhttp too (upstream.py).
+
+Limits (per VS in [vs.limits] / [vs.timeouts]; the answer; the stats() counter in
+`limit_rejections`):
+- request line + fields, 16 KiB in total (max_header_bytes, like HAProxy's bufsize): 431 + close;
+  header_too_large
+- fields, 100 (max_headers): 431 + close; too_many_headers
+- request body (max_body, 0 = none; streamed, never buffered): 413 + close (from Content-Length
+  before anything is forwarded, or mid-body: the upstream exchange is aborted); body_too_large
+- connections per listener, 10 000 (max_connections): closed at once (abort, no answer);
+  max_connections
+- head, 10 s from the connection or the end of the previous request to the end of the head (not
+  extended by trickled bytes: slowloris): 408 + close; head_timeout
+- idle keep-alive, 60 s: close; idle_timeout
+- upstream connect, 3 s: another real server for an idempotent method, else 502; upstream_timeout
+- upstream first byte, 30 s after the whole request went out: 504 (close if the body was not
+  read whole); upstream_timeout
+- whole request, 300 s from its first byte: 408 (upload stalled) or 504 (response not started)
+  + close, or abort mid-response; request_timeout
+- malformed (above): 400/405/505 + close; bad_request. A fail-on-match rule: 403 + close;
+  refused_by_rule.
 """
 
 from __future__ import annotations

@@ -57,12 +57,15 @@ async def load_loop(port: int, clients: int, requests: int, max_seconds: float) 
 
 
 class SlowClients:
-    """`n` connections that send an incomplete head, then one more byte every `every` seconds."""
+    """`n` connections that send an incomplete head, then one more byte every `every` seconds for
+    `drip_for` seconds (stop before the server's head timeout: a byte that arrives after the
+    server's 408 and close makes the client's kernel see a reset, which can discard the 408)."""
 
-    def __init__(self, port: int, n: int, every: float) -> None:
+    def __init__(self, port: int, n: int, every: float, drip_for: float) -> None:
         self.port = port
         self.n = n
         self.every = every
+        self.drip_for = drip_for
         self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.answers: list[bytes] = []
         self._trickle: asyncio.Task[None] | None = None
@@ -79,7 +82,8 @@ class SlowClients:
         # seconds without a burst of `n` writes in one loop iteration.
         slices = 10
         i = 0
-        while True:
+        end = time.monotonic() + self.drip_for
+        while time.monotonic() < end:
             await asyncio.sleep(self.every / slices)  # the attack's own pace, not a sync
             for _, w in self.conns[i::slices]:
                 if not w.is_closing():

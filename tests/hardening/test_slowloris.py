@@ -27,7 +27,7 @@ async def test_slowloris(dataplane: DataPlane, recorder: RecordingUpstream) -> N
         await load_loop(port, 4, 50, 1.0)  # warm-up: pooled upstream connections
         base = await load_loop(port, 4, 150, 1.0)
         assert base.errors == 0 and len(base.latencies) >= 100
-        slow = SlowClients(port, SLOW, every=0.5)
+        slow = SlowClients(port, SLOW, every=0.5, drip_for=HEAD_TIMEOUT - 1.0)
         t_open = time.monotonic()
         await slow.open()
         try:

@@ -81,6 +81,8 @@ class Rig:
 
     def feed(self, data: bytes) -> None:
         """Feed `data`, answering each request that reached the fake upstream (bounded)."""
+        while len(self.cp.idle) < 4:  # pipelined requests find pooled connections, no connect
+            self.add_upstream()
         self.client.data_received(data)
         for _ in range(64):
             answered = False
@@ -92,6 +94,8 @@ class Rig:
                 break
             if self.ct.closed:
                 break
+            while len(self.cp.idle) < 4:
+                self.add_upstream()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .accesslog import configure_access_log
 from .admin import AdminServer, create_app, load_or_create_token, start_admin
+from .admin.server import AdminTLS
 from .certs import CertStore, config_usage
 from .certs.manager import LEManager
 from .config import load_file
@@ -96,9 +97,11 @@ class App:
                                            metrics_routes(self.metrics)],
                              open_paths=(METRICS_PATH,) if self.config.admin.metrics_public
                              else ())
-            self.admin = await start_admin(app, self.config.admin.listen)
-            logger.info("admin API on http://%s (token in %s)", self.config.admin.listen,
-                        self.state_dir / "admin.token")
+            # HTTPS while a certificate is assigned to "admin"; follows (un)assignments.
+            self.admin = await start_admin(app, self.config.admin.listen,
+                                           tls=AdminTLS(self.store))
+            logger.info("admin API on %s://%s (token in %s)", self.admin.scheme,
+                        self.config.admin.listen, self.state_dir / "admin.token")
         if watch:
             self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
         logger.info("lbproxy started: %d virtual services, generation %d",

@@ -14,6 +14,8 @@ Routes (JSON in, JSON out; errors are {"error": message, "reason"?: code} with a
     DELETE /api/certs/{id}                  refused (409) while in use
     POST   /api/certs/{id}/assign           {target: VS name | "admin", default?: bool}
     POST   /api/certs/{id}/unassign         {target}
+                                            (an "admin" assignment makes the API serve HTTPS
+                                            with that certificate; see start_admin)
     GET    /api/vs                          every VS as the data plane runs it
     GET    /api/vs/{name}                   one VS: SubVSs, rules in precedence order, servers
 
@@ -72,6 +74,10 @@ CertStatusSource = Callable[[], Iterable[CertStatus]]
 # Set by the Let's Encrypt manager's registrar: every certificate with its renewal schedule.
 CERT_STATUS_KEY: web.AppKey[CertStatusSource] = web.AppKey("cert_status")
 RATES_KEY = web.AppKey("rates", RateMeter)
+AdminListenerSync = Callable[[], Awaitable[None]]
+# Set by `start_admin`: reopens the admin listener as HTTP or HTTPS after an "admin" assignment
+# change (absent when the app is served some other way).
+ADMIN_LISTENER_KEY: web.AppKey[AdminListenerSync] = web.AppKey("admin_listener_sync")
 # Requests/s in `status` are averaged over this window, sampled this often (seconds).
 RATE_WINDOW = 60.0
 RATE_SAMPLE_INTERVAL = 10.0
@@ -397,6 +403,20 @@ def _target(request: web.Request, data: dict[str, Any]) -> str:
     return target
 
 
+async def _sync_admin_listener(request: web.Request, target: str) -> None:
+    """After an "admin" assignment change, switch the admin listener between HTTP and HTTPS.
+
+    Only the listening socket changes: this request is answered on its own connection.
+    """
+    sync = request.app.get(ADMIN_LISTENER_KEY)
+    if target == ADMIN_TARGET and sync is not None:
+        try:
+            await sync()
+        except OSError as e:
+            raise AdminError(f"the assignment is recorded, but the admin listener could not be "
+                             f"reopened: {e}", status=500) from None
+
+
 async def assign_cert(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
     data = await _body(request)
@@ -406,6 +426,7 @@ async def assign_cert(request: web.Request) -> web.Response:
     store.require(cid)
     await asyncio.to_thread(store.assign, cid, target, default=default)
     request.app[TLS_KEY].refresh()
+    await _sync_admin_listener(request, target)
     return web.json_response({"assigned": cid, "target": target, "default": default,
                               "certificate": cert_view(store, cid)})
 
@@ -423,6 +444,7 @@ async def unassign_cert(request: web.Request) -> web.Response:
         raise AdminError(f"certificate {cid!r} has no run-time assignment to {target!r} "
                          "(assignments in the config file change with the file)", status=404)
     request.app[TLS_KEY].refresh()
+    await _sync_admin_listener(request, target)
     return web.json_response({"unassigned": cid, "target": target,
                               "certificate": cert_view(store, cid)})
 

@@ -1,4 +1,5 @@
-"""Serving the admin application on its address (aiohttp AppRunner + TCPSite)."""
+"""Serving the admin application on its address (aiohttp AppRunner + TCPSite), over plain HTTP
+or over HTTPS with the certificate assigned to "admin" in the certificate store."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import ssl
 
 from aiohttp import web
 
-from ..config.model import Address
+from ..certs.store import ADMIN_TARGET, CertStore
+from ..config.model import Address, Protocol, TLSSettings, VirtualService
+from ..proxy.tls import CertMaterial, TLSContexts, VSCertificates
+from .api import ADMIN_LISTENER_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -15,13 +19,104 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0
 
 
-class AdminServer:
-    """A running admin API; `port` is the bound port (useful with port 0)."""
+class _AdminLookup:
+    """The store seen through `CertLookup` with the admin assignments as the pseudo VS "admin"
+    (the newest assignment is the default, so a new assignment takes over at once)."""
 
-    def __init__(self, runner: web.AppRunner, site: web.TCPSite, port: int) -> None:
+    def __init__(self, store: CertStore) -> None:
+        self._store = store
+
+    @property
+    def version(self) -> int:
+        return self._store.version
+
+    def material(self, cert_id: str) -> CertMaterial | None:
+        return self._store.material(cert_id)
+
+    def assignment(self, vs_name: str) -> VSCertificates:
+        if vs_name != ADMIN_TARGET:
+            return VSCertificates()
+        certs = self._store.admin_certificates
+        return VSCertificates(certs, certs[-1] if certs else None)
+
+
+class AdminTLS:
+    """The admin listener's TLS: `TLSContexts` over one pseudo HTTPS VS named "admin", so the
+    admin API gets the data plane's context (TLS 1.2+, modern AEAD suites, ALPN http/1.1) and its
+    live certificate swap: a replaced or renewed certificate is used by the next handshake."""
+
+    def __init__(self, store: CertStore, settings: TLSSettings | None = None) -> None:
+        self._store = store
+        settings = settings if settings is not None else TLSSettings()
+        # Only name, protocol and tls are read by TLSContexts; the address is never bound.
+        self._vs = VirtualService(name=ADMIN_TARGET, listen=Address("127.0.0.1", 0),
+                                  protocol=Protocol.HTTPS, tls=settings)
+        self._contexts = TLSContexts(_AdminLookup(store), (self._vs,))
+
+    @property
+    def wanted(self) -> bool:
+        """True while a certificate is assigned to "admin" (then the API speaks only HTTPS; an
+        unusable certificate fails handshakes instead of falling back to plain HTTP)."""
+        return bool(self._store.admin_certificates)
+
+    def context(self) -> ssl.SSLContext:
+        """The listener context (the same object every time; its SNI callback picks the cert)."""
+        return self._contexts.factory(self._vs)
+
+    def serving(self) -> str | None:
+        """The certificate id the next handshake gets, None if none is usable."""
+        return self._contexts.choose(ADMIN_TARGET, None)
+
+
+class AdminServer:
+    """A running admin API; `port` is the bound port (useful with port 0), `scheme` is "http"
+    or "https". With an `AdminTLS`, `sync()` (called by the assign/unassign routes) switches the
+    listener between HTTP and HTTPS when the "admin" assignment appears or disappears."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int,
+                 tls: AdminTLS | None) -> None:
         self._runner = runner
-        self._site = site
+        self._site: web.TCPSite | None = None
+        self._host = host
         self.port = port
+        self._tls = tls
+        self._ssl: ssl.SSLContext | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._ssl is not None else "http"
+
+    async def _open(self, ssl_context: ssl.SSLContext | None) -> None:
+        site = web.TCPSite(self._runner, self._host, self.port, ssl_context=ssl_context,
+                           reuse_address=True)
+        await site.start()
+        self._site = site
+        self._ssl = ssl_context
+        if self.port == 0:  # the real port when 0 was asked for; kept across switches
+            bound = self._runner.addresses
+            self.port = int(bound[0][1]) if bound else 0
+        logger.info("admin API listening on %s://%s:%d", self.scheme, self._host, self.port)
+
+    async def sync(self) -> None:
+        """Reopen the listener if HTTP/HTTPS no longer matches the "admin" assignment.
+
+        Only the listening socket is replaced: connections already open (the one that asked for
+        the change included) finish on the old protocol.
+        """
+        if self._tls is None or self._site is None:
+            return
+        if self._tls.wanted == (self._ssl is not None):
+            return
+        new = self._tls.context() if self._tls.wanted else None
+        old = self._site
+        await old.stop()
+        try:
+            await self._open(new)
+        except OSError:
+            logger.exception("admin API: cannot reopen %s:%d as %s; reopening as before",
+                             self._host, self.port, "https" if new else "http")
+            await self._open(self._ssl)
+            raise
 
     async def close(self) -> None:
         await self._runner.cleanup()
@@ -29,20 +124,25 @@ class AdminServer:
 
 
 async def start_admin(app: web.Application, address: Address,
-                      ssl_context: ssl.SSLContext | None = None) -> AdminServer:
-    """Start serving `app` on `address` (127.0.0.1:8444 by default in the config)."""
+                      ssl_context: ssl.SSLContext | None = None, *,
+                      tls: AdminTLS | None = None) -> AdminServer:
+    """Start serving `app` on `address` (127.0.0.1:8444 by default in the config).
+
+    With `tls`, the API serves HTTPS while a certificate is assigned to "admin" and follows
+    assignment changes made through the API; `ssl_context` is a fixed context instead.
+    """
+    if tls is not None and ssl_context is not None:
+        raise ValueError("give either ssl_context or tls, not both")
     # No access log: admin requests are few, and bodies (keys) are never logged anyway.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    server = AdminServer(runner, address.host, address.port, tls)
+    app[ADMIN_LISTENER_KEY] = server.sync
     await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, ssl_context=ssl_context,
-                       reuse_address=True)
+    if tls is not None and tls.wanted:
+        ssl_context = tls.context()
     try:
-        await site.start()
+        await server._open(ssl_context)
     except BaseException:
         await runner.cleanup()
         raise
-    bound = runner.addresses
-    port = int(bound[0][1]) if bound else address.port  # the real port when 0 was asked for
-    logger.info("admin API listening on %s:%d%s", address.host, port,
-                " (TLS)" if ssl_context else "")
-    return AdminServer(runner, site, port)
+    return server

@@ -187,3 +187,31 @@ async def test_cli_reaches_https_api_with_verification(env: Env, tmp_path: Path,
     code, out, err = await asyncio.to_thread(cli, "cert", "list")
     assert code == 0, err
     assert "adm" in out and "admin" in out
+
+
+async def test_app_starts_admin_on_https_when_assigned(tmp_path: Path) -> None:
+    from lbproxy.app import App
+    from lbproxy.config import load_file
+    from tests.test_app import config_text, free_port
+
+    ca = trustme.CA()
+    chain, key = issue(ca, "127.0.0.1")
+    store = CertStore(tmp_path / "state")
+    store.import_pem("adm", chain, key)
+    store.assign("adm", "admin")
+    port, admin_port = free_port(), free_port()
+    cfg_path = tmp_path / "lb.toml"
+    cfg_path.write_text(config_text(port, free_port()).replace(
+        "[admin]\nenabled = false", f'[admin]\nlisten = "127.0.0.1:{admin_port}"'))
+    app = App(cfg_path, load_file(cfg_path))
+    await app.start(watch=False)
+    try:
+        assert app.admin is not None and app.admin.scheme == "https"
+        assert await handshake(admin_port, None, client_context(ca)) == serial_of(chain)
+        token = (tmp_path / "state" / "admin.token").read_text().strip()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
+            async with s.get(f"https://127.0.0.1:{admin_port}/api/status", ssl=client_context(ca),
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+    finally:
+        await app.stop()

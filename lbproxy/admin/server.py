@@ -3,6 +3,7 @@ or over HTTPS with the certificate assigned to "admin" in the certificate store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 
@@ -81,6 +82,8 @@ class AdminServer:
         self.port = port
         self._tls = tls
         self._ssl: ssl.SSLContext | None = None
+        # Two (un)assignments at once must not both reopen the socket.
+        self._switching = asyncio.Lock()
 
     @property
     def scheme(self) -> str:
@@ -105,18 +108,18 @@ class AdminServer:
         """
         if self._tls is None or self._site is None:
             return
-        if self._tls.wanted == (self._ssl is not None):
-            return
-        new = self._tls.context() if self._tls.wanted else None
-        old = self._site
-        await old.stop()
-        try:
-            await self._open(new)
-        except OSError:
-            logger.exception("admin API: cannot reopen %s:%d as %s; reopening as before",
-                             self._host, self.port, "https" if new else "http")
-            await self._open(self._ssl)
-            raise
+        async with self._switching:
+            if self._tls.wanted == (self._ssl is not None):
+                return
+            new = self._tls.context() if self._tls.wanted else None
+            await self._site.stop()
+            try:
+                await self._open(new)
+            except OSError:
+                logger.exception("admin API: cannot reopen %s:%d as %s; reopening as before",
+                                 self._host, self.port, "https" if new else "http")
+                await self._open(self._ssl)
+                raise
 
     async def close(self) -> None:
         await self._runner.cleanup()

@@ -187,6 +187,13 @@ async def test_cli_reaches_https_api_with_verification(env: Env, tmp_path: Path,
     code, out, err = await asyncio.to_thread(cli, "cert", "list")
     assert code == 0, err
     assert "adm" in out and "admin" in out
+    # Unassigning through the CLI answers over HTTPS, then the API is plain HTTP again.
+    code, out, err = await asyncio.to_thread(cli, "cert", "assign", "adm", "admin", "--remove")
+    assert (code, out) == (0, "adm unassigned from admin\n"), err
+    assert server.scheme == "http"
+    flags[1] = f"http://127.0.0.1:{server.port}"
+    code, out, err = await asyncio.to_thread(cli, "status")
+    assert code == 0, err
 
 
 async def test_app_starts_admin_on_https_when_assigned(tmp_path: Path) -> None:

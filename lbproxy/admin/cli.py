@@ -294,6 +294,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="config file naming the admin address and state_dir")
     common.add_argument("--admin", metavar="URL", help="admin API base URL (overrides config)")
     common.add_argument("--token-file", metavar="F", help="admin token file (overrides config)")
+    common.add_argument("--cacert", metavar="F",
+                        help="CA file to verify the admin API's certificate (when it is HTTPS)")
     common.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
     p = argparse.ArgumentParser(prog="lbproxy", description="Talk to a running lbproxy.")
@@ -361,7 +363,7 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
     except SystemExit as e:  # argparse: --help (0) or bad usage (2)
         return int(e.code) if isinstance(e.code, int) else 2
     try:
-        client = connect(args.config, args.admin, args.token_file)
+        client = connect(args.config, args.admin, args.token_file, args.cacert)
         data = args.run(client, args)
     except ClientError as e:
         if args.json:

@@ -97,9 +97,23 @@ def read_token(path: Path) -> str:
     return token
 
 
+def _admin_serves_https(state: Path) -> bool:
+    """True when a certificate is assigned to the admin interface (it then speaks HTTPS)."""
+    try:
+        doc = json.loads((state / "certs" / ".assignments.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and bool(doc.get("admin"))
+
+
 def connect(config: str | None, admin_url: str | None = None,
-            token_file: str | None = None) -> AdminClient:
-    """An AdminClient for the running lbproxy described by `config` and/or the flags."""
+            token_file: str | None = None, cacert: str | None = None) -> AdminClient:
+    """An AdminClient for the running lbproxy described by `config` and/or the flags.
+
+    The URL derived from the config is https:// when a certificate is assigned to the admin
+    interface; `cacert` is the CA file that certificate is verified against (else the system
+    store). Verification is never turned off.
+    """
     url = admin_url
     token_path = Path(token_file) if token_file else None
     if url is None or token_path is None:
@@ -109,13 +123,21 @@ def connect(config: str | None, admin_url: str | None = None,
         except ConfigError as e:
             raise ClientError(f"{cfg_path}: cannot find the admin API from this config "
                               f"({e.problems[0]}); give --admin and --token-file") from None
+        state = Path(cfg.state_dir)
+        if not state.is_absolute():
+            state = cfg_path.parent / state
         if url is None:
             if not cfg.admin.enabled:
                 raise ClientError(f"{cfg_path}: the admin API is disabled (admin.enabled)")
             url = _url_for(cfg.admin.listen.host, cfg.admin.listen.port)
+            if _admin_serves_https(state):
+                url = "https://" + url.removeprefix("http://")
         if token_path is None:
-            state = Path(cfg.state_dir)
-            if not state.is_absolute():
-                state = cfg_path.parent / state
             token_path = state / TOKEN_FILE
-    return AdminClient(url, read_token(token_path))
+    ctx = None
+    if cacert:
+        try:
+            ctx = ssl.create_default_context(cafile=cacert)
+        except (OSError, ssl.SSLError) as e:
+            raise ClientError(f"--cacert {cacert}: cannot load it as a CA file: {e}") from None
+    return AdminClient(url, read_token(token_path), ssl_context=ctx)

@@ -216,6 +216,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", default=None, help="config file (default lbproxy.toml)")
     p.add_argument("--admin", default=None, help="admin API URL")
     p.add_argument("--token-file", default=None, help="admin token file")
+    p.add_argument("--cacert", default=None,
+                   help="CA file to verify the admin API's certificate (when it is HTTPS)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -286,7 +288,7 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else 2
     try:
-        client = connect(args.config, args.admin, args.token_file)
+        client = connect(args.config, args.admin, args.token_file, args.cacert)
         data = args.run(client, args, out)
     except ClientError as e:
         if args.json:

@@ -123,7 +123,7 @@ def _commands(p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 ALL_COMMANDS = [c for parser in (main_cli._parser(), admin_cli._parser(), le_cli._parser())
                 for c in _commands(parser)]
-COMMON = ("--config", "--admin", "--token-file", "--json")
+COMMON = ("--config", "--admin", "--token-file", "--cacert", "--json")
 
 
 @pytest.mark.parametrize(("command", "options"), ALL_COMMANDS,

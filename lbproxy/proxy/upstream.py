@@ -169,7 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
         "client", "close_delim", "cout", "ctransport", "hbuf", "head_done", "heads", "idle_since",
         "interim", "out_chunked", "parser", "pending_head", "pool", "read_paused", "req",
         "reused", "status",
-        "transport", "tunnel", "validator", "vhead", "want_head")
+        "transport", "tunnel", "validator", "vframe", "vhead", "want_head")
 
     def __init__(self, pool: ConnPool) -> None:
         self.pool = pool
@@ -177,6 +177,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser: Any = httptools.HttpResponseParser(self)
         self.validator = _Validator()
         self.vhead = b""  # the last response head (with its blank line) the validator passed
+        # What the fast path derived from `vhead`: its Content-Length and the hop-by-hop spans to
+        # cut. A function of the head's bytes alone, so reused as is when the same head recurs.
+        self.vframe: tuple[int, tuple[tuple[int, int], ...]] = (0, ())
         self.client: ClientConnection | None = None
         self.ctransport: asyncio.Transport | None = None
         self.req: Request | None = None
@@ -266,22 +269,32 @@ class UpstreamConnection(asyncio.Protocol):
         if not status.isdigit() or status[0] < 50 or status in _NO_BODY:  # 50 = ord("2")
             return False
         hend = end + 2  # the head's last field ends here; the blank line follows
-        lengths = _CONTENT_LENGTH.findall(data, 0, hend)
-        if len(lengths) != 1 or hend + 2 + int(lengths[0]) != len(data):
-            return False
-        # Hop-by-hop fields to cut: only "Connection: keep-alive" and "Keep-Alive: ..." qualify.
-        cuts = []
-        for m in _HOP_FIELD.finditer(data, 0, hend):
-            name = m.group(1).lower()
-            if name != b"keep-alive" and not (
-                    name == b"connection" and m.group(2).strip().lower() == b"keep-alive"):
-                return False
-            cuts.append(m.span())
-        # The same scrutiny as the parser's path: what llhttp would refuse is not relayed here. A
-        # head byte-identical to the last one that passed (same Date second, same resource) has
-        # the same framing: only its Content-Length body follows, counted above.
         vhead = self.vhead
-        if len(vhead) != end + 4 or not data.startswith(vhead):
+        if len(vhead) == end + 4 and data.startswith(vhead):
+            # Byte-identical to the last head that passed (same Date second, same resource): the
+            # same Content-Length, the same hop-by-hop fields, the same llhttp verdict.
+            clen, cuts = self.vframe
+            if hend + 2 + clen != len(data):
+                return False
+        else:
+            lengths = _CONTENT_LENGTH.findall(data, 0, hend)
+            if len(lengths) != 1:
+                return False
+            clen = int(lengths[0])
+            if hend + 2 + clen != len(data):
+                return False
+            # Hop-by-hop fields to cut: only "Connection: keep-alive" and "Keep-Alive: ..."
+            # qualify.
+            found = []
+            for m in _HOP_FIELD.finditer(data, 0, hend):
+                name = m.group(1).lower()
+                if name != b"keep-alive" and not (
+                        name == b"connection" and m.group(2).strip().lower() == b"keep-alive"):
+                    return False
+                found.append(m.span())
+            cuts = tuple(found)
+            # The same scrutiny as the parser's path: what llhttp would refuse is not relayed
+            # here. Only the Content-Length body counted above follows the head.
             v = self.validator
             v.done = False
             try:
@@ -292,6 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.validator = _Validator()  # the parser's path answers (502) or relays it
                 return False
             self.vhead = data[:end + 4]
+            self.vframe = (clen, cuts)
         req.status = int(status)
         req.resp_started = True
         req.resp_bytes = len(data) - hend - 2

@@ -323,3 +323,44 @@ async def test_mixed_pipeline_in_random_pieces(dataplane: DataPlane, upstream: U
                     if k == "chunked":
                         assert got["body"] == "abcde"
             c.close()
+
+
+async def test_response_hop_by_hop_fields_cut_in_any_letter_case(dataplane: DataPlane) -> None:
+    """Responses written in one piece (the fast path, its cached head included) and the
+    parser's path lose every hop-by-hop field whatever its letter case; the rest is relayed."""
+    body = b"0123456789"
+    plain = (b"HTTP/1.1 200 OK\r\nX-Kept: 1\r\nConnection: keep-alive\r\n"
+             b"Content-Length: 10\r\n\r\n" + body)
+    heads = [
+        plain, plain,  # the second one reuses what the first one's head taught the fast path
+        b"HTTP/1.1 200 OK\r\nX-Kept: 1\r\ncONNECTION: KEEP-ALIVE\r\nkEEP-aLIVE: timeout=5\r\n"
+        b"Content-Length: 10\r\n\r\n" + body,
+        b"HTTP/1.1 200 OK\r\nX-Kept: 1\r\nKEEP-ALIVE: timeout=5\r\nPROXY-CONNECTION: keep-alive"
+        b"\r\npRoXy-AuThEnTiCaTe: Basic\r\ntE: trailers\r\ntRAILER: X-T\r\nuPgRaDe: h2c\r\n"
+        b"Content-Length: 10\r\n\r\n" + body,
+        b"HTTP/1.1 200 OK\r\nX-Kept: 1\r\ntRaNsFeR-eNcOdInG: chunked\r\nCONNECTION: Keep-Alive"
+        b"\r\n\r\na\r\n" + body + b"\r\n0\r\n\r\n",
+        plain,
+    ]
+    hop = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "te",
+           "trailer", "upgrade"}
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for h in heads:
+            await read_head(r)
+            w.write(h)
+            await w.drain()
+
+    async with RawUpstream(handler) as raw, asyncio.timeout(T):
+        ports = await serve(dataplane, make_vs(ports=(raw.port,)))
+        c = await Client.connect(ports["web"])
+        for i in range(len(heads)):
+            r = await c.request(path=f"/r{i}")
+            assert r.status == 200 and r.body == body, i
+            assert r.header("X-Kept") == "1", i
+            names = {k.lower() for k, _ in r.headers}
+            assert not names & hop, (i, r.raw_head)
+            te = r.header("Transfer-Encoding")
+            assert te is None or te == "chunked", (i, r.raw_head)
+        assert raw.connections == 1
+        c.close()

@@ -23,6 +23,16 @@ ACCESS_LOGGER = "lbproxy.access"
 MAX_BATCH = 256
 
 
+# The usual methods as text, so a line does not decode them (any other one is decoded).
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+
+
+def line_prefix(vs: str, subvs: str, server: object, client: str) -> str:
+    """The part of a line that is the same for every request of one client, VS, SubVS and real
+    server: everything after the timestamp up to the opening quote of the request."""
+    return f'{vs} {subvs} {server} {client} "'
+
+
 class AccessLog:
     """Collects access lines and emits them once per loop iteration through `lbproxy.access`."""
 
@@ -43,12 +53,17 @@ class AccessLog:
 
     def line(self, vs: str, subvs: str, server: object, client: str, method: bytes, url: bytes,
              status: int, nbytes: int, t0: float, now: float) -> None:
+        self.entry(line_prefix(vs, subvs, server, client), method, url, status, nbytes, t0, now)
+
+    def entry(self, prefix: str, method: bytes, url: bytes, status: int, nbytes: int, t0: float,
+              now: float) -> None:
+        """A line whose constant part, `line_prefix(...)`, the caller keeps between requests."""
         sec = int(now + self._offset)
         if sec != self._sec:
             self._sec = sec
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sec))
         self._lines.append(
-            f'{self._stamp} {vs} {subvs} {server} {client} "{method.decode("latin-1")} '
+            f'{self._stamp} {prefix}{_METHODS.get(method) or method.decode("latin-1")} '
             f'{url.decode("latin-1")}" {status} {nbytes} {(now - t0) * 1000.0:.3f}')
         if not self._scheduled:
             self._scheduled = True

@@ -51,6 +51,7 @@ import httptools
 from ..config.model import BODY_MATCH_LIMIT
 from ..routing import REFUSE
 from . import http as h
+from .accesslog import line_prefix
 from .http import CRLF, ERRORS, LocalResponse, Request
 from .service import LATENCY_BUCKETS, M_DIRECT, M_REDIRECT, M_SWITCH
 from .upstream import HIGH_WATER, LOW_WATER, UpstreamConnection
@@ -86,7 +87,8 @@ class _Reject(Exception):
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
-        "head_bytes", "host_ok", "in_head", "ip_b", "listener", "loop", "nmark", "nread", "out",
+        "head_bytes", "host_ok", "in_head", "ip_b", "listener", "log_prefix", "log_server",
+        "log_svc", "log_target", "loop", "nmark", "nread", "out",
         "out_up", "parser", "paused", "pending_error", "queue", "raw", "reject", "reject_key",
         "req", "running", "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
 
@@ -97,6 +99,11 @@ class ClientConnection(asyncio.Protocol):
         self.parser: Any = httptools.HttpRequestParser(self)
         self.src_ip = ""
         self.ip_b = b""
+        # The access-log line prefix of the last request and what it was made of (by identity).
+        self.log_prefix = ""
+        self.log_svc: object = None
+        self.log_target: object = None
+        self.log_server: object = None
         self.xff_b = b""
         self.req: Request | None = None  # being parsed
         self.cur: Request | None = None  # being answered
@@ -753,7 +760,7 @@ class ClientConnection(asyncio.Protocol):
         self.nmark = nread
         srv.bytes_out += req.hlen + req.resp_bytes  # type: ignore[attr-defined]
         if svc.log is not None:
-            _log_access(svc, req, now)
+            _log_access(self, svc, req, now)
         if req is self.cur:
             self.cur = None
         if (self.paused or not req.keep_alive or self.closing or not req.complete or self.queue
@@ -834,7 +841,7 @@ class ClientConnection(asyncio.Protocol):
         now = self.loop.time()
         self._account(req, now)
         if svc.log is not None:
-            _log_access(svc, req, now)
+            _log_access(self, svc, req, now)
         if req is self.cur:
             self.cur = None
         self._finish_slow(req)
@@ -928,7 +935,7 @@ class ClientConnection(asyncio.Protocol):
         now = self.loop.time()
         self._account(req, now)
         if svc2.log is not None:
-            _log_access(svc2, req, now)
+            _log_access(self, svc2, req, now)
 
     # -- Upgrade tunnels ----------------------------------------------------------------------
 
@@ -939,7 +946,7 @@ class ClientConnection(asyncio.Protocol):
         now = self.loop.time()
         self._account(req, now)
         if svc.log is not None:
-            _log_access(svc, req, now)
+            _log_access(self, svc, req, now)
         self.cur = None
         self.tunnel = up
         raw, self.raw = self.raw, []
@@ -977,10 +984,16 @@ def _split_host(host: str, default_port: int) -> tuple[str, str]:
     return host, str(default_port)
 
 
-def _log_access(svc: Service, req: Request, now: float) -> None:
+def _log_access(conn: ClientConnection, svc: Service, req: Request, now: float) -> None:
     target = req.target
     backend = req.server
-    svc.log.line(  # type: ignore[union-attr]
-        svc.name, target.name if target is not None else "-",  # type: ignore[attr-defined]
-        backend.address if backend is not None else "-",  # type: ignore[attr-defined]
-        req.src_ip, req.method_b, req.url, req.status, req.resp_bytes, req.t0, now)
+    if conn.log_svc is not svc or conn.log_target is not target or conn.log_server is not backend:
+        conn.log_svc = svc
+        conn.log_target = target
+        conn.log_server = backend
+        conn.log_prefix = line_prefix(
+            svc.name, target.name if target is not None else "-",  # type: ignore[attr-defined]
+            backend.address if backend is not None else "-",  # type: ignore[attr-defined]
+            req.src_ip)
+    svc.log.entry(  # type: ignore[union-attr]
+        conn.log_prefix, req.method_b, req.url, req.status, req.resp_bytes, req.t0, now)

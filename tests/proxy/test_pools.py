@@ -113,6 +113,34 @@ async def test_access_log_lines(dataplane: DataPlane, upstream: Upstream,
     assert lines[3].split(" ")[7] == "404"
 
 
+
+async def test_access_log_follows_the_server_on_one_connection(
+        dataplane: DataPlane, upstream: Upstream, upstream2: Upstream,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The constant part of a line is kept per connection: it follows the real server when
+    round robin alternates them under one keep-alive connection."""
+    caplog.set_level(logging.INFO, logger="lbproxy.access")
+    ports = await serve(dataplane, make_vs(ports=(upstream.port, upstream2.port)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        for i in range(4):
+            assert (await c.request(method="PROPFIND" if i == 3 else "GET",
+                                    path=f"/rr{i}")).status in (200, 405)
+        c.close()
+        for _ in range(100):
+            if sum(r.getMessage().count("\n") + 1
+                   for r in caplog.records if r.name == "lbproxy.access") >= 4:
+                break
+            await asyncio.sleep(0.01)
+    lines = [line for r in caplog.records if r.name == "lbproxy.access"
+             for line in r.getMessage().split("\n")]
+    assert len(lines) == 4
+    servers = [line.split(" ")[3] for line in lines]
+    assert set(servers) == {f"127.0.0.1:{upstream.port}", f"127.0.0.1:{upstream2.port}"}
+    assert servers[0] != servers[1] and servers[0] == servers[2]
+    assert [line.split(" ")[5] for line in lines] == ['"GET'] * 3 + ['"PROPFIND']
+
+
 async def test_stats_are_json(dataplane: DataPlane, upstream: Upstream) -> None:
     ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
     async with asyncio.timeout(T):

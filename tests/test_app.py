@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -321,12 +322,6 @@ async def test_admin_metrics_and_status_are_wired(
         samples = [line for line in body.splitlines()
                    if line.startswith("lbproxy_") and 'vs="web"' in line]
         assert samples, body[:2000]
-        assert "web" in json_dump(status)
+        assert "web" in json.dumps(status)
     finally:
         await app.stop()
-
-
-def json_dump(obj: object) -> str:
-    import json
-
-    return json.dumps(obj)

@@ -67,7 +67,7 @@ from .acme_challenge import (
 )
 from .acme_log import AcmeCode, AcmeLog, LeError, classify
 from .errors import CertInputError
-from .store import CertStore, storage_error, write_atomic
+from .store import CertStore, mkdir_private, storage_error, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -272,11 +272,6 @@ def _is_file(path: str) -> bool:
     return os.path.isfile(path)
 
 
-def _mkdir_private(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
 # -- the manager ----------------------------------------------------------------------------------
 
 class LEManager:
@@ -324,8 +319,8 @@ class LEManager:
 
     async def start(self) -> None:
         """Load state, clear challenge leftovers, start the scheduler. Never waits on the CA."""
-        _mkdir_private(self.dir)
-        _mkdir_private(self.dir / "certs")
+        mkdir_private(self.dir)
+        mkdir_private(self.dir / "certs")
         self._load()
         for what in sorted(self.store.problems.values()):
             self.log.error(f"damaged certificate store state, not used: {what}")

@@ -141,7 +141,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     _fsync_dir(path.parent)
 
 
-def _mkdir_private(path: Path) -> None:
+def mkdir_private(path: Path) -> None:
+    """Create a directory (and parents) with mode exactly 0700."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; make it exact
 
@@ -176,8 +177,8 @@ class CertStore:
         # Damaged state found at load: id (or file name) -> what is wrong, naming the path.
         # Such a certificate is not served and not overwritten until the operator moves it.
         self.problems: dict[str, str] = {}
-        _mkdir_private(Path(state_dir))
-        _mkdir_private(self.root)
+        mkdir_private(Path(state_dir))
+        mkdir_private(self.root)
         self._load()
 
     # -- CertLookup -----------------------------------------------------------------------------

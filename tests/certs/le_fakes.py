@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -16,6 +17,10 @@ from cryptography.x509.oid import NameOID
 from acmeclient import CsrSubject, RenewalInfo
 from acmeclient.crypto import PrivateKey
 from acmeclient.errors import AcmeError
+from lbproxy.certs import CertStore, config_usage
+from lbproxy.certs.manager import LEManager
+from lbproxy.config.model import Config
+from lbproxy.runtime import RuntimeStore
 
 BACKDATE = dt.timedelta(hours=1)
 
@@ -108,3 +113,47 @@ class FakeClient:
 
     async def close(self) -> None:
         pass
+
+
+@dataclass
+class ManagerEnv:
+    """An LEManager with its store and runtime on a fake clock and a fake CA, restartable."""
+
+    state: Path
+    clock: FakeClock
+    ca: FakeCA
+    runtime: RuntimeStore
+    store: CertStore
+    manager: LEManager
+
+    @classmethod
+    async def start(cls, state: Path, config: Config, now: dt.datetime) -> ManagerEnv:
+        clock = FakeClock(now)
+        ca = FakeCA(clock)
+        runtime = RuntimeStore(config)
+        store = CertStore(state, clock=clock)
+        m = LEManager(state, runtime, store, clock=clock, client_factory=ca.factory,
+                      hostname="h")
+        await m.start()
+        await m.register("ops@example.test")
+        return cls(state, clock, ca, runtime, store, m)
+
+    async def restart(self, *, scheduler: bool = True) -> None:
+        """A new store and manager on the same state; `scheduler=False` leaves the background
+        scheduler stopped so a test drives it by hand."""
+        await self.manager.stop()
+        self.store = CertStore(self.state, clock=self.clock,
+                               usage=config_usage(lambda: self.runtime.current.config))
+        self.manager = LEManager(self.state, self.runtime, self.store, clock=self.clock,
+                                 client_factory=self.ca.factory, hostname="h")
+        await self.manager.start()
+        if not scheduler:
+            await self.manager.stop()
+
+    async def step(self, delta: dt.timedelta) -> None:
+        self.clock.advance(delta)
+        await self.manager.run_due()
+        await self.manager.wait_idle()
+
+    def messages(self) -> str:
+        return (self.state / "system-messages.log").read_text()

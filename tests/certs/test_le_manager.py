@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,52 +14,19 @@ import pytest
 from acmeclient import RenewalInfo
 from acmeclient.errors import RateLimitedError
 from acmeclient.messages import Problem
-from lbproxy.certs import CertStore, config_usage
-from lbproxy.certs.manager import LEManager, Template
+from lbproxy.certs.manager import Template
 from lbproxy.config.model import Address, Config, SubVS, VirtualService
 from lbproxy.errors import StoreError
-from lbproxy.runtime import RuntimeStore
-from tests.certs.le_fakes import FakeCA, FakeClock
+from tests.certs.le_fakes import ManagerEnv as Env
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 CONFIG = Config(virtual_services=(
     VirtualService("web", Address("127.0.0.1", 1), subvs=(SubVS("rest", rules=("default",)),)),))
 
 
-@dataclass
-class Env:
-    state: Path
-    clock: FakeClock
-    ca: FakeCA
-    runtime: RuntimeStore
-    store: CertStore
-    manager: LEManager
-
-    async def restart(self) -> None:
-        await self.manager.stop()
-        self.store = CertStore(self.state, clock=self.clock,
-                               usage=config_usage(lambda: self.runtime.current.config))
-        self.manager = LEManager(self.state, self.runtime, self.store, clock=self.clock,
-                                 client_factory=self.ca.factory, hostname="h")
-        await self.manager.start()
-
-    async def step(self, delta: dt.timedelta) -> None:
-        self.clock.advance(delta)
-        await self.manager.run_due()
-        await self.manager.wait_idle()
-
-
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    clock = FakeClock(T0)
-    ca = FakeCA(clock)
-    runtime = RuntimeStore(CONFIG)
-    store = CertStore(tmp_path, clock=clock)
-    m = LEManager(tmp_path, runtime, store, clock=clock, client_factory=ca.factory,
-                  hostname="h")
-    await m.start()
-    await m.register("ops@example.test")
-    e = Env(tmp_path, clock, ca, runtime, store, m)
+    e = await Env.start(tmp_path, CONFIG, T0)
     yield e
     await e.manager.stop()
 

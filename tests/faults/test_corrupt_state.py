@@ -10,20 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lbproxy.certs import CertStore, config_usage
-from lbproxy.certs.manager import LEManager, Template
+from lbproxy.certs.manager import Template
 from lbproxy.config.model import Address, CertificateRequest, Config, SubVS, VirtualService
 from lbproxy.errors import StoreError
-from lbproxy.runtime import RuntimeStore
 from tests.certs.helpers import tree_digest
-from tests.certs.le_fakes import FakeCA, FakeClock
+from tests.certs.le_fakes import ManagerEnv as Env
 
 CONFIG = Config(
     virtual_services=(VirtualService("web", Address("127.0.0.1", 1),
@@ -31,44 +28,15 @@ CONFIG = Config(
     certificates=(CertificateRequest("decl", "decl.test", "web"),))
 
 
-@dataclass
-class Env:
-    state: Path
-    clock: FakeClock
-    ca: FakeCA
-    runtime: RuntimeStore
-    store: CertStore
-    manager: LEManager
-
-    async def restart(self) -> None:
-        await self.manager.stop()
-        self.store = CertStore(self.state, clock=self.clock,
-                               usage=config_usage(lambda: self.runtime.current.config))
-        self.manager = LEManager(self.state, self.runtime, self.store, clock=self.clock,
-                                 client_factory=self.ca.factory, hostname="h")
-        await self.manager.start()
-        await self.manager.stop()  # the scheduler is driven by hand below
-
-    def messages(self) -> str:
-        return (self.state / "system-messages.log").read_text()
-
-
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    clock = FakeClock(dt.datetime.now(dt.UTC))
-    ca = FakeCA(clock)
-    runtime = RuntimeStore(CONFIG)
-    store = CertStore(tmp_path, clock=clock)
-    m = LEManager(tmp_path, runtime, store, clock=clock, client_factory=ca.factory,
-                  hostname="h")
-    await m.start()
-    await m.register("ops@example.test")
+    e = await Env.start(tmp_path, CONFIG, dt.datetime.now(dt.UTC))
+    m, store = e.manager, e.store
     await m.run_due()  # the declared certificate
     await m.wait_idle()
     for cid in ("a", "b", "c", "good"):
         await m.request(cid, Template(f"{cid}.test", "web"))
     assert store.get("decl") is not None
-    e = Env(tmp_path, clock, ca, runtime, store, m)
     yield e
     await e.manager.stop()
 
@@ -95,7 +63,7 @@ async def test_damaged_certificate_files_are_reported_not_served_not_overwritten
     before_assign = (certs / ".assignments.json").read_bytes()
 
     caplog.set_level(logging.ERROR)
-    await env.restart()
+    await env.restart(scheduler=False)
 
     # detected: not loaded, not served
     for cid in "abc":
@@ -138,7 +106,7 @@ async def test_damaged_letsencrypt_state_is_reported_and_kept(env: Env) -> None:
     (le / "settings.json").write_bytes(b"not json at all")
     (le / "challenges.json").write_bytes(b"[{\"cert\": ")
     damaged = {p: p.read_bytes() for p in (le / "certs" / "decl.json", le / "settings.json")}
-    await env.restart()
+    await env.restart(scheduler=False)
     msgs = env.messages()
     for p in damaged:
         assert str(p) in msgs, p
@@ -166,7 +134,7 @@ async def test_damaged_account_is_reported_with_its_path(env: Env, what: str) ->
     path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n" if what == "account.key"
                      else b"{\"url\": ")
     data = path.read_bytes()
-    await env.restart()
+    await env.restart(scheduler=False)
     code = 9 if what == "account.key" else 10
     line = [ln for ln in env.messages().splitlines() if f"(code: {code})" in ln][-1]
     assert str(path) in line

@@ -60,9 +60,7 @@ class App:
         self._access_log = config.access_log
         self._admin_settings = config.admin
         self.reloads_failed = 0
-        self.state_dir = Path(config.state_dir)
-        if not self.state_dir.is_absolute():
-            self.state_dir = config_path.parent / self.state_dir
+        self.state_dir = config.state_path(config_path)
         self.store = CertStore(self.state_dir,
                                usage=config_usage(lambda: self.runtime.current.config))
         self.tls = TLSContexts(self.store, self.runtime.current.effective_services())

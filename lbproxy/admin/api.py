@@ -45,7 +45,14 @@ from typing import Any
 from aiohttp import web
 
 from ..certs.errors import CertInputError
-from ..certs.store import ADMIN_TARGET, CertStore, ImportResult, with_users, write_atomic
+from ..certs.store import (
+    ADMIN_TARGET,
+    CertStore,
+    ImportResult,
+    mkdir_private,
+    with_users,
+    write_atomic,
+)
 from ..config.model import Protocol, VirtualService, rule_order
 from ..errors import AdminError, StoreError
 from ..events import CertStatus
@@ -95,7 +102,7 @@ def load_or_create_token(state_dir: Path) -> str:
             os.chmod(path, 0o600)
             logger.warning("%s was readable by others; mode set to 0600", path)
         return token
-    Path(state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    mkdir_private(Path(state_dir))
     token = secrets.token_urlsafe(32)  # 256 bits
     write_atomic(path, token.encode() + b"\n", 0o600)
     logger.info("admin token generated in %s", path)

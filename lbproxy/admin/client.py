@@ -123,9 +123,7 @@ def connect(config: str | None, admin_url: str | None = None,
         except ConfigError as e:
             raise ClientError(f"{cfg_path}: cannot find the admin API from this config "
                               f"({e.problems[0]}); give --admin and --token-file") from None
-        state = Path(cfg.state_dir)
-        if not state.is_absolute():
-            state = cfg_path.parent / state
+        state = cfg.state_path(cfg_path)
         if url is None:
             if not cfg.admin.enabled:
                 raise ClientError(f"{cfg_path}: the admin API is disabled (admin.enabled)")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 
 class Protocol(StrEnum):
@@ -269,6 +271,11 @@ class Config:
     letsencrypt: LetsEncryptSettings = field(default_factory=LetsEncryptSettings)
     certificates: tuple[CertificateRequest, ...] = ()
     events: EventSettings = field(default_factory=EventSettings)
+
+    def state_path(self, config_path: str | os.PathLike[str]) -> Path:
+        """The state directory; a relative `state_dir` is relative to the config file's folder."""
+        state = Path(self.state_dir)
+        return state if state.is_absolute() else Path(config_path).parent / state
 
     def vs_by_name(self, name: str) -> VirtualService | None:
         for vs in self.virtual_services:

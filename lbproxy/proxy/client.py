@@ -49,11 +49,11 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from ..config.model import BODY_MATCH_LIMIT
-from ..routing import REFUSE
+from ..routing import MEMO_URL, REFUSE
 from . import http as h
 from .accesslog import line_prefix
 from .http import CRLF, ERRORS, LocalResponse, Request
-from .service import LATENCY_BUCKETS, M_DIRECT, M_REDIRECT, M_SWITCH
+from .service import LATENCY_BUCKETS, M_DIRECT, M_REDIRECT, M_SWITCH, ROUTE_MEMO_SIZE
 from .upstream import HIGH_WATER, LOW_WATER, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -419,7 +419,8 @@ class ClientConnection(asyncio.Protocol):
             self.reject = 431
             self.reject_key = "too_many_headers"
             raise _Reject
-        if sum(map(len, fwd)) > svc.max_header_bytes:
+        if (self.nread - self.nmark > svc.max_header_bytes  # else this head cannot be as big
+                and sum(map(len, fwd)) > svc.max_header_bytes):
             self.reject = 431
             raise _Reject
         if not req.host_b and p.get_http_version() != "1.0":
@@ -550,10 +551,22 @@ class ClientConnection(asyncio.Protocol):
             body = b"".join(req.chunks)
             req.body = body[:BODY_MATCH_LIMIT]
         # router.route() split in two to count the deciding rule (route_with_rule without the
-        # tuple): the index of the rule, then its outcome.
-        i = router._first(req)
+        # tuple): the index of the rule, then its outcome. A decision that is a function of the
+        # request target alone is remembered.
+        memo_by = svc.memo_by
+        if memo_by:
+            key: object = req.url if memo_by == MEMO_URL else (req.host_b.lower(), req.url)
+            memo = svc.memo
+            i = memo.get(key, -1)
+            if i < 0:
+                i = router.decide(req)
+                if len(memo) >= ROUTE_MEMO_SIZE:
+                    memo.clear()
+                memo[key] = i
+        else:
+            i = router.decide(req)
         svc.rule_hits[i] += 1
-        idx = router._outcomes[i]
+        idx = router.outcomes[i]
         if idx >= 0:
             self._serve(req, svc.targets[idx], None)
         elif idx == REFUSE:

@@ -52,6 +52,10 @@ M_SWITCH = 1  # content switching over SubVSs
 M_ORDERED = 2  # SubVSs without content switching: the first with an available real server
 M_REDIRECT = 3  # an HTTP redirect VS
 
+# Routing decisions remembered per VS (by request target, when the rules look at nothing else):
+# enough for the hot URLs of a site; a flood of distinct URLs only empties it now and then.
+ROUTE_MEMO_SIZE = 4096
+
 
 # Latency histogram bounds (seconds), Prometheus' default buckets plus 1 ms: a request counts once,
 # in the first bucket whose bound is at least its latency; the last slot is +Inf.
@@ -194,7 +198,8 @@ class Service:
 
     __slots__ = (
         "add_forwarded", "counters", "direct", "log", "max_body", "max_connections",
-        "max_header_bytes", "max_headers", "mode", "na", "name", "port", "pre_router",
+        "max_header_bytes", "max_headers", "memo", "memo_by", "mode", "na", "name", "port",
+        "pre_router",
         "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_connect",
         "t_first_byte",
         "t_head", "t_idle", "t_request", "targets", "vs", "xfp_line")
@@ -209,6 +214,10 @@ class Service:
         self.mode = M_DIRECT
         self.router: Any = None
         self.rule_hits: list[int] = []
+        # The router's decisions remembered by request target (see Router.memo_by): the deciding
+        # rule's index. Emptied when it reaches ROUTE_MEMO_SIZE entries.
+        self.memo: dict[object, int] = {}
+        self.memo_by = 0
         self.targets: tuple[Target, ...] = ()
         self.direct: Target | None = None
         self.pre_router: Router | None = None
@@ -304,6 +313,7 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
             svc.mode = M_SWITCH
             router = compile_router(vs, rules)
             svc.router = router
+            svc.memo_by = router.memo_by
             svc.rule_hits = counters.new_rule_gen(router.rule_names)
             svc.targets = tuple(targets[n] for n in router.subvs_names)
         else:

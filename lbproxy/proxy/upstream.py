@@ -177,9 +177,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser: Any = httptools.HttpResponseParser(self)
         self.validator = _Validator()
         self.vhead = b""  # the last response head (with its blank line) the validator passed
-        # What the fast path derived from `vhead`: its Content-Length and the hop-by-hop spans to
-        # cut. A function of the head's bytes alone, so reused as is when the same head recurs.
-        self.vframe: tuple[int, tuple[tuple[int, int], ...]] = (0, ())
+        # What the fast path derived from `vhead`: its Content-Length, the hop-by-hop spans to cut,
+        # and whether the only one is "Connection: keep-alive". A function of the head's bytes
+        # alone, so reused as is when the same head recurs.
+        self.vframe: tuple[int, tuple[tuple[int, int], ...], bool] = (0, (), False)
         self.client: ClientConnection | None = None
         self.ctransport: asyncio.Transport | None = None
         self.req: Request | None = None
@@ -273,7 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
         if len(vhead) == end + 4 and data.startswith(vhead):
             # Byte-identical to the last head that passed (same Date second, same resource): the
             # same Content-Length, the same hop-by-hop fields, the same llhttp verdict.
-            clen, cuts = self.vframe
+            clen, cuts, ka_only = self.vframe
             if hend + 2 + clen != len(data):
                 return False
         else:
@@ -286,13 +287,17 @@ class UpstreamConnection(asyncio.Protocol):
             # Hop-by-hop fields to cut: only "Connection: keep-alive" and "Keep-Alive: ..."
             # qualify.
             found = []
+            ka_only = True
             for m in _HOP_FIELD.finditer(data, 0, hend):
                 name = m.group(1).lower()
-                if name != b"keep-alive" and not (
-                        name == b"connection" and m.group(2).strip().lower() == b"keep-alive"):
+                if name == b"keep-alive":
+                    ka_only = False
+                elif name != b"connection" or m.group(2).strip().lower() != b"keep-alive":
                     return False
                 found.append(m.span())
             cuts = tuple(found)
+            # Only "Connection: keep-alive": what we would say to a client we keep alive anyway.
+            ka_only = ka_only and len(found) == 1
             # The same scrutiny as the parser's path: what llhttp would refuse is not relayed
             # here. Only the Content-Length body counted above follows the head.
             v = self.validator
@@ -305,7 +310,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.validator = _Validator()  # the parser's path answers (502) or relays it
                 return False
             self.vhead = data[:end + 4]
-            self.vframe = (clen, cuts)
+            self.vframe = (clen, cuts, ka_only)
         req.status = int(status)
         req.resp_started = True
         req.resp_bytes = len(data) - hend - 2
@@ -313,6 +318,8 @@ class UpstreamConnection(asyncio.Protocol):
         if not req.keep_alive or client.closing or req.upgrade:
             req.keep_alive = False
             extra = b"\r\nConnection: close"
+        elif ka_only:
+            cuts = ()  # the server's "Connection: keep-alive" holds for the client's hop too
         elif req.v10:
             extra = b"\r\nConnection: keep-alive"
         if not cuts and not extra:

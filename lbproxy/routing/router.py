@@ -37,7 +37,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..config.model import DEFAULT_RULE, ContentRule, VirtualService, rule_order
+from ..config.model import DEFAULT_RULE, ContentRule, MatchOn, VirtualService, rule_order
 from ..errors import ConfigError, ConfigProblem
 from .compiler import DEFAULT_TUNING, Tuning, compile_rules, needs_body
 from .subjects import RequestInfo
@@ -47,7 +47,12 @@ logger = logging.getLogger(__name__)
 NO_MATCH: int = -1
 REFUSE: int = -2
 
-__all__ = ["NO_MATCH", "REFUSE", "RequestInfo", "Router", "Tuning", "compile_router"]
+MEMO_NONE = 0
+MEMO_URL = 1
+MEMO_HOST_URL = 2
+
+__all__ = ["MEMO_HOST_URL", "MEMO_NONE", "MEMO_URL", "NO_MATCH", "REFUSE", "RequestInfo", "Router",
+           "Tuning", "compile_router"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +68,20 @@ class Router:
     rule_names: tuple[str, ...]  # rule index -> name, in precedence order ("default" included)
     needs_body: bool  # a live rule matches on the body: buffer up to BODY_MATCH_LIMIT first
     route: Callable[[RequestInfo], int] = field(repr=False, compare=False)
-    _first: Callable[[RequestInfo], int] = field(repr=False, compare=False)
-    _outcomes: tuple[int, ...] = field(repr=False, compare=False)  # rule index -> route() answer
+    # decide(req): the index of the deciding rule (len(rule_names) when none matched), for callers
+    # that count rule hits; outcomes[that index] is route()'s answer.
+    decide: Callable[[RequestInfo], int] = field(repr=False, compare=False)
+    outcomes: tuple[int, ...] = field(repr=False, compare=False)
+    # What a decision is a function of, so a caller may remember it: MEMO_NONE (other fields of
+    # the request: host, headers, method, source IP, body), MEMO_URL (the request target as sent:
+    # every live rule matches on the URL without the Host) or MEMO_HOST_URL (Host and target).
+    memo_by: int = 0
     source: str = field(repr=False, compare=False, default="")  # the generated code, to read
 
     def route_with_rule(self, req: RequestInfo) -> tuple[int, int]:
         """(route(req), index in rule_names of the deciding rule or NO_MATCH), for hit counters."""
-        i = self._first(req)
-        return self._outcomes[i], (i if i < len(self.rule_names) else NO_MATCH)
+        i = self.decide(req)
+        return self.outcomes[i], (i if i < len(self.rule_names) else NO_MATCH)
 
 
 def compile_router(vs: VirtualService, rules: Mapping[str, ContentRule], *,
@@ -94,7 +105,23 @@ def compile_router(vs: VirtualService, rules: Mapping[str, ContentRule], *,
         rule_names=tuple(rn for rn, _ in order),
         needs_body=needs_body(ordered),
         route=compiled.route,
-        _first=compiled.first,
-        _outcomes=outcomes,
+        decide=compiled.first,
+        outcomes=outcomes,
+        memo_by=_memo_by(ordered),
         source=compiled.source,
     )
+
+
+def _memo_by(rules: list[ContentRule | None]) -> int:
+    """MEMO_URL when every rule that can run (up to `default`) matches on the URL alone, so that
+    the decision is a function of the request target; MEMO_HOST_URL when some also take the Host
+    in; MEMO_NONE when any looks at something else."""
+    memo = MEMO_URL
+    for r in rules:
+        if r is None:
+            break
+        if r.on is not MatchOn.URL:
+            return MEMO_NONE
+        if r.include_host:
+            memo = MEMO_HOST_URL
+    return memo

@@ -207,6 +207,38 @@ async def test_content_switching(dataplane: DataPlane, upstream: Upstream,
     assert stats["api"]["requests"] == 1 and stats["img"]["requests"] == 2
 
 
+async def test_remembered_decisions_follow_host_and_target(dataplane: DataPlane,
+                                                           upstream: Upstream,
+                                                           upstream2: Upstream) -> None:
+    """Rules on the URL alone are decided once per request target and remembered (bounded);
+    with "include host" the Host is part of what is remembered: the same path on two hosts keeps
+    going to two SubVSs, request after request, across the memo being emptied."""
+    from lbproxy.proxy.service import ROUTE_MEMO_SIZE
+
+    rules = (ContentRule("a-host", MatchType.PREFIX, "a.example/x", include_host=True),
+             ContentRule("q", MatchType.POSTFIX, "/x?b", include_query=True))
+    vs = make_vs(subvs=(
+        SubVS("a", real_servers=rs(upstream.port), rules=("a-host",), health_check=NO_CHECK),
+        SubVS("q", real_servers=rs(upstream2.port), rules=("q",), health_check=NO_CHECK),
+    ), content_switching=True, not_available=NotAvailable(404, b"none\n", "text/plain"))
+    ports = await serve(dataplane, vs, rules=rules)
+    svc = dataplane._listeners[("127.0.0.1", 0, "web")].service
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        for _ in range(3):
+            assert (await c.request(path="/x", host="a.example")).json()["port"] == upstream.port
+            assert (await c.request(path="/x", host="A.EXAMPLE")).json()["port"] == upstream.port
+            assert (await c.request(path="/x", host="b.example")).status == 404
+            assert (await c.request(path="/x?b", host="b.example")).json()["port"] == (
+                upstream2.port)
+        assert len(svc.memo) == 3  # (host, target) keys: a.example/x, b.example/x, b.example/x?b
+        svc.memo.update({("x", f"/f{i}".encode()): 0 for i in range(ROUTE_MEMO_SIZE)})
+        assert (await c.request(path="/x", host="c.example")).status == 404
+        assert len(svc.memo) == 1  # a new decision on a full memo empties it first
+        assert (await c.request(path="/x", host="a.example")).json()["port"] == upstream.port
+        c.close()
+
+
 async def test_not_available_answer_is_exact_and_keeps_alive(dataplane: DataPlane) -> None:
     acme, rule = _acme_subvs("abc")
     vs = make_vs(subvs=(acme,), content_switching=True)

@@ -325,9 +325,43 @@ async def test_mixed_pipeline_in_random_pieces(dataplane: DataPlane, upstream: U
             c.close()
 
 
+async def test_connection_field_follows_the_client_hop(dataplane: DataPlane) -> None:
+    """The server's "Connection: keep-alive" (relayed as is on the fast path) never contradicts
+    the client's hop: a client that asked to close gets exactly "Connection: close" and EOF, an
+    HTTP/1.0 keep-alive client exactly one "Connection: keep-alive"."""
+    body = b"0123456789"
+    resp = (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 10\r\n\r\n"
+            + body)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for _ in range(8):  # bounded: the test sends 4 requests
+            await read_head(r)
+            w.write(resp)
+            await w.drain()
+
+    async with RawUpstream(handler) as raw, asyncio.timeout(T):
+        ports = await serve(dataplane, make_vs(ports=(raw.port,)))
+        c = await Client.connect(ports["web"])
+        for _ in range(2):  # the second one takes the cached head
+            r = await c.request(path="/ka")
+            assert r.body == body
+            assert [v for k, v in r.headers if k.lower() == "connection"] == ["keep-alive"]
+        await c.send(b"GET /v10 HTTP/1.0\r\nHost: example.com\r\nConnection: keep-alive\r\n\r\n")
+        r = await c.response()
+        assert r.body == body
+        assert [v.lower() for k, v in r.headers if k.lower() == "connection"] == ["keep-alive"]
+        r = await c.request(path="/close", headers=(("Connection", "close"),))
+        assert r.body == body
+        assert [v for k, v in r.headers if k.lower() == "connection"] == ["close"], r.raw_head
+        assert await c.closed()
+        c.close()
+
+
 async def test_response_hop_by_hop_fields_cut_in_any_letter_case(dataplane: DataPlane) -> None:
     """Responses written in one piece (the fast path, its cached head included) and the
-    parser's path lose every hop-by-hop field whatever its letter case; the rest is relayed."""
+    parser's path lose every hop-by-hop field whatever its letter case; the rest is relayed. A
+    lone "Connection: keep-alive" may stay: it says what the proxy would say of the client's
+    hop anyway."""
     body = b"0123456789"
     plain = (b"HTTP/1.1 200 OK\r\nX-Kept: 1\r\nConnection: keep-alive\r\n"
              b"Content-Length: 10\r\n\r\n" + body)
@@ -359,7 +393,9 @@ async def test_response_hop_by_hop_fields_cut_in_any_letter_case(dataplane: Data
             assert r.status == 200 and r.body == body, i
             assert r.header("X-Kept") == "1", i
             names = {k.lower() for k, _ in r.headers}
-            assert not names & hop, (i, r.raw_head)
+            assert not names & (hop - {"connection"}), (i, r.raw_head)
+            assert [v.lower() for k, v in r.headers if k.lower() == "connection"] in (
+                [], ["keep-alive"]), (i, r.raw_head)
             te = r.header("Transfer-Encoding")
             assert te is None or te == "chunked", (i, r.raw_head)
         assert raw.connections == 1

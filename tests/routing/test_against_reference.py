@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbproxy.config.model import ContentRule, MatchOn, MatchType, VirtualService
-from lbproxy.routing import Tuning, compile_router
+from lbproxy.config.model import ContentRule, MatchOn, MatchType, VirtualService, rule_order
+from lbproxy.routing import MEMO_HOST_URL, MEMO_NONE, MEMO_URL, Tuning, compile_router
 
 from .reference import FakeRequest, make_vs, reference_route
 
@@ -183,6 +184,42 @@ def test_router_agrees_with_reference(scenario: Scenario, tuning: Tuning) -> Non
         for router in routers:
             assert router.route_with_rule(req) == want, (req, router.source)
             assert router.route(req) == want[0]
+
+
+OTHER_SIDES = [
+    {"method": "POST", "src_ip": "::1", "body": b"ab", "headers": {"x-a": "a", "x-b": "b"}},
+    {"method": "get", "src_ip": "a", "body": b"", "headers": {}},
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.booleans())
+def test_memo_by_names_all_a_decision_depends_on(scenario: Scenario, all_url: bool) -> None:
+    """A data plane remembers decisions by request target (and Host for MEMO_HOST_URL): whatever
+    else changes in the request, the router decides the same."""
+    vs, defined, reqs = scenario
+    if all_url:  # else rule sets on the URL alone are rare
+        defined = {n: replace(r, on=MatchOn.URL, header="") for n, r in defined.items()}
+        reqs = reqs + [aimed_request(r, i) for i, r in enumerate(defined.values())]
+    router = compile_router(vs, defined)
+    live = []
+    for rn, _ in rule_order(vs):
+        if rn == "default":
+            break
+        live.append(defined[rn])
+    ons = {r.on for r in live}
+    if ons - {MatchOn.URL}:
+        assert router.memo_by == MEMO_NONE
+        return
+    want = MEMO_HOST_URL if any(r.include_host for r in live) else MEMO_URL
+    assert router.memo_by == want
+    for req in reqs:
+        decided = router.decide(req)
+        for other in OTHER_SIDES:
+            hosts = [req.host] if want == MEMO_HOST_URL else HOSTS
+            for host in hosts:
+                bent = FakeRequest(path=req.path, query=req.query, host=host, **other)
+                assert router.decide(bent) == decided, (req, bent, router.source)
 
 
 def test_samples_hit_their_rules() -> None:

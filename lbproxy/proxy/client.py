@@ -757,7 +757,8 @@ class ClientConnection(asyncio.Protocol):
         backend = req.backend
         if backend is not None:
             req.backend = None
-            req.target.balancer.release(backend)  # type: ignore[attr-defined]
+            # Balancer.release(backend), inlined: a pick() is always matched here.
+            backend.active -= 1  # type: ignore[attr-defined]
         svc: Service = req.svc  # type: ignore[assignment]
         now = self.loop.time()
         # _account(), inlined: the hot path.
@@ -772,8 +773,15 @@ class ClientConnection(asyncio.Protocol):
         srv.bytes_in += nread - self.nmark  # type: ignore[attr-defined]
         self.nmark = nread
         srv.bytes_out += req.hlen + req.resp_bytes  # type: ignore[attr-defined]
-        if svc.log is not None:
-            _log_access(self, svc, req, now)
+        log = svc.log
+        if log is not None:
+            # _log_access(), inlined.
+            target = req.target
+            if self.log_svc is not svc or self.log_target is not target or (
+                    self.log_server is not srv):
+                self._log_prefix(svc, req)
+            log.entry(self.log_prefix, req.method_b, req.url, req.status, req.resp_bytes, req.t0,
+                      now)
         if req is self.cur:
             self.cur = None
         if (self.paused or not req.keep_alive or self.closing or not req.complete or self.queue
@@ -950,6 +958,18 @@ class ClientConnection(asyncio.Protocol):
         if svc2.log is not None:
             _log_access(self, svc2, req, now)
 
+    def _log_prefix(self, svc: Service, req: Request) -> None:
+        """Remake the constant part of this connection's access-log lines for `req`."""
+        target = req.target
+        backend = req.server
+        self.log_svc = svc
+        self.log_target = target
+        self.log_server = backend
+        self.log_prefix = line_prefix(
+            svc.name, target.name if target is not None else "-",  # type: ignore[attr-defined]
+            backend.address if backend is not None else "-",  # type: ignore[attr-defined]
+            req.src_ip)
+
     # -- Upgrade tunnels ----------------------------------------------------------------------
 
     def start_tunnel(self, req: Request, up: UpstreamConnection) -> None:
@@ -999,14 +1019,8 @@ def _split_host(host: str, default_port: int) -> tuple[str, str]:
 
 def _log_access(conn: ClientConnection, svc: Service, req: Request, now: float) -> None:
     target = req.target
-    backend = req.server
-    if conn.log_svc is not svc or conn.log_target is not target or conn.log_server is not backend:
-        conn.log_svc = svc
-        conn.log_target = target
-        conn.log_server = backend
-        conn.log_prefix = line_prefix(
-            svc.name, target.name if target is not None else "-",  # type: ignore[attr-defined]
-            backend.address if backend is not None else "-",  # type: ignore[attr-defined]
-            req.src_ip)
+    if conn.log_svc is not svc or conn.log_target is not target or conn.log_server is not (
+            req.server):
+        conn._log_prefix(svc, req)
     svc.log.entry(  # type: ignore[union-attr]
         conn.log_prefix, req.method_b, req.url, req.status, req.resp_bytes, req.t0, now)

@@ -178,9 +178,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.validator = _Validator()
         self.vhead = b""  # the last response head (with its blank line) the validator passed
         # What the fast path derived from `vhead`: its Content-Length, the hop-by-hop spans to cut,
-        # and whether the only one is "Connection: keep-alive". A function of the head's bytes
-        # alone, so reused as is when the same head recurs.
-        self.vframe: tuple[int, tuple[tuple[int, int], ...], bool] = (0, (), False)
+        # whether the only one is "Connection: keep-alive", and the status. A function of the
+        # head's bytes alone, so reused as is when the same head recurs.
+        self.vframe: tuple[int, tuple[tuple[int, int], ...], bool, int] = (0, (), False, 0)
         self.client: ClientConnection | None = None
         self.ctransport: asyncio.Transport | None = None
         self.req: Request | None = None
@@ -259,25 +259,29 @@ class UpstreamConnection(asyncio.Protocol):
         but "Connection: keep-alive"/"Keep-Alive". The parser sits at a message boundary before
         and after, so anything else simply takes the parser's path. Returns True if handled.
         """
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or not data.startswith(b"HTTP/1.1 "):
-            return False
         req = self.req
         client = self.client
         if req is None or client is None or req.is_head:
             return False
-        status = data[9:12]
-        if not status.isdigit() or status[0] < 50 or status in _NO_BODY:  # 50 = ord("2")
-            return False
-        hend = end + 2  # the head's last field ends here; the blank line follows
         vhead = self.vhead
-        if len(vhead) == end + 4 and data.startswith(vhead):
+        if vhead and data.startswith(vhead):
             # Byte-identical to the last head that passed (same Date second, same resource): the
-            # same Content-Length, the same hop-by-hop fields, the same llhttp verdict.
-            clen, cuts, ka_only = self.vframe
+            # same status, Content-Length, hop-by-hop fields and llhttp verdict. `vhead` holds one
+            # blank line, at its end: this head ends there too.
+            clen, cuts, ka_only, code = self.vframe
+            end = len(vhead) - 4
+            hend = end + 2  # the head's last field ends here; the blank line follows
             if hend + 2 + clen != len(data):
                 return False
         else:
+            end = data.find(b"\r\n\r\n")
+            if end < 0 or not data.startswith(b"HTTP/1.1 "):
+                return False
+            status = data[9:12]
+            if not status.isdigit() or status[0] < 50 or status in _NO_BODY:  # 50 = ord("2")
+                return False
+            code = int(status)
+            hend = end + 2
             lengths = _CONTENT_LENGTH.findall(data, 0, hend)
             if len(lengths) != 1:
                 return False
@@ -310,10 +314,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.validator = _Validator()  # the parser's path answers (502) or relays it
                 return False
             self.vhead = data[:end + 4]
-            self.vframe = (clen, cuts, ka_only)
-        req.status = int(status)
+            self.vframe = (clen, cuts, ka_only, code)
+        req.status = code
         req.resp_started = True
-        req.resp_bytes = len(data) - hend - 2
+        req.resp_bytes = clen
         extra = b""
         if not req.keep_alive or client.closing or req.upgrade:
             req.keep_alive = False

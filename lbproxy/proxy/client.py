@@ -88,13 +88,14 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
         "head_bytes", "host_ok", "in_head", "ip_b", "listener", "log_prefix", "log_server",
-        "log_svc", "log_target", "loop", "nmark", "nread", "out",
-        "out_up", "parser", "paused", "pending_error", "queue", "raw", "reject", "reject_key",
-        "req", "running", "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
+        "log_svc", "log_target", "loop", "nmark", "nread", "out", "out_up", "outbox", "parser",
+        "paused", "pending_error", "queue", "raw", "reject", "reject_key", "req", "running",
+        "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.loop = listener.loop
+        self.outbox = listener.outbox
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser: Any = httptools.HttpRequestParser(self)
         self.src_ip = ""
@@ -183,6 +184,8 @@ class ClientConnection(asyncio.Protocol):
         if self.cur is not None or self.queue:
             self.closing = True
             return True
+        if self.outbox.items:
+            self.outbox.flush()  # the transport closes on return: held answers go out first
         return False
 
     def pause_writing(self) -> None:
@@ -248,6 +251,18 @@ class ClientConnection(asyncio.Protocol):
             if self.head_bytes > self.listener.service.max_header_bytes:
                 self._bad(431, "header_too_large")
 
+    def _write(self, data: bytes) -> None:
+        """Write to the client now, after whatever the outbox holds (the order of the bytes)."""
+        if self.outbox.items:
+            self.outbox.flush()
+        self.transport.write(data)
+
+    def _close(self) -> None:
+        """Close the client connection once what is written and held has gone out."""
+        if self.outbox.items:
+            self.outbox.flush()
+        self.transport.close()
+
     # -- deadlines (called by the listener's sweep) -------------------------------------------
 
     def on_timeout(self, now: float) -> None:
@@ -287,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
             self._bad(408, "head_timeout")
         elif kind in (D_IDLE, D_TUNNEL, D_HEAD):
             limits["head_timeout" if kind == D_HEAD else "idle_timeout"] += 1
-            self.transport.close()
+            self._close()
 
     def touch(self) -> None:
         self.deadline = self.loop.time() + self.listener.service.t_idle
@@ -296,7 +311,7 @@ class ClientConnection(asyncio.Protocol):
         """Stop reading new requests: close now if idle, else after the response in flight."""
         self.closing = True
         if self.cur is None and not self.queue and self.tunnel is None and not self.in_head:
-            self.transport.close()
+            self._close()
 
     # -- flow control -------------------------------------------------------------------------
 
@@ -530,7 +545,7 @@ class ClientConnection(asyncio.Protocol):
                 req.waiting_route = True
                 if req.expect and not req.v10:
                     req.sent_continue = True
-                    self.transport.write(_CONTINUE)
+                    self._write(_CONTINUE)
                 return
             self._route_now(req)
         elif mode == M_REDIRECT:
@@ -613,7 +628,7 @@ class ClientConnection(asyncio.Protocol):
                 up.req = req
                 up.want_head = True
                 up.status = 0
-                t.write(req.head)
+                self.outbox.add(t, req.head)
                 self.deadline = req.t0 + req.svc.t_first_byte  # type: ignore[attr-defined]
                 self.dkind = D_FIRST_BYTE
             else:
@@ -662,7 +677,7 @@ class ClientConnection(asyncio.Protocol):
         up.start(self, req)
         if req.expect and not req.sent_continue and not req.v10 and not req.complete:
             req.sent_continue = True
-            self.transport.write(_CONTINUE)
+            self._write(_CONTINUE)
         data = req.head
         chunks = req.chunks
         if chunks:
@@ -734,7 +749,7 @@ class ClientConnection(asyncio.Protocol):
             req.hlen = len(data) - req.resp_bytes
         req.status = resp.status
         req.resp_started = True
-        self.transport.write(data)
+        self._write(data)
         self._finish(req)
 
     def _redirect(self, req: Request, svc: Service) -> None:
@@ -873,7 +888,7 @@ class ClientConnection(asyncio.Protocol):
         if not req.keep_alive or self.closing:
             self.pause(P_STOP)
             if not self.closed:
-                self.transport.close()
+                self._close()
             return
         if not req.complete:
             # Answered before the body was read (not available, redirect, early response): read
@@ -950,8 +965,8 @@ class ClientConnection(asyncio.Protocol):
         req.resp_bytes = len(resp.body)
         req.hlen = len(resp.close_full) - req.resp_bytes
         if not self.closed:
-            self.transport.write(resp.close_full)
-            self.transport.close()
+            self._write(resp.close_full)
+            self._close()
         svc2: Service = req.svc  # type: ignore[assignment]
         now = self.loop.time()
         self._account(req, now)
@@ -992,7 +1007,7 @@ class ClientConnection(asyncio.Protocol):
     def tunnel_closed(self) -> None:
         self.tunnel = None
         if not self.closed:
-            self.transport.close()
+            self._close()
 
 
 # The limit counted when a parser callback rejects with a status and names none.

@@ -19,6 +19,7 @@ from .balancer import Balancer
 from .client import ClientConnection
 from .errors import ListenError
 from .health import HealthMonitor
+from .outbox import Outbox
 from .service import (
     LATENCY_BUCKETS,
     RESPONSE_CLASSES,
@@ -59,6 +60,7 @@ class DataPlane:
         self._tls_factory = tls_factory
         self._loop = loop
         self._listeners: dict[tuple[Any, ...], Listener] = {}
+        self._outbox: Outbox | None = None  # made on the first apply(), on the running loop
         self._draining: set[Listener] = set()
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._pools: dict[tuple[str, str], Pool] = {}
@@ -204,8 +206,10 @@ class DataPlane:
         # Checked once per generation: a logger configured later takes effect on the next reload.
         log = self._access if cfg.access_log.enabled and self._access.enabled() else None
         rules = runtime.rules()
+        if self._outbox is None:
+            self._outbox = Outbox(loop)
         factory = PoolFactory(loop, self._pools, self._conn_pools, self._target_counters,
-                              self._make_monitor)
+                              self._make_monitor, self._outbox)
         plan: dict[tuple[Any, ...], tuple[Listener | None, Any]] = {}
         # The config's VSs, not `Runtime.effective_services()`: injections are served by a
         # first-precedence router of their own (see service.build_service), for every kind of VS.
@@ -230,7 +234,7 @@ class DataPlane:
                     # The protocol changed (http <-> https): free the address first.
                     old.stop_accepting()
                     reopened.append(old)
-                lst = Listener(loop, key, svc, svc.counters)
+                lst = Listener(loop, key, svc, svc.counters, self._outbox)
                 await self._open(lst, svc.vs)
                 svc.port = lst.sockname[1]
                 opened.append(lst)

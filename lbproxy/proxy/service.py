@@ -39,6 +39,7 @@ from ..runtime import Injection
 from .accesslog import AccessLog
 from .balancer import Backend, Balancer
 from .http import LocalResponse
+from .outbox import Outbox
 from .upstream import ConnPool
 
 if TYPE_CHECKING:
@@ -247,8 +248,10 @@ class PoolFactory:
     def __init__(self, loop: asyncio.AbstractEventLoop, old_pools: dict[tuple[str, str], Pool],
                  conn_pools: dict[tuple[str, int], ConnPool],
                  target_counters: dict[tuple[str, str], TargetCounters],
-                 make_monitor: Callable[[Balancer, HealthCheck, str], HealthMonitor]) -> None:
+                 make_monitor: Callable[[Balancer, HealthCheck, str], HealthMonitor],
+                 outbox: Outbox | None = None) -> None:
         self.loop = loop
+        self.outbox = outbox if outbox is not None else Outbox(loop)
         self.old_pools = old_pools
         self.conn_pools = conn_pools
         self.target_counters = target_counters
@@ -286,7 +289,8 @@ class PoolFactory:
             addr = (b.address.host, b.address.port)
             cp = self.conn_pools.get(addr)
             if cp is None:
-                cp = self.conn_pools[addr] = ConnPool(self.loop, addr[0], addr[1], idle)
+                cp = self.conn_pools[addr] = ConnPool(self.loop, addr[0], addr[1], idle,
+                                                      self.outbox)
             st = counters.servers.get(cp.address)
             if st is None:
                 st = counters.servers[cp.address] = ServerStats(cp)
@@ -346,8 +350,9 @@ class Listener:
     """One listening address: its server, its live connections and its current Service."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[Any, ...], service: Service,
-                 counters: Counters) -> None:
+                 counters: Counters, outbox: Outbox | None = None) -> None:
         self.loop = loop
+        self.outbox = outbox if outbox is not None else Outbox(loop)
         self.key = key
         self.service = service
         self.name = service.name

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from .http import CRLF, Request
+from .outbox import Outbox
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -44,11 +45,13 @@ class _HeadDone(Exception):
 class ConnPool:
     """Idle keep-alive connections to one real server (shared by every VS that uses it)."""
 
-    __slots__ = ("address", "connects", "host", "idle", "idle_timeout", "loop", "port", "retired")
+    __slots__ = ("address", "connects", "host", "idle", "idle_timeout", "loop", "outbox", "port",
+                 "retired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, outbox: Outbox | None = None) -> None:
         self.loop = loop
+        self.outbox = outbox if outbox is not None else Outbox(loop)
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -167,12 +170,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "client", "close_delim", "cout", "ctransport", "hbuf", "head_done", "heads", "idle_since",
-        "interim", "out_chunked", "parser", "pending_head", "pool", "read_paused", "req",
+        "interim", "out_chunked", "outbox", "parser", "pending_head", "pool", "read_paused", "req",
         "reused", "status",
         "transport", "tunnel", "validator", "vframe", "vhead", "want_head")
 
     def __init__(self, pool: ConnPool) -> None:
         self.pool = pool
+        self.outbox = pool.outbox
         self.transport: asyncio.Transport | None = None
         self.parser: Any = httptools.HttpResponseParser(self)
         self.validator = _Validator()
@@ -211,6 +215,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             ct = self.ctransport
             if ct is not None:
+                if self.outbox.items:
+                    self.outbox.flush()
                 ct.write(data)
                 client = self.client
                 if client is not None:
@@ -337,7 +343,7 @@ class UpstreamConnection(asyncio.Protocol):
             pieces += (data[pos:end], extra, data[end:])
             out = b"".join(pieces)
         req.hlen = len(out) - req.resp_bytes
-        client.transport.write(out)
+        self.outbox.add(client.transport, out)
         # As on_message_complete: detach, back to the pool, tell the client.
         self.client = None
         self.ctransport = None
@@ -514,7 +520,7 @@ class UpstreamConnection(asyncio.Protocol):
         if client is None or req is None:
             return
         self.cout = []
-        client.transport.write(b"".join(cout) if len(cout) > 1 else cout[0])
+        self.outbox.add(client.transport, b"".join(cout) if len(cout) > 1 else cout[0])
         self.client = None
         self.ctransport = None
         self.req = None
@@ -550,6 +556,8 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         t = self.transport
         if t is not None:
+            if self.outbox.items:
+                self.outbox.flush()
             t.write(data)
 
     def _flush(self) -> None:
@@ -559,6 +567,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.cout = []
             ct = self.ctransport
             if ct is not None:
+                if self.outbox.items:
+                    self.outbox.flush()
                 ct.write(b"".join(cout))
 
     def _detach(self) -> tuple[ClientConnection | None, Request | None]:
@@ -597,6 +607,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.tunnel = True
         if rest:
+            if self.outbox.items:
+                self.outbox.flush()
             client.transport.write(rest)
         client.start_tunnel(req, self)
 
@@ -615,6 +627,8 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         t = self.transport
         if t is not None:
+            if self.outbox.items:
+                self.outbox.flush()
             t.close()
 
     def abort(self) -> None:

@@ -1,0 +1,59 @@
+"""Writes of the relay's fast paths, held until the end of the event-loop iteration and then made.
+
+A request head for a pooled upstream connection and a whole response for the client are handed to
+the `Outbox` instead of being written at once. uvloop runs call_soon callbacks after every I/O
+callback of one epoll wake-up, so all of an iteration's writes go out together once the Python work
+for every ready connection is done: the peers (clients, real servers) are woken by a burst rather
+than once per write, and this core spends less time in wake-ups and cache misses (bench/README.md,
+"Writes held to the end of the loop iteration": about a fifth less kernel time per request).
+
+Order per transport: any other write to, or close of, a transport that may have bytes here must
+call `flush()` first (ClientConnection._write/_close, UpstreamConnection.write/close and the
+parser path's writes do). An abort needs no flush: it drops what is unsent anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Outbox:
+    """One per event loop (the DataPlane's): (transport, bytes) pairs in the order handed in."""
+
+    __slots__ = ("items", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[Any] = []  # transport, data, transport, data, ...
+        self.scheduled = False
+
+    def add(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        items = self.items
+        items.append(transport)
+        items.append(data)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self.scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write everything held now, in order (a transport closed meanwhile is skipped)."""
+        items = self.items
+        if not items:
+            return
+        self.items = []
+        for i in range(0, len(items), 2):
+            t = items[i]
+            if t.is_closing():
+                continue
+            try:
+                t.write(items[i + 1])
+            except Exception:  # a transport's own failure reaches its protocol; keep going
+                logger.exception("write of a held response or request failed")

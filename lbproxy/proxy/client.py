@@ -749,7 +749,7 @@ class ClientConnection(asyncio.Protocol):
             req.hlen = len(data) - req.resp_bytes
         req.status = resp.status
         req.resp_started = True
-        self._write(data)
+        self.outbox.add(self.transport, data)  # held like a relayed response (outbox.py)
         self._finish(req)
 
     def _redirect(self, req: Request, svc: Service) -> None:

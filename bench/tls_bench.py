@@ -285,7 +285,7 @@ def measure(r: Running, name: str, seconds: float, nice: int = 0) -> Cell:
     cpu1 = hb.cpu_seconds(r.measured_pid)
     hs, _wall = run_s_time(r.port, max(1, round(seconds)), nice)
     cpu2 = hb.cpu_seconds(r.measured_pid)
-    busy = hb.core_busy(cores0, hb.core_times(), SERVER_CORE)
+    busy, _softirq = hb.core_share(cores0, hb.core_times(), SERVER_CORE)
     # Everything else on the server's core: its busy share minus the server's own share.
     noise = max(0.0, busy - (cpu2 - cpu0) / (time.monotonic() - t0))
     # Rate over the s_time window itself (each process reports its own; they ran in parallel).

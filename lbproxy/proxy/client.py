@@ -23,7 +23,7 @@ Limits (per VS in [vs.limits] / [vs.timeouts]; the answer; the stats() counter i
 - fields, 100 (max_headers): 431 + close; too_many_headers
 - request body (max_body, 0 = none; streamed, never buffered): 413 + close (from Content-Length
   before anything is forwarded, or mid-body: the upstream exchange is aborted); body_too_large
-- connections per listener, 10 000 (max_connections): closed at once (abort, no answer);
+- connections per listener, 10 000 (max_connections): 503 + close at once, nothing read;
   max_connections
 - head, 10 s from the connection or the end of the previous request to the end of the head (not
   extended by trickled bytes: slowloris): 408 + close; head_timeout
@@ -143,10 +143,15 @@ class ClientConnection(asyncio.Protocol):
         svc = listener.service
         if listener.closing or len(listener.conns) >= svc.max_connections:
             self.closed = True
-            transport.abort()
             listener.counters.refused += 1
-            if not listener.closing:
-                listener.counters.limits["max_connections"] += 1
+            if listener.closing:
+                transport.abort()
+                return
+            # Over the limit: a 503 the client and the operator can read rather than a reset
+            # (one write and a close; nothing of the connection is read).
+            listener.counters.limits["max_connections"] += 1
+            transport.write(ERRORS[503].close_full)
+            transport.close()
             return
         listener.conns.add(self)
         listener.counters.connections += 1

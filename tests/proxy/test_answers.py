@@ -159,6 +159,8 @@ async def test_max_connections(dataplane: DataPlane, upstream: Upstream) -> None
         assert (await a.request()).status == 200
         assert (await b.request()).status == 200
         c = await Client.connect(ports["web"])
+        r = await c.response()  # answered before it sends anything
+        assert r.status == 503 and r.header("Connection") == "close"
         assert await c.closed()
         a.close()
         b.close()

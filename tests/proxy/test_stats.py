@@ -113,6 +113,7 @@ async def test_limit_counters(dataplane: DataPlane, upstream: Upstream) -> None:
         for h in held:  # each is accepted (and counted) before the next connects
             await h.send(b"GET / HTTP/1.1\r\n")
         extra = await Client.connect(port)
+        assert (await extra.response()).status == 503
         assert await extra.closed()
         for h in held:
             h.close()

@@ -573,35 +573,75 @@ def count_lines(path: Path) -> int:
     return n
 
 
-def bench_proxy(proxy: str, workdir: Path, backend: Running, backend_port: int,
-                rules: Sequence[Rule], cells: Sequence[tuple[str, int]], rnd: int,
-                args: argparse.Namespace) -> tuple[list[Cell], dict[str, object]]:
-    port = free_port()
-    d = workdir / f"{proxy}-r{rnd}"
-    d.mkdir()
+@dataclass
+class Started:
+    """One proxy of a round: running on its own port, or failed to start (`error`)."""
+
+    proxy: str
+    port: int
+    run: Running | None
+    error: str = ""
+
+
+def start_round(proxies: Sequence[str], workdir: Path, backend_port: int,
+                rules: Sequence[Rule], rnd: int, args: argparse.Namespace) -> list[Started]:
+    """Start every proxy of a round; each waits, idle, while the others are measured."""
+    started = []
+    for proxy in proxies:
+        port = free_port()
+        d = workdir / f"{proxy}-r{rnd}"
+        d.mkdir()
+        try:
+            run = start_proxy(proxy, d, port, backend_port, rules, not args.no_access_log,
+                              args.nice, args.lbproxy_src)
+        except RuntimeError as e:
+            print(f"  {proxy}: FAILED to start: {e}")
+            started.append(Started(proxy, port, None, str(e)))
+            continue
+        started.append(Started(proxy, port, run))
+    return started
+
+
+def stop_round(started: Sequence[Started], args: argparse.Namespace
+               ) -> dict[str, dict[str, object]]:
+    """Stop a round's proxies; per proxy, how many access-log lines it wrote."""
+    infos: dict[str, dict[str, object]] = {}
+    for st in started:
+        if st.run is None:
+            infos[st.proxy] = {"error": st.error[:2000]}
+            continue
+        st.run.proc.stop()
+        # Sanity: the access log really was written (one line per request incl. warm-ups).
+        infos[st.proxy] = {"access_log_lines": count_lines(st.run.access_log),
+                           "access_log_bytes": _size(st.run.access_log)}
+        if not args.keep:
+            with contextlib.suppress(OSError):
+                st.run.access_log.unlink()  # ~100 bytes per request: do not fill /tmp
+    return infos
+
+
+def measure_round(started: Sequence[Started], backend: Running,
+                  cells: Sequence[tuple[str, int]], rnd: int, args: argparse.Namespace
+                  ) -> list[Cell]:
+    """Every cell, each measured for the proxies one after the other (so that the machine's
+    drift, which on a shared VM moves req/s by 20% within minutes, hits the proxies of a cell
+    alike); a proxy that died is marked failed for the cells left."""
     results: list[Cell] = []
-    run = start_proxy(proxy, d, port, backend_port, rules, not args.no_access_log, args.nice,
-                      args.lbproxy_src)
-    try:
-        for size, conns in cells:
+    for size, conns in cells:
+        for st in started:
+            if st.run is None or st.error:
+                results.append(failed_cell(st.proxy, size, conns, rnd, st.error))
+                continue
             try:
-                cell = measure(proxy, run, backend, port, size, conns, rnd, args)
+                cell = measure(st.proxy, st.run, backend, st.port, size, conns, rnd, args)
             except (RuntimeError, ValueError, subprocess.TimeoutExpired, OSError) as e:
-                cell = failed_cell(proxy, size, conns, rnd, str(e))
+                cell = failed_cell(st.proxy, size, conns, rnd, str(e))
             results.append(cell)
-            print(f"  {proxy:8} {size:5} c={conns:<4} {fmt_cell(cell)}", flush=True)
-            if not run.proc.alive():
-                raise RuntimeError(f"{proxy} died during the run\n{run.proc.stderr_tail()}")
-    finally:
-        run.proc.stop()
-    # Sanity: the access log really was written (one line per request incl. warm-ups).
-    lines = count_lines(run.access_log)
-    log_info: dict[str, object] = {"access_log_lines": lines,
-                                   "access_log_bytes": _size(run.access_log)}
-    if not args.keep:
-        with contextlib.suppress(OSError):
-            run.access_log.unlink()  # ~100 bytes per request: do not fill /tmp over many runs
-    return results, log_info
+            print(f"  {st.proxy:8} {size:5} c={conns:<4} {fmt_cell(cell)}", flush=True)
+            if not st.run.proc.alive():
+                st.error = f"{st.proxy} died during the run\n{st.run.proc.stderr_tail()}"
+                print(f"  {st.proxy}: FAILED: {st.error}")
+    return results
 
 
 def _size(p: Path) -> int:
@@ -652,8 +692,24 @@ def verdict(table: dict[tuple[str, str, int], Cell], size: str, conns: int
     return rps_ratio, p99_ratio, "PASS" if ok else "FAIL"
 
 
+def round_ratios(all_cells: Sequence[Cell], size: str, conns: int) -> list[tuple[float, float]]:
+    """lbproxy/nginx (req/s, p99) of each round, from the two measurements made next to each
+    other in it (the verdict uses the ratio of the medians; these show how much it moved)."""
+    by_round: dict[int, dict[str, Cell]] = {}
+    for c in all_cells:
+        if (c.size, c.conns) == (size, conns) and not c.error:
+            by_round.setdefault(c.round, {})[c.proxy] = c
+    out = []
+    for rnd in sorted(by_round):
+        lb, ng = by_round[rnd].get("lbproxy"), by_round[rnd].get("nginx")
+        if lb and ng and ng.rps and ng.p99_us:
+            out.append((lb.rps / ng.rps, lb.p99_us / ng.p99_us))
+    return out
+
+
 def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
-                cells: Sequence[tuple[str, int]]) -> list[dict[str, object]]:
+                cells: Sequence[tuple[str, int]], all_cells: Sequence[Cell] = ()
+                ) -> list[dict[str, object]]:
     verdicts: list[dict[str, object]] = []
     hdr = (f"{'cell':12} {'proxy':8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us CPU/req':>10} "
            f"{'proxy CPU':>9} {'noise0':>6} {'si0':>5} {'core1':>6} {'noise1':>6} {'errors':>6}")
@@ -677,6 +733,10 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
         if rr is not None and pr is not None:
             print(f"{'':12} lbproxy/nginx: req/s x{rr:.2f} (bar >= {MIN_RPS_RATIO}), "
                   f"p99 x{pr:.2f} (bar <= {MAX_P99_RATIO}) -> {v}")
+            per_round = round_ratios(all_cells, size, conns)
+            if len(per_round) > 1:
+                print(f"{'':12} per round: req/s " + " ".join(f"x{a:.2f}" for a, _ in per_round)
+                      + ", p99 " + " ".join(f"x{b:.2f}" for _, b in per_round))
         else:
             print(f"{'':12} lbproxy/nginx: {v}")
         verdicts.append({"size": size, "conns": conns, "rps_ratio": rr, "p99_ratio": pr,
@@ -814,16 +874,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend_port = free_port()
             backend = start_backend(workdir, backend_port, args.nice)
             for rnd in range(args.rounds):
-                for p in proxies:
-                    try:
-                        res, info = bench_proxy(p, workdir, backend, backend_port, rules, cells,
-                                                rnd, args)
-                    except RuntimeError as e:
-                        print(f"  {p}: FAILED: {e}")
-                        res = [failed_cell(p, s, c, rnd, str(e)) for s, c in cells]
-                        info = {"error": str(e)[:2000]}
-                    all_cells.extend(res)
-                    info["requests_measured"] = sum(c.requests for c in res)
+                # The order alternates between rounds: neither proxy always measures second.
+                order = list(proxies) if rnd % 2 == 0 else list(reversed(proxies))
+                running = start_round(order, workdir, backend_port, rules, rnd, args)
+                try:
+                    res = measure_round(running, backend, cells, rnd, args)
+                finally:
+                    infos = stop_round(running, args)
+                all_cells.extend(res)
+                for p, info in infos.items():
+                    info["requests_measured"] = sum(c.requests for c in res if c.proxy == p)
                     logs.setdefault(p, []).append(info)
     except KeyboardInterrupt:
         print("interrupted; cleaning up")
@@ -844,7 +904,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size, conns in cells:
             table[(p, size, conns)] = median_cell(
                 [c for c in all_cells if (c.proxy, c.size, c.conns) == (p, size, conns)])
-    verdicts = print_table(table, proxies, cells)
+    verdicts = print_table(table, proxies, cells, all_cells)
     print("\naccess log lines written (incl. warm-ups) per proxy and round: " + "; ".join(
         f"{p}: " + ", ".join(str(i.get("access_log_lines", "?")) for i in infos)
         for p, infos in logs.items()))

@@ -95,7 +95,7 @@ _Chooser = Callable[[str, str, Backend | None], Backend | None]
 class Balancer:
     """A pool of backends and the scheduler that picks among the available ones."""
 
-    __slots__ = ("_choose", "_rr", "_top", "backends", "scheduler")
+    __slots__ = ("_rr", "_top", "backends", "choose", "scheduler")
 
     def __init__(self, servers: Sequence[RealServer], scheduler: Scheduler,
                  previous: Balancer | None = None) -> None:
@@ -124,7 +124,9 @@ class Balancer:
             Scheduler.SOURCE_IP_HASH: self._source_hash,
             Scheduler.URL_HASH: self._url_hash,
         }
-        self._choose = choosers[scheduler]
+        # choose(src_ip, url, exclude): the scheduler's pick without counting it (the data plane
+        # inlines pick() on its fast path: choose, then active += 1 and requests += 1).
+        self.choose = choosers[scheduler]
 
     # -- the data plane's interface ---------------------------------------------------------
 
@@ -135,7 +137,7 @@ class Balancer:
         available backend, the answer is None. The chosen backend's `active` and `requests` grow
         by one; call `release()` exactly once when the request is over.
         """
-        b = self._choose(src_ip, url, exclude)
+        b = self.choose(src_ip, url, exclude)
         if b is not None:
             b.active += 1
             b.requests += 1

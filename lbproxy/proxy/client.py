@@ -459,10 +459,15 @@ class ClientConnection(asyncio.Protocol):
             self._drop_connection_fields(req, self.conn_extra)
         if self.cur is None and not self.queue:
             self.cur = req
-            if svc.mode == M_DIRECT and svc.pre_router is None:
+            if svc.pre_router is None and (svc.mode == M_DIRECT or (
+                    svc.mode == M_SWITCH and not svc.router.needs_body)):
+                # _start(), inlined for the two common kinds of VS.
                 req.started = True
                 svc.counters.requests += 1
-                self._serve(req, svc.direct, None)  # type: ignore[arg-type]
+                if svc.mode == M_DIRECT:
+                    self._serve(req, svc.direct, None)  # type: ignore[arg-type]
+                else:
+                    self._route_now(req)
             else:
                 self._start(req)
         else:
@@ -603,8 +608,12 @@ class ClientConnection(asyncio.Protocol):
             self._local(req, target.na)
             return
         url = req.url.decode("latin-1") if target.needs_url else ""
-        backend = bal.pick(self.src_ip, url, exclude)
-        if backend is None:
+        # Balancer.pick(), inlined: the scheduler's choice, counted.
+        backend = bal.choose(self.src_ip, url, exclude)
+        if backend is not None:
+            backend.active += 1
+            backend.requests += 1
+        else:
             if exclude is not None:  # a retry found no other server: the failure stands
                 self._local(req, ERRORS[502], close=not req.complete)
                 return

@@ -40,6 +40,22 @@ class BufferedFileHandler(logging.Handler):
                 return
             self._timer = loop.call_later(FLUSH_INTERVAL, self._flush_now)
 
+    def write_lines(self, text: str) -> None:
+        """Append already formatted lines (no trailing newline): the data plane's batches, written
+        without a LogRecord (`lbproxy.proxy.accesslog.AccessLog.flush`)."""
+        try:
+            self._file.write(text + "\n")
+        except Exception:
+            logging.getLogger(__name__).exception("cannot write access log %s", self.path)
+            return
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._file.flush()
+                return
+            self._timer = loop.call_later(FLUSH_INTERVAL, self._flush_now)
+
     def _flush_now(self) -> None:
         self._timer = None
         try:

@@ -78,6 +78,14 @@ class AccessLog:
             return
         self._lines = []
         self._offset = time.time() - self._loop.time()  # follow wall-clock steps
+        text = "\n".join(lines)
         log = self._logger
-        log.handle(log.makeRecord(ACCESS_LOGGER, logging.INFO, "", 0, "\n".join(lines), (),
-                                  None))
+        handlers = log.handlers
+        if len(handlers) == 1 and not log.filters and not handlers[0].filters:
+            # A handler that takes lines as they are (the access-log file's) gets them without
+            # a LogRecord: no record, lock or formatter per batch.
+            write = getattr(handlers[0], "write_lines", None)
+            if write is not None:
+                write(text)
+                return
+        log.handle(log.makeRecord(ACCESS_LOGGER, logging.INFO, "", 0, text, (), None))

@@ -7,10 +7,12 @@ import gc
 import json
 import logging
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
-from lbproxy.config.model import Timeouts
+from lbproxy.accesslog import ACCESS_LOGGER, BufferedFileHandler, configure_access_log
+from lbproxy.config.model import AccessLogSettings, Timeouts
 from lbproxy.proxy import DataPlane
 
 from .conftest import Client, RawUpstream, Upstream, build, make_vs, read_head, serve
@@ -112,6 +114,44 @@ async def test_access_log_lines(dataplane: DataPlane, upstream: Upstream,
         assert parts[7] == "200" and int(parts[8]) > 0 and float(parts[9]) >= 0
     assert lines[3].split(" ")[7] == "404"
 
+
+
+async def test_access_log_file_gets_the_batches_whole(dataplane: DataPlane, upstream: Upstream,
+                                                      tmp_path: Path) -> None:
+    """With the file handler alone, batches are written to it directly (no LogRecord); with a
+    second handler beside it, through logging to both. Either way: one line per request."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.extend(record.getMessage().split("\n"))
+
+    path = tmp_path / "access.log"
+    access = logging.getLogger(ACCESS_LOGGER)
+    saved = access.handlers[:], access.level, access.propagate
+    configure_access_log(AccessLogSettings(enabled=True, path=str(path)), tmp_path)
+    (handler,) = access.handlers
+    assert isinstance(handler, BufferedFileHandler)
+    try:
+        ports = await serve(dataplane, make_vs(ports=(upstream.port,)))
+        async with asyncio.timeout(T):
+            c = await Client.connect(ports["web"])
+            for i in range(3):  # the line is batched before the response goes out
+                assert (await c.request(path=f"/direct{i}")).status == 200
+            access.addHandler(Collect())
+            for i in range(2):
+                assert (await c.request(path=f"/both{i}")).status == 200
+            c.close()
+        handler.flush()
+        lines = path.read_text().splitlines()
+        assert [ln.split(" ")[6] for ln in lines] == [
+            '/direct0"', '/direct1"', '/direct2"', '/both0"', '/both1"']
+        assert [ln.split(" ")[6] for ln in seen] == ['/both0"', '/both1"']
+    finally:
+        configure_access_log(AccessLogSettings(enabled=False), tmp_path)  # closes the file
+        access.handlers[:] = saved[0]
+        access.setLevel(saved[1])  # setLevel, not .level: it clears logging's enabled cache
+        access.propagate = saved[2]
 
 
 async def test_access_log_follows_the_server_on_one_connection(

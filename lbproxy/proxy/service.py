@@ -300,9 +300,17 @@ class PoolFactory:
         return Target(name, pool, conns, na, counters)
 
 
+def needs_router(vs: VirtualService) -> bool:
+    """Whether build_service compiles content rules for `vs` (its SubVSs are content-switched)."""
+    return (vs.kind is not VSKind.REDIRECT and not vs.real_servers and bool(vs.subvs)
+            and vs.content_switching)
+
+
 def build_service(vs: VirtualService, rules: dict[str, ContentRule],
                   injections: tuple[Injection, ...], factory: PoolFactory, counters: Counters,
-                  log: AccessLog | None, port: int) -> Service:
+                  log: AccessLog | None, port: int, router: Router | None = None) -> Service:
+    """The Service of `vs` for one generation; `router`, if given, is `vs`'s rules already
+    compiled (DataPlane compiles them off the event loop and reuses unchanged ones)."""
     svc = Service(vs, counters, log, port)
     if vs.kind is VSKind.REDIRECT:
         svc.mode = M_REDIRECT
@@ -315,7 +323,8 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
                                           s.health_check, s.not_available) for s in vs.subvs}
         if vs.content_switching:
             svc.mode = M_SWITCH
-            router = compile_router(vs, rules)
+            if router is None:
+                router = compile_router(vs, rules)
             svc.router = router
             svc.memo_by = router.memo_by
             svc.rule_hits = counters.new_rule_gen(router.rule_names)

@@ -218,3 +218,47 @@ async def test_protocol_change_reopens_the_listener(upstream: Upstream) -> None:
             w.close()
     finally:
         await dp.shutdown(0.5)
+
+
+async def test_rules_compile_off_the_loop_and_unchanged_ones_are_reused(
+        dataplane: DataPlane, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload compiles content rules in a worker thread, once per changed VS: an injected
+    challenge or a change to another VS reuses the router, a changed rule recompiles it."""
+    import threading
+
+    import lbproxy.proxy.dataplane as dp_module
+    from lbproxy.config.model import ContentRule, MatchType
+
+    compiled_in: list[tuple[str, bool]] = []
+    real = dp_module.compile_router
+
+    def spy(vs: VirtualService, rules: object) -> object:
+        compiled_in.append((vs.name, threading.current_thread() is threading.main_thread()))
+        return real(vs, rules)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp_module, "compile_router", spy)
+    rule = ContentRule("api", MatchType.PREFIX, "/api/")
+    switch = make_vs("switch", subvs=(
+        SubVS("api", real_servers=rs(upstream.port), rules=("api",), health_check=NO_CHECK),),
+        content_switching=True)
+    other = make_vs("other", ports=(upstream.port,))
+    await dataplane.apply(runtime(switch, other, rules=(rule,)))
+    assert compiled_in == [("switch", False)]  # compiled, not on the loop's thread
+    port = dataplane.listening_ports()["switch"][1]
+
+    acme, acme_rule = _acme_subvs("reuse")
+    injected = dataclasses.replace(runtime(switch, other, rules=(rule,), generation=2),
+                                   injections=(Injection("switch", acme, acme_rule),))
+    await dataplane.apply(injected)
+    other2 = dataclasses.replace(other, add_forwarded_headers=False)
+    await dataplane.apply(runtime(switch, other2, rules=(rule,), generation=3))
+    assert compiled_in == [("switch", False)]  # neither recompiled the VS's own rules
+
+    rule2 = dataclasses.replace(rule, pattern="/v2/")
+    await dataplane.apply(runtime(switch, other2, rules=(rule2,), generation=4))
+    assert compiled_in == [("switch", False), ("switch", False)]
+    async with asyncio.timeout(T):
+        c = await Client.connect(port)
+        assert (await c.request(path="/v2/x")).status == 200  # the new rule serves
+        assert (await c.request(path="/api/x")).status == 503  # the old one is gone
+        c.close()

@@ -87,8 +87,9 @@ class _Reject(Exception):
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
-        "head_bytes", "host_ok", "in_head", "ip_b", "listener", "log_prefix", "log_server",
-        "log_svc", "log_target", "loop", "nmark", "nread", "out", "out_up", "outbox", "parser",
+        "head_bytes", "host_ok", "hstart", "in_head", "ip_b", "listener", "log_prefix",
+        "log_server", "log_svc", "log_target", "loop", "nmark", "nread", "out", "out_up", "outbox",
+        "parser",
         "paused", "pending_error", "queue", "raw", "reject", "reject_key", "req", "running",
         "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
 
@@ -127,6 +128,7 @@ class ClientConnection(asyncio.Protocol):
         self.reject_key = ""
         self.host_ok = b"\x00"  # the last Host value that passed the check
         self.nread = 0  # bytes read from the client
+        self.hstart = 0  # ... when the head being read had not begun yet
         self.nmark = 0  # ... of which already counted to a finished request
         self.pending_error = 0
         self.running = False
@@ -217,6 +219,8 @@ class ClientConnection(asyncio.Protocol):
             tunnel.write(data)
             self.deadline = self.loop.time() + self.listener.service.t_idle
             return
+        if self.req is None:
+            self.hstart = self.nread  # the next request head starts in `data` or later
         self.nread += len(data)
         if self.upgraded or self.paused & P_STOP:
             if self.upgraded and not self.paused & P_STOP:
@@ -439,7 +443,8 @@ class ClientConnection(asyncio.Protocol):
             self.reject = 431
             self.reject_key = "too_many_headers"
             raise _Reject
-        if (self.nread - self.nmark > svc.max_header_bytes  # else this head cannot be as big
+        # The head began at `hstart` or later: fewer bytes read since cannot make it too big.
+        if (self.nread - self.hstart > svc.max_header_bytes
                 and sum(map(len, fwd)) > svc.max_header_bytes):
             self.reject = 431
             raise _Reject

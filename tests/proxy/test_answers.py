@@ -142,6 +142,23 @@ async def test_bad_requests(dataplane: DataPlane, upstream: Upstream) -> None:
         assert (await c.response()).status == 431
 
 
+async def test_head_limit_holds_across_a_pipelined_boundary(dataplane: DataPlane,
+                                                             upstream: Upstream) -> None:
+    """A head whose first part came in the same read as the previous request, and whose rest
+    arrives after that request was answered, is measured whole: 1500 + 1500 bytes > 2048."""
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,),
+                                           limits=Limits(max_header_bytes=2048)))
+    async with asyncio.timeout(T):
+        c = await Client.connect(ports["web"])
+        await c.send(build(path="/first") + b"GET /second HTTP/1.1\r\nHost: x\r\nX-A: "
+                     + b"a" * 1500)
+        assert (await c.response()).status == 200
+        await c.send(b"\r\nX-B: " + b"b" * 1500 + b"\r\n\r\n")
+        r = await c.response()
+        assert r.status == 431 and r.header("Connection") == "close"
+        assert await c.closed()
+
+
 async def test_idle_keep_alive_timeout_closes(dataplane: DataPlane, upstream: Upstream) -> None:
     ports = await serve(dataplane, make_vs(ports=(upstream.port,), timeouts=Timeouts(idle=0.2)))
     async with asyncio.timeout(T):

@@ -32,13 +32,7 @@ class BufferedFileHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        if self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._file.flush()
-                return
-            self._timer = loop.call_later(FLUSH_INTERVAL, self._flush_now)
+        self._flush_later()
 
     def write_lines(self, text: str) -> None:
         """Append already formatted lines (no trailing newline): the data plane's batches, written
@@ -48,6 +42,10 @@ class BufferedFileHandler(logging.Handler):
         except Exception:
             logging.getLogger(__name__).exception("cannot write access log %s", self.path)
             return
+        self._flush_later()
+
+    def _flush_later(self) -> None:
+        """Flush within FLUSH_INTERVAL (at once when no event loop runs)."""
         if self._timer is None:
             try:
                 loop = asyncio.get_running_loop()

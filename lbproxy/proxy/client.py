@@ -191,8 +191,7 @@ class ClientConnection(asyncio.Protocol):
         if self.cur is not None or self.queue:
             self.closing = True
             return True
-        if self.outbox.items:
-            self.outbox.flush()  # the transport closes on return: held answers go out first
+        self.outbox.flush()  # the transport closes on return: held answers go out first
         return False
 
     def pause_writing(self) -> None:
@@ -262,14 +261,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         """Write to the client now, after whatever the outbox holds (the order of the bytes)."""
-        if self.outbox.items:
-            self.outbox.flush()
+        self.outbox.flush()
         self.transport.write(data)
 
     def _close(self) -> None:
         """Close the client connection once what is written and held has gone out."""
-        if self.outbox.items:
-            self.outbox.flush()
+        self.outbox.flush()
         self.transport.close()
 
     # -- deadlines (called by the listener's sweep) -------------------------------------------
@@ -583,7 +580,7 @@ class ClientConnection(asyncio.Protocol):
         # router.route() split in two to count the deciding rule (route_with_rule without the
         # tuple): the index of the rule, then its outcome. A decision that is a function of the
         # request target alone is remembered.
-        memo_by = svc.memo_by
+        memo_by = router.memo_by
         if memo_by:
             key: object = req.url if memo_by == MEMO_URL else (req.host_b.lower(), req.url)
             memo = svc.memo

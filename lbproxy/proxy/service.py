@@ -199,7 +199,7 @@ class Service:
 
     __slots__ = (
         "add_forwarded", "counters", "direct", "log", "max_body", "max_connections",
-        "max_header_bytes", "max_headers", "memo", "memo_by", "mode", "na", "name", "port",
+        "max_header_bytes", "max_headers", "memo", "mode", "na", "name", "port",
         "pre_router",
         "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_connect",
         "t_first_byte",
@@ -218,7 +218,6 @@ class Service:
         # The router's decisions remembered by request target (see Router.memo_by): the deciding
         # rule's index. Emptied when it reaches ROUTE_MEMO_SIZE entries.
         self.memo: dict[object, int] = {}
-        self.memo_by = 0
         self.targets: tuple[Target, ...] = ()
         self.direct: Target | None = None
         self.pre_router: Router | None = None
@@ -326,7 +325,6 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
             if router is None:
                 router = compile_router(vs, rules)
             svc.router = router
-            svc.memo_by = router.memo_by
             svc.rule_hits = counters.new_rule_gen(router.rule_names)
             svc.targets = tuple(targets[n] for n in router.subvs_names)
         else:

@@ -215,8 +215,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             ct = self.ctransport
             if ct is not None:
-                if self.outbox.items:
-                    self.outbox.flush()
+                self.outbox.flush()
                 ct.write(data)
                 client = self.client
                 if client is not None:
@@ -556,8 +555,7 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         t = self.transport
         if t is not None:
-            if self.outbox.items:
-                self.outbox.flush()
+            self.outbox.flush()
             t.write(data)
 
     def _flush(self) -> None:
@@ -567,8 +565,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.cout = []
             ct = self.ctransport
             if ct is not None:
-                if self.outbox.items:
-                    self.outbox.flush()
+                self.outbox.flush()
                 ct.write(b"".join(cout))
 
     def _detach(self) -> tuple[ClientConnection | None, Request | None]:
@@ -607,8 +604,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.tunnel = True
         if rest:
-            if self.outbox.items:
-                self.outbox.flush()
+            self.outbox.flush()
             client.transport.write(rest)
         client.start_tunnel(req, self)
 
@@ -627,8 +623,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         t = self.transport
         if t is not None:
-            if self.outbox.items:
-                self.outbox.flush()
+            self.outbox.flush()
             t.close()
 
     def abort(self) -> None:

@@ -22,23 +22,23 @@ class BufferedFileHandler(logging.Handler):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
-        self._file: IO[str] = open(path, "a", buffering=BUFFER_SIZE, encoding="utf-8")
+        self._file: IO[bytes] = open(path, "ab", buffering=BUFFER_SIZE)
         self._timer: asyncio.TimerHandle | None = None
         self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._file.write(self.format(record) + "\n")
+            self._file.write((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
         except Exception:
             self.handleError(record)
             return
         self._flush_later()
 
-    def write_lines(self, text: str) -> None:
-        """Append already formatted lines (no trailing newline): the data plane's batches, written
-        without a LogRecord (`lbproxy.proxy.accesslog.AccessLog.flush`)."""
+    def write_batch(self, data: bytes) -> None:
+        """Append already formatted lines, each ending with a newline: the data plane's batches,
+        written without a LogRecord (`lbproxy.proxy.accesslog.AccessLog.flush`)."""
         try:
-            self._file.write(text + "\n")
+            self._file.write(data)
         except Exception:
             logging.getLogger(__name__).exception("cannot write access log %s", self.path)
             return

@@ -102,7 +102,7 @@ class ClientConnection(asyncio.Protocol):
         self.src_ip = ""
         self.ip_b = b""
         # The access-log line prefix of the last request and what it was made of (by identity).
-        self.log_prefix = ""
+        self.log_prefix = b""
         self.log_svc: object = None
         self.log_target: object = None
         self.log_server: object = None

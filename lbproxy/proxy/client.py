@@ -53,7 +53,14 @@ from ..routing import MEMO_URL, REFUSE
 from . import http as h
 from .accesslog import line_prefix
 from .http import CRLF, ERRORS, LocalResponse, Request
-from .service import LATENCY_BUCKETS, M_DIRECT, M_REDIRECT, M_SWITCH, ROUTE_MEMO_SIZE
+from .service import (
+    FAST_DIRECT,
+    LATENCY_BUCKETS,
+    M_DIRECT,
+    M_REDIRECT,
+    M_SWITCH,
+    ROUTE_MEMO_SIZE,
+)
 from .upstream import HIGH_WATER, LOW_WATER, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -436,7 +443,7 @@ class ClientConnection(asyncio.Protocol):
         if url[0] != 47:  # not origin-form ("/..."): the rare shapes are checked off the fast path
             self._check_target(req, url)
         fwd[2] = req.url
-        if len(fwd) > svc.max_headers * 4 + 4:
+        if len(fwd) > svc.max_fwd:
             self.reject = 431
             self.reject_key = "too_many_headers"
             raise _Reject
@@ -461,12 +468,12 @@ class ClientConnection(asyncio.Protocol):
             self._drop_connection_fields(req, self.conn_extra)
         if self.cur is None and not self.queue:
             self.cur = req
-            if svc.pre_router is None and (svc.mode == M_DIRECT or (
-                    svc.mode == M_SWITCH and not svc.router.needs_body)):
+            fast = svc.fast
+            if fast:
                 # _start(), inlined for the two common kinds of VS.
                 req.started = True
                 svc.counters.requests += 1
-                if svc.mode == M_DIRECT:
+                if fast == FAST_DIRECT:
                     self._serve(req, svc.direct, None)  # type: ignore[arg-type]
                 else:
                     self._route_now(req)

@@ -52,6 +52,10 @@ M_DIRECT = 0  # a VS with real servers
 M_SWITCH = 1  # content switching over SubVSs
 M_ORDERED = 2  # SubVSs without content switching: the first with an available real server
 M_REDIRECT = 3  # an HTTP redirect VS
+# Service.fast: how a request is dispatched as soon as its head is parsed, without _start().
+FAST_NONE = 0  # through _start(): injected SubVSs, rules on the body, ordered SubVSs, redirect
+FAST_DIRECT = 1  # straight to the VS's own real servers
+FAST_ROUTE = 2  # to the content rules at once (none of them reads the body)
 
 # Routing decisions remembered per VS (by request target, when the rules look at nothing else):
 # enough for the hot URLs of a site; a flood of distinct URLs only empties it now and then.
@@ -198,8 +202,8 @@ class Service:
     """One VS for one generation; read per request by the client connections."""
 
     __slots__ = (
-        "add_forwarded", "counters", "direct", "log", "max_body", "max_connections",
-        "max_header_bytes", "max_headers", "memo", "mode", "na", "name", "port",
+        "add_forwarded", "counters", "direct", "fast", "log", "max_body", "max_connections",
+        "max_fwd", "max_header_bytes", "max_headers", "memo", "mode", "na", "name", "port",
         "pre_router",
         "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_connect",
         "t_first_byte",
@@ -213,6 +217,7 @@ class Service:
         self.log = log
         self.port = port
         self.mode = M_DIRECT
+        self.fast = FAST_NONE  # set by build_service
         self.router: Any = None
         self.rule_hits: list[int] = []
         # The router's decisions remembered by request target (see Router.memo_by): the deciding
@@ -235,6 +240,7 @@ class Service:
         lim = vs.limits
         self.max_header_bytes = lim.max_header_bytes
         self.max_headers = lim.max_headers
+        self.max_fwd = lim.max_headers * 4 + 4  # Request.fwd's length at the limit
         self.max_body = lim.max_body
         self.max_connections = lim.max_connections
         self.redirect_status = vs.redirect_status
@@ -350,6 +356,10 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
             i.subvs.not_available) for i in extra}
         svc.pre_router = router
         svc.pre_targets = tuple(pre_targets[n] for n in router.subvs_names)
+    elif svc.mode == M_DIRECT:
+        svc.fast = FAST_DIRECT
+    elif svc.mode == M_SWITCH and not svc.router.needs_body:
+        svc.fast = FAST_ROUTE
     return svc
 
 

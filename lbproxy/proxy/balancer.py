@@ -125,8 +125,9 @@ class Balancer:
             Scheduler.URL_HASH: self._url_hash,
         }
         # choose(src_ip, url, exclude): the scheduler's pick without counting it (the data plane
-        # inlines pick() on its fast path: choose, then active += 1 and requests += 1).
-        self.choose = choosers[scheduler]
+        # inlines pick() on its fast path: choose, then active += 1 and requests += 1). Every
+        # scheduler picks the only server of a pool of one, if it is available.
+        self.choose = self._only if len(backends) == 1 else choosers[scheduler]
 
     # -- the data plane's interface ---------------------------------------------------------
 
@@ -171,6 +172,12 @@ class Balancer:
         return None
 
     # -- schedulers: each returns an available backend other than `exclude`, or None ----------
+
+    def _only(self, src_ip: str, url: str, exclude: Backend | None) -> Backend | None:
+        b = self.backends[0]
+        if b.enabled and b.healthy and b.weight > 0 and b is not exclude:
+            return b
+        return None
 
     def _round_robin(self, src_ip: str, url: str, exclude: Backend | None) -> Backend | None:
         backends = self.backends

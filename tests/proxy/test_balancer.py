@@ -248,6 +248,23 @@ def test_nothing_available_gives_none(scheduler: Scheduler) -> None:
 
 
 @pytest.mark.parametrize("scheduler", ALL)
+def test_a_pool_of_one_server(scheduler: Scheduler) -> None:
+    """A pool of one takes a shortcut past the scheduler: the same answers as the scheduler."""
+    bal = Balancer(servers(3), scheduler)
+    (only,) = bal.backends
+    assert picks(bal, 20, src="192.0.2.7", url="/x") == {"10.0.0.1": 20}
+    assert bal.pick("192.0.2.1", "/", exclude=only) is None
+    for state in ("healthy", "enabled"):
+        setattr(only, state, False)
+        assert bal.pick("192.0.2.1", "/") is None and not bal.any_available()
+        setattr(only, state, True)
+    only.weight = 0
+    assert bal.pick("192.0.2.1", "/") is None
+    only.weight = 1
+    assert bal.pick("192.0.2.1", "/") is only and only.active == 1 and only.requests == 21
+
+
+@pytest.mark.parametrize("scheduler", ALL)
 def test_exclude_is_never_returned(scheduler: Scheduler) -> None:
     bal = Balancer(servers(1, 2, 3), scheduler)
     for i in range(60):

@@ -100,7 +100,7 @@ async def _upstream_app(up: Upstream) -> web.Application:
 
     async def slow(req: web.Request) -> web.StreamResponse:
         await asyncio.sleep(float(req.query.get("d", "0.2")))
-        return web.Response(text="slow")
+        return web.Response(text="slow", headers={"X-Upstream": str(up.port)})
 
     async def ws(req: web.Request) -> web.StreamResponse:
         sock = web.WebSocketResponse()

@@ -58,6 +58,9 @@ class Upstream:
     peers: set[int] = field(default_factory=set)
     requests: int = 0
     runner: web.AppRunner | None = None
+    health: int = 200  # what GET /hc answers
+    probes: list[int] = field(default_factory=list)  # the statuses /hc answered, in order
+    probed: asyncio.Event = field(default_factory=asyncio.Event)  # set at every /hc answer
 
 
 async def _upstream_app(up: Upstream) -> web.Application:
@@ -112,6 +115,11 @@ async def _upstream_app(up: Upstream) -> web.Application:
                 await sock.send_bytes(msg.data)
         return sock
 
+    async def hc(req: web.Request) -> web.StreamResponse:
+        up.probes.append(up.health)
+        up.probed.set()
+        return web.Response(status=up.health, text="hc")
+
     async def hop(req: web.Request) -> web.StreamResponse:
         return web.Response(text="hop", headers={"Keep-Alive": "timeout=5", "X-Kept": "1",
                                                  "Proxy-Connection": "keep-alive"})
@@ -132,6 +140,7 @@ async def _upstream_app(up: Upstream) -> web.Application:
     app.router.add_get("/slow", slow)
     app.router.add_get("/ws", ws)
     app.router.add_get("/hop", hop)
+    app.router.add_get("/hc", hc)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

@@ -14,6 +14,8 @@ import pytest
 from lbproxy.config.model import (
     Address,
     ContentRule,
+    HealthCheck,
+    HealthCheckType,
     MatchOn,
     MatchType,
     NotAvailable,
@@ -210,3 +212,34 @@ async def test_least_connections_and_weighted_least_connections(dataplane: DataP
                                                       three[2].port: 2}
         assert Counter(await concurrent(port, 8)) == {three[0].port: 2, three[1].port: 2,
                                                       three[2].port: 4}
+
+
+async def answered(up: Upstream, status: int) -> None:
+    """Until two health probes in a row got `status` from `up`: a monitor records a probe's answer
+    before it sends the next, so the first of the two has been acted on."""
+    while True:
+        up.probed.clear()
+        await up.probed.wait()
+        if up.probes[-2:] == [status, status]:
+            return
+
+
+async def test_health_check_ejects_and_returns_a_server(dataplane: DataPlane, upstream: Upstream,
+                                                        upstream2: Upstream) -> None:
+    check = HealthCheck(type=HealthCheckType.HTTP, path="/hc", interval=0.02, timeout=2.0,
+                        rise=1, fall=1)
+    vs = make_vs(real_servers=tuple(RealServer(Address("127.0.0.1", u.port))
+                                    for u in (upstream, upstream2)), health_check=check)
+    port = (await serve(dataplane, vs))["web"]
+    both = {upstream.port, upstream2.port}
+    async with asyncio.timeout(T):
+        await answered(upstream, 200)
+        assert set(await served_by(port, ["/"] * 4)) == both
+        upstream.health = 503
+        await answered(upstream, 503)
+        assert set(await served_by(port, ["/"] * 6)) == {upstream2.port}
+        servers = dataplane.stats()["virtual_services"]["web"]["real_servers"]
+        assert [s["healthy"] for s in servers] == [False, True]
+        upstream.health = 200
+        await answered(upstream, 200)
+        assert set(await served_by(port, ["/"] * 4)) == both

@@ -268,13 +268,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         """Write to the client now, after whatever the outbox holds (the order of the bytes)."""
-        self.outbox.flush()
-        self.transport.write(data)
+        self.outbox.write(self.transport, data)
 
     def _close(self) -> None:
         """Close the client connection once what is written and held has gone out."""
-        self.outbox.flush()
-        self.transport.close()
+        self.outbox.close(self.transport)
 
     # -- deadlines (called by the listener's sweep) -------------------------------------------
 

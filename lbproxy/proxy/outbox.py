@@ -7,9 +7,11 @@ for every ready connection is done: the peers (clients, real servers) are woken 
 than once per write, and this core spends less time in wake-ups and cache misses (bench/README.md,
 "Writes held to the end of the loop iteration": about a fifth less kernel time per request).
 
-Order per transport: any other write to, or close of, a transport that may have bytes here must
-call `flush()` first (ClientConnection._write/_close, UpstreamConnection.write/close and the
-parser path's writes do). An abort needs no flush: it drops what is unsent anyway.
+Order per transport: any other write to, or close of, a transport that may have bytes here goes
+through `write()` / `close()`, which flush first (every write and close of the client and upstream
+connections does). An abort needs no flush: it drops what is unsent anyway. There is one Outbox
+per event loop, shared by every listener and connection pool of the DataPlane: held bytes of one
+transport can only be ordered against writes that flush the same Outbox.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ class Outbox:
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self._run)
+
+    def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        """Write now, after everything held."""
+        self.flush()
+        transport.write(data)
+
+    def close(self, transport: asyncio.BaseTransport) -> None:
+        """Close once everything held (and written) has gone out."""
+        self.flush()
+        transport.close()
 
     def _run(self) -> None:
         self.scheduled = False

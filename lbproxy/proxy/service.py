@@ -254,9 +254,9 @@ class PoolFactory:
                  conn_pools: dict[tuple[str, int], ConnPool],
                  target_counters: dict[tuple[str, str], TargetCounters],
                  make_monitor: Callable[[Balancer, HealthCheck, str], HealthMonitor],
-                 outbox: Outbox | None = None) -> None:
+                 outbox: Outbox) -> None:
         self.loop = loop
-        self.outbox = outbox if outbox is not None else Outbox(loop)
+        self.outbox = outbox
         self.old_pools = old_pools
         self.conn_pools = conn_pools
         self.target_counters = target_counters
@@ -367,9 +367,9 @@ class Listener:
     """One listening address: its server, its live connections and its current Service."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[Any, ...], service: Service,
-                 counters: Counters, outbox: Outbox | None = None) -> None:
+                 counters: Counters, outbox: Outbox) -> None:
         self.loop = loop
-        self.outbox = outbox if outbox is not None else Outbox(loop)
+        self.outbox = outbox
         self.key = key
         self.service = service
         self.name = service.name

@@ -49,9 +49,9 @@ class ConnPool:
                  "retired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
-                 idle_timeout: float, outbox: Outbox | None = None) -> None:
+                 idle_timeout: float, outbox: Outbox) -> None:
         self.loop = loop
-        self.outbox = outbox if outbox is not None else Outbox(loop)
+        self.outbox = outbox
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -215,8 +215,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             ct = self.ctransport
             if ct is not None:
-                self.outbox.flush()
-                ct.write(data)
+                self.outbox.write(ct, data)
                 client = self.client
                 if client is not None:
                     client.touch()
@@ -555,8 +554,7 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         t = self.transport
         if t is not None:
-            self.outbox.flush()
-            t.write(data)
+            self.outbox.write(t, data)
 
     def _flush(self) -> None:
         self.pending_head = False
@@ -565,8 +563,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.cout = []
             ct = self.ctransport
             if ct is not None:
-                self.outbox.flush()
-                ct.write(b"".join(cout))
+                self.outbox.write(ct, b"".join(cout))
 
     def _detach(self) -> tuple[ClientConnection | None, Request | None]:
         client, req = self.client, self.req
@@ -604,8 +601,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.tunnel = True
         if rest:
-            self.outbox.flush()
-            client.transport.write(rest)
+            self.outbox.write(client.transport, rest)
         client.start_tunnel(req, self)
 
     def pause_reading(self) -> None:
@@ -623,8 +619,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         t = self.transport
         if t is not None:
-            self.outbox.flush()
-            t.close()
+            self.outbox.close(t)
 
     def abort(self) -> None:
         t = self.transport

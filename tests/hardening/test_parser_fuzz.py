@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from lbproxy.config.model import Address, Limits, RealServer
 from lbproxy.proxy.client import ClientConnection
+from lbproxy.proxy.outbox import Outbox
 from lbproxy.proxy.service import Counters, Listener, PoolFactory, build_service
 from lbproxy.proxy.upstream import UpstreamConnection
 
@@ -62,9 +63,10 @@ class Rig:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         vs = make_vs(real_servers=(RealServer(Address("127.0.0.1", 9)),),
                      health_check=NO_CHECK, limits=Limits(max_body=4096))
-        factory = PoolFactory(loop, {}, {}, {}, lambda b, c, label: None)  # type: ignore[arg-type,return-value]
+        outbox = Outbox(loop)  # one for the client and upstream sides, as in the DataPlane
+        factory = PoolFactory(loop, {}, {}, {}, lambda b, c, label: None, outbox)  # type: ignore[arg-type,return-value]
         svc = build_service(vs, {}, (), factory, Counters(), None, 80)
-        self.listener = Listener(loop, ("fuzz",), svc, svc.counters)
+        self.listener = Listener(loop, ("fuzz",), svc, svc.counters, outbox)
         self.client = ClientConnection(self.listener)
         self.ct = FakeTransport()
         self.client.connection_made(self.ct)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +212,18 @@ class RawUpstream:
 
 async def read_head(r: asyncio.StreamReader) -> bytes:
     return await r.readuntil(b"\r\n\r\n")
+
+
+def answering(responses: Sequence[bytes]) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                      Awaitable[None]]:
+    """A RawUpstream handler that answers each request head with the next of `responses`, as
+    written (bounded by their number)."""
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for resp in responses:
+            await read_head(r)
+            w.write(resp)
+            await w.drain()
+    return handler
 
 
 @dataclass

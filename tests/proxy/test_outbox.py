@@ -9,7 +9,7 @@ from lbproxy.config.model import ContentRule, MatchType, NotAvailable, SubVS
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.outbox import Outbox
 
-from .conftest import NO_CHECK, Client, RawUpstream, make_vs, read_head, serve
+from .conftest import NO_CHECK, Client, RawUpstream, answering, make_vs, serve
 from .conftest import servers as rs
 
 T = 10  # seconds: a bound on each test, never reached when it passes
@@ -59,13 +59,7 @@ async def test_close_after_a_held_response_delivers_it(dataplane: DataPlane) -> 
     before the connection closes."""
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        for _ in range(4):  # bounded
-            await read_head(r)
-            w.write(ok)
-            await w.drain()
-
-    async with RawUpstream(handler) as raw, asyncio.timeout(T):
+    async with RawUpstream(answering([ok] * 4)) as raw, asyncio.timeout(T):
         vs = make_vs(subvs=(
             SubVS("local", rules=("two",), health_check=NO_CHECK,
                   not_available=NotAvailable(200, b"local", "text/plain")),

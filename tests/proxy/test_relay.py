@@ -10,7 +10,7 @@ import aiohttp
 
 from lbproxy.proxy import DataPlane
 
-from .conftest import Client, RawUpstream, Upstream, build, make_vs, read_head, serve
+from .conftest import Client, RawUpstream, Upstream, answering, build, make_vs, read_head, serve
 
 T = 10  # seconds: an upper bound for any single test step, never a synchronisation device
 
@@ -333,13 +333,7 @@ async def test_connection_field_follows_the_client_hop(dataplane: DataPlane) -> 
     resp = (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 10\r\n\r\n"
             + body)
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        for _ in range(8):  # bounded: the test sends 4 requests
-            await read_head(r)
-            w.write(resp)
-            await w.drain()
-
-    async with RawUpstream(handler) as raw, asyncio.timeout(T):
+    async with RawUpstream(answering([resp] * 8)) as raw, asyncio.timeout(T):  # 4 are sent
         ports = await serve(dataplane, make_vs(ports=(raw.port,)))
         c = await Client.connect(ports["web"])
         for _ in range(2):  # the second one takes the cached head
@@ -379,13 +373,7 @@ async def test_response_hop_by_hop_fields_cut_in_any_letter_case(dataplane: Data
     hop = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "te",
            "trailer", "upgrade"}
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        for h in heads:
-            await read_head(r)
-            w.write(h)
-            await w.drain()
-
-    async with RawUpstream(handler) as raw, asyncio.timeout(T):
+    async with RawUpstream(answering(heads)) as raw, asyncio.timeout(T):
         ports = await serve(dataplane, make_vs(ports=(raw.port,)))
         c = await Client.connect(ports["web"])
         for i in range(len(heads)):

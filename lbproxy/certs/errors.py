@@ -1,8 +1,9 @@
 """Errors of the certificate store, each naming what was wrong with the input or the request.
 
 StoreError (lbproxy.errors)       status hint for the admin API's answer
- +-- CertInputError               a certificate, key, passphrase or PKCS#12 file was refused (400);
-                                  `reason` is a stable short code for clients and tests
+ +-- CertInputError               a certificate, key, passphrase, PKCS#12 file or id was
+      |                           refused (400); `reason` is a stable short code for clients
+      +-- UnsafePathError         (files.py) a path built from input would leave its root
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class InputProblem(StrEnum):
     UNSUPPORTED_KEY = "unsupported-key"
     NOT_PKCS12 = "not-pkcs12"
     BAD_ID = "bad-id"
+    UNSAFE_PATH = "unsafe-path"
 
 
 class CertInputError(StoreError):

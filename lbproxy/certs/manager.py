@@ -8,6 +8,11 @@ State lives in `<state_dir>/letsencrypt/` (directories 0700, files 0600, atomic 
     certs/<id>.json      each certificate's order template and renewal status
     challenges.json      the journal of challenges in progress (cleared at start)
 
+Every path built from an id or a backup goes through `files.safe_path`; what a crash mid-write
+leaves (`.tmp-*`) is removed at start. A request is checked whole (id, uniqueness, names, VSs,
+key, subject) before anything is written or sent to the CA; a restore (settings, account, VS
+configuration, each certificate's id and PEM) before anything is written.
+
 Certificates and their keys go into the SSL certificate store (managed_by="letsencrypt"). The
 System Message File and Audit LogFile are in `<state_dir>` (see acme_log). `start()` never waits on
 the CA: it loads state and starts the scheduler, which sleeps until the next renewal is due.
@@ -34,7 +39,13 @@ from aiohttp import web
 
 from acmeclient import AcmeClient, CsrSubject, KeyType, RenewalInfo
 from acmeclient import cert_id as ari_cert_id
-from acmeclient.crypto import PrivateKey, generate_key, load_account_key, private_key_to_pem
+from acmeclient.crypto import (
+    PrivateKey,
+    generate_key,
+    load_account_key,
+    make_csr,
+    private_key_to_pem,
+)
 from acmeclient.errors import (
     AccountDoesNotExistError,
     AcmeError,
@@ -67,7 +78,9 @@ from .acme_challenge import (
 )
 from .acme_log import AcmeCode, AcmeLog, LeError, classify
 from .errors import CertInputError
-from .store import CertStore, mkdir_private, storage_error, write_atomic
+from .files import mkdir_private, remove_debris, safe_path, write_atomic
+from .parse import parse_pem
+from .store import CertStore, check_id, storage_error, valid_id
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +95,8 @@ DIRECTORY_TIMEOUT = 30.0
 # ARI refresh); a wake() makes it look at once.
 MAX_SLEEP = 3600.0
 _BACKUP_B64 = "base64"
+# Keys of `LEManager.damaged` that are state files, not certificate ids.
+_STATE_FILES = ("settings.json", "account.json", "account.key")
 
 
 class Clock(Protocol):
@@ -321,6 +336,8 @@ class LEManager:
         """Load state, clear challenge leftovers, start the scheduler. Never waits on the CA."""
         mkdir_private(self.dir)
         mkdir_private(self.dir / "certs")
+        for d in (self.dir, self.dir / "certs"):  # nothing writes there before start()
+            remove_debris(d)
         self._load()
         for what in sorted(self.store.problems.values()):
             self.log.error(f"damaged certificate store state, not used: {what}")
@@ -342,8 +359,17 @@ class LEManager:
         """Look at the schedule now (after a clock change in tests, or a settings change)."""
         self._wake.set()
 
+    def _path(self, *parts: str) -> Path:
+        """A file of the Let's Encrypt state; never outside it (files.safe_path)."""
+        return safe_path(self.dir, *parts)
+
+    def _entry_path(self, cert_id: str) -> Path:
+        """certs/<id>.json, for a valid id only (CertInputError otherwise)."""
+        check_id(cert_id)
+        return safe_path(self.dir, "certs", f"{cert_id}.json")
+
     def _load(self) -> None:
-        p = self.dir / "settings.json"
+        p = self._path("settings.json")
         if p.exists():
             try:
                 self.settings = Settings.from_json(json.loads(p.read_text()))
@@ -357,6 +383,8 @@ class LEManager:
                 e = Entry.from_json(json.loads(f.read_text()))
                 if e.id != f.stem:
                     raise ValueError(f"it names certificate {e.id!r}")
+                if not valid_id(e.id):
+                    raise ValueError(f"{e.id!r} is not a valid certificate id")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 self.damaged[f.stem] = f"{f}: {exc}"
                 self.log.error(f"certificate metadata {f} is damaged ({exc}); certificate "
@@ -365,7 +393,7 @@ class LEManager:
             self.entries[e.id] = e
 
     def _load_account(self) -> None:
-        meta, keyf = self.dir / "account.json", self.dir / "account.key"
+        meta, keyf = self._path("account.json"), self._path("account.key")
         self.account, self.account_problem = None, None
         if not meta.exists() and not keyf.exists():
             return
@@ -418,15 +446,15 @@ class LEManager:
             raise storage_error(what, exc, path) from None
 
     def _save_settings(self) -> None:
-        self._write(self.dir / "settings.json", _dump(self.settings.to_json()),
+        self._write(self._path("settings.json"), _dump(self.settings.to_json()),
                     "Let's Encrypt settings not stored")
         self.damaged.pop("settings.json", None)
 
     def _save_account(self, account: Account) -> None:
         # The key first: an account.json never points at a key that is not on disk.
-        self._write(self.dir / "account.key", private_key_to_pem(account.key),
+        self._write(self._path("account.key"), private_key_to_pem(account.key),
                     "account key not stored")
-        self._write(self.dir / "account.json", _dump({"url": account.url,
+        self._write(self._path("account.json"), _dump({"url": account.url,
                                                        "email": account.email}),
                     "account not stored")
         self.account, self.account_problem = account, None
@@ -434,7 +462,7 @@ class LEManager:
         self.damaged.pop("account.json", None)
 
     def _save_entry(self, e: Entry) -> None:
-        self._write(self.dir / "certs" / f"{e.id}.json", _dump(e.to_json()),
+        self._write(self._entry_path(e.id), _dump(e.to_json()),
                     f"certificate {e.id} status not stored")
 
     def _save_entry_or_report(self, e: Entry) -> None:
@@ -601,7 +629,10 @@ class LEManager:
     # -- requests ---------------------------------------------------------------------------------
 
     def validate_template(self, cert_id: str, t: Template, *, known: Iterable[str] = ()) -> None:
-        """Every check before an order: names, VSs (16, 17, 18), subject fields."""
+        """Every check before an order: the id, names, VSs (16, 17, 18), subject fields, and
+        the CSR itself (built with a throw-away EC key: what acmeclient would refuse at
+        finalize is refused here, before the CA is asked for anything)."""
+        check_id(cert_id)
         if not t.common_name:
             raise self._problem(LeError(AcmeCode.NO_DOMAIN,
                                         f"certificate {cert_id}: no domain to sign"))
@@ -621,7 +652,7 @@ class LEManager:
             raise AdminError(f"key must be ec or rsa 2048/3072/4096, got {t.key_type} "
                              f"{t.key_size}")
         try:
-            t.subject()
+            make_csr(generate_key(KeyType.EC_P256), names, t.subject())
         except CryptoError as exc:
             raise AdminError(f"certificate {cert_id}: {exc}") from None
         cfg = self.runtime.current.config
@@ -633,11 +664,31 @@ class LEManager:
                 err.text = f"certificate {cert_id}: {err.text}"
                 raise self._problem(err) from None
 
+    def _check_new_id(self, cert_id: str) -> None:
+        """A new certificate's id: valid, and naming nothing stored, managed or not, whole or
+        damaged (whose file would be overwritten)."""
+        check_id(cert_id)
+        if cert_id in self.entries:
+            raise StoreError(f"certificate id {cert_id!r} already exists", status=409)
+        info = self.store.get(cert_id)
+        if info is not None and info.managed_by != MANAGED_BY:
+            raise self._problem(LeError(
+                AcmeCode.NAMES_VS_MISMATCH, f"certificate {cert_id}: the id is taken by a "
+                "certificate not managed by Let's Encrypt; choose another id", status=409))
+        if info is not None:
+            raise StoreError(f"certificate id {cert_id!r} already exists", status=409)
+        damage = self.store.problems.get(cert_id) or (
+            self.damaged.get(cert_id) if cert_id not in _STATE_FILES else None)
+        if damage:
+            raise StoreError(f"certificate id {cert_id!r} is taken by damaged state ({damage}); "
+                             "repair or remove it first", status=409)
+
     async def request(self, cert_id: str, template: Template, *, wait: bool = True,
                       source: str = "api") -> dict[str, Any]:
-        """Request a new certificate; with `wait`, until it is issued or the order fails."""
-        if cert_id in self.entries or self.store.get(cert_id) is not None:
-            raise StoreError(f"certificate id {cert_id!r} already exists", status=409)
+        """Request a new certificate; with `wait`, until it is issued or the order fails.
+        The whole request (id, uniqueness, names, VSs, key, subject, account) is checked
+        before anything is written or sent to the CA."""
+        self._check_new_id(cert_id)
         template = dataclasses.replace(
             template, common_name=template.common_name.lower(),
             sans=tuple((n.lower(), v) for n, v in template.sans),
@@ -661,7 +712,7 @@ class LEManager:
                 if source == "api":
                     self.entries.pop(cert_id, None)
                     with contextlib.suppress(FileNotFoundError):
-                        (self.dir / "certs" / f"{cert_id}.json").unlink()
+                        self._entry_path(cert_id).unlink()
                 raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
                               subcode=entry.last_subcode)
         return self.view(cert_id)
@@ -696,7 +747,7 @@ class LEManager:
         if info is not None:
             self.store.delete(cert_id, override=True)
         with contextlib.suppress(FileNotFoundError):
-            (self.dir / "certs" / f"{cert_id}.json").unlink()
+            self._entry_path(cert_id).unlink()
         names = tuple(entry.template.names)
         del self.entries[entry.id]
         self.log.audit(f"certificate deleted: {cert_id}")
@@ -765,7 +816,7 @@ class LEManager:
                               state="imported", used_by=tuple(self.store.users(info.id)))
             out.append(base if e is None else self._status(e, base, now))
         for cid in sorted(set(self.damaged) - set(self.entries) - seen):
-            if cid in ("settings.json", "account.json", "account.key"):
+            if cid in _STATE_FILES:
                 continue
             out.append(CertStatus(id=cid, names=(), managed_by=MANAGED_BY, state="damaged",
                                   auto_renew=False, last_error=self.damaged[cid]))
@@ -994,7 +1045,7 @@ class LEManager:
         """Adopt [letsencrypt] when it changed; request declared certificates; stop renewing
         the ones removed from the file; a changed template is re-ordered."""
         if config.letsencrypt != self._config_le:
-            if self._config_le is not None or not (self.dir / "settings.json").exists():
+            if self._config_le is not None or not self._path("settings.json").exists():
                 self.settings = Settings.from_config(config.letsencrypt)
                 self._save_settings()
             self._config_le = config.letsencrypt
@@ -1087,10 +1138,15 @@ class LEManager:
 
     async def restore(self, data: bytes, passphrase: str, *, restore_vs: bool = False,
                       restore_certs: bool = False) -> dict[str, Any]:
+        """Apply a backup. Everything in it is checked before the first write (settings,
+        account key, VS configuration, each certificate's id, paths and PEM): a refused backup
+        changes nothing, and the error names the entry at fault."""
         contents = unseal(data, passphrase)
-        self.settings = Settings.from_json(contents.settings)
-        self._save_settings()
-        restored: dict[str, Any] = {"account": "", "certificates": [], "vs": False}
+        try:
+            settings = Settings.from_json(contents.settings)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BackupError(f"the backup's settings are invalid: {exc!r}") from None
+        account = None
         if contents.account is not None:
             try:
                 key = load_account_key(str(contents.account["key_pem"]).encode())
@@ -1102,36 +1158,81 @@ class LEManager:
             if not url:
                 raise self._problem(LeError(AcmeCode.ACCOUNT_WITHOUT_URL,
                                             "the backup's account has no URL"))
-            self._save_account(Account(url, str(contents.account.get("email", "")), key))
-            restored["account"] = url
+            account = Account(url, str(contents.account.get("email", "")), key)
+        cfg = None
         if restore_vs and contents.vs_config is not None:
             try:
                 cfg = parse_config(contents.vs_config, base=self.config_path.parent
                                    if self.config_path else None, source="backup")
             except ConfigError as exc:
                 raise BackupError(f"the backup's VS configuration is invalid: {exc}") from None
-            write_atomic(self.dir / "restored-config.toml", contents.vs_config.encode())
+        certs = self._backup_certs(contents.certificates or []) if restore_certs else []
+
+        self.settings = settings
+        self._save_settings()
+        restored: dict[str, Any] = {"account": "", "certificates": [], "vs": False}
+        if account is not None:
+            self._save_account(account)
+            restored["account"] = account.url
+        if cfg is not None and contents.vs_config is not None:
+            write_atomic(self._path("restored-config.toml"), contents.vs_config.encode())
             await self.runtime.set_config(cfg)
             restored["vs"] = True
-        if restore_certs and contents.certificates:
-            for c in contents.certificates:
-                e = Entry.from_json(c["entry"])
-                if c.get("chain_pem") and c.get("key_pem"):
-                    exists = self.store.get(e.id) is not None
-                    if exists and self.store.require(e.id).managed_by != MANAGED_BY:
-                        logger.warning("restore: %s is a non-managed certificate here; skipped",
-                                       e.id)
-                        continue
-                    self.store.import_pem(e.id, str(c["chain_pem"]).encode(),
-                                          str(c["key_pem"]).encode(), replace=exists,
-                                          managed_by=MANAGED_BY, override=True)
-                self.entries[e.id] = e
-                self._save_entry(e)
-                restored["certificates"].append(e.id)
+        for e, pem in certs:
+            if pem is not None:
+                self.store.import_pem(e.id, *pem, replace=self.store.get(e.id) is not None,
+                                      managed_by=MANAGED_BY, override=True)
+            self.entries[e.id] = e
+            self._save_entry(e)
+            restored["certificates"].append(e.id)
         self.log.audit(f"backup restored (account {restored['account'] or 'none'}, "
                        f"{len(restored['certificates'])} certificates, vs={restored['vs']})")
         self.wake()
         return restored
+
+    def _backup_certs(self, items: list[Any]) -> list[tuple[Entry, tuple[bytes, bytes] | None]]:
+        """A backup's certificates to restore, each with its (chain, key) PEM if it has one;
+        BackupError naming the entry for anything that cannot be restored whole: a malformed
+        entry, an id that is not valid or would leave the state directory, an id listed twice,
+        a PEM the store would refuse, an id whose state here is damaged. An id held here by a
+        certificate not managed by Let's Encrypt is skipped (with a warning), as it was."""
+        out: list[tuple[Entry, tuple[bytes, bytes] | None]] = []
+        seen: set[str] = set()
+        for i, c in enumerate(items):
+            where = f"the backup's certificates[{i}]"
+            try:
+                e = Entry.from_json(c["entry"])
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise BackupError(f"{where} is not a certificate entry: {exc!r}") from None
+            where = f"{where} (id {e.id!r})"
+            try:
+                self._entry_path(e.id)
+                safe_path(self.store.root, e.id)
+            except CertInputError as exc:
+                raise BackupError(f"{where}: {exc}") from None
+            if e.id in seen:
+                raise BackupError(f"{where}: the id is listed twice")
+            seen.add(e.id)
+            if e.id in self.store.problems:
+                raise BackupError(f"{where}: the certificate stored here is damaged "
+                                  f"({self.store.problems[e.id]}); move it away first",
+                                  status=409)
+            info = self.store.get(e.id)
+            if info is not None and info.managed_by != MANAGED_BY:
+                logger.warning("restore: %s is a non-managed certificate here; skipped", e.id)
+                continue
+            chain, key = c.get("chain_pem"), c.get("key_pem")
+            pem = None
+            if chain and key:
+                if not isinstance(chain, str) or not isinstance(key, str):
+                    raise BackupError(f"{where}: chain_pem and key_pem must be PEM text")
+                pem = (chain.encode(), key.encode())
+                try:
+                    parse_pem(*pem, now=self.clock())
+                except CertInputError as exc:
+                    raise BackupError(f"{where}: {exc}") from None
+            out.append((e, pem))
+        return out
 
     # -- admin API ------------------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ Layout (directories 0700, every file 0600):
 Every write is temp file, fsync, rename, fsync of the directory. A new certificate is built in a
 temporary directory renamed into place; a replacement writes generation N+1 beside N and commits
 by replacing meta.json, so a crash at any point leaves either the old or the new certificate
-whole. Input is checked completely before the first byte is written: a refused import leaves the
-store unchanged. The store implements `lbproxy.proxy.tls.CertLookup`.
+whole; what such a crash leaves (`.tmp-*`, `.trash-*`) is removed at the next start. Input is
+checked completely before the first byte is written: a refused import leaves the store unchanged.
+Every path built from an id goes through `files.safe_path`. The store implements
+`lbproxy.proxy.tls.CertLookup`.
 """
 
 from __future__ import annotations
@@ -35,16 +37,18 @@ from ..config.model import Config
 from ..errors import StoreError
 from ..proxy.tls import CertMaterial, VSCertificates
 from .errors import CertInputError, InputProblem
+from .files import TMP_PREFIX, fsync_dir, mkdir_private, remove_debris, safe_path, write_atomic
 from .parse import ParsedCertificate, parse_pem, parse_pkcs12
 
 logger = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Certificate ids name directories and files: a letter or digit first (never a dot name), 64
+# at most; always used with fullmatch (a `$` would let a trailing newline through).
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The admin interface's own TLS is an assignment target beside the VS names.
 ADMIN_TARGET = "admin"
 _META = "meta.json"
 _ASSIGNMENTS = ".assignments.json"
-_TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
 Usage = Callable[[str], Iterable[str]]
@@ -53,6 +57,18 @@ Clock = Callable[[], dt.datetime]
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def valid_id(cert_id: object) -> bool:
+    return isinstance(cert_id, str) and ID_RE.fullmatch(cert_id) is not None
+
+
+def check_id(cert_id: object) -> None:
+    """CertInputError (bad-id) unless `cert_id` is a certificate id the store can hold."""
+    if not valid_id(cert_id):
+        raise CertInputError(InputProblem.BAD_ID,
+                             f"certificate id {cert_id!r} must be 1-64 letters, digits, "
+                             "'.', '_' or '-', starting with a letter or digit")
 
 
 def config_usage(config: Callable[[], Config]) -> Usage:
@@ -114,39 +130,6 @@ class ImportResult:
     replaced: bool
 
 
-# -- atomic file primitives ---------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same directory (created with `mode`), fsync, rename, fsync directory."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def mkdir_private(path: Path) -> None:
-    """Create a directory (and parents) with mode exactly 0700."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; make it exact
-
-
 def storage_error(what: str, exc: OSError, where: Path) -> StoreError:
     """A failed state write as an error naming the file and the cause (507 when the disk is
     full, 500 otherwise); whatever was stored before is untouched."""
@@ -179,6 +162,9 @@ class CertStore:
         self.problems: dict[str, str] = {}
         mkdir_private(Path(state_dir))
         mkdir_private(self.root)
+        # The store opens the state directory first at start, before anything writes there
+        # (the admin token is written into it later): debris of a crash is dropped here.
+        remove_debris(Path(state_dir))
         self._load()
 
     # -- CertLookup -----------------------------------------------------------------------------
@@ -241,7 +227,7 @@ class CertStore:
         `override` lets the Let's Encrypt manager replace a certificate it manages; the generic
         path refuses to touch managed certificates.
         """
-        self._check_id(cert_id)
+        check_id(cert_id)
         parsed = parse_pem(cert_pem, key_pem, chain_pem, passphrase=passphrase,
                            now=self._clock(), strict=strict)
         return self._put(cert_id, parsed, replace=replace, managed_by=managed_by,
@@ -250,7 +236,7 @@ class CertStore:
     def import_pkcs12(self, cert_id: str, data: bytes, *, passphrase: bytes | None = None,
                       strict: bool = False, replace: bool = False,
                       managed_by: str | None = None, override: bool = False) -> ImportResult:
-        self._check_id(cert_id)
+        check_id(cert_id)
         parsed = parse_pkcs12(data, passphrase=passphrase, now=self._clock(), strict=strict)
         return self._put(cert_id, parsed, replace=replace, managed_by=managed_by,
                          override=override)
@@ -264,13 +250,14 @@ class CertStore:
             if users:
                 raise StoreError(f"certificate {cert_id!r} is in use by {', '.join(users)}; "
                                  "unassign it first", status=409)
-            trash = self.root / f"{_TRASH_PREFIX}{cert_id}.{secrets.token_hex(4)}"
+            where = safe_path(self.root, cert_id)
+            trash = safe_path(self.root, f"{_TRASH_PREFIX}{cert_id}.{secrets.token_hex(4)}")
             try:
-                os.replace(self.root / cert_id, trash)
-                _fsync_dir(self.root)
+                os.replace(where, trash)
+                fsync_dir(self.root)
             except OSError as exc:
                 raise storage_error(f"certificate {cert_id!r} not deleted", exc,
-                                    self.root / cert_id) from None
+                                    where) from None
             shutil.rmtree(trash, ignore_errors=True)
             del self._infos[cert_id]
             del self._material[cert_id]
@@ -317,13 +304,6 @@ class CertStore:
         return True
 
     # -- internals ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_id(cert_id: str) -> None:
-        if not ID_RE.match(cert_id):
-            raise CertInputError(InputProblem.BAD_ID,
-                                 f"certificate id {cert_id!r} must be 1-64 letters, digits, "
-                                 "'.', '_' or '-', starting with a letter or digit")
 
     @staticmethod
     def _refuse_managed(info: CertInfo, what: str, override: bool) -> None:
@@ -386,19 +366,20 @@ class CertStore:
         write_atomic(directory / _META, json.dumps(info.to_json(), indent=2).encode())
 
     def _write_new(self, info: CertInfo, parsed: ParsedCertificate) -> None:
-        tmp = self.root / f"{_TMP_PREFIX}{info.id}.{secrets.token_hex(4)}"
+        final = safe_path(self.root, info.id)
+        tmp = safe_path(self.root, f"{TMP_PREFIX}{info.id}.{secrets.token_hex(4)}")
         os.mkdir(tmp, 0o700)
         try:
             os.chmod(tmp, 0o700)
             self._write_files(tmp, info, parsed)
-            os.rename(tmp, self.root / info.id)
+            os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _write_generation(self, info: CertInfo, parsed: ParsedCertificate, old_gen: int) -> None:
-        d = self.root / info.id
+        d = safe_path(self.root, info.id)
         try:
             self._write_files(d, info, parsed)
         except BaseException:
@@ -424,18 +405,15 @@ class CertStore:
         self._version += 1
 
     def _load(self) -> None:
+        # Debris of an interrupted write or delete: never committed, safe to drop.
+        remove_debris(self.root, (TMP_PREFIX, _TRASH_PREFIX))
         for entry in sorted(self.root.iterdir()):
             name = entry.name
-            if name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
-                # Debris of an interrupted write or delete: never committed, safe to drop.
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                continue
             if name == _ASSIGNMENTS or not entry.is_dir():
                 continue
             try:
+                if not valid_id(name):
+                    raise ValueError(f"{name!r} is not a valid certificate id")
                 self._load_one(entry)
             except (OSError, ValueError, KeyError, TypeError, StoreError) as e:
                 self.problems[name] = f"{entry}: {e}"
@@ -484,5 +462,5 @@ def with_users(info: CertInfo, users: Iterable[str]) -> dict[str, Any]:
     return {**info.to_json(), "used_by": sorted(users)}
 
 
-__all__ = ["ADMIN_TARGET", "CertInfo", "CertStore", "ImportResult", "config_usage",
-           "storage_error", "with_users", "write_atomic"]
+__all__ = ["ADMIN_TARGET", "CertInfo", "CertStore", "ImportResult", "check_id", "config_usage",
+           "mkdir_private", "storage_error", "valid_id", "with_users", "write_atomic"]

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import load_file
+from .config.loader import config_warnings
 from .errors import ConfigError
 
 _LOCAL_COMMANDS = ("run", "check")
@@ -19,7 +20,7 @@ _LE_COMMANDS = ("le", "backup", "restore")
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        cfg = load_file(args.config)
+        cfg = load_file(args.config, to_run=True)
     except ConfigError as e:
         if args.json:
             print(json.dumps({"ok": False, "problems": [
@@ -29,12 +30,16 @@ def _check(args: argparse.Namespace) -> int:
             for p in e.problems:
                 print(f"  {p}", file=sys.stderr)
         return 1
+    warnings = config_warnings(cfg)
     if args.json:
         print(json.dumps({"ok": True, "virtual_services": len(cfg.virtual_services),
-                          "rules": len(cfg.rules)}))
+                          "rules": len(cfg.rules), "warnings": [
+                              {"where": w.where, "message": w.message} for w in warnings]}))
     else:
         print(f"{args.config}: OK ({len(cfg.virtual_services)} virtual services, "
               f"{len(cfg.rules)} content rules)")
+        for w in warnings:
+            print(f"  warning: {w}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The admin API (aiohttp): the single path for run-time changes, behind a bearer token.
 
-Routes (JSON in, JSON out; errors are {"error": message, "reason"?: code} with a fitting status):
+Routes (JSON in, JSON out; errors are {"error": message, "field"?: name, "reason"?: code} with
+a fitting status; malformed input is a 4xx naming its field, see lbproxy.admin.validate):
 
     GET    /api/status                      process, config generation, counts, expiring certs;
                                             every VS with listener, SubVSs, real servers (up,
@@ -23,7 +24,8 @@ Later features add routes through `extra_routes` registrars (the Let's Encrypt m
 /api/le/... and the certificate status source under CERT_STATUS_KEY; lbproxy.metrics adds
 /metrics); they find the shared objects under the AppKeys below. Every route needs the bearer
 token except the paths given in `open_paths` (e.g. ("/metrics",) for a Prometheus without the
-token). Request bodies may carry keys and passphrases: they are never logged.
+token). Request bodies may carry keys and passphrases: they are never logged. Bodies are JSON
+objects of at most MAX_BODY bytes with only the fields listed (an unknown field is refused).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from typing import Any
 
 from aiohttp import web
 
-from ..certs.errors import CertInputError
 from ..certs.store import (
     ADMIN_TARGET,
     CertStore,
@@ -54,11 +55,22 @@ from ..certs.store import (
     write_atomic,
 )
 from ..config.model import Protocol, VirtualService, rule_order
-from ..errors import AdminError, StoreError
+from ..errors import AdminError
 from ..events import CertStatus
 from ..metrics import RateMeter, request_counters
 from ..proxy.tls import TLSContexts
 from ..runtime import RuntimeStore
+from .validate import (
+    Body,
+    FieldError,
+    Flag,
+    Schema,
+    Text,
+    json_errors,
+    path_params,
+    read_body,
+    shown,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +97,8 @@ AdminListenerSync = Callable[[], Awaitable[None]]
 # Set by `start_admin`: reopens the admin listener as HTTP or HTTPS after an "admin" assignment
 # change (absent when the app is served some other way).
 ADMIN_LISTENER_KEY: web.AppKey[AdminListenerSync] = web.AppKey("admin_listener_sync")
+# Set by `start_admin`: true when the config says `[admin] tls = true` (never plain HTTP).
+ADMIN_TLS_REQUIRED_KEY = web.AppKey("admin_tls_required", bool)
 # Requests/s in `status` are averaged over this window, sampled this often (seconds).
 RATE_WINDOW = 60.0
 RATE_SAMPLE_INTERVAL = 10.0
@@ -109,13 +123,6 @@ def load_or_create_token(state_dir: Path) -> str:
     return token
 
 
-def _json_error(status: int, message: str, reason: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if reason:
-        body["reason"] = reason
-    return web.json_response(body, status=status)
-
-
 def _auth_middleware(token: str, open_paths: Collection[str] = ()) -> Any:
     expected = token.encode()
 
@@ -123,39 +130,31 @@ def _auth_middleware(token: str, open_paths: Collection[str] = ()) -> Any:
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+        # aiohttp decodes header bytes that are not UTF-8 as lone surrogates: keep them bytes.
+        given_raw = given.strip().encode("utf-8", "surrogateescape")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(given_raw, expected)
         if not ok and request.method == "GET" and request.path in open_paths:
             ok = True
         if not ok:
-            resp = _json_error(401, "missing or wrong bearer token" if header
-                               else "missing bearer token")
+            resp = web.json_response({"error": "missing or wrong bearer token" if header
+                                      else "missing bearer token"}, status=401)
             resp.headers["WWW-Authenticate"] = 'Bearer realm="lbproxy"'
             return resp
-        try:
-            return await handler(request)
-        except CertInputError as e:
-            return _json_error(e.status, str(e), e.reason.value)
-        except (StoreError, AdminError) as e:
-            return _json_error(e.status, str(e))
+        return await handler(request)
 
     return auth
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json()
-    except ValueError:
-        raise AdminError("the request body is not JSON") from None
-    if not isinstance(data, dict):
-        raise AdminError("the request body must be a JSON object")
-    return data
-
-
-def _field(data: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
-    value = data.get(key, default)
-    if value is not None and not isinstance(value, kind):
-        raise AdminError(f"{key!r} must be a {kind.__name__}")
-    return value
+# Request bodies: PEM, base64 and passphrase fields are bounded by MAX_BODY alone.
+_IMPORT_FIELDS: Schema = {
+    "cert": Text(max_len=None), "key": Text(max_len=None), "chain": Text(max_len=None),
+    "pkcs12": Text(max_len=None), "passphrase": Text(max_len=None), "strict": Flag(),
+}
+IMPORT_SCHEMA: Schema = {"id": Text(required=True), "replace": Flag(), **_IMPORT_FIELDS}
+# PUT /api/certs/{id}: an "id" in the body, if any, must be the one in the path.
+REPLACE_SCHEMA: Schema = {"id": Text(), **_IMPORT_FIELDS}
+ASSIGN_SCHEMA: Schema = {"target": Text(required=True), "default": Flag()}
+UNASSIGN_SCHEMA: Schema = {"target": Text(required=True)}
 
 
 # -- views ----------------------------------------------------------------------------------------
@@ -266,7 +265,7 @@ def services_status(services: Sequence[VirtualService], stats: Mapping[str, Any]
         out.append({
             "name": vs.name, "listen": node.get("listen") or str(vs.listen),
             "protocol": vs.protocol.value, "kind": vs.kind.value,
-            "listening": bool(node), "connections": conns.get("active"),
+            "listening": bool(node.get("listening")), "connections": conns.get("active"),
             "requests": node.get("requests"), "requests_per_s": _rate(rates, vs.name),
             "subvs": subvs_rows,
             "real_servers": _servers_status(stats, vs.name, "", vs.real_servers, rates)})
@@ -328,29 +327,31 @@ async def show_cert(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
-def _decode_import(data: dict[str, Any]) -> dict[str, Any]:
-    passphrase = _field(data, "passphrase", str)
+def _decode_import(data: Body) -> dict[str, Any]:
+    passphrase = data.text("passphrase")
     args: dict[str, Any] = {
         "passphrase": passphrase.encode() if passphrase else None,
-        "strict": bool(_field(data, "strict", bool, False)),
+        "strict": data.flag("strict"),
     }
-    p12 = _field(data, "pkcs12", str)
-    if p12 is not None:
+    if data.has("pkcs12"):
+        for other in ("cert", "key", "chain"):
+            if data.has(other):
+                raise FieldError(other, "cannot be given with 'pkcs12'")
         try:
-            args["pkcs12"] = base64.b64decode(p12, validate=True)
+            args["pkcs12"] = base64.b64decode(data.text("pkcs12"), validate=True)
         except (binascii.Error, ValueError):
-            raise AdminError("'pkcs12' is not valid base64") from None
+            raise FieldError("pkcs12", "is not valid base64") from None
         return args
-    cert = _field(data, "cert", str)
+    cert = data.text("cert")
     if not cert:
-        raise AdminError("give 'cert' (PEM) or 'pkcs12' (base64)")
+        raise FieldError("cert", "is required: give 'cert' (PEM) or 'pkcs12' (base64)")
     args["cert_pem"] = cert.encode()
-    args["key_pem"] = (_field(data, "key", str) or "").encode()
-    args["chain_pem"] = (_field(data, "chain", str) or "").encode()
+    args["key_pem"] = data.text("key").encode()
+    args["chain_pem"] = data.text("chain").encode()
     return args
 
 
-async def _import(request: web.Request, cert_id: str, data: dict[str, Any],
+async def _import(request: web.Request, cert_id: str, data: Body,
                   replace: bool) -> ImportResult:
     store = request.app[STORE_KEY]
     args = _decode_import(data)
@@ -373,19 +374,18 @@ def _import_answer(store: CertStore, result: ImportResult) -> dict[str, Any]:
 
 
 async def import_cert(request: web.Request) -> web.Response:
-    data = await _body(request)
-    cert_id = _field(data, "id", str)
-    if not cert_id:
-        raise AdminError("'id' is required")
-    replace = bool(_field(data, "replace", bool, False))
-    result = await _import(request, cert_id, data, replace)
+    data = await read_body(request, IMPORT_SCHEMA)
+    result = await _import(request, data.text("id"), data, data.flag("replace"))
     return web.json_response(_import_answer(request.app[STORE_KEY], result),
                              status=200 if result.replaced else 201)
 
 
 async def replace_cert(request: web.Request) -> web.Response:
-    data = await _body(request)
-    result = await _import(request, request.match_info["id"], data, True)
+    data = await read_body(request, REPLACE_SCHEMA)
+    cid = request.match_info["id"]
+    if data.has("id") and data.text("id") != cid:
+        raise FieldError("id", f"is {shown(data.text('id'))!r} but the path names {shown(cid)!r}")
+    result = await _import(request, cid, data, True)
     return web.json_response(_import_answer(request.app[STORE_KEY], result))
 
 
@@ -396,10 +396,8 @@ async def delete_cert(request: web.Request) -> web.Response:
     return web.json_response({"deleted": cid})
 
 
-def _target(request: web.Request, data: dict[str, Any]) -> str:
-    target: str | None = _field(data, "target", str)
-    if not target:
-        raise AdminError(f"'target' is required: an HTTPS VS name or {ADMIN_TARGET!r}")
+def _target(request: web.Request, data: Body) -> str:
+    target = data.text("target")
     if target == ADMIN_TARGET:
         return target
     vs = request.app[RUNTIME_KEY].current.config.vs_by_name(target)
@@ -426,9 +424,9 @@ async def _sync_admin_listener(request: web.Request, target: str) -> None:
 
 async def assign_cert(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
-    data = await _body(request)
+    data = await read_body(request, ASSIGN_SCHEMA)
     target = _target(request, data)
-    default = bool(_field(data, "default", bool, False))
+    default = data.flag("default")
     store = request.app[STORE_KEY]
     store.require(cid)
     await asyncio.to_thread(store.assign, cid, target, default=default)
@@ -440,12 +438,15 @@ async def assign_cert(request: web.Request) -> web.Response:
 
 async def unassign_cert(request: web.Request) -> web.Response:
     cid = request.match_info["id"]
-    data = await _body(request)
-    target = _field(data, "target", str)
-    if not target:
-        raise AdminError("'target' is required")
+    data = await read_body(request, UNASSIGN_SCHEMA)
+    target = data.text("target")
     store = request.app[STORE_KEY]
     store.require(cid)
+    if (target == ADMIN_TARGET and request.app.get(ADMIN_TLS_REQUIRED_KEY)
+            and store.admin_certificates == (cid,)):
+        raise AdminError(f"certificate {cid!r} is the last one assigned to {ADMIN_TARGET!r} and "
+                         "admin.tls = true: the API would be left without HTTPS; assign another "
+                         "first", status=409)
     changed = await asyncio.to_thread(store.unassign, cid, target)
     if not changed:
         raise AdminError(f"certificate {cid!r} has no run-time assignment to {target!r} "
@@ -503,7 +504,10 @@ def create_app(*, runtime: RuntimeStore, dataplane_stats: DataplaneStats, store:
     """
     if len(token) < 16:
         raise ValueError("the admin token is too short to be a secret")
-    app = web.Application(middlewares=[_auth_middleware(token, frozenset(open_paths))],
+    # Outermost first: every failure answered as JSON, then the token, then path parameters.
+    app = web.Application(middlewares=[json_errors(max_body=MAX_BODY),
+                                       _auth_middleware(token, frozenset(open_paths)),
+                                       path_params()],
                           client_max_size=MAX_BODY)
     app[RATES_KEY] = RateMeter(window=RATE_WINDOW)
     app.cleanup_ctx.append(_rate_sampler)

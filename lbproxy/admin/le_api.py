@@ -16,8 +16,9 @@
     POST /api/le/restore                 {backup: base64, passphrase, vs?, certs?}
     POST /api/le/vs/{name}/convert       run-time `vs convert`; answers the TOML to keep it
 
-Failures answer {"error", "code", "sub_code"?} with the LoadMaster code. Bodies may hold keys and
-passphrases: they are never logged.
+Failures answer {"error", "code", "sub_code"?} with the LoadMaster code; malformed input answers
+{"error", "field"} with a 4xx (lbproxy.admin.validate): each body is a JSON object with only the
+fields listed above. Bodies may hold keys and passphrases: they are never logged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from aiohttp import web
 
 from ..certs.acme_backup import BackupError
 from ..certs.acme_log import LeError
-from ..errors import AdminError
+from ..certs.acme_renewal import MAX_RENEW_PERIOD_DAYS, MIN_RENEW_PERIOD_DAYS
+from ..config.model import MAX_SANS
+from .validate import Flag, Integer, Objects, Schema, Text, read_body
 
 if TYPE_CHECKING:
     from ..certs.manager import LEManager
@@ -40,26 +43,25 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        data = await request.json()
-    except ValueError:
-        raise AdminError("the request body is not JSON") from None
-    if not isinstance(data, dict):
-        raise AdminError("the request body must be a JSON object")
-    return data
-
-
-def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None,
-         *, required: bool = False) -> Any:
-    if required and key not in data:
-        raise AdminError(f"{key!r} is required")
-    value = data.get(key, default)
-    if value is not None and not isinstance(value, kind):
-        raise AdminError(f"{key!r} has the wrong type")
-    return value
+# Request bodies; PEM, base64 and passphrase fields are bounded by the body limit alone.
+REGISTER_SCHEMA: Schema = {"email": Text()}
+KEY_SCHEMA: Schema = {"key": Text(required=True, max_len=None),
+                      "passphrase": Text(max_len=None)}
+SETTINGS_SCHEMA: Schema = {
+    "directory_url": Text(), "ca_bundle": Text(), "email": Text(),
+    "renew_period_days": Integer(MIN_RENEW_PERIOD_DAYS, MAX_RENEW_PERIOD_DAYS)}
+_SUBJECT = ("country", "state", "city", "company", "unit", "email")
+REQUEST_SCHEMA: Schema = {
+    "id": Text(required=True), "common_name": Text(), "vs": Text(),
+    "sans": Objects({"name": Text(required=True), "vs": Text()}, max_items=MAX_SANS),
+    "key_type": Text(choices=("ec", "rsa")),
+    # The RSA sizes the manager accepts are 2048, 3072 and 4096; it names the exact ones.
+    "key_size": Integer(2048, 4096),
+    "wait": Flag(), **{k: Text() for k in _SUBJECT}}
+RENEW_SCHEMA: Schema = {"wait": Flag()}
+BACKUP_SCHEMA: Schema = {"passphrase": Text(required=True, max_len=None), "vs": Flag(),
+                         "certs": Flag()}
+RESTORE_SCHEMA: Schema = {"backup": Text(required=True, max_len=None), **BACKUP_SCHEMA}
 
 
 def _le_errors(handler: Handler) -> Handler:
@@ -86,25 +88,24 @@ def add_routes(app: web.Application, manager: LEManager) -> None:
         return web.json_response(m.account_view())
 
     async def register(r: web.Request) -> web.Response:
-        data = await _body(r)
-        return web.json_response(await m.register(_get(data, "email", str)), status=201)
+        data = await read_body(r, REGISTER_SCHEMA, optional=True)
+        return web.json_response(await m.register(data.optional_text("email")), status=201)
 
     async def upload_key(r: web.Request) -> web.Response:
-        data = await _body(r)
-        key = _get(data, "key", str, required=True)
-        passphrase = _get(data, "passphrase", str)
+        data = await read_body(r, KEY_SCHEMA)
+        passphrase = data.text("passphrase")
         return web.json_response(await m.upload_key(
-            key.encode(), passphrase.encode() if passphrase else None))
+            data.text("key").encode(), passphrase.encode() if passphrase else None))
 
     async def settings(r: web.Request) -> web.Response:
-        data = await _body(r)
-        if "directory_url" in data or "ca_bundle" in data:
-            url = _get(data, "directory_url", str, m.settings.directory_url)
-            await m.set_directory(url, _get(data, "ca_bundle", str))
-        if "renew_period_days" in data:
-            await m.set_renew_period(_get(data, "renew_period_days", int))
-        if "email" in data:
-            await m.set_email(_get(data, "email", str, ""))
+        data = await read_body(r, SETTINGS_SCHEMA)
+        if data.has("directory_url") or data.has("ca_bundle"):
+            url = data.text("directory_url", m.settings.directory_url)
+            await m.set_directory(url, data.optional_text("ca_bundle"))
+        if data.has("renew_period_days"):
+            await m.set_renew_period(data.integer("renew_period_days", 0))
+        if data.has("email"):
+            await m.set_email(data.text("email"))
         return web.json_response(m.account_view())
 
     async def eligible(_r: web.Request) -> web.Response:
@@ -114,49 +115,39 @@ def add_routes(app: web.Application, manager: LEManager) -> None:
         return web.json_response(m.list_view())
 
     async def request_cert(r: web.Request) -> web.Response:
-        data = await _body(r)
-        sans = _get(data, "sans", list, [])
-        pairs = []
-        for s in sans:
-            if not isinstance(s, dict) or not isinstance(s.get("name"), str):
-                raise AdminError("each SAN is {name, vs}")
-            pairs.append((s["name"], str(s.get("vs") or "")))
+        data = await read_body(r, REQUEST_SCHEMA)
         t = Template(
-            common_name=_get(data, "common_name", str, ""), vs=_get(data, "vs", str, ""),
-            sans=tuple(pairs), key_type=_get(data, "key_type", str, "ec"),
-            key_size=_get(data, "key_size", int, 2048),
-            **{k: _get(data, k, str, "") for k in ("country", "state", "city", "company",
-                                                   "unit", "email")})
-        cert_id = _get(data, "id", str, required=True)
-        view = await m.request(cert_id, t, wait=bool(_get(data, "wait", bool, True)))
+            common_name=data.text("common_name"), vs=data.text("vs"),
+            sans=tuple((s.text("name"), s.text("vs")) for s in data.objects("sans")),
+            key_type=data.text("key_type", "ec"), key_size=data.integer("key_size", 2048),
+            **{k: data.text(k) for k in _SUBJECT})
+        view = await m.request(data.text("id"), t, wait=data.flag("wait", True))
         return web.json_response(view, status=201)
 
     async def show(r: web.Request) -> web.Response:
         return web.json_response(m.view(r.match_info["id"]))
 
     async def renew(r: web.Request) -> web.Response:
-        data = await _body(r)
+        data = await read_body(r, RENEW_SCHEMA, optional=True)
         return web.json_response(await m.renew(r.match_info["id"],
-                                                wait=bool(_get(data, "wait", bool, True))))
+                                                wait=data.flag("wait", True)))
 
     async def delete(r: web.Request) -> web.Response:
         await m.delete(r.match_info["id"])
         return web.json_response({"deleted": r.match_info["id"]})
 
     async def backup(r: web.Request) -> web.Response:
-        data = await _body(r)
-        blob = m.backup(_get(data, "passphrase", str, required=True),
-                        include_vs=bool(_get(data, "vs", bool, False)),
-                        include_certs=bool(_get(data, "certs", bool, False)))
+        data = await read_body(r, BACKUP_SCHEMA)
+        blob = m.backup(data.text("passphrase"), include_vs=data.flag("vs"),
+                        include_certs=data.flag("certs"))
         return web.json_response({"backup": backup_to_text(blob)})
 
     async def restore(r: web.Request) -> web.Response:
-        data = await _body(r)
-        blob = backup_from_text(_get(data, "backup", str, required=True))
+        data = await read_body(r, RESTORE_SCHEMA)
+        blob = backup_from_text(data.text("backup"))
         return web.json_response(await m.restore(
-            blob, _get(data, "passphrase", str, required=True),
-            restore_vs=bool(_get(data, "vs", bool, False)),
-            restore_certs=bool(_get(data, "certs", bool, False))))
+            blob, data.text("passphrase"), restore_vs=data.flag("vs"),
+            restore_certs=data.flag("certs")))
 
     async def convert(r: web.Request) -> web.Response:
         return web.json_response(await m.convert_vs(r.match_info["name"]))

@@ -1,5 +1,6 @@
 """Serving the admin application on its address (aiohttp AppRunner + TCPSite), over plain HTTP
-or over HTTPS with the certificate assigned to "admin" in the certificate store."""
+or over HTTPS with the certificate assigned to "admin" in the certificate store, and refusing
+plain HTTP where the config does not allow it (off loopback without `insecure`, or `tls`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import ssl
 from aiohttp import web
 
 from ..certs.store import ADMIN_TARGET, CertStore
-from ..config.model import Address, Protocol, TLSSettings, VirtualService
+from ..config.loader import is_loopback
+from ..config.model import Address, AdminSettings, Protocol, TLSSettings, VirtualService
+from ..errors import ConfigError, ConfigProblem
 from ..proxy.tls import CertMaterial, TLSContexts, VSCertificates
-from .api import ADMIN_LISTENER_KEY
+from .api import ADMIN_LISTENER_KEY, ADMIN_TLS_REQUIRED_KEY, RUNTIME_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +78,11 @@ class AdminServer:
     listener between HTTP and HTTPS when the "admin" assignment appears or disappears."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int,
-                 tls: AdminTLS | None) -> None:
+                 tls: AdminTLS | None, *, require_tls: bool = False) -> None:
         self._runner = runner
+        # Never fall back to plain HTTP (the unassign route refuses the last admin certificate
+        # first; this is the listener's own guard).
+        self._require_tls = require_tls
         self._site: web.TCPSite | None = None
         self._host = host
         self.port = port
@@ -111,6 +117,10 @@ class AdminServer:
         async with self._switching:
             if self._tls.wanted == (self._ssl is not None):
                 return
+            if not self._tls.wanted and self._require_tls:
+                logger.error("admin API: no certificate is assigned to %r any more; staying on "
+                             "HTTPS (handshakes fail until one is assigned)", ADMIN_TARGET)
+                return
             new = self._tls.context() if self._tls.wanted else None
             await self._site.stop()
             try:
@@ -126,23 +136,50 @@ class AdminServer:
         logger.info("admin API stopped")
 
 
+def _refuse_plain_http(address: Address, settings: AdminSettings) -> None:
+    """Raise ConfigError when the API is about to serve plain HTTP where the config forbids it.
+
+    The loader already refuses a non-loopback `listen` without `tls` or `insecure`; `tls`
+    itself can only be checked here, against the certificate store.
+    """
+    if settings.tls:
+        raise ConfigError([ConfigProblem("admin.tls", (
+            f"is true but no certificate is assigned to {ADMIN_TARGET!r}: the admin API will "
+            "not serve plain HTTP; assign one while it listens on loopback (lbproxy cert assign "
+            f"ID {ADMIN_TARGET}), or set tls = false"))])
+    if not (settings.insecure or is_loopback(address.host)):
+        raise ConfigError([ConfigProblem("admin.listen", (
+            f"{address} is not a loopback address and the admin API would serve plain HTTP: "
+            "set admin.tls = true or admin.insecure = true"))])
+    if settings.insecure and not is_loopback(address.host):
+        logger.warning("admin API serves plain HTTP on %s (admin.insecure = true): the bearer "
+                       "token and uploaded keys cross the network in clear", address)
+
+
 async def start_admin(app: web.Application, address: Address,
                       ssl_context: ssl.SSLContext | None = None, *,
                       tls: AdminTLS | None = None) -> AdminServer:
     """Start serving `app` on `address` (127.0.0.1:8444 by default in the config).
 
     With `tls`, the API serves HTTPS while a certificate is assigned to "admin" and follows
-    assignment changes made through the API; `ssl_context` is a fixed context instead.
+    assignment changes made through the API; `ssl_context` is a fixed context instead. The
+    `[admin]` settings come from the app's runtime config (the defaults without one): plain
+    HTTP is refused with ConfigError when `tls = true`, or off loopback without `insecure`.
     """
     if tls is not None and ssl_context is not None:
         raise ValueError("give either ssl_context or tls, not both")
-    # No access log: admin requests are few, and bodies (keys) are never logged anyway.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
-    server = AdminServer(runner, address.host, address.port, tls)
-    app[ADMIN_LISTENER_KEY] = server.sync
-    await runner.setup()
+    runtime = app.get(RUNTIME_KEY)
+    settings = runtime.current.config.admin if runtime is not None else AdminSettings()
     if tls is not None and tls.wanted:
         ssl_context = tls.context()
+    if ssl_context is None:
+        _refuse_plain_http(address, settings)
+    # No access log: admin requests are few, and bodies (keys) are never logged anyway.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    server = AdminServer(runner, address.host, address.port, tls, require_tls=settings.tls)
+    app[ADMIN_LISTENER_KEY] = server.sync
+    app[ADMIN_TLS_REQUIRED_KEY] = settings.tls
+    await runner.setup()
     try:
         await server._open(ssl_context)
     except BaseException:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import trustme
 
 from lbproxy.admin import AdminServer, create_app, load_or_create_token, start_admin
+from lbproxy.admin.api import RouteRegistrar
 from lbproxy.certs import CertStore, config_usage
 from lbproxy.config import parse_config
 from lbproxy.config.model import Address
@@ -78,22 +80,39 @@ class Admin:
                 headers=self.auth if headers is None else headers) as resp:
             return resp.status, await resp.json()
 
+    async def raw(self, method: str, path: str, data: bytes | None = None,
+                  headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+        """Send `data` as it is: (status, content type, body text)."""
+        async with self.session.request(method, self.url + path, data=data,
+                                        headers={**self.auth, **(headers or {})}) as resp:
+            return resp.status, resp.content_type, await resp.text()
 
-@pytest.fixture
-async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
+
+@asynccontextmanager
+async def running_admin(tmp_path: Path, extra_routes: Sequence[RouteRegistrar] = (),
+                        config: str = CONFIG) -> AsyncIterator[Admin]:
+    """The admin API on 127.0.0.1 (ephemeral port), with `extra_routes` registered."""
     ca = trustme.CA()
     state = tmp_path / "state"
-    runtime = RuntimeStore(parse_config(CONFIG, base=tmp_path))
+    runtime = RuntimeStore(parse_config(config, base=tmp_path))
     store = CertStore(state, usage=config_usage(lambda: runtime.current.config))
     store.import_pem("base", *issue(ca, "shop.example.com"))
     tls = TLSContexts(store, runtime.current.effective_services())
     runtime.subscribe(tls.on_runtime)
     token = load_or_create_token(state)
     app = create_app(runtime=runtime, dataplane_stats=lambda: STATS, store=store, tls=tls,
-                     token=token)
+                     token=token, extra_routes=extra_routes)
     server: AdminServer = await start_admin(app, Address("127.0.0.1", 0))
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        yield Admin(ca, state, runtime, store, tls, token, f"http://127.0.0.1:{server.port}",
-                    state / "admin.token", session)
-    await server.close()
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            yield Admin(ca, state, runtime, store, tls, token,
+                        f"http://127.0.0.1:{server.port}", state / "admin.token", session)
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
+    async with running_admin(tmp_path) as a:
+        yield a

@@ -145,6 +145,7 @@ async def test_bad_input_answers_400_and_changes_nothing(admin: Admin) -> None:
         assert (status, answer.get("reason")) == (400, reason), answer
         assert answer["error"]
     for body, reason in cases[:4]:
+        body = {k: v for k, v in body.items() if k != "id"}  # the path names the certificate
         status, answer = await admin.call("PUT", "/api/certs/base", body)
         assert (status, answer.get("reason")) == (400, reason), answer
     status, answer = await admin.call("POST", "/api/certs", {"id": "x"})

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .accesslog import configure_access_log
@@ -29,7 +30,11 @@ from .runtime import RuntimeStore
 logger = logging.getLogger(__name__)
 
 # How often the config file is looked at for changes (stat only; content hashed on change).
+# A change is applied once the file looked the same on two polls in a row: an editor's
+# truncate-then-write takes milliseconds, so a second look one interval later sees it finished.
 WATCH_INTERVAL = 1.0
+
+FileState = tuple[tuple[int, int, int], str]  # (_fingerprint, _digest) of the config file
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:
@@ -56,6 +61,9 @@ class App:
         self._digest = _digest(config_path)
         self._fp = _fingerprint(config_path)
         self._watch_task: asyncio.Task[None] | None = None
+        # What the watcher waits for between two polls (tests drive it by hand).
+        self.watch_tick: Callable[[], Awaitable[object]] = lambda: asyncio.sleep(WATCH_INTERVAL)
+        self._unsettled: FileState | None = None  # a change seen once, not yet twice
         self._stopping = asyncio.Event()
         self.reloads_ok = 0
         self._access_log = config.access_log
@@ -111,13 +119,21 @@ class App:
         self._fp = _fingerprint(self.config_path)
         self._digest = _digest(self.config_path)
         try:
-            cfg = load_file(self.config_path)
+            cfg = load_file(self.config_path, to_run=True)
         except ConfigError as e:
             self.reloads_failed += 1
             logger.error("reload of %s rejected (%d problems); still serving generation %d",
                          self.config_path, len(e.problems), self.runtime.current.generation)
             for p in e.problems:
                 logger.error("  %s", p)
+            return False
+        if not cfg.virtual_services:
+            # allow_empty only lets a process start empty: a reload that would close every
+            # listener is far likelier a half-written file than a wish.
+            self.reloads_failed += 1
+            logger.error("reload of %s rejected: it defines no virtual service (allow_empty "
+                         "applies at start only); still serving generation %d",
+                         self.config_path, self.runtime.current.generation)
             return False
         try:
             rt = await self.runtime.set_config(cfg)
@@ -138,15 +154,33 @@ class App:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            fp = _fingerprint(self.config_path)
-            if fp is None or fp == self._fp:
-                continue
-            self._fp = fp
-            digest = _digest(self.config_path)
-            if digest is not None and digest != self._digest:
-                logger.info("%s changed on disk; reloading", self.config_path)
-                await self.reload()
+            await self.watch_tick()
+            await self.poll_config()
+
+    async def poll_config(self) -> bool:
+        """One look at the config file (the watcher's, every WATCH_INTERVAL): reload when its
+        content differs from the last one read and the file has settled, i.e. was the same
+        (size, mtime, inode, SHA-256) at the previous poll. True if a reload applied."""
+        fp = _fingerprint(self.config_path)
+        if fp is None or fp == self._fp:
+            self._unsettled = None  # gone (an editor's rename in progress) or back as it was
+            return False
+        digest = _digest(self.config_path)
+        if digest is None:
+            self._unsettled = None
+            return False
+        if digest == self._digest:
+            self._fp = fp  # touched, same content
+            self._unsettled = None
+            return False
+        seen = (fp, digest)
+        if self._unsettled != seen:
+            self._unsettled = seen
+            logger.debug("%s is changing; waiting for it to settle", self.config_path)
+            return False
+        self._unsettled = None
+        logger.info("%s changed on disk; reloading", self.config_path)
+        return await self.reload()
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -170,7 +204,7 @@ class App:
 
 async def _main(config_path: Path, demo_backends: bool) -> int:
     try:
-        config = load_file(config_path)
+        config = load_file(config_path, to_run=True)
     except ConfigError as e:
         for p in e.problems:
             logger.error("%s", p)
@@ -180,6 +214,9 @@ async def _main(config_path: Path, demo_backends: bool) -> int:
         from .demo import start_demo_backends
 
         demo = await start_demo_backends(config)
+    if not config.virtual_services:
+        logger.warning("%s defines no virtual service; starting anyway (allow_empty = true)",
+                       config_path)
     app = App(config_path, config)
     try:
         await app.start()

@@ -325,3 +325,183 @@ async def test_admin_metrics_and_status_are_wired(
         assert "web" in json.dumps(status)
     finally:
         await app.stop()
+
+
+async def test_failed_protocol_change_is_rolled_back(
+        tmp_path: Path, backends: tuple[int, int, asyncio.Event]) -> None:
+    """A reload turns "web" https while a new VS cannot bind (port taken): it is refused, "web"
+    keeps serving http on its port (its open connection too), the data plane reports it as
+    listening from its socket, and the next good reload applies."""
+    pa, _, _ = backends
+    port = free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    cfg_path = tmp_path / "lb.toml"
+    cfg_path.write_text(config_text(port, pa))
+    app = App(cfg_path, load_file(cfg_path))
+    await app.start(watch=False)
+    try:
+        async with asyncio.timeout(20), aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/api/1") as r:
+                assert await r.text() == "A /api/1"
+            tls = config_text(port, pa, extra_vs=(
+                f'[[vs]]\nname = "second"\nlisten = "127.0.0.1:{busy}"\n')).replace(
+                'content_switching = true',
+                'content_switching = true\nprotocol = "https"\ntls = { certificates = ["c"] }')
+            cfg_path.write_text(tls)
+            assert not await app.reload()
+            assert app.runtime.current.generation == 1
+            # The same pooled connection and a new one are both served, as plain http.
+            async with s.get(f"http://127.0.0.1:{port}/api/2") as r:
+                assert await r.text() == "A /api/2"
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            vss = app.dataplane.stats()["virtual_services"]
+            assert set(vss) == {"web"} and vss["web"]["listening"] is True
+            cfg_path.write_text(config_text(port, pa, prefix="/v2/"))
+            assert await app.reload()
+            async with s.get(f"http://127.0.0.1:{port}/v2/3") as r:
+                assert await r.text() == "A /v2/3"
+            assert app.dataplane.stats()["virtual_services"]["web"]["listening"] is True
+    finally:
+        taken.close()
+        await app.stop()
+
+
+async def test_a_reload_to_no_virtual_service_is_refused(
+        tmp_path: Path, backends: tuple[int, int, asyncio.Event],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An empty file, and a file with allow_empty = true but no VS, are both refused at reload,
+    with the file named; the running config keeps serving."""
+    pa, _, _ = backends
+    port = free_port()
+    cfg_path = tmp_path / "lb.toml"
+    cfg_path.write_text(config_text(port, pa))
+    app = App(cfg_path, load_file(cfg_path))
+    await app.start(watch=False)
+    try:
+        cfg_path.write_text("")
+        assert not await app.reload()
+        assert f"{cfg_path}: is empty; refused" in caplog.text
+        cfg_path.write_text('allow_empty = true\nstate_dir = "state"\n[admin]\nenabled = false\n')
+        assert not await app.reload()
+        assert f"reload of {cfg_path} rejected: it defines no virtual service" in caplog.text
+        assert (app.reloads_ok, app.reloads_failed) == (0, 2)
+        assert app.runtime.current.generation == 1
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/api/x") as r:
+            assert await r.text() == "A /api/x"
+    finally:
+        await app.stop()
+
+
+async def test_start_without_virtual_service_needs_allow_empty(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`lbproxy run` and `lbproxy check` refuse a file with no VS, naming it; with
+    allow_empty = true, check passes and the process starts with no listener."""
+    from lbproxy.__main__ import main as cli_main
+    from lbproxy.app import _main
+
+    cfg_path = tmp_path / "lb.toml"
+    base = 'state_dir = "state"\n[admin]\nenabled = false\n[access_log]\nenabled = false\n'
+    for text, what in (("", "is empty"), (base, "defines no virtual service ([[vs]])")):
+        cfg_path.write_text(text)
+        assert await _main(cfg_path, demo_backends=False) == 1
+        assert f"{cfg_path}: {what}; refused (set allow_empty = true" in caplog.text
+        assert cli_main(["check", "-c", str(cfg_path)]) == 1
+        assert f"{cfg_path}: {what}; refused" in capsys.readouterr().err
+    cfg_path.write_text("allow_empty = true\n" + base)
+    assert cli_main(["check", "-c", str(cfg_path)]) == 0
+    assert "OK (0 virtual services" in capsys.readouterr().out
+    app = App(cfg_path, load_file(cfg_path))
+    await app.start(watch=False)
+    try:
+        assert app.dataplane.stats()["virtual_services"] == {}
+    finally:
+        await app.stop()
+
+
+class Ticker:
+    """Stands in for the watcher's sleep: `step()` lets exactly one poll run and returns once it
+    (and the reload it started, if any) is done."""
+
+    def __init__(self) -> None:
+        self._go = asyncio.Semaphore(0)
+        self._waiting = asyncio.Event()  # set while the watcher waits for its next tick
+
+    async def __call__(self) -> None:
+        self._waiting.set()
+        await self._go.acquire()
+
+    async def step(self) -> None:
+        async with asyncio.timeout(10):
+            await self._waiting.wait()
+            self._waiting.clear()
+            self._go.release()
+            await self._waiting.wait()
+
+
+async def test_watcher_applies_a_file_once_it_has_settled(
+        tmp_path: Path, backends: tuple[int, int, asyncio.Event]) -> None:
+    """An editor's truncate-then-write caught half-way: the watcher reloads only a content it
+    saw twice in a row, so neither the empty nor the half-written file is ever loaded."""
+    pa, pb, _ = backends
+    port = free_port()
+    cfg_path = tmp_path / "lb.toml"
+    cfg_path.write_text(config_text(port, pa))
+    app = App(cfg_path, load_file(cfg_path))
+    ticker = Ticker()
+    app.watch_tick = ticker
+    await app.start(watch=True)
+    try:
+        new = config_text(port, pb)
+        cfg_path.write_text("")  # truncated...
+        await ticker.step()
+        cfg_path.write_text(new[: len(new) // 2])  # ...half written...
+        await ticker.step()
+        cfg_path.write_text(new)  # ...done
+        await ticker.step()
+        assert (app.reloads_ok, app.reloads_failed) == (0, 0)
+        assert app.runtime.current.generation == 1
+        await ticker.step()  # the same content twice in a row: applied
+        assert (app.reloads_ok, app.reloads_failed) == (1, 0)
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/api/x") as r:
+            assert await r.text() == "B /api/x"
+        # Unchanged since: nothing more happens.
+        await ticker.step()
+        await ticker.step()
+        assert (app.reloads_ok, app.reloads_failed) == (1, 0)
+    finally:
+        await app.stop()
+
+
+async def test_watcher_refuses_a_file_left_empty(
+        tmp_path: Path, backends: tuple[int, int, asyncio.Event]) -> None:
+    """A file that stays empty is tried once it has settled, refused, and not retried; the old
+    config keeps serving and the next real save applies."""
+    pa, pb, _ = backends
+    port = free_port()
+    cfg_path = tmp_path / "lb.toml"
+    cfg_path.write_text(config_text(port, pa))
+    app = App(cfg_path, load_file(cfg_path))
+    await app.start(watch=False)
+    try:
+        cfg_path.write_text("")
+        assert not await app.poll_config()
+        assert not await app.poll_config()  # settled: tried, and refused
+        assert (app.reloads_ok, app.reloads_failed) == (0, 1)
+        assert not await app.poll_config()
+        assert app.reloads_failed == 1
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/api/x") as r:
+                assert await r.text() == "A /api/x"
+            cfg_path.write_text(config_text(port, pb))
+            assert not await app.poll_config()
+            assert await app.poll_config()
+            assert app.reloads_ok == 1
+            async with s.get(f"http://127.0.0.1:{port}/api/y") as r:
+                assert await r.text() == "B /api/y"
+    finally:
+        await app.stop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -46,6 +48,30 @@ _MIN_TICK = 0.01
 _MAX_TICK = 1.0
 # Accept backlog: bursts of new connections (wrk opening 256 at once) must not be dropped.
 _BACKLOG = 4096
+
+
+async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of `host` and listening (as `loop.create_server` would
+    bind them), so that a failure shows here, before any running listener is touched."""
+    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # Each family binds its own socket ("localhost": ::1 and 127.0.0.1).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def _listener_key(vs: VirtualService) -> tuple[Any, ...]:
@@ -123,7 +149,8 @@ class DataPlane:
                 self._access.flush()
 
     def listening_ports(self) -> dict[str, tuple[str, int]]:
-        return {lst.name: lst.sockname for lst in self._listeners.values()}
+        """VS name -> the address its socket accepts on (VSs whose socket does not: absent)."""
+        return {lst.name: lst.sockname for lst in self._listeners.values() if lst.listening}
 
     def stats(self) -> dict[str, Any]:
         """Counters for the admin API and metrics, added up at call time (nothing per request).
@@ -171,6 +198,7 @@ class DataPlane:
                 }
             vs_entry = {
                 "listen": f"{lst.sockname[0]}:{lst.sockname[1]}",
+                "listening": lst.listening,  # the socket's state, not the config's wish
                 "protocol": lst.protocol.value,
                 "kind": svc.vs.kind.value,
                 "connections": {"active": len(lst.conns), "total": c.connections,
@@ -248,32 +276,28 @@ class DataPlane:
             key = _listener_key(vs)
             counters = self._counters.get(vs.name) or Counters()
             old = self._listeners.get(key)
-            keep = old is not None and old.protocol is vs.protocol
+            # A listener that stopped accepting (whatever closed it) is replaced, not kept.
+            keep = old is not None and old.protocol is vs.protocol and old.listening
             port = old.sockname[1] if keep and old is not None else vs.listen.port
             svc = build_service(vs, rules, runtime.injections, factory, counters, log, port,
                                 routers.get(vs.name))
             plan[key] = (old if keep else None, svc)
 
-        # Open the new listeners first; on a failure close them again and change nothing.
+        # Prepare every new listener (TLS context, sockets bound and listening, servers not yet
+        # accepting) before touching a running one: a failure closes what was prepared and leaves
+        # the running listeners exactly as they were, with their sockets and connections.
         opened: list[Listener] = []
-        reopened: list[Listener] = []
         try:
             for key, (kept, svc) in plan.items():
                 if kept is not None:
                     continue
-                old = self._listeners.get(key)
-                if old is not None:
-                    # The protocol changed (http <-> https): free the address first.
-                    old.stop_accepting()
-                    reopened.append(old)
                 lst = Listener(loop, key, svc, svc.counters, self._outbox)
-                await self._open(lst, svc.vs)
-                svc.port = lst.sockname[1]
                 opened.append(lst)
+                await self._prepare(lst, svc.vs, self._listeners.get(key))
+                svc.port = lst.sockname[1]
         except BaseException:
             for lst in opened:
-                if lst.server is not None:
-                    lst.server.close()
+                lst.stop_accepting()
             raise
 
         # Commit.
@@ -289,7 +313,12 @@ class DataPlane:
                    if new_listeners.get(key) is not lst]
         self._listeners = new_listeners
         for lst in removed:
+            # At once, not in the drain task: a successor on the same socket (a protocol change)
+            # must be the only one accepting from it.
+            lst.stop_accepting()
             self._start_drain(lst, loop.time() + cfg.drain_timeout)
+        for lst in opened:
+            await self._start(lst)
         for pool in factory.new_pools:
             if pool.monitor is not None:
                 pool.monitor.start()
@@ -307,7 +336,10 @@ class DataPlane:
         self._set_tick(runtime)
         await self._stop_monitors(replaced)
 
-    async def _open(self, lst: Listener, vs: VirtualService) -> None:
+    async def _prepare(self, lst: Listener, vs: VirtualService, replaced: Listener | None) -> None:
+        """Give `lst` its TLS context and its servers, not yet accepting. The sockets of
+        `replaced` (the same address under another protocol) are shared, not rebound: the address
+        is never free, and a failure later in the reload leaves `replaced` untouched."""
         loop = self._get_loop()
         ctx: ssl.SSLContext | None = None
         if vs.protocol is Protocol.HTTPS:
@@ -315,15 +347,36 @@ class DataPlane:
                 raise ListenError(vs.name, str(vs.listen), "HTTPS needs a TLS factory")
             ctx = self._tls_factory(vs)
         try:
-            server = await loop.create_server(
-                lambda: ClientConnection(lst), vs.listen.host or None, vs.listen.port,
-                ssl=ctx, ssl_handshake_timeout=vs.timeouts.head if ctx is not None else None,
-                backlog=_BACKLOG, reuse_address=True)
+            if replaced is not None and replaced.listening:
+                socks = [socket.socket(fileno=os.dup(s.fileno()))
+                         for srv in replaced.servers for s in srv.sockets]
+            else:
+                socks = await _bind(loop, vs.listen.host, vs.listen.port)
         except OSError as e:
             raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
-        lst.server = server
-        sock = server.sockets[0].getsockname()
-        lst.sockname = (str(sock[0]), int(sock[1]))
+        try:
+            for sock in socks:
+                lst.servers.append(await loop.create_server(
+                    lambda: ClientConnection(lst), sock=sock, ssl=ctx,
+                    ssl_handshake_timeout=vs.timeouts.head if ctx is not None else None,
+                    backlog=_BACKLOG, start_serving=False))
+        except OSError as e:
+            raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
+        finally:
+            if len(lst.servers) < len(socks):
+                for sock in socks[len(lst.servers):]:
+                    sock.close()
+        name = socks[0].getsockname()
+        lst.sockname = (str(name[0]), int(name[1]))
+
+    async def _start(self, lst: Listener) -> None:
+        """Let a prepared listener accept (the commit of a reload: its sockets already listen)."""
+        vs = lst.service.vs
+        for srv in lst.servers:
+            try:
+                await srv.start_serving()
+            except OSError as e:  # not expected: listen() succeeded in _prepare
+                logger.error("VS %s: cannot accept on %s: %s", vs.name, vs.listen, e)
         logger.info("VS %s listening on %s (%s)", vs.name, vs.listen, vs.protocol.value)
 
     def _start_drain(self, lst: Listener, deadline: float) -> None:
@@ -351,7 +404,8 @@ class DataPlane:
         shortest = _MAX_TICK * _SWEEPS_PER_TIMEOUT
         for vs in runtime.config.virtual_services:
             t = vs.timeouts
-            shortest = min(shortest, t.head, t.idle, t.first_byte, t.request, t.upstream_idle)
+            shortest = min(shortest, t.head, t.idle, t.body, t.first_byte, t.request,
+                           t.upstream_idle)
         self._tick = max(_MIN_TICK, min(_MAX_TICK, shortest / _SWEEPS_PER_TIMEOUT))
         if self._sweeper is not None:
             self._sweeper.cancel()

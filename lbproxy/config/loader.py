@@ -44,10 +44,11 @@ from .model import (
 )
 
 T = TypeVar("T")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Validation patterns are used with fullmatch only: `$` also matches before a trailing newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MISSING = object()
-_VISIBLE_ASCII_RE = re.compile(r"^[\x21-\x7e]*$")
+_VISIBLE_ASCII_RE = re.compile(r"[\x21-\x7e]*")
 _DEFAULT_TLS = TLSSettings()
 _DEFAULT_REDIRECT = "https://{host}{path}"
 
@@ -172,6 +173,35 @@ def parse_address(text: str) -> Address:
     return Address(host, int(port))
 
 
+def is_loopback(host: str) -> bool:
+    """True for a loopback IP address (127.0.0.0/8, ::1, ::ffff:127.x.y.z) or "localhost"; no
+    name is resolved, so every other host name counts as reachable from the network."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def config_warnings(cfg: Config) -> list[ConfigProblem]:
+    """What a valid config allows but `lbproxy check` should point out."""
+    out = []
+    admin = cfg.admin
+    if admin.enabled and admin.insecure:
+        if is_loopback(admin.listen.host):
+            out.append(ConfigProblem("admin.insecure", f"has no effect: {admin.listen} is a "
+                                     "loopback address"))
+        else:
+            out.append(ConfigProblem("admin.insecure", f"the admin API serves plain HTTP on "
+                                     f"{admin.listen}, a non-loopback address: the bearer token "
+                                     "and uploaded keys cross the network in clear"))
+    return out
+
+
 def _address(r: _Reader, key: str, *, required: bool = True) -> Address | None:
     text = r.text(key, required=required)
     if not text:
@@ -185,7 +215,7 @@ def _address(r: _Reader, key: str, *, required: bool = True) -> Address | None:
 
 def _name(r: _Reader, what: str) -> str:
     name = r.text("name", required=True)
-    if name and not _NAME_RE.match(name):
+    if name and not _NAME_RE.fullmatch(name):
         r.error(f"{what} name {name!r} must be 1-64 letters, digits, '.', '_' or '-'", "name")
     return name
 
@@ -215,7 +245,7 @@ def _health_check(r: _Reader, default: HealthCheck) -> HealthCheck:
     if hc.type is HealthCheckType.HTTP and not hc.path.startswith("/"):
         t.error(f"must start with '/', got {hc.path!r}", "path")
     for key, value in (("path", hc.path), ("host", hc.host)):
-        if not _VISIBLE_ASCII_RE.match(value):
+        if not _VISIBLE_ASCII_RE.fullmatch(value):
             t.error(f"{value!r} must be visible ASCII with no spaces", key)
     t.finish()
     return hc
@@ -272,6 +302,7 @@ def _timeouts(r: _Reader, default: Timeouts) -> Timeouts:
     out = Timeouts(
         head=t.number("head", default.head, 0.01, 3600),
         idle=t.number("idle", default.idle, 0.01, 86400),
+        body=t.number("body", default.body, 0.01, 86400),
         connect=t.number("connect", default.connect, 0.01, 600),
         first_byte=t.number("first_byte", default.first_byte, 0.01, 86400),
         request=t.number("request", default.request, 0.01, 86400),
@@ -326,7 +357,7 @@ def _rule(t: _Reader) -> ContentRule | None:
     if on is MatchOn.HEADER:
         if not header:
             t.error("is required when on = 'header'", "header")
-        elif not _HEADER_NAME_RE.match(header):
+        elif not _HEADER_NAME_RE.fullmatch(header):
             t.error(f"{header!r} is not a valid header name", "header")
     elif header:
         t.error("only applies when on = 'header'", "header")
@@ -435,16 +466,16 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
     return vs if name and listen else None
 
 
-_FQDN_RE = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+_FQDN_RE = re.compile(r"(?=.{1,253}\Z)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 
 
 def is_fqdn(name: str) -> bool:
-    return bool(_FQDN_RE.match(name.lower()))
+    return _FQDN_RE.fullmatch(name.lower()) is not None
 
 
 def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | None:
     cid = t.text("id", required=True)
-    if cid and not _NAME_RE.match(cid):
+    if cid and not _NAME_RE.fullmatch(cid):
         t.error(f"certificate id {cid!r} must be 1-64 letters, digits, '.', '_' or '-'", "id")
     cn = t.text("common_name", required=True).lower()
     if cn and not is_fqdn(cn):
@@ -496,7 +527,7 @@ def _events(r: _Reader) -> EventSettings:
     headers: list[tuple[str, str]] = []
     for name, value in raw.items():
         where = f"webhook_headers.{name}"
-        if not _HEADER_NAME_RE.match(name):
+        if not _HEADER_NAME_RE.fullmatch(name):
             t.error(f"{name!r} is not a valid header name", where)
         elif not isinstance(value, str):
             t.error(f"expected a string, got {type(value).__name__}", where)
@@ -566,7 +597,16 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
         listen=_address(admin_t, "listen", required=False) or AdminSettings().listen,
         enabled=admin_t.flag("enabled", True),
         metrics_public=admin_t.flag("metrics_public", False),
+        tls=admin_t.flag("tls", False),
+        insecure=admin_t.flag("insecure", False),
     )
+    if admin.enabled and not (admin.tls or admin.insecure or is_loopback(admin.listen.host)):
+        admin_t.error(f"{admin.listen} is not a loopback address and the admin API would serve "
+                      "plain HTTP (the bearer token and uploaded keys in clear): set tls = true "
+                      "(HTTPS only, with the certificate assigned to \"admin\") or, on a trusted "
+                      "network, insecure = true", "listen")
+    if admin.tls and admin.insecure:
+        admin_t.error("cannot be true together with tls = true; keep one", "insecure")
     admin_t.finish()
     log_t = r.table("access_log")
     access_log = AccessLogSettings(enabled=log_t.flag("enabled", True),
@@ -603,6 +643,7 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
         admin=admin,
         access_log=access_log,
         drain_timeout=r.number("drain_timeout", 30.0, 0, 3600),
+        allow_empty=r.flag("allow_empty", False),
     )
     if admin.enabled and admin.listen in listeners:
         problems.append(ConfigProblem("admin.listen",
@@ -613,10 +654,18 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
     return cfg
 
 
-def load_file(path: str | Path) -> Config:
+def load_file(path: str | Path, *, to_run: bool = False) -> Config:
+    """`parse_config` of a file. `to_run` (`run`, reloads, `check`): a file that defines no
+    virtual service is refused unless it says `allow_empty = true` (an empty or half-written file
+    must not be mistaken for "close every listener"); readers of `[admin]` alone pass False."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([ConfigProblem(str(p), f"cannot read: {e}")]) from None
-    return parse_config(text, base=p.parent.resolve(), source=str(p))
+    cfg = parse_config(text, base=p.parent.resolve(), source=str(p))
+    if to_run and not cfg.virtual_services and not cfg.allow_empty:
+        what = "is empty" if not text.strip() else "defines no virtual service ([[vs]])"
+        raise ConfigError([ConfigProblem(str(p), f"{what}; refused (set allow_empty = true to "
+                                                 "start without one)")])
+    return cfg

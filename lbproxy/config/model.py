@@ -116,11 +116,13 @@ class ContentRule:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds. head: read a request head (slowloris); idle: client keep-alive;
-    connect/first_byte: upstream; request: a whole exchange; upstream_idle: pooled connections."""
+    """Seconds. head: read a request head (slowloris); idle: client keep-alive; body: between two
+    reads of a request body (like nginx's client_body_timeout); connect/first_byte: upstream;
+    request: a whole exchange; upstream_idle: pooled connections."""
 
     head: float = 10.0
     idle: float = 60.0
+    body: float = 30.0
     connect: float = 3.0
     first_byte: float = 30.0
     request: float = 300.0
@@ -190,6 +192,11 @@ class AdminSettings:
     enabled: bool = True
     # Serve /metrics without the bearer token (only on a trusted management network).
     metrics_public: bool = False
+    # Serve only HTTPS: start is refused while no certificate is assigned to "admin", and the
+    # last admin assignment cannot be removed. Required (or `insecure`) off loopback.
+    tls: bool = False
+    # Allow plain HTTP on a non-loopback `listen` (`lbproxy check` warns about it).
+    insecure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +275,9 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     drain_timeout: float = 30.0
+    # A file with no VS is refused (an editor's truncate-then-write must not close every
+    # listener); true lets `lbproxy run` start with none. A reload to no VS is always refused.
+    allow_empty: bool = False
     letsencrypt: LetsEncryptSettings = field(default_factory=LetsEncryptSettings)
     certificates: tuple[CertificateRequest, ...] = ()
     events: EventSettings = field(default_factory=EventSettings)

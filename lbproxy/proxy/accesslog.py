@@ -9,9 +9,12 @@ by newlines (give `lbproxy.access` a plain "%(message)s" formatter). Formatting 
 Python (an f-string) cost about 1 us per request, a fifth of the relay's own Python work.
 
 Line: ``2026-01-31T12:00:00Z <vs> <subvs|-> <real server|-> <client ip> "<method> <url>" <status>
-<response body bytes> <duration ms>``. The timestamp (UTC, to the second) is taken when the batch
-is formatted, at the end of the loop iteration in which the requests finished; the method and URL
-are written as the client sent them (a text handler shows bytes that are not UTF-8 as \\xNN).
+<response body bytes> <duration ms>[ cut]``; `cut` marks a response that did not reach the client
+whole (the real server failed or a timeout struck mid-response, or the client went away: then the
+status is the real server's, or 499 when no response had begun, as nginx logs it). The timestamp
+(UTC, to the second) is taken when the batch is formatted, at the end of the loop iteration in
+which the requests finished; the method and URL are written as the client sent them (a text
+handler shows bytes that are not UTF-8 as \\xNN).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ logger = logging.getLogger(__name__)
 ACCESS_LOGGER = "lbproxy.access"
 # Lines per batch at most: bounds the latency of a line and the size of one write under load.
 MAX_BATCH = 256
-_FIELDS = 6  # per line: prefix, method, url, status, body bytes, duration in ms
-# After the timestamp: prefix (ends with the opening quote), method, url, status, bytes, ms.
-_LINE = b' %b%b %b" %d %d %.3f\n'
+_FIELDS = 7  # per line: prefix, method, url, status, body bytes, duration in ms, marker
+# After the timestamp: prefix (ends with the opening quote), method, url, status, bytes, ms, and
+# the marker (empty, or CUT).
+_LINE = b' %b%b %b" %d %d %.3f%b\n'
+CUT = b" cut"
 
 
 def line_prefix(vs: str, subvs: str, server: object, client: str) -> bytes:
@@ -58,10 +63,10 @@ class AccessLog:
         self.entry(line_prefix(vs, subvs, server, client), method, url, status, nbytes, t0, now)
 
     def entry(self, prefix: bytes, method: bytes, url: bytes, status: int, nbytes: int, t0: float,
-              now: float) -> None:
+              now: float, marker: bytes = b"") -> None:
         """A line whose constant part, `line_prefix(...)`, the caller keeps between requests."""
         fields = self._fields
-        fields += (prefix, method, url, status, nbytes, (now - t0) * 1000.0)
+        fields += (prefix, method, url, status, nbytes, (now - t0) * 1000.0, marker)
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)

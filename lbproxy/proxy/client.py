@@ -16,6 +16,13 @@ origin-form), "*" with a method other than OPTIONS, unknown methods; 405 for CON
 versions other than HTTP/1.0 and 1.1. Fields go upstream rebuilt as "Name: value" CRLF (the
 request line always HTTP/1.1); responses are checked by llhttp too (upstream.py).
 
+Hop-by-hop fields (RFC 9110 §7.6.1) are dropped, and so are the fields a Connection header names,
+except Content-Length, Transfer-Encoding and Host: what frames or routes a message is never
+removed because a peer named it (the name is ignored; the same in responses). Upgrade: h2c is never
+relayed (the request goes on without it and the connection closes after the response), nor is any
+upgrade offered on a request with a body (its body is relayed as any other); a 101 to a request that
+asked for no upgrade is a bad response (502).
+
 Limits (per VS in [vs.limits] / [vs.timeouts]; the answer; the stats() counter in
 `limit_rejections`):
 - request line + fields, 16 KiB in total (max_header_bytes, like HAProxy's bufsize): 431 + close;
@@ -24,10 +31,17 @@ Limits (per VS in [vs.limits] / [vs.timeouts]; the answer; the stats() counter i
 - request body (max_body, 0 = none; streamed, never buffered): 413 + close (from Content-Length
   before anything is forwarded, or mid-body: the upstream exchange is aborted); body_too_large
 - connections per listener, 10 000 (max_connections): 503 + close at once, nothing read;
-  max_connections
-- head, 10 s from the connection or the end of the previous request to the end of the head (not
+  max_connections (but see eviction below)
+- head, 10 s from the connection (or from the end of the previous response when the next head had
+  begun by then, or else from its first byte after a keep-alive wait) to the end of the head (not
   extended by trickled bytes: slowloris): 408 + close; head_timeout
 - idle keep-alive, 60 s: close; idle_timeout
+- request body, 30 s between two reads (body; nginx's client_body_timeout): 408 + close, the
+  upstream exchange aborted; body_timeout. A half-close before the body's end: 400 + close, the
+  same; body_incomplete
+- at max_connections, the connection that has waited longest on its client (idle keep-alive, a
+  head or a body that stopped coming) is closed (408 when a head or body was pending) to make room;
+  evicted. Only when every connection is busy with a real server does a new one get the 503.
 - upstream connect, 3 s: another real server for an idempotent method, else 502; upstream_timeout
 - upstream first byte, 30 s after the whole request went out: 504 (close if the body was not
   read whole); upstream_timeout
@@ -51,7 +65,7 @@ import httptools
 from ..config.model import BODY_MATCH_LIMIT
 from ..routing import MEMO_URL, REFUSE
 from . import http as h
-from .accesslog import line_prefix
+from .accesslog import CUT, line_prefix
 from .http import CRLF, ERRORS, LocalResponse, Request
 from .service import (
     FAST_DIRECT,
@@ -83,8 +97,11 @@ D_IDLE = 2  # keep-alive idle -> close
 D_FIRST_BYTE = 3  # waiting for the response head -> 504
 D_TUNNEL = 4  # an idle WebSocket/Upgrade tunnel -> close
 D_REQUEST = 5  # a whole exchange took too long (a stalled upload or download) -> 408/504/abort
+D_BODY = 6  # reading a request body: no bytes for t_body (or the whole exchange too long) -> 408
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The status logged for a request whose client went away before any response (nginx's 499).
+CLIENT_CLOSED = 499
 
 
 class _Reject(Exception):
@@ -93,7 +110,7 @@ class _Reject(Exception):
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "feeding",
+        "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "eof", "feeding",
         "head_bytes", "host_ok", "hstart", "in_head", "ip_b", "listener", "log_prefix",
         "log_server", "log_svc", "log_target", "loop", "nmark", "nread", "out", "out_up", "outbox",
         "parser",
@@ -121,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.closing = False
         self.closed = False
+        self.eof = False  # the client half-closed: answer what it sent whole, then close
         self.deadline = inf
         self.dkind = D_NONE
         self.feeding = False
@@ -150,7 +168,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         listener = self.listener
         svc = listener.service
-        if listener.closing or len(listener.conns) >= svc.max_connections:
+        if listener.closing or (len(listener.conns) >= svc.max_connections
+                                and not _make_room(listener)):
             self.closed = True
             listener.counters.refused += 1
             if listener.closing:
@@ -183,7 +202,7 @@ class ClientConnection(asyncio.Protocol):
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             tunnel.close()
-        cur, self.cur = self.cur, None
+        cur = self.cur
         if cur is not None:
             up = cur.up
             if isinstance(up, UpstreamConnection) and up.req is cur:
@@ -191,12 +210,28 @@ class ClientConnection(asyncio.Protocol):
                 up.abort()
             self._release(cur, True)
             cur.discard = True
+            if not cur.resp_started:
+                cur.status = CLIENT_CLOSED
+            self._finish_cut(cur)  # logged, marked as cut
+            self.cur = None
         self.queue.clear()
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes after sending its request still gets the answer.
+        req = self.req
+        if req is not None:
+            # A request cut short by the half-close: its head or body can never end.
+            self.req = None
+            if req is self.cur and req.started and not req.discard:
+                logger.info("VS %s: client %s closed before its request body ended",
+                            self.listener.name, self.src_ip)
+                self._cut(req, 400, "body_incomplete")
+                return True
+            if self.queue and self.queue[-1] is req:
+                self.queue.pop()
+        # A client that half-closes after sending whole requests still gets their answers.
         if self.cur is not None or self.queue:
-            self.closing = True
+            self.eof = True
+            self.paused |= P_STOP  # nothing more to read (and the transport need not be told)
             return True
         self.outbox.flush()  # the transport closes on return: held answers go out first
         return False
@@ -235,8 +270,23 @@ class ClientConnection(asyncio.Protocol):
             return
         self.feeding = True
         try:
-            self.parser.feed_data(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:
+                req = self.req
+                if req is None or not req.rebody:
+                    raise
+                # llhttp reads all that follows an Upgrade request's head as the new protocol's;
+                # this upgrade was dropped (h2c), so its body and what follows go to a parser that
+                # never saw it, after a head of our own that frames the body the same way.
+                rest = data[e.args[0]:]
+                self.parser = httptools.HttpRequestParser(_Rebody(self))
+                data = _rebody_head(req, self.clen) + rest
+                self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            self.feeding = False
+            if self.out:
+                self._flush_out()  # the upgrade request's own head and body go out first
             rest = data[e.args[0]:]
             self.upgraded = True
             if rest:
@@ -265,6 +315,10 @@ class ClientConnection(asyncio.Protocol):
             self.head_bytes += len(data)
             if self.head_bytes > self.listener.service.max_header_bytes:
                 self._bad(431, "header_too_large")
+        elif self.req is not None:
+            req = self.req
+            if req is self.cur or req.discard:
+                self._await_body(req)  # a body being read: the client has t_body for more
 
     def _write(self, data: bytes) -> None:
         """Write to the client now, after whatever the outbox holds (the order of the bytes)."""
@@ -293,26 +347,93 @@ class ClientConnection(asyncio.Protocol):
                            _server(cur))
             self._release(cur, False)
             if cur.resp_started:
-                self.transport.abort()
+                self._abort_mid_response(cur)
             else:
                 self._local(cur, ERRORS[504], close=not cur.complete)
         elif kind == D_REQUEST and cur is not None:
-            limits["request_timeout"] += 1
-            up = cur.up
-            if isinstance(up, UpstreamConnection) and up.req is cur:
-                up._detach()
-                up.abort()
-            cur.up = None
-            self._release(cur, True)
-            if cur.resp_started:
-                self.transport.abort()
+            self._cut(cur, 504 if cur.complete else 408, "request_timeout")
+        elif kind == D_BODY:
+            req = self.req
+            svc = self.listener.service
+            if req is None or req.complete:
+                self._close()
+            elif now >= req.t0 + svc.t_request:
+                if req is cur:
+                    self._cut(req, 408, "request_timeout")
+                else:
+                    limits["request_timeout"] += 1
+                    self._close()
+            elif self.paused & (P_UPSTREAM | P_BUFFER | P_WRITE):
+                self._await_body(req)  # we are not reading: the client is not the one late
             else:
-                self.req = None
-                self._local(cur, ERRORS[504 if cur.complete else 408], close=True)
+                logger.info("VS %s: client %s sent no request body bytes for %gs",
+                            self.listener.name, self.src_ip, svc.t_body)
+                if req is cur:
+                    self._cut(req, 408, "body_timeout")
+                else:  # answered already; the rest of its body was being discarded
+                    limits["body_timeout"] += 1
+                    self._close()
         elif kind == D_HEAD and cur is None:
             self._bad(408, "head_timeout")
         elif kind in (D_IDLE, D_TUNNEL, D_HEAD):
             limits["head_timeout" if kind == D_HEAD else "idle_timeout"] += 1
+            self._close()
+
+    def _cut(self, req: Request, status: int, key: str) -> None:
+        """End the exchange of `req` (the one being answered) early: its upstream connection is
+        aborted; the client gets `status` and a close, or an abort if its response had begun."""
+        self.listener.counters.limits[key] += 1
+        up = req.up
+        if isinstance(up, UpstreamConnection) and up.req is req:
+            up._detach()
+            up.abort()
+        req.up = None
+        self._release(req, True)
+        if self.req is req:
+            self.req = None
+        if req.resp_started:
+            self._abort_mid_response(req)
+        else:
+            self._local(req, ERRORS[status], close=True)
+
+    def _abort_mid_response(self, req: Request) -> None:
+        """The response to `req` cannot be finished: log it as cut and abort the connection."""
+        self._finish_cut(req)
+        self.pause(P_STOP)
+        self.transport.abort()
+
+    def _finish_cut(self, req: Request) -> None:
+        """Count and log a request whose response did not go out whole (marked in the log)."""
+        if req.cut:
+            return
+        req.cut = True
+        svc: Service = req.svc  # type: ignore[assignment]
+        now = self.loop.time()
+        self._account(req, now)
+        if svc.log is not None:
+            _log_access(self, svc, req, now)
+        if req is self.cur:
+            self.cur = None
+
+    def evict(self) -> None:
+        """Close this connection, which waits on its client, to make room for a new one (it no
+        longer counts toward max_connections from now on)."""
+        self.listener.conns.discard(self)
+        self.listener.counters.limits["evicted"] += 1
+        req = self.req
+        kind = self.dkind
+        self.deadline = inf
+        self.dkind = D_NONE
+        if kind == D_BODY and req is not None and req is self.cur:
+            self.listener.counters.limits["evicted"] -= 1  # counted once, by _cut
+            self._cut(req, 408, "evicted")
+        elif kind == D_HEAD and self.in_head:
+            self.pause(P_STOP)
+            self.closing = True
+            self.req = None
+            self._write_error_and_close(408)
+        else:
+            self.pause(P_STOP)
             self._close()
 
     def touch(self) -> None:
@@ -357,7 +478,10 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True
         self.clen = b""
         self.conn_extra = None
-        if self.cur is None:
+        if self.cur is None and self.dkind == D_IDLE:
+            # A request after a keep-alive wait: its head has t_head from its first byte (nginx's
+            # keepalive_timeout, then client_header_timeout). The first head of a connection, or
+            # one begun before the previous response ended, keeps the deadline set then.
             self.deadline = now + svc.t_head
             self.dkind = D_HEAD
 
@@ -378,10 +502,16 @@ class ClientConnection(asyncio.Protocol):
             self.host_ok = value
             req.host_b = value
             req.fwd += (name, b": ", value, CRLF)
-        elif code == h.H_CLEN:
+            return
+        if code == h.H_CLEN:
             self.clen = value
             req.fwd += (name, b": ", value, CRLF)
-        elif code == h.H_TE:
+            return
+        # The fields below are rebuilt or dropped, so not in `fwd` as they came: they still count
+        # toward the limits (their number, and their bytes as name ": " value CRLF).
+        req.hidden += 1
+        req.hidden_bytes += len(name) + len(value) + 4
+        if code == h.H_TE:
             # Only a lone "chunked" (RFC 9112 §6.1): we decode no other coding, and llhttp has
             # already refused one whose final coding is not chunked, and a second field.
             if req.chunked or value.rstrip(b" \t").lower() != b"chunked":
@@ -389,28 +519,35 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject
             req.chunked = True
         elif code == h.H_CONNECTION:
-            # Not None once a Connection field was seen; holds the field names it lists.
+            # Not None once a Connection field was seen; holds the field names it lists, less
+            # those that frame or route the message (never removed, whoever names them).
             if self.conn_extra is None:
                 self.conn_extra = []
             for tok in value.lower().split(b","):
-                tok = tok.strip()
-                if tok and tok not in h.CONNECTION_KEYWORDS:
+                tok = tok.strip(b" \t")
+                if tok and tok not in h.CONNECTION_KEYWORDS and tok not in h.PROTECTED_FIELDS:
                     self.conn_extra.append(tok)
         elif code == h.H_UPGRADE:
-            req.upgrade_b = value
+            # The protocols offered, less those never relayed (h2c); several fields form a list.
+            offered = [t.strip(b" \t") for t in value.split(b",")]
+            kept = b", ".join(t for t in offered if t and t.lower() not in h.NO_UPGRADE)
+            if req.upgrade_b and kept:
+                req.upgrade_b += b", " + kept
+            elif kept:
+                req.upgrade_b = kept
         elif code == h.H_EXPECT:
             if value.lower() == b"100-continue":
                 req.expect = True
             else:
-                req.fwd += (name, b": ", value, CRLF)
+                _as_is(req, name, value)
         elif code == h.H_XFF:
             if self.listener.service.add_forwarded:
                 req.xff = req.xff + b", " + value if req.xff else value
             else:
-                req.fwd += (name, b": ", value, CRLF)
+                _as_is(req, name, value)
         elif code == h.H_XFP or code == h.H_XFH:
             if not self.listener.service.add_forwarded:
-                req.fwd += (name, b": ", value, CRLF)
+                _as_is(req, name, value)
         # H_HOP: dropped
 
     def on_headers_complete(self) -> None:
@@ -432,6 +569,12 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject
             req.v10 = version == "1.0"
             req.upgrade = p.should_upgrade()
+            if req.upgrade and not req.upgrade_b:
+                # Only protocols we never relay were offered (h2c): a plain request upstream.
+                # llhttp reads what follows as the new protocol's, so the connection ends with
+                # the response (the client then speaks HTTP/1.1 on a new one).
+                req.upgrade = False
+                req.keep_alive = False
         fwd = req.fwd
         fwd[0] = m
         url = req.url
@@ -441,13 +584,13 @@ class ClientConnection(asyncio.Protocol):
         if url[0] != 47:  # not origin-form ("/..."): the rare shapes are checked off the fast path
             self._check_target(req, url)
         fwd[2] = req.url
-        if len(fwd) > svc.max_fwd:
+        if len(fwd) + 4 * req.hidden > svc.max_fwd:
             self.reject = 431
             self.reject_key = "too_many_headers"
             raise _Reject
         # The head began at `hstart` or later: fewer bytes read since cannot make it too big.
         if (self.nread - self.hstart > svc.max_header_bytes
-                and sum(map(len, fwd)) > svc.max_header_bytes):
+                and sum(map(len, fwd)) + req.hidden_bytes > svc.max_header_bytes):
             self.reject = 431
             raise _Reject
         if not req.host_b and p.get_http_version() != "1.0":
@@ -462,6 +605,15 @@ class ClientConnection(asyncio.Protocol):
         if svc.max_body and clen and int(clen) > svc.max_body:
             self.reject = 413
             raise _Reject
+        if req.has_body and p.should_upgrade():
+            # An upgrade offered on a request with a body (WebSocket's is a GET; h2c from curl
+            # on a POST): declined, as for h2c. The request goes upstream without it, its body
+            # read as any other (llhttp would take it for the new protocol's bytes), and the
+            # connection ends with the response.
+            req.upgrade = False
+            req.upgrade_b = b""
+            req.keep_alive = False
+            req.rebody = 1
         if self.conn_extra:
             self._drop_connection_fields(req, self.conn_extra)
         if self.cur is None and not self.queue:
@@ -523,6 +675,9 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
+        if req.rebody == 1:
+            req.rebody = 2  # llhttp ends an Upgrade request at its head: the body is still to come
+            return
         self.req = None
         req.complete = True
         if req.discard:
@@ -531,7 +686,7 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             if req.chunked:
                 self._up_send(up, b"0\r\n\r\n")  # type: ignore[arg-type]
-            if self.dkind == D_REQUEST and req is self.cur and not req.resp_started:
+            if self.dkind in (D_REQUEST, D_BODY) and req is self.cur and not req.resp_started:
                 # The body went out whole: now the real server has first_byte to answer.
                 self.deadline = self.loop.time() + req.svc.t_first_byte  # type: ignore[attr-defined]
                 self.dkind = D_FIRST_BYTE
@@ -722,9 +877,15 @@ class ClientConnection(asyncio.Protocol):
             self.dkind = D_FIRST_BYTE
         else:
             # The first-byte wait starts once the whole request went out (on_message_complete);
-            # until then the whole exchange is bounded by the request timeout.
-            self.deadline = req.t0 + req.svc.t_request  # type: ignore[attr-defined]
-            self.dkind = D_REQUEST
+            # until then the client has t_body between reads, within the request timeout.
+            self._await_body(req)
+
+    def _await_body(self, req: Request) -> None:
+        """The client owes the rest of `req`'s body: it has t_body for its next bytes, and the
+        exchange as a whole its request timeout (nginx's client_body_timeout, per read)."""
+        svc: Service = req.svc  # type: ignore[assignment]
+        self.deadline = min(self.loop.time() + svc.t_body, req.t0 + svc.t_request)
+        self.dkind = D_BODY
 
     def _up_send(self, up: UpstreamConnection, data: bytes) -> None:
         if self.feeding:
@@ -852,7 +1013,7 @@ class ClientConnection(asyncio.Protocol):
             logger.warning("VS %s: real server %s failed mid-response: %s", self.listener.name,
                            _server(req), why)
             self._release(req, False)
-            self.transport.abort()
+            self._abort_mid_response(req)
             return
         if retry_ok and req.attempts < 1 and req.body_bytes == 0 and req.complete:
             # A pooled connection the server had closed: resend on a fresh one.
@@ -906,7 +1067,7 @@ class ClientConnection(asyncio.Protocol):
     def _finish_slow(self, req: Request) -> None:
         if self.paused & P_UPSTREAM:
             self.resume(P_UPSTREAM)
-        if not req.keep_alive or self.closing:
+        if not req.keep_alive or self.closing or (self.eof and not self.queue):
             self.pause(P_STOP)
             if not self.closed:
                 self._close()
@@ -963,7 +1124,7 @@ class ClientConnection(asyncio.Protocol):
                 up.abort()
             self._release(bad, True)
             if bad.resp_started:
-                self.transport.abort()
+                self._abort_mid_response(bad)
                 return
             self.cur = None
             self._write_error_and_close(status, bad)
@@ -1036,6 +1197,93 @@ _LIMIT_OF = {400: "bad_request", 405: "bad_request", 505: "bad_request", 413: "b
              431: "header_too_large"}
 
 
+def _waiting_since(c: ClientConnection) -> float:
+    """When `c` began to wait on its client (a head, a body, the next request), or inf if it
+    does not (an exchange with a real server, a tunnel, closing)."""
+    if c.closed or c.closing or c.eof:
+        return inf
+    kind = c.dkind
+    svc = c.listener.service
+    if kind == D_IDLE:
+        return c.deadline - svc.t_idle
+    if kind == D_HEAD and c.cur is None:
+        return c.deadline - svc.t_head
+    if kind == D_BODY:
+        return c.deadline - svc.t_body
+    return inf
+
+
+def _make_room(listener: Listener) -> bool:
+    """At max_connections: close the connection that has waited longest on its client (an idle
+    keep-alive one, a head or a body that stopped coming), so that clients that stall cannot hold
+    the limit against active ones (nginx reuses idle keep-alive connections the same way). False
+    when every connection is busy with a real server, a tunnel or its close: the new one gets 503.
+
+    The candidates are sorted once and then taken in turn (each checked to still be waiting), so
+    a burst of new connections at the limit costs one scan, not one per connection.
+    """
+    victims = listener.victims
+    for _ in range(2):
+        while victims:
+            c = victims.pop()
+            if c in listener.conns and _waiting_since(c) != inf:
+                c.evict()
+                return True
+        waiting = [(t, id(c), c) for c in listener.conns if (t := _waiting_since(c)) != inf]
+        if not waiting:
+            return False
+        waiting.sort(reverse=True)  # the longest wait last: pop() takes it first
+        victims[:] = [c for _, _, c in waiting]
+    return False
+
+
+class _Rebody:
+    """Parser callbacks after an Upgrade request whose upgrade was dropped (h2c) and which has a
+    body: the head of our own that starts the new parser is skipped, then every callback is the
+    connection's (the body, then any request that follows)."""
+
+    __slots__ = ("conn", "skip")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.skip = True
+
+    def on_url(self, url: bytes) -> None:
+        if not self.skip:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.skip:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.skip:
+            self.skip = False
+        else:
+            self.conn.on_headers_complete()
+
+    def on_body(self, data: bytes) -> None:
+        self.conn.on_body(data)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()
+
+
+def _rebody_head(req: Request, clen: bytes) -> bytes:
+    """A head that frames a body as `req`'s is framed, by Transfer-Encoding or by Content-Length
+    `clen` (for _Rebody's parser)."""
+    if req.chunked:
+        return b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %b\r\n\r\n" % clen
+
+
+def _as_is(req: Request, name: bytes, value: bytes) -> None:
+    """Forward a field counted as hidden as it came after all (it is counted once, in `fwd`)."""
+    req.fwd += (name, b": ", value, CRLF)
+    req.hidden -= 1
+    req.hidden_bytes -= len(name) + len(value) + 4
+
+
 def _server(req: Request) -> str:
     b = req.server
     return str(b.address) if b is not None else "-"  # type: ignore[attr-defined]
@@ -1059,4 +1307,5 @@ def _log_access(conn: ClientConnection, svc: Service, req: Request, now: float) 
             req.server):
         conn._log_prefix(svc, req)
     svc.log.entry(  # type: ignore[union-attr]
-        conn.log_prefix, req.method_b, req.url, req.status, req.resp_bytes, req.t0, now)
+        conn.log_prefix, req.method_b, req.url, req.status, req.resp_bytes, req.t0, now,
+        CUT if req.cut else b"")

@@ -30,6 +30,8 @@ SPECIAL: dict[bytes, int] = {
     b"upgrade": H_UPGRADE,
     b"proxy-authenticate": H_HOP,
     b"proxy-authorization": H_HOP,
+    # RFC 9113 §3.1 (h2c): hop-by-hop by definition; the h2c upgrade is never forwarded.
+    b"http2-settings": H_HOP,
     b"host": H_HOST,
     b"expect": H_EXPECT,
     b"x-forwarded-for": H_XFF,
@@ -40,6 +42,15 @@ SPECIAL: dict[bytes, int] = {
 
 # Connection tokens that are not header names to remove.
 CONNECTION_KEYWORDS = frozenset((b"close", b"keep-alive", b"upgrade"))
+# Fields that frame or route a message: a peer's Connection header may name them, but they are
+# never removed or altered because of it (RFC 9110 §7.6.1 lets a sender name any field; removing
+# Content-Length or Transfer-Encoding would make the next hop read the body as another message,
+# removing Host would change where it goes). The names are ignored, in both directions; nginx and
+# HAProxy keep them too.
+PROTECTED_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"host"))
+# Upgrade protocols never relayed: h2c would let a client talk HTTP/2 straight to a real server,
+# past the content rules (the request goes on as a plain HTTP/1.1 request, as nginx does).
+NO_UPGRADE = frozenset((b"h2c",))
 
 # What a Host value may contain (RFC 3986 host [":" port]: reg-name, IPv4, [IPv6]); deleting
 # these with bytes.translate leaves nothing for a valid one. "," and "@" are left out on purpose
@@ -120,8 +131,9 @@ class Request:
 
     __slots__ = (
         "_hmap", "attempts", "backend", "body", "body_bytes", "buffered", "chunked", "chunks",
-        "complete", "discard", "expect", "fwd", "has_body", "head", "hlen", "host_b", "is_head",
-        "keep_alive", "method_b", "resp_bytes", "resp_started", "sent_continue", "server",
+        "complete", "cut", "discard", "expect", "fwd", "has_body", "head", "hidden", "hidden_bytes",
+        "hlen", "host_b", "is_head",
+        "keep_alive", "method_b", "rebody", "resp_bytes", "resp_started", "sent_continue", "server",
         "src_ip", "started", "status", "svc", "t0", "target", "up", "upgrade", "upgrade_b",
         "url", "v10", "waiting_route", "xff")
 
@@ -142,10 +154,14 @@ class Request:
         self.body_bytes = 0
         self.resp_bytes = 0
         self.hlen = 0  # response head bytes sent to the client
+        self.hidden = 0  # fields not in `fwd` as they came (hop-by-hop, framing, X-Forwarded-*)
+        self.hidden_bytes = 0  # ... and their bytes
         self.status = 0
         self.attempts = 0
         self.chunked = False
         self.complete = False
+        self.cut = False  # its response did not go out whole (logged so)
+        self.rebody = 0  # an Upgrade request whose upgrade was dropped, with a body (client.py)
         self.discard = False
         self.has_body = False
         self.expect = False

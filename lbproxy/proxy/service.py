@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,7 @@ RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # The limits a request or connection can hit (see client.py for each one's answer).
 LIMIT_KEYS = ("bad_request", "head_timeout", "idle_timeout", "header_too_large",
               "too_many_headers", "body_too_large", "max_connections", "request_timeout",
-              "upstream_timeout", "refused_by_rule")
+              "upstream_timeout", "refused_by_rule", "body_timeout", "body_incomplete", "evicted")
 
 
 class Traffic:
@@ -205,9 +206,9 @@ class Service:
         "add_forwarded", "counters", "direct", "fast", "log", "max_body", "max_connections",
         "max_fwd", "max_header_bytes", "max_headers", "memo", "mode", "na", "name", "port",
         "pre_router",
-        "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_connect",
-        "t_first_byte",
-        "t_head", "t_idle", "t_request", "targets", "vs", "xfp_line")
+        "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_body",
+        "t_connect", "t_first_byte", "t_head", "t_idle", "t_request", "targets", "vs",
+        "xfp_line")
 
     def __init__(self, vs: VirtualService, counters: Counters, log: AccessLog | None,
                  port: int) -> None:
@@ -234,6 +235,7 @@ class Service:
         t = vs.timeouts
         self.t_head = t.head
         self.t_idle = t.idle
+        self.t_body = t.body
         self.t_connect = t.connect
         self.t_first_byte = t.first_byte
         self.t_request = t.request
@@ -375,9 +377,14 @@ class Listener:
         self.name = service.name
         self.protocol = service.vs.protocol
         self.counters = counters
-        self.server: asyncio.Server | None = None
+        # One server per listening socket (a host name may resolve to several addresses); made
+        # by DataPlane, accepting from the commit of the reload that made them.
+        self.servers: list[asyncio.Server] = []
         self.sockname: tuple[str, int] = ("", 0)
         self.conns: set[ClientConnection] = set()
+        # Connections that wait on their client, oldest first: those closed to make room for a
+        # new one at max_connections (client.py, _make_room). Refilled when empty.
+        self.victims: list[ClientConnection] = []
         self.closing = False
         self.drained = asyncio.Event()
 
@@ -393,10 +400,18 @@ class Listener:
             if c.deadline <= now and not c.closed:
                 c.on_timeout(now)
 
+    @property
+    def listening(self) -> bool:
+        """Whether this listener really accepts: every server serves and the kernel has each
+        socket in the listening state (not what the config asked for)."""
+        return bool(self.servers) and all(
+            srv.is_serving() and bool(srv.sockets) and all(_accepting(s) for s in srv.sockets)
+            for srv in self.servers)
+
     def stop_accepting(self) -> None:
         self.closing = True
-        if self.server is not None:
-            self.server.close()
+        for srv in self.servers:
+            srv.close()
         for c in list(self.conns):
             c.shutdown()
         if not self.conns:
@@ -415,3 +430,11 @@ class Listener:
                                self.name, len(left))
             for c in left:
                 c.transport.abort()
+
+
+def _accepting(sock: Any) -> bool:
+    """The kernel's word on a server socket: in the listening state (SO_ACCEPTCONN)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # closed underneath
+        return False

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from .http import CRLF, Request
+from .http import CONNECTION_KEYWORDS, CRLF, PROTECTED_FIELDS, Request
 from .outbox import Outbox
 
 if TYPE_CHECKING:
@@ -131,6 +131,35 @@ class ConnPool:
         return proto
 
 
+def _named_fields(value: bytes) -> list[bytes]:
+    """The field names a response's Connection header lists for removal (RFC 9110 §7.6.1), less
+    its keywords and the fields that frame the message, which are never removed."""
+    out = []
+    for tok in value.lower().split(b","):
+        tok = tok.strip(b" \t")
+        if tok and tok not in CONNECTION_KEYWORDS and tok not in PROTECTED_FIELDS:
+            out.append(tok)
+    return out
+
+
+def _drop_fields(head: bytes, names: list[bytes]) -> bytes:
+    """`head` without the fields called `names` (lower case)."""
+    lines = head.split(CRLF)
+    drop = set(names)
+    kept = [lines[0]]
+    for line in lines[1:]:
+        colon = line.find(b":")
+        if colon < 0 or line[:colon].lower() not in drop:
+            kept.append(line)
+    return CRLF.join(kept)
+
+
+def _announces_body(head: bytes) -> bool:
+    """A response head (to HEAD) that gives a non-zero Content-Length."""
+    m = _CONTENT_LENGTH.search(head)
+    return m is not None and int(m.group(1)) != 0
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
@@ -169,9 +198,9 @@ class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a real server, serving one exchange at a time."""
 
     __slots__ = (
-        "client", "close_delim", "cout", "ctransport", "hbuf", "head_done", "heads", "idle_since",
-        "interim", "out_chunked", "outbox", "parser", "pending_head", "pool", "read_paused", "req",
-        "reused", "status",
+        "client", "close_delim", "cout", "ctransport", "hbuf", "head_body", "head_done", "heads",
+        "idle_since", "interim", "out_chunked", "outbox", "parser", "pending_head", "pool",
+        "read_paused", "req", "reused", "status",
         "transport", "tunnel", "validator", "vframe", "vhead", "want_head")
 
     def __init__(self, pool: ConnPool) -> None:
@@ -198,6 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_delim = False
         self.interim = False
         self.head_done = False
+        self.head_body = False  # the response to HEAD announced a body: not reused after it
         self.pending_head = False  # a final response head waits in cout, not sent yet
         self.reused = False
         self.read_paused = False
@@ -240,7 +270,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.head_done = False
                 self.parser = httptools.HttpResponseParser(self)
                 self._flush()
-                self._complete(True)
+                # Reused only if the head announced no body and nothing followed it in this read.
+                keep = not self.head_body and data.endswith(b"\r\n\r\n")
+                self.head_body = False
+                self._complete(keep)
                 return
             req = self.req
             if self.pending_head and req is not None:
@@ -428,6 +461,10 @@ class UpstreamConnection(asyncio.Protocol):
             raise httptools.HttpParserError("response head not found")
         chunked = False
         upgrade = b""
+        if status == 101 and not req.upgrade:
+            # Switching protocols that the client never asked for would turn its connection
+            # into a raw tunnel past the content rules.
+            raise httptools.HttpParserError("101 to a request that asked for no upgrade")
         if head.startswith(b"HTTP/1.0"):
             head = b"HTTP/1.1" + head[8:]
         i = head.find(_KEEP_ALIVE_LINE)
@@ -437,6 +474,7 @@ class UpstreamConnection(asyncio.Protocol):
         if matches:
             pieces = []
             pos = 0
+            named: list[bytes] = []
             for m in matches:
                 pieces.append(head[pos:m.start()])
                 pos = m.end()
@@ -448,8 +486,12 @@ class UpstreamConnection(asyncio.Protocol):
                     chunked = True
                 elif name == b"upgrade":
                     upgrade = m.group(2)
+                elif name == b"connection":
+                    named += _named_fields(m.group(2))
             pieces.append(head[pos:])
             head = b"".join(pieces)  # as _HOP_FIELD.sub(b"", head), without a second scan
+            if named:
+                head = _drop_fields(head, named)
         if status < 200 and status != 101:
             self.interim = True
             # RFC 9110 §15.2: an HTTP/1.0 client gets no 1xx; our own 100 Continue went already.
@@ -470,8 +512,10 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.out_chunked = True
                 extra = b"Transfer-Encoding: chunked\r\n"
-        elif not self.parser.should_keep_alive():
-            # No Content-Length, not chunked: the body ends when the connection does.
+        elif not self.parser.should_keep_alive() and _CONTENT_LENGTH.search(head) is None:
+            # No Content-Length, not chunked: the body ends when the connection does. (With a
+            # Content-Length, a server's "Connection: close" ends only this hop: the client keeps
+            # its connection.)
             self.close_delim = True
             req.keep_alive = False
         if req.upgrade and status != 101:
@@ -488,6 +532,10 @@ class UpstreamConnection(asyncio.Protocol):
         req.resp_started = True
         if req.is_head:
             self.head_done = True
+            if chunked or _announces_body(head):
+                # A server that also sent the body it announced would have it read as the next
+                # response on this connection: it is not reused (RFC 9110 §9.3.2).
+                self.head_body = True
             raise _HeadDone
 
     def on_body(self, data: bytes) -> None:

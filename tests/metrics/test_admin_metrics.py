@@ -209,3 +209,14 @@ async def test_requests_per_second_from_successive_samples(env: Env) -> None:
         parse_config(env.config.read_text(), base=env.config.parent).virtual_services,
         env.dataplane.stats(), rates)
     assert rows[0]["requests_per_s"] == 2.0
+
+
+async def test_status_says_not_listening_when_the_socket_is_gone(env: Env) -> None:
+    """`listening` in the status comes from the socket, not from the VS having stats."""
+    vss = parse_config(env.config.read_text(), base=env.config.parent).virtual_services
+    rows = admin_api.services_status(vss, env.dataplane.stats(), {})
+    assert rows[0]["listening"] is True
+    stats = env.dataplane.stats()
+    stats["virtual_services"]["web"]["listening"] = False  # as the data plane reports a dead one
+    rows = admin_api.services_status(vss, stats, {})
+    assert rows[0]["listening"] is False and rows[0]["connections"] is not None

@@ -61,6 +61,13 @@ class Upstream:
     health: int = 200  # what GET /hc answers
     probes: list[int] = field(default_factory=list)  # the statuses /hc answered, in order
     probed: asyncio.Event = field(default_factory=asyncio.Event)  # set at every /hc answer
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set at every request
+
+    async def wait_requests(self, n: int) -> None:
+        """Until this real server has received `n` requests in all (each one sets `arrived`)."""
+        while self.requests < n:
+            self.arrived.clear()
+            await self.arrived.wait()
 
 
 async def _upstream_app(up: Upstream) -> web.Application:
@@ -127,6 +134,7 @@ async def _upstream_app(up: Upstream) -> web.Application:
     @web.middleware
     async def record(req: web.Request, handler: Any) -> web.StreamResponse:
         up.requests += 1
+        up.arrived.set()
         peer = req.transport.get_extra_info("peername") if req.transport else None
         if peer:
             up.peers.add(peer[1])
@@ -320,3 +328,4 @@ async def serve(dp: DataPlane, *vss: VirtualService, **kw: Any) -> dict[str, int
     """Apply a config with these VSs and return VS name -> bound port."""
     await dp.apply(runtime(*vss, **kw))
     return {name: addr[1] for name, addr in dp.listening_ports().items()}
+

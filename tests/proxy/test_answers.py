@@ -20,7 +20,16 @@ from lbproxy.config.model import (
 from lbproxy.proxy import DataPlane
 from lbproxy.runtime import Injection
 
-from .conftest import NO_CHECK, Client, RawUpstream, Upstream, build, make_vs, read_head, serve
+from .conftest import (
+    NO_CHECK,
+    Client,
+    RawUpstream,
+    Upstream,
+    build,
+    make_vs,
+    read_head,
+    serve,
+)
 from .conftest import servers as rs
 
 T = 10
@@ -171,17 +180,36 @@ async def test_max_connections(dataplane: DataPlane, upstream: Upstream) -> None
     ports = await serve(dataplane, make_vs(ports=(upstream.port,),
                                            limits=Limits(max_connections=2)))
     async with asyncio.timeout(T):
+        # Two busy connections (their requests wait on the real server): a third is answered 503
+        # before it sends anything, and closed.
         a = await Client.connect(ports["web"])
         b = await Client.connect(ports["web"])
-        assert (await a.request()).status == 200
-        assert (await b.request()).status == 200
+        await a.send(b"GET /slow?d=0.5 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await b.send(b"GET /slow?d=0.5 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await upstream.wait_requests(2)  # both wait on the real server (0.5 s)
         c = await Client.connect(ports["web"])
-        r = await c.response()  # answered before it sends anything
+        r = await c.response()
         assert r.status == 503 and r.header("Connection") == "close"
         assert await c.closed()
-        a.close()
-        b.close()
-    assert dataplane.stats()["virtual_services"]["web"]["connections"]["refused"] == 1
+        assert (await a.response()).status == 200
+        assert (await b.response()).status == 200
+        # Now both are idle keep-alive connections: a new one takes the place of the one idle
+        # longest, as nginx reuses idle keep-alive connections at its limit. (Both went idle in
+        # the same millisecond of uvloop's clock: either may be the one.)
+        c = await Client.connect(ports["web"])
+        assert (await c.request()).status == 200
+        outcomes = []
+        for x in (a, b):
+            try:
+                outcomes.append((await x.request()).status)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                outcomes.append(0)  # closed to make room
+        assert sorted(outcomes) == [0, 200]
+        for x in (a, b, c):
+            x.close()
+    st = dataplane.stats()["virtual_services"]["web"]
+    assert st["connections"]["refused"] == 1
+    assert st["limit_rejections"]["evicted"] == 1
 
 
 def _acme_subvs(token: str = "tok") -> tuple[SubVS, ContentRule]:

@@ -109,19 +109,24 @@ async def test_limit_counters(dataplane: DataPlane, upstream: Upstream) -> None:
         c = await Client.connect(port)
         await c.send(b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n")
         assert (await c.response()).status == 400
-        held = [await Client.connect(port) for _ in range(3)]
-        for h in held:  # each is accepted (and counted) before the next connects
-            await h.send(b"GET / HTTP/1.1\r\n")
+        # Connections busy with a real server are not closed: a new one gets 503.
+        busy = [await Client.connect(port) for _ in range(3)]
+        seen = upstream.requests
+        for b in busy:
+            await b.send(b"GET /slow?d=0.25 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await upstream.wait_requests(seen + 3)  # all three wait on the real server
         extra = await Client.connect(port)
         assert (await extra.response()).status == 503
         assert await extra.closed()
-        for h in held:
-            h.close()
+        for b in busy:
+            assert (await b.response()).status == 200
+            b.close()
     limits = dataplane.stats()["virtual_services"]["web"]["limit_rejections"]
     assert limits == {"bad_request": 1, "head_timeout": 1, "idle_timeout": 1,
                       "header_too_large": 0, "too_many_headers": 0, "body_too_large": 1,
                       "max_connections": 1, "request_timeout": 0, "upstream_timeout": 1,
-                      "refused_by_rule": 0}
+                      "refused_by_rule": 0, "body_timeout": 0, "body_incomplete": 0,
+                      "evicted": 0}
 
 
 async def test_connect_timeout_counts_as_upstream_timeout(dataplane: DataPlane) -> None:

@@ -1,12 +1,15 @@
-"""The malformed/ambiguous request table (tests/hardening/smuggling_cases.py) against lbproxy, nginx
-and HAProxy side by side (issue 6).
+"""The malformed-request table (tests/hardening/smuggling_cases.py, issue 6) and the desync table
+(tests/hardening/desync_cases.py, issue 13) against lbproxy, nginx and HAProxy side by side.
 
 Each proxy (nginx and HAProxy from Debian, when installed) listens on loopback in front of its own
-recording real server; every case goes on a fresh connection. Printed per case: each proxy's
-answer (status, "-" for none, "+close" when it closed the connection) and FWD when its real server
-received any bytes during the case. lbproxy runs in this process (DataPlane on asyncio).
+real server; every case goes on a fresh connection. lbproxy runs in this process (DataPlane on
+asyncio). Malformed table, per case: each proxy's answer (status, "-" for none, "+close" when it
+closed the connection) and FWD when its real server received any bytes during the case. Desync
+table, per case: each proxy's verdict (rejected, forwarded, ambiguous, desync; see
+tests/hardening/desync_rig.py) with the statuses its client got, then why for every ambiguous or
+desync verdict. Exit status 1 if lbproxy is off its documented answer or verdict anywhere.
 
-    .venv/bin/python bench/smuggling.py [--markdown]
+    .venv/bin/python bench/smuggling.py [--markdown] [--table all|malformed|desync]
 """
 
 from __future__ import annotations
@@ -39,12 +42,20 @@ from lbproxy.config.model import (  # noqa: E402
 )
 from lbproxy.proxy import DataPlane  # noqa: E402
 from lbproxy.runtime import Runtime  # noqa: E402
+from tests.hardening.desync_cases import AMBIGUOUS, DESYNC, FORWARDED, REJECTED  # noqa: E402
+from tests.hardening.desync_cases import CASES as DESYNC_CASES  # noqa: E402
+from tests.hardening.desync_cases import SCRIPTS as DESYNC_SCRIPTS  # noqa: E402
+from tests.hardening.desync_rig import Outcome, Upstream, run_case  # noqa: E402
 from tests.hardening.smuggling_cases import CASES, GOOD, MAX_BODY, send_case  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0  # seconds for a peer to listen
 CASE_TIMEOUT = 3.0  # seconds to wait for one answer (a proxy that waits for more body times out)
+# Seconds for a real server's connections to show they read all a desync case sent (closed, or a
+# probe read behind it); only a peer that keeps several pooled connections waits it out.
+SETTLE = 0.5
+PEERS = ("lbproxy", "nginx", "haproxy")
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 NGINX_CONF = """
@@ -148,7 +159,7 @@ def wait_listening(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def peer(name: str, up: int, tmp: Path) -> Iterator[int | None]:
+def peer(name: str, up: int, tmp: Path, tag: str = "") -> Iterator[int | None]:
     """Start nginx or HAProxy in front of port `up`; yields its port (None if not installed)."""
     exe = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists()
                                  else None)
@@ -156,7 +167,7 @@ def peer(name: str, up: int, tmp: Path) -> Iterator[int | None]:
         yield None
         return
     port = free_port()
-    d = tmp / name
+    d = tmp / (name + tag)
     d.mkdir()
     if name == "nginx":
         conf = d / "nginx.conf"
@@ -196,16 +207,32 @@ def cell(status: int, closed: bool, forwarded: bool) -> str:
     return s
 
 
-async def run(markdown: bool) -> int:
-    recs = {n: Recorder() for n in ("lbproxy", "nginx", "haproxy")}
+def lbproxy_vs(up: int) -> VirtualService:
+    return VirtualService(name="bench", listen=Address("127.0.0.1", 0),
+                          real_servers=(RealServer(Address("127.0.0.1", up)),),
+                          health_check=HealthCheck(type=HealthCheckType.NONE),
+                          limits=Limits(max_body=MAX_BODY))
+
+
+def print_table(head: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("| " + " | ".join("---" for _ in head) + " |")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        for row in [head, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+async def run_malformed(markdown: bool) -> int:
+    """The malformed table; the number of cases where lbproxy is off its documented answer."""
+    recs = {n: Recorder() for n in PEERS}
     for r in recs.values():
         await r.start()
     dp = DataPlane()
-    vs = VirtualService(name="bench", listen=Address("127.0.0.1", 0),
-                        real_servers=(RealServer(Address("127.0.0.1", recs["lbproxy"].port)),),
-                        health_check=HealthCheck(type=HealthCheckType.NONE),
-                        limits=Limits(max_body=MAX_BODY))
-    await dp.apply(Runtime(1, Config(virtual_services=(vs,))))
+    await dp.apply(Runtime(1, Config(virtual_services=(lbproxy_vs(recs["lbproxy"].port),))))
     ports: dict[str, int | None] = {"lbproxy": dp.listening_ports()["bench"][1]}
     rows: list[list[str]] = []
     lb_wrong = 0
@@ -217,7 +244,7 @@ async def run(markdown: bool) -> int:
             raw = GOOD if case is None else case.raw
             row = ["(good request)" if case is None else case.name,
                    "200" if case is None else str(case.status)]
-            for name in ("lbproxy", "nginx", "haproxy"):
+            for name in PEERS:
                 port = ports[name]
                 if port is None:
                     row.append("n/a")
@@ -235,31 +262,76 @@ async def run(markdown: bool) -> int:
     await dp.shutdown(1.0)
     for r in recs.values():
         await r.stop()
-    head = ["case", "documented", "lbproxy", "nginx", "haproxy"]
+    print_table(["case", "documented", *PEERS], rows, markdown)
+    forwarded = {n: sum("FWD" in r[2 + i] for r in rows) for i, n in enumerate(PEERS)}
+    print(f"\n# malformed cases: {len(CASES)}; forwarded to the real server: {forwarded}; "
+          f"lbproxy off its documented answer: {lb_wrong}")
+    return lb_wrong
+
+
+async def run_desync(markdown: bool) -> int:
+    """The desync table; the number of cases where lbproxy is off its documented verdict."""
+    ups = {n: Upstream(DESYNC_SCRIPTS) for n in PEERS}
+    for up in ups.values():
+        await up.start()
+    dp = DataPlane()
+    await dp.apply(Runtime(1, Config(virtual_services=(lbproxy_vs(ups["lbproxy"].port),))))
+    ports: dict[str, int | None] = {"lbproxy": dp.listening_ports()["bench"][1]}
+    results: dict[str, list[Outcome]] = {}
+    with tempfile.TemporaryDirectory() as t, \
+            peer("nginx", ups["nginx"].port, Path(t), "-desync") as ng, \
+            peer("haproxy", ups["haproxy"].port, Path(t), "-desync") as ha:
+        ports["nginx"], ports["haproxy"] = ng, ha
+        for name in PEERS:  # one proxy after the other: their real servers' records stay apart
+            port = ports[name]
+            if port is not None:
+                results[name] = [await run_case(port, case, ups[name], CASE_TIMEOUT, SETTLE)
+                                 for case in DESYNC_CASES]
+    await dp.shutdown(1.0)
+    for up in ups.values():
+        await up.stop()
+    rows = []
+    for i, case in enumerate(DESYNC_CASES):
+        row = [case.name, case.kind, case.lbproxy]
+        row += [results[n][i].cell() if n in results else "n/a" for n in PEERS]
+        rows.append(row)
+    print_table(["case", "class", "documented", *PEERS], rows, markdown)
+    print()
+    for name in PEERS:
+        for o in results.get(name, []):
+            if o.verdict in (AMBIGUOUS, DESYNC):
+                print(f"- {name}, {o.case.name}: {o.verdict}: {'; '.join(o.notes)}")
+    counts = "; ".join(
+        f"{n} " + ", ".join(f"{sum(o.verdict == v for o in results[n])} {v}"
+                            for v in (REJECTED, FORWARDED, AMBIGUOUS, DESYNC))
+        for n in results)
+    lb_wrong = sum(o.verdict != o.case.lbproxy for o in results["lbproxy"])
+    print(f"\n# desync cases: {len(DESYNC_CASES)}; {counts}; "
+          f"lbproxy off its documented verdict: {lb_wrong}")
+    return lb_wrong
+
+
+async def run(markdown: bool, table: str) -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {stamp}; nginx: {version('nginx')}; haproxy: {version('haproxy')}")
-    if markdown:
-        print("| " + " | ".join(head) + " |")
-        print("| " + " | ".join("---" for _ in head) + " |")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        for row in [head, *rows]:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-    forwarded = {n: sum("FWD" in r[2 + i] for r in rows) for i, n in
-           enumerate(("lbproxy", "nginx", "haproxy"))}
-    print(f"# cases: {len(CASES)}; forwarded to the real server: {forwarded}; "
-          f"lbproxy off its documented answer: {lb_wrong}")
-    return 1 if lb_wrong else 0
+    wrong = 0
+    if table in ("all", "malformed"):
+        print()
+        wrong += await run_malformed(markdown)
+    if table in ("all", "desync"):
+        print()
+        wrong += await run_desync(markdown)
+    return 1 if wrong else 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    ap.add_argument("--table", choices=("all", "malformed", "desync"), default="all",
+                    help="which table to run (default: both)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    return asyncio.run(run(args.markdown))
+    return asyncio.run(run(args.markdown, args.table))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ async def test_slow_bodies_do_not_starve_normal_clients(
     assert during < BODY_TIMEOUT, f"the load ended {during:.2f}s after the slow clients began " \
                                   f"(opening took {opened:.2f}s): it did not run alongside them"
     p99_0, p99_1 = base.p(0.99), loaded.p(0.99)
+    print(f"\nslow-body: normal p99 unloaded {p99_0 * 1000:.2f} ms, loaded {p99_1 * 1000:.2f} ms;"
+          f" {limits['evicted']} evicted, {limits['body_timeout']} cut by the body timeout")
     assert p99_1 < 3 * max(p99_0, P99_FLOOR), (p99_0, p99_1)
     # Every slow client: a 408 and a close, within the body timeout (one sweep of slack).
     late = [round(t, 2) for _, t in cuts if t > BODY_TIMEOUT + CUT_SLACK]

@@ -23,8 +23,9 @@ from acmeclient.crypto import (
     make_csr,
     private_key_to_pem,
 )
+from acmeclient.errors import Problem
 from acmeclient.http01 import Http01Responder, StandaloneHttp01Responder
-from acmeclient.messages import Directory, Order, Problem, Status
+from acmeclient.messages import Directory, Order, Status
 from acmeclient.order import PollPolicy
 
 __all__ = [

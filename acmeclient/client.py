@@ -27,6 +27,7 @@ from acmeclient.errors import (
     AcmeError,
     AcmeProblem,
     ClientStateError,
+    Identifier,
     MalformedResponseError,
     RateLimitedError,
     ResponderError,
@@ -38,7 +39,6 @@ from acmeclient.messages import (
     Authorization,
     Challenge,
     Directory,
-    Identifier,
     NewOrder,
     Order,
 )

@@ -41,14 +41,18 @@ AcmeError
 │   └── NoSupportedChallengeError an authorization offers no challenge type this client solves
 └── CryptoError                   bad key/CSR/certificate input: unreadable PEM or JWK, wrong
                                   passphrase, unsupported key type, invalid subject field
+
+Below the tree stands what AcmeProblem and ValidationError carry, the CA's problem document
+(`Problem`: RFC 7807 with ACME's subproblems and `Identifier`), and the JSON readers that raise
+MalformedResponseError. They live here so that this module imports no other of acmeclient: the
+wire objects (acmeclient.messages) build on it, never the other way round.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from acmeclient.messages import Problem
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
 
@@ -300,3 +304,85 @@ class NoSupportedChallengeError(ClientStateError):
 
 class CryptoError(AcmeError):
     """Unusable key, CSR or certificate input (including a wrong passphrase)."""
+
+
+# -- the problem document these errors carry, and the JSON readers that raise ---------------------
+
+
+def json_object(obj: object, what: str) -> Mapping[str, Any]:
+    """`obj` as a JSON object, or MalformedResponseError naming `what`."""
+    if not isinstance(obj, Mapping):
+        raise MalformedResponseError(f"{what}: not a JSON object")
+    return obj
+
+
+def required(obj: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
+    """Field `key` of `what`, which must be there and of type `kind`."""
+    if key not in obj:
+        raise MalformedResponseError(f"{what}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise MalformedResponseError(f"{what}: field {key!r} is not {kind.__name__}")
+    return value
+
+
+def optional(obj: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
+    """Field `key` of `what`, None when absent, else of type `kind`."""
+    value = obj.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise MalformedResponseError(f"{what}: field {key!r} is not {kind.__name__}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Identifier:
+    """RFC 8555 §9.7.7; only "dns" is used by this client."""
+
+    value: str
+    type: str = "dns"
+
+    @classmethod
+    def from_json(cls, obj: object) -> Identifier:
+        o = json_object(obj, "identifier")
+        return cls(value=required(o, "value", str, "identifier"),
+                   type=required(o, "type", str, "identifier"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "value": self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """RFC 7807 problem document with ACME subproblems (RFC 8555 §6.7.1)."""
+
+    type: str
+    detail: str = ""
+    status: int | None = None
+    subproblems: tuple[Problem, ...] = ()
+    identifier: Identifier | None = None
+
+    @classmethod
+    def from_json(cls, obj: object) -> Problem:
+        o = json_object(obj, "problem")
+        subs = optional(o, "subproblems", list, "problem") or []
+        ident = o.get("identifier")
+        status = o.get("status")
+        return cls(
+            type=optional(o, "type", str, "problem") or "about:blank",
+            detail=optional(o, "detail", str, "problem") or "",
+            status=status if isinstance(status, int) else None,
+            subproblems=tuple(cls.from_json(s) for s in subs),
+            identifier=Identifier.from_json(ident) if ident is not None else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        if self.detail:
+            out["detail"] = self.detail
+        if self.status is not None:
+            out["status"] = self.status
+        if self.subproblems:
+            out["subproblems"] = [s.to_json() for s in self.subproblems]
+        if self.identifier is not None:
+            out["identifier"] = self.identifier.to_json()
+        return out

@@ -1,7 +1,8 @@
 """ACME wire objects (RFC 8555 §7.1, RFC 9773, profiles draft): frozen values, from_json/to_json.
 
 Parsing happens here, at the boundary: a from_json that meets a missing or mistyped field raises
-MalformedResponseError naming it, so nothing past this module sees raw JSON.
+MalformedResponseError naming it, so nothing past this module sees raw JSON. The problem document
+(`Problem`, `Identifier`) and the field readers are in acmeclient.errors, which carries them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from acmeclient.errors import MalformedResponseError
+from acmeclient.errors import (
+    Identifier,
+    MalformedResponseError,
+    Problem,
+    json_object,
+    optional,
+    required,
+)
 
 JSON = dict[str, Any]
 
@@ -30,34 +38,12 @@ class Status(enum.StrEnum):
     EXPIRED = "expired"
 
 
-def _req(obj: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
-    if key not in obj:
-        raise MalformedResponseError(f"{what}: missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind):
-        raise MalformedResponseError(f"{what}: field {key!r} is not {kind.__name__}")
-    return value
-
-
-def _opt(obj: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise MalformedResponseError(f"{what}: field {key!r} is not {kind.__name__}")
-    return value
-
-
 def _status(obj: Mapping[str, Any], what: str) -> Status:
-    raw = _req(obj, "status", str, what)
+    raw = required(obj, "status", str, what)
     try:
         return Status(raw)
     except ValueError:
         raise MalformedResponseError(f"{what}: unknown status {raw!r}") from None
-
-
-def _object(obj: object, what: str) -> Mapping[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise MalformedResponseError(f"{what}: not a JSON object")
-    return obj
 
 
 def parse_time(value: str, what: str = "timestamp") -> datetime:
@@ -85,61 +71,6 @@ def format_time(value: datetime) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Identifier:
-    """RFC 8555 §9.7.7; only "dns" is used by this client."""
-
-    value: str
-    type: str = "dns"
-
-    @classmethod
-    def from_json(cls, obj: object) -> Identifier:
-        o = _object(obj, "identifier")
-        return cls(
-            value=_req(o, "value", str, "identifier"), type=_req(o, "type", str, "identifier")
-        )
-
-    def to_json(self) -> JSON:
-        return {"type": self.type, "value": self.value}
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """RFC 7807 problem document with ACME subproblems (RFC 8555 §6.7.1)."""
-
-    type: str
-    detail: str = ""
-    status: int | None = None
-    subproblems: tuple[Problem, ...] = ()
-    identifier: Identifier | None = None
-
-    @classmethod
-    def from_json(cls, obj: object) -> Problem:
-        o = _object(obj, "problem")
-        subs = _opt(o, "subproblems", list, "problem") or []
-        ident = o.get("identifier")
-        status = o.get("status")
-        return cls(
-            type=_opt(o, "type", str, "problem") or "about:blank",
-            detail=_opt(o, "detail", str, "problem") or "",
-            status=status if isinstance(status, int) else None,
-            subproblems=tuple(cls.from_json(s) for s in subs),
-            identifier=Identifier.from_json(ident) if ident is not None else None,
-        )
-
-    def to_json(self) -> JSON:
-        out: JSON = {"type": self.type}
-        if self.detail:
-            out["detail"] = self.detail
-        if self.status is not None:
-            out["status"] = self.status
-        if self.subproblems:
-            out["subproblems"] = [s.to_json() for s in self.subproblems]
-        if self.identifier is not None:
-            out["identifier"] = self.identifier.to_json()
-        return out
-
-
-@dataclass(frozen=True, slots=True)
 class DirectoryMeta:
     """The directory's "meta" (RFC 8555 §7.1.1) plus "profiles" (profiles draft §3)."""
 
@@ -151,12 +82,12 @@ class DirectoryMeta:
 
     @classmethod
     def from_json(cls, obj: object) -> DirectoryMeta:
-        o = _object(obj, "directory meta")
-        profiles = _opt(o, "profiles", dict, "directory meta") or {}
+        o = json_object(obj, "directory meta")
+        profiles = optional(o, "profiles", dict, "directory meta") or {}
         return cls(
-            terms_of_service=_opt(o, "termsOfService", str, "directory meta"),
-            website=_opt(o, "website", str, "directory meta"),
-            caa_identities=tuple(_opt(o, "caaIdentities", list, "directory meta") or ()),
+            terms_of_service=optional(o, "termsOfService", str, "directory meta"),
+            website=optional(o, "website", str, "directory meta"),
+            caa_identities=tuple(optional(o, "caaIdentities", list, "directory meta") or ()),
             external_account_required=bool(o.get("externalAccountRequired", False)),
             profiles={str(k): str(v) for k, v in profiles.items()},
         )
@@ -191,17 +122,17 @@ class Directory:
 
     @classmethod
     def from_json(cls, obj: object) -> Directory:
-        o = _object(obj, "directory")
+        o = json_object(obj, "directory")
         w = "directory"
         meta = o.get("meta")
         return cls(
-            new_nonce=_req(o, "newNonce", str, w),
-            new_account=_req(o, "newAccount", str, w),
-            new_order=_req(o, "newOrder", str, w),
-            revoke_cert=_req(o, "revokeCert", str, w),
-            key_change=_req(o, "keyChange", str, w),
-            new_authz=_opt(o, "newAuthz", str, w),
-            renewal_info=_opt(o, "renewalInfo", str, w),
+            new_nonce=required(o, "newNonce", str, w),
+            new_account=required(o, "newAccount", str, w),
+            new_order=required(o, "newOrder", str, w),
+            revoke_cert=required(o, "revokeCert", str, w),
+            key_change=required(o, "keyChange", str, w),
+            new_authz=optional(o, "newAuthz", str, w),
+            renewal_info=optional(o, "renewalInfo", str, w),
             meta=DirectoryMeta.from_json(meta) if meta is not None else DirectoryMeta(),
         )
 
@@ -234,12 +165,12 @@ class Account:
 
     @classmethod
     def from_json(cls, obj: object) -> Account:
-        o = _object(obj, "account")
+        o = json_object(obj, "account")
         return cls(
             status=_status(o, "account"),
-            contact=tuple(_opt(o, "contact", list, "account") or ()),
-            terms_of_service_agreed=_opt(o, "termsOfServiceAgreed", bool, "account"),
-            orders=_opt(o, "orders", str, "account"),
+            contact=tuple(optional(o, "contact", list, "account") or ()),
+            terms_of_service_agreed=optional(o, "termsOfServiceAgreed", bool, "account"),
+            orders=optional(o, "orders", str, "account"),
         )
 
     def to_json(self) -> JSON:
@@ -264,14 +195,14 @@ class Challenge:
 
     @classmethod
     def from_json(cls, obj: object) -> Challenge:
-        o = _object(obj, "challenge")
+        o = json_object(obj, "challenge")
         err = o.get("error")
         return cls(
-            type=_req(o, "type", str, "challenge"),
-            url=_req(o, "url", str, "challenge"),
+            type=required(o, "type", str, "challenge"),
+            url=required(o, "url", str, "challenge"),
             status=_status(o, "challenge"),
-            token=_opt(o, "token", str, "challenge") or "",
-            validated=_opt(o, "validated", str, "challenge"),
+            token=optional(o, "token", str, "challenge") or "",
+            validated=optional(o, "validated", str, "challenge"),
             error=Problem.from_json(err) if err is not None else None,
         )
 
@@ -298,14 +229,14 @@ class Authorization:
 
     @classmethod
     def from_json(cls, obj: object) -> Authorization:
-        o = _object(obj, "authorization")
+        o = json_object(obj, "authorization")
         return cls(
-            identifier=Identifier.from_json(_req(o, "identifier", dict, "authorization")),
+            identifier=Identifier.from_json(required(o, "identifier", dict, "authorization")),
             status=_status(o, "authorization"),
             challenges=tuple(
-                Challenge.from_json(c) for c in _req(o, "challenges", list, "authorization")
+                Challenge.from_json(c) for c in required(o, "challenges", list, "authorization")
             ),
-            expires=_opt(o, "expires", str, "authorization"),
+            expires=optional(o, "expires", str, "authorization"),
             wildcard=bool(o.get("wildcard", False)),
         )
 
@@ -343,21 +274,21 @@ class Order:
 
     @classmethod
     def from_json(cls, obj: object) -> Order:
-        o = _object(obj, "order")
+        o = json_object(obj, "order")
         w = "order"
         err = o.get("error")
         return cls(
             status=_status(o, w),
-            identifiers=tuple(Identifier.from_json(i) for i in _req(o, "identifiers", list, w)),
-            authorizations=tuple(str(a) for a in _req(o, "authorizations", list, w)),
-            finalize=_req(o, "finalize", str, w),
-            certificate=_opt(o, "certificate", str, w),
-            expires=_opt(o, "expires", str, w),
-            not_before=_opt(o, "notBefore", str, w),
-            not_after=_opt(o, "notAfter", str, w),
+            identifiers=tuple(Identifier.from_json(i) for i in required(o, "identifiers", list, w)),
+            authorizations=tuple(str(a) for a in required(o, "authorizations", list, w)),
+            finalize=required(o, "finalize", str, w),
+            certificate=optional(o, "certificate", str, w),
+            expires=optional(o, "expires", str, w),
+            not_before=optional(o, "notBefore", str, w),
+            not_after=optional(o, "notAfter", str, w),
             error=Problem.from_json(err) if err is not None else None,
-            profile=_opt(o, "profile", str, w),
-            replaces=_opt(o, "replaces", str, w),
+            profile=optional(o, "profile", str, w),
+            replaces=optional(o, "replaces", str, w),
         )
 
     def to_json(self) -> JSON:

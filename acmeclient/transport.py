@@ -24,10 +24,10 @@ from acmeclient.errors import (
     BadNonceError,
     MalformedResponseError,
     NetworkError,
+    Problem,
     UnexpectedStatusError,
     problem_error,
 )
-from acmeclient.messages import Problem
 
 logger = logging.getLogger(__name__)
 

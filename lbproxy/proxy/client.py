@@ -117,7 +117,7 @@ class ClientConnection(asyncio.Protocol):
         "paused", "pending_error", "queue", "raw", "reject", "reject_key", "req", "running",
         "src_ip", "transport", "tunnel", "upgraded", "write_paused", "xff_b")
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener[ClientConnection]) -> None:
         self.listener = listener
         self.loop = listener.loop
         self.outbox = listener.outbox
@@ -1213,7 +1213,7 @@ def _waiting_since(c: ClientConnection) -> float:
     return inf
 
 
-def _make_room(listener: Listener) -> bool:
+def _make_room(listener: Listener[ClientConnection]) -> bool:
     """At max_connections: close the connection that has waited longest on its client (an idle
     keep-alive one, a head or a body that stopped coming), so that clients that stall cannot hold
     the limit against active ones (nginx reuses idle keep-alive connections the same way). False

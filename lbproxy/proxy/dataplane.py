@@ -40,6 +40,8 @@ from .upstream import ConnPool
 logger = logging.getLogger(__name__)
 
 TLSFactory = Callable[[VirtualService], ssl.SSLContext]
+# The listeners made here hold the connections of client.py.
+ClientListener = Listener[ClientConnection]
 
 # Deadlines are checked by a sweep this many times per shortest timeout (so a timeout fires at most
 # 25% late), but never more often than every 10 ms nor less often than once a second.
@@ -87,11 +89,11 @@ class DataPlane:
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._tls_factory = tls_factory
         self._loop = loop
-        self._listeners: dict[tuple[Any, ...], Listener] = {}
+        self._listeners: dict[tuple[Any, ...], ClientListener] = {}
         self._outbox: Outbox | None = None  # made on the first apply(), on the running loop
         # Per content-switching VS: (what its router was compiled from, the router).
         self._routers: dict[str, tuple[tuple[object, ...], Router]] = {}
-        self._draining: set[Listener] = set()
+        self._draining: set[ClientListener] = set()
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._pools: dict[tuple[str, str], Pool] = {}
         self._conn_pools: dict[tuple[str, int], ConnPool] = {}
@@ -269,7 +271,7 @@ class DataPlane:
             self._outbox = Outbox(loop)
         factory = PoolFactory(loop, self._pools, self._conn_pools, self._target_counters,
                               self._make_monitor, self._outbox)
-        plan: dict[tuple[Any, ...], tuple[Listener | None, Any]] = {}
+        plan: dict[tuple[Any, ...], tuple[ClientListener | None, Any]] = {}
         # The config's VSs, not `Runtime.effective_services()`: injections are served by a
         # first-precedence router of their own (see service.build_service), for every kind of VS.
         for vs in cfg.virtual_services:
@@ -286,12 +288,12 @@ class DataPlane:
         # Prepare every new listener (TLS context, sockets bound and listening, servers not yet
         # accepting) before touching a running one: a failure closes what was prepared and leaves
         # the running listeners exactly as they were, with their sockets and connections.
-        opened: list[Listener] = []
+        opened: list[ClientListener] = []
         try:
             for key, (kept, svc) in plan.items():
                 if kept is not None:
                     continue
-                lst = Listener(loop, key, svc, svc.counters, self._outbox)
+                lst: ClientListener = Listener(loop, key, svc, svc.counters, self._outbox)
                 opened.append(lst)
                 await self._prepare(lst, svc.vs, self._listeners.get(key))
                 svc.port = lst.sockname[1]
@@ -301,7 +303,7 @@ class DataPlane:
             raise
 
         # Commit.
-        new_listeners: dict[tuple[Any, ...], Listener] = {}
+        new_listeners: dict[tuple[Any, ...], ClientListener] = {}
         for lst in opened:
             new_listeners[lst.key] = lst
         for key, (kept, svc) in plan.items():
@@ -336,7 +338,8 @@ class DataPlane:
         self._set_tick(runtime)
         await self._stop_monitors(replaced)
 
-    async def _prepare(self, lst: Listener, vs: VirtualService, replaced: Listener | None) -> None:
+    async def _prepare(self, lst: ClientListener, vs: VirtualService,
+                       replaced: ClientListener | None) -> None:
         """Give `lst` its TLS context and its servers, not yet accepting. The sockets of
         `replaced` (the same address under another protocol) are shared, not rebound: the address
         is never free, and a failure later in the reload leaves `replaced` untouched."""
@@ -369,7 +372,7 @@ class DataPlane:
         name = socks[0].getsockname()
         lst.sockname = (str(name[0]), int(name[1]))
 
-    async def _start(self, lst: Listener) -> None:
+    async def _start(self, lst: ClientListener) -> None:
         """Let a prepared listener accept (the commit of a reload: its sockets already listen)."""
         vs = lst.service.vs
         for srv in lst.servers:
@@ -379,7 +382,7 @@ class DataPlane:
                 logger.error("VS %s: cannot accept on %s: %s", vs.name, vs.listen, e)
         logger.info("VS %s listening on %s (%s)", vs.name, vs.listen, vs.protocol.value)
 
-    def _start_drain(self, lst: Listener, deadline: float) -> None:
+    def _start_drain(self, lst: ClientListener, deadline: float) -> None:
         self._draining.add(lst)
 
         async def drain() -> None:

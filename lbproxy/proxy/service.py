@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..config.model import (
     ContentRule,
@@ -39,12 +39,12 @@ from ..routing import Router, compile_router
 from ..runtime import Injection
 from .accesslog import AccessLog
 from .balancer import Backend, Balancer
+from .contract import ClientForListener
 from .http import LocalResponse
 from .outbox import Outbox
 from .upstream import ConnPool
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
     from .health import HealthMonitor
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,12 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
     return svc
 
 
-class Listener:
+# The connections a Listener holds (client.py's ClientConnection): a parameter, so that the client
+# side can use them as its own while this module knows only what contract.py says of them.
+Conn = TypeVar("Conn", bound=ClientForListener)
+
+
+class Listener(Generic[Conn]):
     """One listening address: its server, its live connections and its current Service."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[Any, ...], service: Service,
@@ -381,10 +386,10 @@ class Listener:
         # by DataPlane, accepting from the commit of the reload that made them.
         self.servers: list[asyncio.Server] = []
         self.sockname: tuple[str, int] = ("", 0)
-        self.conns: set[ClientConnection] = set()
+        self.conns: set[Conn] = set()
         # Connections that wait on their client, oldest first: those closed to make room for a
         # new one at max_connections (client.py, _make_room). Refilled when empty.
-        self.victims: list[ClientConnection] = []
+        self.victims: list[Conn] = []
         self.closing = False
         self.drained = asyncio.Event()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import httptools
 
@@ -19,7 +19,10 @@ from .http import CONNECTION_KEYWORDS, CRLF, PROTECTED_FIELDS, Request
 from .outbox import Outbox
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
+    from .contract import ClientForUpstream
+
+    # The client connection of an exchange, as this side sees it (client.py's ClientConnection).
+    Client: TypeAlias = ClientForUpstream["UpstreamConnection"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class ConnPool:
         for up in idle:
             up.close()
 
-    def connect(self, client: ClientConnection, req: Request, timeout: float) -> None:
+    def connect(self, client: Client, req: Request, timeout: float) -> None:
         """Open a connection for `req`; calls back client.attach() or client.connect_failed()."""
         self.connects += 1
         task = self.loop.create_task(self._connect(self.loop.time() + timeout))
@@ -214,7 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
         # whether the only one is "Connection: keep-alive", and the status. A function of the
         # head's bytes alone, so reused as is when the same head recurs.
         self.vframe: tuple[int, tuple[tuple[int, int], ...], bool, int] = (0, (), False, 0)
-        self.client: ClientConnection | None = None
+        self.client: Client | None = None
         self.ctransport: asyncio.Transport | None = None
         self.req: Request | None = None
         self.cout: list[bytes] = []
@@ -586,7 +589,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- relay --------------------------------------------------------------------------------
 
-    def start(self, client: ClientConnection, req: Request) -> None:
+    def start(self, client: Client, req: Request) -> None:
         # (ClientConnection._serve inlines this for its fast path: keep the two in step.)
         self.client = client
         self.ctransport = client.transport
@@ -613,7 +616,7 @@ class UpstreamConnection(asyncio.Protocol):
             if ct is not None:
                 self.outbox.write(ct, b"".join(cout))
 
-    def _detach(self) -> tuple[ClientConnection | None, Request | None]:
+    def _detach(self) -> tuple[Client | None, Request | None]:
         client, req = self.client, self.req
         self.client = None
         self.ctransport = None

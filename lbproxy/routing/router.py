@@ -25,8 +25,8 @@ Semantics (LoadMaster's content switching, issue 2):
   request is refused (`REFUSE`); otherwise its SubVS is selected. Nothing matched: `NO_MATCH`.
   Rules after `default` are never reached.
 
-How it stays cheap with 1024 rules (DESIGN.md section 3): see `compiler.py`. In short, rules are
-grouped by subject; prefixes, postfixes and regexes that are just anchored text become
+How it stays cheap with 1024 rules (docs/architecture.md, the hot path): see `compiler.py`. Rules
+are grouped by subject; prefixes, postfixes and regexes that are just anchored text become
 longest-prefix tables and dicts with the answer precomputed; other regexes only run when the
 subject carries their literal text; the whole thing is one generated function per router.
 """

@@ -1,7 +1,7 @@
 """The reference manual cannot drift: every config key (with its default) is in docs/config.md
 and its example parses, every CLI command and option is in docs/cli.md, every log code and event
-in docs/log-codes.md, every exported metric in docs/operations.md, and the example systemd unit
-is accepted by systemd-analyze."""
+in docs/log-codes.md, every exported metric in docs/operations.md, the example systemd unit
+is accepted by systemd-analyze, and no file of the repository points at notes outside it."""
 
 from __future__ import annotations
 
@@ -198,3 +198,34 @@ def test_the_systemd_unit() -> None:
         assert bad.returncode != 0  # the check can fail
     finally:
         shutil.rmtree(tmp)
+
+
+# Paths outside the repository that files once pointed at: a user's clone has none of them.
+# Spelled in pieces so that this file does not match itself.
+OUTSIDE = tuple(("".join(p)).encode() for p in (
+    ("..", "/shared"), ("shared", "/acme-lab"), ("DESIGN", ".md")))
+
+
+def _repository_files() -> list[Path]:
+    """Every file git tracks, plus new ones not ignored (so a file is caught before its commit)."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(
+        [git, "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True, check=True, timeout=30).stdout
+    return [ROOT / name for name in listed.decode().split("\0") if name]
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    files = _repository_files()
+    assert any(f.name == "architecture.md" for f in files), "the file list looks wrong"
+    offenders = []
+    for path in files:
+        if not path.is_file():  # deleted in the work tree, not yet in the index
+            continue
+        for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+            offenders += [f"{path.relative_to(ROOT)}:{lineno}: {needle.decode()}"
+                          for needle in OUTSIDE if needle in line]
+    where = "\n".join(offenders)
+    assert not offenders, f"the repository must stand alone (docs/ holds the design):\n{where}"

@@ -2,8 +2,10 @@
 
 Reusable: `start_pebble(workdir, http_port=..., env={...})` is a context manager yielding a
 `PebbleInstance`; `pebble_or_skip()` skips a test cleanly when the binaries are absent. Every name
-resolves to 127.0.0.1 only (no AAAA, see shared/acme-lab/README.md), so Pebble's HTTP-01 validator
-dials 127.0.0.1:<http_port>, which may be any listener (a test responder, or an lbproxy VS).
+resolves to 127.0.0.1 only, so Pebble's HTTP-01 validator dials 127.0.0.1:<http_port>, which may
+be any listener (a test responder, or an lbproxy VS). No AAAA: Pebble asks for AAAA first and
+dials only the first answer, and challtestsrv answers ::1 unless `-defaultIPv6 ""`, so a listener
+on 127.0.0.1 would never be reached ("dial tcp [::1]:PORT: connection refused").
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from .accesslog import configure_access_log
 from .admin import AdminServer, create_app, load_or_create_token, start_admin
+from .admin.le_api import le_routes
 from .admin.server import AdminTLS
 from .certs import CertStore, config_usage
-from .certs.manager import LEManager
 from .config import load_file
 from .config.model import AccessLogSettings, Config
 from .errors import ConfigError, LBProxyError
 from .events import Events
+from .letsencrypt import LEManager
 from .metrics import METRICS_PATH, MetricsCollector, metrics_routes
 from .proxy import DataPlane
 from .proxy.tls import TLSContexts
@@ -100,7 +101,7 @@ class App:
             app = create_app(runtime=self.runtime, dataplane_stats=self.dataplane.stats,
                              store=self.store, tls=self.tls,
                              token=load_or_create_token(self.state_dir),
-                             extra_routes=[self.manager.register_routes,
+                             extra_routes=[le_routes(self.manager),
                                            metrics_routes(self.metrics)],
                              open_paths=(METRICS_PATH,) if self.config.admin.metrics_public
                              else ())

@@ -20,7 +20,7 @@ a fitting status; malformed input is a 4xx naming its field, see lbproxy.admin.v
     GET    /api/vs                          every VS as the data plane runs it
     GET    /api/vs/{name}                   one VS: SubVSs, rules in precedence order, servers
 
-Later features add routes through `extra_routes` registrars (the Let's Encrypt manager adds
+Later features add routes through `extra_routes` registrars (le_api.le_routes(manager) adds
 /api/le/... and the certificate status source under CERT_STATUS_KEY; lbproxy.metrics adds
 /metrics); they find the shared objects under the AppKeys below. Every route needs the bearer
 token except the paths given in `open_paths` (e.g. ("/metrics",) for a Prometheus without the

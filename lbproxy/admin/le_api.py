@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..certs.acme_backup import BackupError
-from ..certs.acme_log import LeError
-from ..certs.acme_renewal import MAX_RENEW_PERIOD_DAYS, MIN_RENEW_PERIOD_DAYS
 from ..config.model import MAX_SANS
+from ..letsencrypt import BackupError, LeError, Template, backup_from_text, backup_to_text
+from ..letsencrypt.policy import MAX_RENEW_PERIOD_DAYS, MIN_RENEW_PERIOD_DAYS
+from .api import CERT_STATUS_KEY, RouteRegistrar
 from .validate import Flag, Integer, Objects, Schema, Text, read_body
 
 if TYPE_CHECKING:
-    from ..certs.manager import LEManager
+    from ..letsencrypt import LEManager
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,17 @@ def _le_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+def le_routes(manager: LEManager) -> RouteRegistrar:
+    """A registrar for `create_app(extra_routes=...)`: the /api/le/... routes and the
+    certificate status source (CERT_STATUS_KEY) of `manager`."""
+    def register(app: web.Application) -> None:
+        add_routes(app, manager)
+        app[CERT_STATUS_KEY] = manager.cert_statuses
+    return register
+
+
 def add_routes(app: web.Application, manager: LEManager) -> None:
     """Register /api/le/... on the admin application."""
-    from ..certs.manager import Template, backup_from_text, backup_to_text
-
     m = manager
 
     async def account(_r: web.Request) -> web.Response:
@@ -138,8 +145,8 @@ def add_routes(app: web.Application, manager: LEManager) -> None:
 
     async def backup(r: web.Request) -> web.Response:
         data = await read_body(r, BACKUP_SCHEMA)
-        blob = m.backup(data.text("passphrase"), include_vs=data.flag("vs"),
-                        include_certs=data.flag("certs"))
+        blob = await m.backup(data.text("passphrase"), include_vs=data.flag("vs"),
+                              include_certs=data.flag("certs"))
         return web.json_response({"backup": backup_to_text(blob)})
 
     async def restore(r: web.Request) -> web.Response:

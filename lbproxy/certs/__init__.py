@@ -1,4 +1,4 @@
-"""The SSL certificate store (and, later, the Let's Encrypt manager that feeds it)."""
+"""The SSL certificate store: what the data plane serves (lbproxy.letsencrypt feeds it)."""
 
 from .errors import CertInputError, InputProblem
 from .parse import ParsedCertificate, parse_pem, parse_pkcs12

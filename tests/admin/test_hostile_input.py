@@ -62,7 +62,7 @@ class FakeManager:
     async def delete(self, *_a: Any, **_k: Any) -> None:
         self._record("delete")
 
-    def backup(self, *_a: Any, **_k: Any) -> bytes:
+    async def backup(self, *_a: Any, **_k: Any) -> bytes:
         self._record("backup")
         return b""
 

@@ -15,12 +15,12 @@ from acmeclient.crypto import CsrSubject
 from acmeclient.errors import CryptoError
 from acmeclient.http01 import StandaloneHttp01Responder
 from lbproxy.certs import CertInputError, CertStore, InputProblem
-from lbproxy.certs.acme_challenge import build_injection
-from lbproxy.certs.acme_log import LeError
 from lbproxy.config import parse_config
 from lbproxy.config.loader import is_fqdn
 from lbproxy.config.model import Address, Config, SubVS, VirtualService
 from lbproxy.errors import ConfigError
+from lbproxy.letsencrypt.challenge import build_injection
+from lbproxy.letsencrypt.codes import LeError
 from lbproxy.runtime import Runtime
 from tests.certs.helpers import issue
 

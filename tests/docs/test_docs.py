@@ -25,11 +25,11 @@ from prometheus_client import generate_latest
 from lbproxy import __main__ as main_cli
 from lbproxy.admin import cli as admin_cli
 from lbproxy.admin import le_cli
-from lbproxy.certs.acme_log import AcmeCode, VSSubCode
 from lbproxy.config import model as M
 from lbproxy.config import parse_config
 from lbproxy.config.model import EventSettings
 from lbproxy.events import CertStatus, EventKind, Events
+from lbproxy.letsencrypt.codes import AcmeCode, VSSubCode
 from lbproxy.metrics import MetricsCollector, make_registry
 from tests.metrics.test_metrics import STATS
 

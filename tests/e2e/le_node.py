@@ -19,10 +19,11 @@ from aiohttp import web
 from cryptography import x509
 
 from lbproxy.admin import AdminServer, create_app, le_cli, load_or_create_token, start_admin
+from lbproxy.admin.le_api import le_routes
 from lbproxy.certs import CertStore, config_usage
-from lbproxy.certs.manager import ClientFactory, LEManager, default_client_factory
 from lbproxy.config import parse_config
 from lbproxy.config.model import Address, Config
+from lbproxy.letsencrypt import ClientFactory, LEManager, default_client_factory
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import Runtime, RuntimeStore
@@ -95,7 +96,7 @@ class Node:
         self.token = load_or_create_token(self.state)
         app = create_app(runtime=self.runtime, dataplane_stats=self.dataplane.stats,
                          store=self.store, tls=self.tls, token=self.token,
-                         extra_routes=[self.manager.register_routes])
+                         extra_routes=[le_routes(self.manager)])
         self.admin = await start_admin(app, Address("127.0.0.1", 0))
 
     async def _record(self, rt: Runtime) -> None:

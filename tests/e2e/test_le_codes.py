@@ -15,9 +15,9 @@ from josepy.jwk import JWKEC
 
 from acmeclient import AcmeClient, CsrSubject
 from acmeclient.crypto import PrivateKey, generate_key, private_key_to_pem
-from lbproxy.certs.manager import AcmeClientLike
 from lbproxy.config import parse_config
 from lbproxy.config.model import Address, CertificateRequest, RealServer
+from lbproxy.letsencrypt.issuer import AcmeClientLike
 from tests.e2e.le_node import Node, add_a_record, cli, config
 from tests.support.pebble import PebbleInstance, free_port
 
@@ -116,7 +116,7 @@ async def test_order_codes(node: Node, pebble: PebbleInstance) -> None:
                      "--vs", "web")
         assert node.runtime.current.injections == ()
     node.manager.fault_codes = set()
-    assert node.manager.journal.entries() == []
+    assert await node.manager.journal.entries() == []
     # 17.2 and 17.3 at renewal: the stored VS deleted, or no longer eligible
     rc, out = await cli(node, "le", "request", "--id", "c17", "--cn", "shop.le.test",
                         "--vs", "web2")
@@ -208,7 +208,7 @@ async def test_declared_certificates_and_crash_restart(node: Node, pebble: Pebbl
     assert node.manager.view("decl")["auto_renew"] is False
     assert node.manager.view("decl")["next_attempt"] == ""
     # a crash mid-order leaves a journal entry: the restart removes it and retries cleanly
-    node.manager.journal.add("decl2", "web", "acme-leftover")
+    await node.manager.journal.add("decl2", "web", "acme-leftover")
     await node.stop()
     text = node.config_text.replace("[[vs]]", """[[certificate]]
 id = "decl2"
@@ -219,7 +219,7 @@ vs = "web2"
     parse_config(text, base=node.root)  # the loader accepts it
     node.config_text = text
     await node.start()
-    assert node.manager.journal.entries() == []
+    assert await node.manager.journal.entries() == []
     await node.manager.run_due()
     await node.manager.wait_idle()
     assert node.store.require("decl2").names == ("shop.le.test",)

@@ -74,7 +74,7 @@ async def story(node: Node, pebble: PebbleInstance, tmp_path: Path, https_port: 
                           for r in firsts)
     assert node.runtime.current.injections == ()  # gone after
     assert "acme-" not in str((await node.api("GET", "/api/vs/web"))[1])
-    assert node.manager.journal.entries() == []
+    assert await node.manager.journal.entries() == []
 
     # -- served over SNI by the HTTPS VS, verified with Pebble's root only
     status, body, serial1 = await https_get("127.0.0.1", https_port, "shop.le.test", ctx)

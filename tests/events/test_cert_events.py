@@ -16,7 +16,6 @@ import pytest
 from acmeclient.errors import RateLimitedError
 from acmeclient.messages import Problem
 from lbproxy.certs import CertStore
-from lbproxy.certs.manager import LEManager, Template
 from lbproxy.config.model import EventSettings
 from lbproxy.events import (
     CertStatus,
@@ -26,9 +25,10 @@ from lbproxy.events import (
     RecordingSink,
     expiry_alerts,
 )
+from lbproxy.letsencrypt import LEManager, Template
 from lbproxy.runtime import RuntimeStore
-from tests.certs.le_fakes import FakeCA, FakeClock
-from tests.certs.test_le_manager import CONFIG, T0
+from tests.letsencrypt.le_fakes import FakeCA, FakeClock
+from tests.letsencrypt.test_le_manager import CONFIG, T0
 
 DAY = dt.timedelta(days=1)
 

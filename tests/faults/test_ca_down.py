@@ -17,7 +17,7 @@ from pathlib import Path
 import trustme
 from aiohttp import web
 
-from lbproxy.certs.manager import Template
+from lbproxy.letsencrypt import Template
 from tests.e2e.le_node import Node, config, https_get, trust
 from tests.support.pebble import PebbleInstance, free_port
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lbproxy.certs.acme_challenge import RuntimeHttp01Responder
+from lbproxy.letsencrypt.challenge import RuntimeHttp01Responder
 from tests.e2e.le_node import Node, http_get
 from tests.support.pebble import free_port
 
@@ -95,4 +95,4 @@ async def test_only_the_exact_token_for_the_right_host_is_answered(
     await responder.cleanup_all()
     status, body, _ = await http_get("127.0.0.1", port, "a.le.test", base + token_a)
     assert (status, body) == (200, NORMAL)
-    assert n.runtime.current.injections == () and n.manager.journal.entries() == []
+    assert n.runtime.current.injections == () and await n.manager.journal.entries() == []

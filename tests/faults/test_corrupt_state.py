@@ -16,11 +16,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lbproxy.certs.manager import Template
 from lbproxy.config.model import Address, CertificateRequest, Config, SubVS, VirtualService
 from lbproxy.errors import StoreError
+from lbproxy.letsencrypt import Template
 from tests.certs.helpers import tree_digest
-from tests.certs.le_fakes import ManagerEnv as Env
+from tests.letsencrypt.le_fakes import ManagerEnv as Env
 
 CONFIG = Config(
     virtual_services=(VirtualService("web", Address("127.0.0.1", 1),

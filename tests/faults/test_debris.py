@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lbproxy.certs.files import TMP_PREFIX
-from tests.certs.le_fakes import FakeCA, FakeClock
 from tests.e2e.le_node import Node, cli
+from tests.letsencrypt.le_fakes import FakeCA, FakeClock
 from tests.support.pebble import free_port
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from lbproxy.certs.acme_backup import seal, unseal
+from lbproxy.letsencrypt.backup import seal, unseal
 from tests.certs.helpers import issue, tree_digest
-from tests.certs.le_fakes import FakeCA, FakeClock
 from tests.e2e.le_node import Node, cli
+from tests.letsencrypt.le_fakes import FakeCA, FakeClock
 from tests.support.pebble import free_port
 
 PASSPHRASE = "correct horse"
@@ -78,7 +78,7 @@ async def test_restore_of_a_crafted_backup_names_the_entry_and_writes_nothing(
     n, ca = node
     rc, out = await cli(n, "le", "request", "--id", "good", "--cn", "good.test", "--vs", "web")
     assert rc == 0, out
-    contents = unseal(n.manager.backup(PASSPHRASE, include_certs=True), PASSPHRASE)
+    contents = unseal(await n.manager.backup(PASSPHRASE, include_certs=True), PASSPHRASE)
     assert contents.certificates
     evil = {**contents.certificates[0], "chain_pem": None, "key_pem": None}
     evil["entry"] = {**evil["entry"], "id": "../../../../evil"}

@@ -18,8 +18,8 @@ from aiohttp import web
 from josepy.jwk import JWK
 
 from acmeclient.crypto import load_private_key
-from lbproxy.certs.acme_log import LeError
-from lbproxy.certs.manager import Template
+from lbproxy.letsencrypt import Template
+from lbproxy.letsencrypt.codes import LeError
 from tests.acmeclient.fake_ca import FakeCA as AcmeFakeCA
 from tests.e2e.le_node import Node, cli, config
 from tests.support.pebble import PebbleInstance, free_port

@@ -109,7 +109,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
                     failures=2, last_error="validation failed for shop.example.com",
                     last_code=13)
 
-    def register_certs(app: web.Application) -> None:  # what LEManager.register_routes does
+    def register_certs(app: web.Application) -> None:  # what lbproxy.admin.le_api.le_routes does
         app[admin_api.CERT_STATUS_KEY] = lambda: [le]
 
     collector = MetricsCollector(dataplane.stats, certs=lambda: [le],

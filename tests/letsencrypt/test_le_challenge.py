@@ -7,13 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from lbproxy.certs.acme_challenge import (
-    ChallengeJournal,
-    RuntimeHttp01Responder,
-    eligible_services,
-    verify_vs,
-)
-from lbproxy.certs.acme_log import LeError
 from lbproxy.config.model import (
     Address,
     Config,
@@ -26,6 +19,14 @@ from lbproxy.config.model import (
     VSKind,
     rule_order,
 )
+from lbproxy.letsencrypt.challenge import (
+    ChallengeJournal,
+    RuntimeHttp01Responder,
+    eligible_services,
+    verify_vs,
+)
+from lbproxy.letsencrypt.codes import LeError
+from lbproxy.letsencrypt.filestore import FileStorage
 from lbproxy.runtime import RuntimeStore
 
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
@@ -60,7 +61,7 @@ def test_eligibility_and_vs_verification() -> None:
 
 async def test_present_injects_first_precedence_and_cleanup_removes(tmp_path: Path) -> None:
     store = RuntimeStore(config())
-    journal = ChallengeJournal(tmp_path)
+    journal = ChallengeJournal(FileStorage(tmp_path))
     r = RuntimeHttp01Responder(store, "www", {"WWW.Example.test": "web"}, journal)
     await r.present("www.example.test", TOKEN, KEYAUTH)
     [inj] = store.current.injections
@@ -76,16 +77,22 @@ async def test_present_injects_first_precedence_and_cleanup_removes(tmp_path: Pa
     assert not rx.match(f"www.example.test/.well-known/acme-challenge/{TOKEN}x")
     eff = store.current.effective_vs(store.current.config.virtual_services[0])
     assert rule_order(eff)[0] == (inj.rule.name, inj.subvs.name)
-    assert journal.entries() == [{"cert": "www", "vs": "web", "subvs": inj.subvs.name}]
+    assert await journal.entries() == [{
+        "cert": "www", "vs": "web", "subvs": inj.subvs.name, "host": "www.example.test",
+        "token": TOKEN, "key_authorization": KEYAUTH}]
+    # any holder of the storage finds the answer there
+    other = ChallengeJournal(FileStorage(tmp_path))
+    assert await other.answer("WWW.example.test.", TOKEN) == KEYAUTH
+    assert await other.answer("www.example.test", TOKEN[:-1]) is None
     await r.cleanup("www.example.test", TOKEN)
     assert store.current.injections == ()
-    assert journal.entries() == []
+    assert await journal.entries() == []
 
 
 async def test_two_names_on_one_vs_and_cleanup_all(tmp_path: Path) -> None:
     store = RuntimeStore(config())
     r = RuntimeHttp01Responder(store, "c", {"a.test": "web", "b.test": "web", "c.test": "empty"},
-                               ChallengeJournal(tmp_path))
+                               ChallengeJournal(FileStorage(tmp_path)))
     await r.present("a.test", "tokenA" * 4, "tokenA.x")
     await r.present("b.test", "tokenB" * 4, "tokenB.x")
     await r.present("c.test", "tokenC" * 4, "tokenC.x")
@@ -98,7 +105,8 @@ async def test_two_names_on_one_vs_and_cleanup_all(tmp_path: Path) -> None:
 
 async def test_unrequested_name_is_code_12(tmp_path: Path) -> None:
     store = RuntimeStore(config())
-    r = RuntimeHttp01Responder(store, "c", {"a.test": "web"}, ChallengeJournal(tmp_path))
+    r = RuntimeHttp01Responder(store, "c", {"a.test": "web"},
+                               ChallengeJournal(FileStorage(tmp_path)))
     with pytest.raises(LeError) as info:
         await r.present("evil.test", TOKEN, KEYAUTH)
     assert info.value.code == 12
@@ -108,17 +116,18 @@ async def test_unrequested_name_is_code_12(tmp_path: Path) -> None:
 @pytest.mark.parametrize("code", [20, 21, 22, 23, 24, 25])
 async def test_each_step_fails_with_its_code(tmp_path: Path, code: int) -> None:
     store = RuntimeStore(config())
-    journal = ChallengeJournal(tmp_path)
+    journal = ChallengeJournal(FileStorage(tmp_path))
     r = RuntimeHttp01Responder(store, "c", {"a.test": "web"}, journal, fail_at={code})
     with pytest.raises(LeError) as info:
         await r.present("a.test", TOKEN, KEYAUTH)
     assert info.value.code == code
-    assert store.current.injections == () and journal.entries() == []
+    assert store.current.injections == () and await journal.entries() == []
 
 
 async def test_real_failures_have_codes(tmp_path: Path) -> None:
     store = RuntimeStore(config())
-    r = RuntimeHttp01Responder(store, "c", {"a.test": "web"}, ChallengeJournal(tmp_path))
+    r = RuntimeHttp01Responder(store, "c", {"a.test": "web"},
+                               ChallengeJournal(FileStorage(tmp_path)))
     with pytest.raises(LeError) as info:
         await r.present("a.test", "bad token!", KEYAUTH)
     assert info.value.code == 20

@@ -1,8 +1,8 @@
-"""The sans-I/O renewal policy of Let's Encrypt certificates: when to renew, when to retry.
+"""When a certificate is renewed and when a failure is retried: pure functions taking `now`.
 
-Pure functions of a certificate's validity, the operator's renew period, the CA's ARI window
-(RFC 9773) and the failure history, evaluated at a `now` the caller passes in. The manager's shell
-sleeps until `next_attempt(...)`; tests drive the same functions with a fake clock over a year.
+They read a certificate's validity, the operator's renew period, the CA's ARI window (RFC 9773)
+and the failure history; the scheduler's shell sleeps until `next_attempt(...)`; tests drive the
+same functions with a fake clock over a year.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""LoadMaster's Let's Encrypt log codes, the error that carries them, and the two log files.
+"""LoadMaster's Let's Encrypt codes: the codes, the error that carries them, the mapping of
+acmeclient's errors to them (by type), and the two log files they are written to.
 
 Every ACME problem becomes an `LeError(code, text)` and one line in the System Message File,
 `<RFC 3339 time> <hostname> Acme: <text> (code: N)`; account and certificate events go to the Audit
@@ -146,7 +147,9 @@ def classify(exc: BaseException, *, action: str) -> LeError:
         )
     if isinstance(exc, ValidationError):
         who = f" for {exc.identifier}" if exc.identifier else ""
-        if exc.problem is None and "status" in str(exc):
+        if exc.problem is None and not exc.identifier:
+            # About the order itself (a status it cannot have, no certificate URL) and without
+            # the CA's reason: a status lbproxy does not understand.
             return LeError(AcmeCode.UNKNOWN_CERT_STATUS, f"{action}: {exc}")
         return LeError(AcmeCode.VALIDATION_FAILED,
                        f"{action}: validation failed{who}: {_problem_json(exc)}")

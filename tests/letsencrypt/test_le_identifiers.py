@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import trustme
 
-from lbproxy.certs.acme_backup import BackupError, seal, unseal
-from lbproxy.certs.acme_log import LeError
 from lbproxy.certs.errors import CertInputError, InputProblem
-from lbproxy.certs.manager import Template
 from lbproxy.config.model import Address, Config, SubVS, VirtualService, VSKind
 from lbproxy.errors import AdminError, StoreError
+from lbproxy.letsencrypt import Template
+from lbproxy.letsencrypt.backup import BackupError, seal, unseal
+from lbproxy.letsencrypt.codes import LeError
 from tests.certs.helpers import issue, tree_digest
-from tests.certs.le_fakes import ManagerEnv as Env
+from tests.letsencrypt.le_fakes import ManagerEnv as Env
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 CONFIG = Config(virtual_services=(
@@ -123,7 +123,7 @@ async def crafted(env: Env, edit: Any) -> bytes:
     """A backup of `env` (one issued certificate "good") whose certificate list `edit` changed,
     sealed again with the same passphrase: what an attacker with the passphrase could build."""
     await env.manager.request("good", Template("good.test", "web"))
-    contents = unseal(env.manager.backup(PASSPHRASE, include_certs=True), PASSPHRASE)
+    contents = unseal(await env.manager.backup(PASSPHRASE, include_certs=True), PASSPHRASE)
     certs = json.loads(json.dumps(contents.certificates))
     edit(certs)
     return seal(dataclasses.replace(contents, certificates=certs), PASSPHRASE, scrypt_n=FAST_N)

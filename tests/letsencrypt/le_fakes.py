@@ -18,8 +18,8 @@ from acmeclient import CsrSubject, RenewalInfo
 from acmeclient.crypto import PrivateKey
 from acmeclient.errors import AcmeError
 from lbproxy.certs import CertStore, config_usage
-from lbproxy.certs.manager import LEManager
 from lbproxy.config.model import Config
+from lbproxy.letsencrypt import LEManager
 from lbproxy.runtime import RuntimeStore
 
 BACKDATE = dt.timedelta(hours=1)

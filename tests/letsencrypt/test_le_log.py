@@ -20,7 +20,7 @@ from acmeclient.errors import (
     ValidationError,
 )
 from acmeclient.messages import Problem
-from lbproxy.certs.acme_log import AcmeCode, AcmeLog, LeError, classify
+from lbproxy.letsencrypt.codes import AcmeCode, AcmeLog, LeError, classify
 
 NOW = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 

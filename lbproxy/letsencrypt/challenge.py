@@ -1,9 +1,8 @@
-"""HTTP-01 the LoadMaster way: an acmeclient `Http01Responder` that injects, into the VS chosen
-for each name, a SubVS without real servers answering 200 text/plain with the key authorization,
-plus a first-precedence content rule matching the name's host and the token's path.
-
-Also here: which VSs are eligible to answer challenges (code 17 and its sub-codes), and the small
-journal of in-progress challenges that lets a restart clear leftovers.
+"""HTTP-01 the LoadMaster way: which VSs may answer challenges (code 17 and its sub-codes), the
+injection into the runtime of a SubVS without real servers answering 200 text/plain with the key
+authorization plus a first-precedence content rule matching the name's host and the token's path
+(codes 20-25), and the journal of challenges in progress, kept in `Storage`: a restart clears
+leftovers from it, and any holder of the storage can look an answer up in it.
 """
 
 from __future__ import annotations
@@ -11,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-from collections.abc import Container, Mapping
-from pathlib import Path
+from collections.abc import Callable, Container, Mapping
+from typing import Any
 
 from ..config.model import (
     MAX_PATTERN_LENGTH,
@@ -29,8 +27,8 @@ from ..config.model import (
     rule_order,
 )
 from ..runtime import Injection, Runtime, RuntimeStore
-from .acme_log import AcmeCode, LeError, VSSubCode
-from .store import write_atomic
+from .codes import AcmeCode, AcmeLog, LeError, VSSubCode
+from .storage import JOURNAL, Storage, load_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # base64url (RFC 8555 §8.3); 256:
 # Injected names carry the token's first 12 characters: unique enough per order, short to read.
 NAME_TOKEN_CHARS = 12
 NAME_PREFIX = "acme-"
-JOURNAL_FILE = "challenges.json"
 
 
 # -- eligibility --------------------------------------------------------------------------------
@@ -158,65 +155,101 @@ def build_injection(
 # -- the journal of challenges in progress -------------------------------------------------------
 
 class ChallengeJournal:
-    """In-progress challenges on disk: (cert id, VS, SubVS), written before each injection."""
+    """In-progress challenges in storage: (cert id, VS, SubVS, host, token, key authorization),
+    written before each injection."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / JOURNAL_FILE
-        # "<path> is damaged (...)" once a read found it so; set_aside() keeps it for the operator.
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.where = storage.describe(JOURNAL)
+        # "<where> is damaged (...)" once a read found it so; set_aside() keeps it for the operator.
         self.damaged = ""
 
-    def entries(self) -> list[dict[str, str]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
+    async def entries(self) -> list[dict[str, str]]:
+        data = await load_or_none(self.storage, JOURNAL)
+        if data is None:
             return []
+        try:
+            items = json.loads(data)
         except ValueError as exc:
-            self.damaged = f"{self.path} is damaged ({exc})"
+            self.damaged = f"{self.where} is damaged ({exc})"
             logger.error("challenge journal %s", self.damaged)
             return []
-        if not isinstance(data, list):
-            self.damaged = f"{self.path} is damaged (not a list)"
+        if not isinstance(items, list):
+            self.damaged = f"{self.where} is damaged (not a list)"
             return []
-        return [e for e in data if isinstance(e, dict)]
+        return [e for e in items if isinstance(e, dict)]
 
-    def set_aside(self) -> Path:
+    async def answer(self, host: str, token: str) -> str | None:
+        """The key authorization of a challenge in progress, for any holder of the storage."""
+        host = host.lower().rstrip(".")
+        for e in await self.entries():
+            if e.get("host") == host and e.get("token") == token:
+                return e.get("key_authorization")
+        return None
+
+    async def set_aside(self) -> str:
         """Move a damaged journal out of the way (kept, never overwritten); returns where."""
-        aside = self.path.with_name(f"{JOURNAL_FILE}.damaged")
-        os.replace(self.path, aside)
+        aside = f"{JOURNAL}.damaged"
+        await self.storage.store(aside, await self.storage.load(JOURNAL))
+        await self.storage.delete(JOURNAL)
         self.damaged = ""
-        return aside
+        return self.storage.describe(aside)
 
-    def _write(self, entries: list[dict[str, str]]) -> None:
-        write_atomic(self.path, json.dumps(entries, indent=1).encode())
+    async def _write(self, entries: list[dict[str, str]]) -> None:
+        await self.storage.store(JOURNAL, json.dumps(entries, indent=1).encode())
 
-    def add(self, cert_id: str, vs: str, subvs: str) -> None:
-        """Journal a challenge before it is injected; LeError 21 if the file cannot be
-        written (nothing is injected that a restart could not find)."""
-        entries = [e for e in self.entries() if not (e.get("vs") == vs and
-                                                       e.get("subvs") == subvs)]
+    async def add(self, cert_id: str, vs: str, subvs: str, *, host: str = "", token: str = "",
+                  key_authorization: str = "") -> None:
+        """Journal a challenge before it is injected; LeError 21 if it cannot be written
+        (nothing is injected that a restart could not find)."""
+        entries = [e for e in await self.entries()
+                   if not (e.get("vs") == vs and e.get("subvs") == subvs)]
+        entry = {"cert": cert_id, "vs": vs, "subvs": subvs}
+        if token:
+            entry |= {"host": host, "token": token, "key_authorization": key_authorization}
         try:
-            self._write([*entries, {"cert": cert_id, "vs": vs, "subvs": subvs}])
+            await self._write([*entries, entry])
         except OSError as exc:
             raise LeError(AcmeCode.ADD_SUBVS,
                           f"cannot add SubVS {subvs} to {vs}: cannot write the challenge "
-                          f"journal {exc.filename or self.path}: {exc.strerror or exc}"
+                          f"journal {exc.filename or self.where}: {exc.strerror or exc}"
                           ) from None
 
-    def remove(self, vs: str, subvs: str) -> None:
+    async def remove(self, vs: str, subvs: str) -> None:
         """Forget a removed challenge; a failed write is logged (the next start clears the
         entry, whose SubVS no longer exists)."""
-        entries = self.entries()
+        entries = await self.entries()
         keep = [e for e in entries if not (e.get("vs") == vs and e.get("subvs") == subvs)]
         if len(keep) != len(entries):
             try:
-                self._write(keep)
+                await self._write(keep)
             except OSError as exc:
-                logger.error("cannot write the challenge journal %s: %s", self.path,
+                logger.error("cannot write the challenge journal %s: %s", self.where,
                              exc.strerror or exc)
 
-    def clear(self) -> None:
-        if self.path.exists():
-            self._write([])
+    async def clear(self) -> None:
+        if await self.storage.exists(JOURNAL):
+            await self._write([])
+
+
+async def clear_leftovers(journal: ChallengeJournal, runtime: RuntimeStore, log: AcmeLog) -> None:
+    """Challenges journaled by a previous run: remove any still injected, then forget them;
+    their certificates are retried by the scheduler (never issued ones are due at once)."""
+    leftovers = await journal.entries()
+    if journal.damaged:
+        try:
+            log.error(f"challenge journal {journal.damaged}; kept aside as "
+                      f"{await journal.set_aside()}")
+        except OSError as exc:
+            log.error(f"challenge journal {journal.damaged}; cannot set it "
+                      f"aside: {exc.strerror or exc}")
+    for e in leftovers:
+        vs, subvs = e.get("vs", ""), e.get("subvs", "")
+        if any(i.vs == vs and i.subvs.name == subvs for i in runtime.current.injections):
+            await runtime.remove(vs, subvs)
+        logger.info("removed challenge leftover %s/%s of %s", vs, subvs, e.get("cert"))
+    if leftovers:
+        await journal.clear()
 
 
 # -- the responder --------------------------------------------------------------------------------
@@ -250,11 +283,12 @@ class RuntimeHttp01Responder:
         verify_vs(self._runtime.current.config, vs_name, known_before=True)
         injection = build_injection(self._runtime.current, vs_name, host, token,
                                     key_authorization, self._fail_at)
-        self._journal.add(self._cert_id, vs_name, injection.subvs.name)
+        await self._journal.add(self._cert_id, vs_name, injection.subvs.name, host=host,
+                                token=token, key_authorization=key_authorization)
         try:
             await self._runtime.inject(injection)
         except Exception as exc:
-            self._journal.remove(vs_name, injection.subvs.name)
+            await self._journal.remove(vs_name, injection.subvs.name)
             raise LeError(AcmeCode.ADD_SUBVS,
                           f"cannot inject SubVS {injection.subvs.name} into {vs_name}: "
                           f"{exc}") from exc
@@ -276,5 +310,18 @@ class RuntimeHttp01Responder:
         try:
             await self._runtime.remove(injection.vs, injection.subvs.name)
         finally:
-            self._journal.remove(injection.vs, injection.subvs.name)
+            await self._journal.remove(injection.vs, injection.subvs.name)
         logger.info("http-01 SubVS %s removed from %s", injection.subvs.name, injection.vs)
+
+
+class ObservedResponder(RuntimeHttp01Responder):
+    """The runtime responder, telling `on_present(domain, vs)` once an answer is served."""
+
+    def __init__(self, *args: Any, on_present: Callable[[str, str], None], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._on_present = on_present
+
+    async def present(self, domain: str, token: str, key_authorization: str) -> None:
+        await super().present(domain, token, key_authorization)
+        live = self.live
+        self._on_present(domain, live[-1].vs if live else "")

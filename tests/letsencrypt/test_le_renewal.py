@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from lbproxy.certs.acme_renewal import (
+from lbproxy.letsencrypt.policy import (
     AriWindow,
     Failures,
     RenewalState,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lbproxy.certs.acme_backup import BackupContents, BackupError, seal, unseal
+from lbproxy.letsencrypt.backup import BackupContents, BackupError, seal, unseal
 
 FAST_N = 1 << 10  # tests use a cheap scrypt cost; the default is checked once below
 

@@ -14,10 +14,10 @@ import pytest
 from acmeclient import RenewalInfo
 from acmeclient.errors import RateLimitedError
 from acmeclient.messages import Problem
-from lbproxy.certs.manager import Template
 from lbproxy.config.model import Address, Config, SubVS, VirtualService
 from lbproxy.errors import StoreError
-from tests.certs.le_fakes import ManagerEnv as Env
+from lbproxy.letsencrypt import Template
+from tests.letsencrypt.le_fakes import ManagerEnv as Env
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 CONFIG = Config(virtual_services=(

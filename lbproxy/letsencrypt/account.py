@@ -1,0 +1,172 @@
+"""The ACME account: reading and writing it in storage (key first), registering a new one,
+linking an existing one by its key, and what the API shows of it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from acmeclient import KeyType
+from acmeclient.crypto import load_account_key, private_key_to_pem
+from acmeclient.errors import (
+    AccountDoesNotExistError,
+    AcmeError,
+    CryptoError,
+    MalformedResponseError,
+    UnexpectedStatusError,
+)
+
+from .blocking import on_thread
+from .codes import AcmeCode, LeError, classify
+from .issuer import Issuer, close_client, new_key
+from .model import Account, dump
+from .state import LeState
+from .storage import ACCOUNT, ACCOUNT_KEY, load_or_none
+
+logger = logging.getLogger(__name__)
+
+
+def _account_error(exc: AcmeError, action: str) -> LeError:
+    """The code of a failed newAccount. A malformed answer (not a non-2xx one) leaves lbproxy
+    without an account URL (acmeclient refuses an answer without Location this way): code 10."""
+    if isinstance(exc, MalformedResponseError) and not isinstance(exc, UnexpectedStatusError):
+        return LeError(AcmeCode.ACCOUNT_WITHOUT_URL,
+                       f"{action}: the CA's answer gives no usable account URL: {exc}")
+    return classify(exc, action=action)
+
+
+class Accounts:
+    """The account of `state` (state.account, state.account_problem)."""
+
+    def __init__(self, state: LeState, issuer: Issuer) -> None:
+        self.state = state
+        self.issuer = issuer
+
+    def require(self) -> Account:
+        """The account, or the LeError saying why there is none (code 8, 9 or 10)."""
+        s = self.state
+        if s.account is None:
+            raise s.problem(s.account_problem or LeError(
+                AcmeCode.NOT_REGISTERED, "no Let's Encrypt account is registered"))
+        return s.account
+
+    async def load(self) -> None:
+        s, storage = self.state, self.state.storage
+        s.account, s.account_problem = None, None
+        meta_where, key_where = storage.describe(ACCOUNT), storage.describe(ACCOUNT_KEY)
+        try:
+            key_pem = await load_or_none(storage, ACCOUNT_KEY)
+            meta = await load_or_none(storage, ACCOUNT)
+        except OSError as exc:
+            key_pem, meta = None, None
+            s.damaged[ACCOUNT_KEY] = f"{key_where}: {exc}"
+            s.account_problem = s.problem(LeError(
+                AcmeCode.INVALID_STORED_KEY,
+                f"the stored account key {key_where} cannot be used: {exc}"))
+            return
+        if meta is None and key_pem is None:
+            return
+        try:
+            if key_pem is None:
+                raise FileNotFoundError(2, "No such file or directory", key_where)
+            key = load_account_key(key_pem)
+        except (OSError, CryptoError) as exc:
+            s.damaged[ACCOUNT_KEY] = f"{key_where}: {exc}"
+            s.account_problem = s.problem(LeError(
+                AcmeCode.INVALID_STORED_KEY,
+                f"the stored account key {key_where} cannot be used: {exc}"))
+            return
+        why, d = "it has no account URL", {}
+        try:
+            if meta is None:
+                raise FileNotFoundError(2, "No such file or directory", meta_where)
+            d = json.loads(meta)
+            url = str(d.get("url") or "") if isinstance(d, dict) else ""
+        except (OSError, ValueError) as exc:
+            url, d, why = "", {}, f"it is damaged ({exc})"
+            s.damaged[ACCOUNT] = f"{meta_where}: {exc}"
+        if not url:
+            s.account_problem = s.problem(LeError(
+                AcmeCode.ACCOUNT_WITHOUT_URL,
+                f"the stored account {meta_where} cannot be used: {why}"))
+            return
+        s.account = Account(url, str(d.get("email", "")), key)
+
+    async def save(self, account: Account) -> None:
+        s = self.state
+        pem = await on_thread(lambda: private_key_to_pem(account.key))
+        # The key first: an account.json never points at a key that is not stored.
+        await s.write(ACCOUNT_KEY, pem, "account key not stored")
+        await s.write(ACCOUNT, dump({"url": account.url, "email": account.email}),
+                      "account not stored")
+        s.account, s.account_problem = account, None
+        s.damaged.pop(ACCOUNT_KEY, None)
+        s.damaged.pop(ACCOUNT, None)
+
+    async def register(self, email: str | None = None) -> dict[str, Any]:
+        """Register a new account with a generated key (code 6 if one is registered)."""
+        s = self.state
+        if s.account is not None:
+            raise s.problem(LeError(AcmeCode.ACCOUNT_EXISTS,
+                                    f"an account is already registered: {s.account.url}"))
+        mail = s.settings.email if email is None else email
+        try:
+            key = await new_key(KeyType.EC_P256)
+            private_key_to_pem(key)
+        except (ValueError, CryptoError) as exc:
+            raise s.problem(LeError(AcmeCode.INVALID_ACCOUNT_KEY,
+                                    f"the generated account key is invalid: {exc}")) from None
+        client = self.issuer.temporary(s.settings, key)
+        try:
+            res = await client.new_account(contact=[f"mailto:{mail}"] if mail else [],
+                                           terms_of_service_agreed=True)
+        except AcmeError as exc:
+            err = _account_error(exc, "register account")
+            s.count("new_account", err.code)
+            raise s.problem(err) from None
+        finally:
+            await close_client(client)
+        s.count("new_account", None)
+        await self.save(Account(res.url, mail, key))
+        s.log.audit(f"account registered: {res.url}")
+        return self.view()
+
+    async def upload_key(self, data: bytes, passphrase: bytes | None = None) -> dict[str, Any]:
+        """Link an existing account by its key: PEM (optionally encrypted) or certbot's JWK."""
+        s = self.state
+        try:
+            key = await on_thread(lambda: load_account_key(data, passphrase))
+        except CryptoError as exc:
+            raise s.problem(LeError(AcmeCode.INVALID_ACCOUNT_KEY,
+                                    f"the uploaded account key is invalid: {exc}")) from None
+        client = self.issuer.temporary(s.settings, key)
+        try:
+            res = await client.new_account(only_return_existing=True)
+        except AccountDoesNotExistError as exc:
+            s.count("link_account", AcmeCode.NOT_REGISTERED)
+            raise s.problem(LeError(
+                AcmeCode.NOT_REGISTERED,
+                f"the uploaded key has no account at {s.settings.directory_url}: "
+                f"{exc.detail}")) from None
+        except AcmeError as exc:
+            err = _account_error(exc, "link account")
+            s.count("link_account", err.code)
+            raise s.problem(err) from None
+        finally:
+            await close_client(client)
+        s.count("link_account", None)
+        contact = [c.removeprefix("mailto:") for c in getattr(res.account, "contact", ())]
+        await self.save(Account(res.url, contact[0] if contact else "", key))
+        s.log.audit(f"account linked by key upload: {res.url}")
+        return self.view()
+
+    def view(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "registered": s.account is not None,
+            "account_id": s.account.url if s.account else "",
+            "email": s.account.email if s.account else "",
+            "problem": str(s.account_problem) if s.account_problem else "",
+            "settings": s.settings.to_json(),
+        }

@@ -1,0 +1,380 @@
+"""The Let's Encrypt manager: the one object the composition root, the admin API and the config
+file talk to; it wires the feature's parts together and keeps none of their work.
+
+    state.py     settings, account, managed certificates (in memory, persisted in Storage)
+    account.py   register, link by key          checks.py   a request checked whole
+    obtain.py    check, lock, check, order, store   issuer.py   the long-lived ACME client
+    scheduler.py when orders run                views.py    what the API shows
+    backup.py    backup / restore               convert.py  `vs convert`
+    challenge.py the challenge SubVS and its journal
+    storage.py   the Storage / Locker seams (filestore.py: the state directory, the default)
+
+State lives in `<state_dir>/letsencrypt/` unless another `Storage` is given. Certificates and
+their keys go into the SSL certificate store (managed_by="letsencrypt"). The System Message File
+and Audit LogFile are in `<state_dir>` (codes.py). `start()` never waits on the CA: it loads state
+and starts the scheduler, which sleeps until the next renewal is due. Every public coroutine
+raises LeError (a LoadMaster code) or StoreError; every LeError is also written to the System
+Message File. Clock, sleep and jitter are injected (defaults real) so a test can run a year.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from acmeclient.errors import AcmeError, NetworkError
+
+from ..certs.store import CertStore
+from ..config.model import Config, LetsEncryptSettings
+from ..errors import AdminError, StoreError
+from ..events import CertEvent, CertStatus, EventKind, EventSink, NullSink
+from ..runtime import RuntimeStore
+from . import policy
+from .account import Accounts
+from .backup import Backups
+from .blocking import on_thread
+from .challenge import ChallengeJournal, clear_leftovers
+from .checks import check_new_id, validate_template
+from .codes import AcmeCode, AcmeLog, LeError
+from .convert import convert_vs
+from .filestore import FileStorage
+from .issuer import ClientFactory, Issuer, default_client_factory
+from .model import Account, Clock, Entry, Jitter, Settings, Template, utcnow
+from .obtain import Obtainer
+from .scheduler import Scheduler
+from .state import LeState
+from .storage import SETTINGS, Locker, Storage, issued_key
+from .views import Views
+
+logger = logging.getLogger(__name__)
+
+LE_DIR = "letsencrypt"
+
+
+class LEManager:
+    """Account, requests, renewals and persistence of Let's Encrypt certificates."""
+
+    def __init__(self, state_dir: Path, runtime: RuntimeStore, store: CertStore, *,
+                 clock: Clock = utcnow, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 jitter: Jitter = random.random,
+                 client_factory: ClientFactory = default_client_factory,
+                 storage: Storage | None = None, locker: Locker | None = None,
+                 config_path: Path | None = None, hostname: str | None = None,
+                 events: EventSink | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / LE_DIR
+        self.runtime = runtime
+        self.store = store
+        self.clock = clock
+        self.jitter = jitter
+        self.config_path = config_path
+        if storage is None:
+            files = FileStorage(self.dir)
+            storage, locker = files, locker or files
+        if locker is None:
+            raise ValueError("a Storage other than the state directory needs its Locker")
+        self.storage = storage
+        self.locker = locker
+        self.log = AcmeLog(self.state_dir, now=self._now, hostname=hostname)
+        self.journal = ChallengeJournal(storage)
+        # Codes 20-25 to provoke in the challenge injection (fault injection for tests).
+        self.fault_codes: set[int] = set()
+        self.state = LeState(storage, self.log,
+                             Settings.from_config(runtime.current.config.letsencrypt))
+        self._config_le: LetsEncryptSettings | None = None
+        self.issuer = Issuer(client_factory)
+        self.accounts = Accounts(self.state, self.issuer)
+        # Certificate events (requested ... deleted) go here; `lbproxy.events.Events` in a
+        # running process, a NullSink when nobody listens.
+        self.events: EventSink = events or NullSink()
+        self.obtainer = Obtainer(self.state, self.accounts, self.issuer, locker, store, runtime,
+                                 self.journal, self.events, clock=self._now, jitter=jitter,
+                                 fault_codes=lambda: self.fault_codes)
+        self.scheduler = Scheduler(self.state, store, self.issuer, self._obtain, clock=self._now,
+                                   sleep=sleep)
+        self.views = Views(self.state, store, runtime, self.scheduler.running)
+        self.backups = Backups(self.state, self.accounts, store, runtime, clock=self._now,
+                               config_path=config_path, wake=self.wake)
+
+    def _now(self) -> dt.datetime:
+        return self.clock()   # read at each call: a test may swap the clock
+
+    async def _obtain(self, entry: Entry, manual: bool) -> None:
+        await self.obtainer.obtain(entry, manual=manual)
+
+    # -- the state the API and tests read ---------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        self.state.settings = value
+
+    @property
+    def account(self) -> Account | None:
+        return self.state.account
+
+    @account.setter
+    def account(self, value: Account | None) -> None:
+        self.state.account = value
+
+    @property
+    def account_problem(self) -> LeError | None:
+        return self.state.account_problem
+
+    @property
+    def entries(self) -> dict[str, Entry]:
+        return self.state.entries
+
+    @property
+    def damaged(self) -> dict[str, str]:
+        return self.state.damaged
+
+    @property
+    def orders_placed(self) -> int:
+        return self.state.orders_placed
+
+    @property
+    def acme_requests(self) -> Any:
+        """ACME operations by (operation, result): a Counter."""
+        return self.state.acme_requests
+
+    @property
+    def client_factory(self) -> ClientFactory:
+        return self.issuer.factory
+
+    @client_factory.setter
+    def client_factory(self, factory: ClientFactory) -> None:
+        self.issuer.factory = factory
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load state, clear challenge leftovers, start the scheduler. Never waits on the CA."""
+        await self.state.load_settings()
+        await self.accounts.load()
+        await self.state.load_entries()
+        for what in sorted(self.store.problems.values()):
+            self.log.error(f"damaged certificate store state, not used: {what}")
+        await clear_leftovers(self.journal, self.runtime, self.log)
+        await self.sync_config(self.runtime.current.config)
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+        await self.issuer.close()
+
+    def wake(self) -> None:
+        """Look at the schedule now (after a clock change in tests, or a settings change)."""
+        self.scheduler.wake()
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    async def set_directory(self, url: str, ca_bundle: str | None = None) -> Settings:
+        s = self.state
+        bundle = s.settings.ca_bundle if ca_bundle is None else ca_bundle
+        if not url.startswith("https://"):
+            raise s.problem(LeError(AcmeCode.BAD_DIRECTORY, f"directory URL {url!r} is not https"))
+        if bundle and not await on_thread(lambda: os.path.isfile(bundle)):
+            raise s.problem(LeError(AcmeCode.BAD_DIRECTORY,
+                                    f"CA bundle {bundle!r} is not a readable file"))
+        try:
+            await self.issuer.check_directory(url, bundle)
+        except (NetworkError, TimeoutError) as exc:
+            s.count("directory", AcmeCode.NETWORK)
+            raise s.problem(LeError(AcmeCode.NETWORK,
+                                    f"cannot fetch the directory {url}: {exc}")) from None
+        except AcmeError as exc:
+            s.count("directory", AcmeCode.BAD_DIRECTORY)
+            raise s.problem(LeError(AcmeCode.BAD_DIRECTORY,
+                                    f"bad directory at {url}: {exc}")) from None
+        s.count("directory", None)
+        s.settings = dataclasses.replace(s.settings, directory_url=url, ca_bundle=bundle)
+        await s.save_settings()
+        await self.issuer.close()   # the next order talks to the new directory
+        self.log.info(f"directory set to {url}")
+        return s.settings
+
+    async def set_renew_period(self, days: int) -> Settings:
+        if not policy.MIN_RENEW_PERIOD_DAYS <= days <= policy.MAX_RENEW_PERIOD_DAYS:
+            raise AdminError(f"the renew period must be 1 to 60 days, got {days}")
+        self.state.settings = dataclasses.replace(self.state.settings, renew_period_days=days)
+        await self.state.save_settings()
+        self.wake()
+        return self.state.settings
+
+    async def set_email(self, email: str) -> Settings:
+        self.state.settings = dataclasses.replace(self.state.settings, email=email)
+        await self.state.save_settings()
+        return self.state.settings
+
+    # -- account ----------------------------------------------------------------------------------
+
+    async def register(self, email: str | None = None) -> dict[str, Any]:
+        return await self.accounts.register(email)
+
+    async def upload_key(self, data: bytes, passphrase: bytes | None = None) -> dict[str, Any]:
+        return await self.accounts.upload_key(data, passphrase)
+
+    def account_view(self) -> dict[str, Any]:
+        return self.accounts.view()
+
+    # -- certificates -----------------------------------------------------------------------------
+
+    def validate_template(self, cert_id: str, t: Template, *, known: Iterable[str] = ()) -> None:
+        validate_template(self.state, self.runtime.current.config, cert_id, t, known=known)
+
+    async def request(self, cert_id: str, template: Template, *, wait: bool = True,
+                      source: str = "api") -> dict[str, Any]:
+        """Request a new certificate; with `wait`, until it is issued or the order fails.
+        The whole request (id, uniqueness, names, VSs, key, subject, account) is checked
+        before anything is written or sent to the CA."""
+        check_new_id(self.state, self.store, cert_id)
+        template = template.normalized()
+        self.validate_template(cert_id, template)
+        self.accounts.require()
+        cfg = self.runtime.current.config
+        entry = Entry(cert_id, template, source=source, jitter=self.jitter(),
+                      vs_seen=tuple(sorted({vs for _, vs in template.routes
+                                            if cfg.vs_by_name(vs)})))
+        self.state.entries[cert_id] = entry
+        await self.state.save_entry(entry)
+        task = self.scheduler.launch(entry)
+        if wait:
+            await asyncio.shield(task)
+            if self.store.get(cert_id) is None:
+                # A request answered with its failure is not kept (nothing to retry for the
+                # operator who saw the error); config-declared certificates keep retrying.
+                if source == "api":
+                    self.state.entries.pop(cert_id, None)
+                    await self.state.forget_entry(cert_id)
+                raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
+                              subcode=entry.last_subcode)
+        return self.view(cert_id)
+
+    async def renew(self, cert_id: str, *, wait: bool = True) -> dict[str, Any]:
+        """Manual renewal, now, whatever the schedule says."""
+        entry = self.state.entry(cert_id)
+        before = self.store.get(cert_id)
+        task = self.scheduler.launch(entry, manual=True)
+        if wait:
+            await asyncio.shield(task)
+            after = self.store.get(cert_id)
+            if after is None or (before is not None and after.serial == before.serial):
+                raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
+                              subcode=entry.last_subcode)
+        return self.view(cert_id)
+
+    async def delete(self, cert_id: str) -> None:
+        """Delete a managed certificate; refused (409) while any VS or the admin uses it."""
+        entry = self.state.entry(cert_id)
+        info = self.store.get(cert_id)
+        if info is not None:
+            users = self.store.users(cert_id)
+            if users:
+                raise StoreError(f"certificate {cert_id!r} is in use by {', '.join(users)}; "
+                                 "unassign it first", status=409)
+        await self.scheduler.cancel(cert_id)
+        if info is not None:
+            await on_thread(lambda: self.store.delete(cert_id, override=True))
+        await self.state.forget_entry(cert_id)
+        await self.storage.delete(issued_key(cert_id))
+        names = tuple(entry.template.names)
+        del self.state.entries[entry.id]
+        self.log.audit(f"certificate deleted: {cert_id}")
+        self.events.emit(CertEvent(EventKind.DELETED, cert_id, self.clock(), "deleted", names,
+                                   f"{info.serial:x}" if info else "",
+                                   info.not_after if info else None))
+
+    # -- schedule ---------------------------------------------------------------------------------
+
+    def due(self, now: dt.datetime) -> list[tuple[dt.datetime, Entry]]:
+        return self.scheduler.due(now)
+
+    async def run_due(self) -> int:
+        return await self.scheduler.run_due()
+
+    async def wait_idle(self) -> None:
+        await self.scheduler.wait_idle()
+
+    # -- views ------------------------------------------------------------------------------------
+
+    def view(self, cert_id: str) -> dict[str, Any]:
+        return self.views.view(cert_id, self.clock())
+
+    def list_view(self) -> list[dict[str, Any]]:
+        return self.views.list_view(self.clock())
+
+    def cert_statuses(self) -> list[CertStatus]:
+        return self.views.cert_statuses(self.clock())
+
+    def eligible_vs(self) -> list[dict[str, Any]]:
+        return self.views.eligible_vs()
+
+    # -- config file ------------------------------------------------------------------------------
+
+    async def sync_config(self, config: Config) -> None:
+        """Adopt [letsencrypt] when it changed; request declared certificates; stop renewing
+        the ones removed from the file; a changed template is re-ordered."""
+        s = self.state
+        if config.letsencrypt != self._config_le:
+            if self._config_le is not None or not await self.storage.exists(SETTINGS):
+                s.settings = Settings.from_config(config.letsencrypt)
+                await s.save_settings()
+            self._config_le = config.letsencrypt
+        declared = {r.id: r for r in config.certificates}
+        for cid, req in declared.items():
+            t = Template.from_request(req)
+            e = s.entries.get(cid)
+            if e is None and cid in s.damaged:
+                continue  # reported at start; its file is not overwritten
+            if e is None:
+                if self.store.get(cid) is not None:
+                    s.problem(LeError(AcmeCode.NAMES_VS_MISMATCH,
+                                      f"certificate {cid}: the id is taken by a "
+                                      "certificate not managed by Let's Encrypt"))
+                    continue
+                e = Entry(cid, t, source="config", jitter=self.jitter(), vs_seen=tuple(sorted(
+                    {vs for _, vs in t.routes if config.vs_by_name(vs)})))
+                s.entries[cid] = e
+                await s.save_entry(e)
+            elif e.template != t or not e.auto_renew or e.source != "config":
+                names_changed = sorted(e.template.names) != sorted(t.names)
+                e.template, e.auto_renew, e.source = t, True, "config"
+                e.vs_seen = tuple(sorted(set(e.vs_seen) | {
+                    vs for _, vs in t.routes if config.vs_by_name(vs)}))
+                if names_changed:  # the certificate no longer covers the file's names
+                    e.failures = policy.Failures()
+                    e.ari = policy.AriWindow(self.clock() - dt.timedelta(minutes=1),
+                                             self.clock(), None)
+                await s.save_entry(e)
+        for e in s.entries.values():
+            if e.source == "config" and e.id not in declared and e.auto_renew:
+                e.auto_renew = False
+                await s.save_entry(e)
+                self.log.info(f"certificate {e.id} removed from the config: no longer renewed")
+        self.wake()
+
+    # -- vs convert, backup / restore -------------------------------------------------------------
+
+    async def convert_vs(self, name: str) -> dict[str, Any]:
+        return await convert_vs(self.runtime, name)
+
+    async def backup(self, passphrase: str, *, include_vs: bool = False,
+                     include_certs: bool = False) -> bytes:
+        return await self.backups.make(passphrase, include_vs=include_vs,
+                                       include_certs=include_certs)
+
+    async def restore(self, data: bytes, passphrase: str, *, restore_vs: bool = False,
+                      restore_certs: bool = False) -> dict[str, Any]:
+        return await self.backups.restore(data, passphrase, restore_vs=restore_vs,
+                                          restore_certs=restore_certs)

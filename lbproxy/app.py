@@ -20,13 +20,13 @@ from .admin.server import AdminTLS
 from .certs import CertStore, config_usage
 from .config import load_file
 from .config.model import AccessLogSettings, Config
-from .errors import ConfigError, LBProxyError
+from .errors import ConfigError, ConfigProblem, LBProxyError
 from .events import Events
 from .letsencrypt import LEManager
 from .metrics import METRICS_PATH, MetricsCollector, metrics_routes
 from .proxy import DataPlane
 from .proxy.tls import TLSContexts
-from .runtime import RuntimeStore
+from .runtime import Runtime, RuntimeStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 WATCH_INTERVAL = 1.0
 
 FileState = tuple[tuple[int, int, int], str]  # (_fingerprint, _digest) of the config file
+
+
+class _NoVirtualService(ConfigError):
+    """A file with no [[vs]] at reload: allow_empty applies at start only."""
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:
@@ -77,7 +81,8 @@ class App:
         self.dataplane = DataPlane(tls_factory=self.tls.factory)
         self.events = Events(config.events)
         self.manager = LEManager(self.state_dir, self.runtime, self.store,
-                                 config_path=config_path, events=self.events)
+                                 config_path=config_path, events=self.events,
+                                 apply_config=self.apply_file)
         self.events.watch(self.manager.cert_statuses)
         self.metrics = MetricsCollector(
             self.dataplane.stats, certs=self.manager.cert_statuses,
@@ -117,18 +122,9 @@ class App:
 
     async def reload(self) -> bool:
         """Re-read the config file; a bad file is logged and the running config keeps serving."""
-        self._fp = _fingerprint(self.config_path)
-        self._digest = _digest(self.config_path)
         try:
-            cfg = load_file(self.config_path, to_run=True)
-        except ConfigError as e:
-            self.reloads_failed += 1
-            logger.error("reload of %s rejected (%d problems); still serving generation %d",
-                         self.config_path, len(e.problems), self.runtime.current.generation)
-            for p in e.problems:
-                logger.error("  %s", p)
-            return False
-        if not cfg.virtual_services:
+            await self.apply_file()
+        except _NoVirtualService:
             # allow_empty only lets a process start empty: a reload that would close every
             # listener is far likelier a half-written file than a wish.
             self.reloads_failed += 1
@@ -136,22 +132,47 @@ class App:
                          "applies at start only); still serving generation %d",
                          self.config_path, self.runtime.current.generation)
             return False
-        try:
-            rt = await self.runtime.set_config(cfg)
+        except ConfigError as e:
+            self.reloads_failed += 1
+            logger.error("reload of %s rejected (%d problems); still serving generation %d",
+                         self.config_path, len(e.problems), self.runtime.current.generation)
+            for p in e.problems:
+                logger.error("  %s", p)
+            return False
         except LBProxyError as e:
             self.reloads_failed += 1
             logger.error("reload of %s failed: %s; still serving generation %d",
                          self.config_path, e, self.runtime.current.generation)
             return False
+        return True
+
+    async def apply_file(self) -> Runtime:
+        """Make the config file the running config now: the reload path, also taken right after
+        lbproxy writes the file itself (`vs convert`, `restore --vs`, `le delete`), so the file
+        and the running config are one generation. Raises ConfigError (the file) or
+        LBProxyError (the runtime refused it) only while the old config still runs."""
+        self._fp = _fingerprint(self.config_path)
+        self._digest = _digest(self.config_path)
+        self._unsettled = None
+        cfg = load_file(self.config_path, to_run=True)
+        if not cfg.virtual_services:
+            raise _NoVirtualService([ConfigProblem(str(self.config_path),
+                                                   "defines no virtual service")])
+        rt = await self.runtime.set_config(cfg)
         self.reloads_ok += 1
-        await self.manager.sync_config(cfg)
+        try:
+            await self.manager.sync_config(cfg)
+        except Exception:
+            # The new config runs; the certificates it declares are looked at again next time.
+            logger.exception("reloaded %s, but its certificates could not be synced",
+                             self.config_path)
         if cfg.admin != self._admin_settings:
             logger.warning("admin settings changed; they take effect at the next restart")
         if cfg.access_log != self._access_log:
             configure_access_log(cfg.access_log, self.config_path.parent)
             self._access_log = cfg.access_log
         logger.info("reloaded %s: generation %d", self.config_path, rt.generation)
-        return True
+        return rt
 
     async def _watch(self) -> None:
         while True:

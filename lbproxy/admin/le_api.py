@@ -2,7 +2,9 @@
 
     GET  /api/le/account                 account ID (URL), email, settings
     POST /api/le/account                 register {email?}
-    POST /api/le/account/key             link by key {key: PEM or JWK text, passphrase?}
+    POST /api/le/account/key             link by key {key: PEM or JWK text, passphrase?,
+                                         replace?: false} (code 6 if an account is linked
+                                         and replace is not true)
     PUT  /api/le/settings                {directory_url?, ca_bundle?, email?, renew_period_days?}
                                          (a new directory is fetched and checked first)
     GET  /api/le/eligible-vs             VSs that can answer HTTP-01 challenges
@@ -46,7 +48,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Request bodies; PEM, base64 and passphrase fields are bounded by the body limit alone.
 REGISTER_SCHEMA: Schema = {"email": Text()}
 KEY_SCHEMA: Schema = {"key": Text(required=True, max_len=None),
-                      "passphrase": Text(max_len=None)}
+                      "passphrase": Text(max_len=None), "replace": Flag()}
 SETTINGS_SCHEMA: Schema = {
     "directory_url": Text(), "ca_bundle": Text(), "email": Text(),
     "renew_period_days": Integer(MIN_RENEW_PERIOD_DAYS, MAX_RENEW_PERIOD_DAYS)}
@@ -102,7 +104,8 @@ def add_routes(app: web.Application, manager: LEManager) -> None:
         data = await read_body(r, KEY_SCHEMA)
         passphrase = data.text("passphrase")
         return web.json_response(await m.upload_key(
-            data.text("key").encode(), passphrase.encode() if passphrase else None))
+            data.text("key").encode(), passphrase.encode() if passphrase else None,
+            replace=data.flag("replace", False)))
 
     async def settings(r: web.Request) -> web.Response:
         data = await read_body(r, SETTINGS_SCHEMA)

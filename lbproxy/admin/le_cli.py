@@ -1,7 +1,8 @@
 """The Let's Encrypt commands of `lbproxy` (and `vs convert`), over the admin API.
 
     lbproxy le set-directory URL [--ca-bundle F]     lbproxy le register [--email E]
-    lbproxy le upload-key FILE [--passphrase-file F] lbproxy le renew-period DAYS
+    lbproxy le upload-key FILE [--passphrase-file F] [--replace]
+    lbproxy le renew-period DAYS
     lbproxy le request --id ID --cn NAME --vs VS [--san NAME=VS]... [--country C] [--state S]
         [--city C] [--company O] [--unit U] [--email E] [--ec | --key-size N] [--no-wait]
     lbproxy le list [--json] | account | eligible-vs | renew ID | delete ID
@@ -10,7 +11,8 @@
     lbproxy vs convert VS
 
 Each takes --json, -c CONFIG (default lbproxy.toml), --admin URL and --token-file F. Exit status:
-0 done, 1 refused or unreachable (the message carries the LoadMaster code), 2 bad usage.
+0 done, 1 refused or unreachable (the message ends in the LoadMaster code, `(code: N)`), 2 bad
+usage.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +36,8 @@ from .client import AdminClient, ClientError, connect
 # the manager's own order deadline.
 ORDER_WAIT = 330.0
 PASSPHRASE_ENV = "LBPROXY_BACKUP_PASSPHRASE"
+# A message carrying a LoadMaster code ends in it.
+CODED = re.compile(r"\(code: \d+\)$")
 
 Command = Callable[[AdminClient, argparse.Namespace, TextIO], Any]
 
@@ -82,9 +87,11 @@ def register(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
 
 
 def upload_key(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
-    body = {"key": _read(a.file, "account key").decode(errors="replace")}
+    body: dict[str, Any] = {"key": _read(a.file, "account key").decode(errors="replace")}
     if a.passphrase_file:
         body["passphrase"] = _read(a.passphrase_file, "passphrase file").decode().rstrip("\r\n")
+    if a.replace:
+        body["replace"] = True
     return c.post("/api/le/account/key", body)
 
 
@@ -162,7 +169,8 @@ def show_account(d: Any, out: TextIO) -> None:
     print(f"Directory:     {s.get('directory_url', '')}", file=out)
     if s.get("ca_bundle"):
         print(f"CA bundle:     {s['ca_bundle']}", file=out)
-    print(f"Renew period:  {s.get('renew_period_days', '')} days", file=out)
+    days = s.get("renew_period_days", "")
+    print(f"Renew period:  {days} day{'' if days == 1 else 's'}", file=out)
 
 
 def show_cert(d: Any, out: TextIO) -> None:
@@ -199,9 +207,7 @@ def show_eligible(rows: Any, out: TextIO) -> None:
 
 def show_convert(d: Any, out: TextIO) -> None:
     print(f"VS {d['vs']}: Real Servers moved into SubVS {d['subvs']} (rule default).", file=out)
-    print("This change is RUN-TIME ONLY: a reload or restart of the config file undoes it.",
-          file=out)
-    print("To keep it, put this in the config file:\n", file=out)
+    print(f"Written to {d['config_file']} and applied (a reload keeps it):\n", file=out)
     print(d["toml"], file=out, end="")
 
 
@@ -241,6 +247,8 @@ def _parser() -> argparse.ArgumentParser:
     p = cmd(le, "upload-key", upload_key, show_account, "link an account by its key")
     p.add_argument("file")
     p.add_argument("--passphrase-file", default=None)
+    p.add_argument("--replace", action="store_true",
+                   help="replace the account already linked (refused with code 6 without it)")
     p = cmd(le, "renew-period", renew_period, show_account, "days before expiry (1-60)")
     p.add_argument("days", type=int)
     cmd(le, "account", account, show_account, "show the account")
@@ -294,7 +302,11 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
         if args.json:
             print(json.dumps({"error": str(e), "status": e.status}), file=out)
         else:
-            print(f"lbproxy: {e}" + (f" ({e.status})" if e.status else ""), file=err)
+            # LoadMaster's shape: a coded message ends in `(code: N)`, nothing after it (the
+            # HTTP status is in --json); an answer without a code keeps its status.
+            coded = CODED.search(str(e)) is not None
+            print(f"lbproxy: {e}" + (f" ({e.status})" if e.status and not coded else ""),
+                  file=err)
         return 1
     if args.json:
         print(json.dumps(data, indent=2), file=out)

@@ -1,7 +1,14 @@
 """Backup and restore of the Let's Encrypt state: one passphrase-encrypted file (scrypt +
 AES-256-GCM) holding the account and base settings, and optionally the VS configuration and the
-certificates; what goes into one, and what a restore checks (everything, before the first write)
-and then writes. scrypt runs on a worker thread, never on the loop that serves traffic.
+certificates with their run-time assignments to VSs; what goes into one, and what a restore checks
+(everything, before the first write) and then writes. scrypt runs on a worker thread, never on the
+loop that serves traffic.
+
+A refused restore changes nothing and leaves one line with code 101 in the System Message File;
+a part that cannot be restored here (an assignment to a VS this machine lacks, a certificate that
+is not in its store) is named in the answer's `not_restored` and logged with code 102: nothing is
+dropped silently. Restored certificates are also written to `issued/`, as an order writes them,
+for every other holder of the storage.
 
 `seal(contents, passphrase) -> bytes` and `unseal(data, passphrase) -> contents` are pure.
 """
@@ -28,16 +35,18 @@ from acmeclient.errors import CryptoError
 from ..certs.errors import CertInputError
 from ..certs.files import safe_path
 from ..certs.parse import parse_pem
-from ..certs.store import CertStore, check_id
+from ..certs.store import ADMIN_TARGET, CertStore, check_id
 from ..config.loader import parse_config
-from ..config.model import Config
-from ..errors import ConfigError, LBProxyError
+from ..config.model import Protocol
+from ..config.writer import ConfigFile, PendingEdit, replace_vs_config_edit, vs_config_text
+from ..errors import ConfigError, LBProxyError, StoreError
 from ..runtime import RuntimeStore
 from .account import Accounts
 from .blocking import on_thread
 from .codes import AcmeCode, LeError
-from .model import MANAGED_BY, Account, Clock, Entry, Settings
+from .model import MANAGED_BY, Account, Clock, Entry, Issued, Settings
 from .state import LeState
+from .storage import issued_key
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,10 @@ class BackupContents:
     certificates: list[dict[str, Any]] | None = None
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The certificate store's run-time assignments (`cert assign`), with `certificates`:
+    # [{"certificate": id, "target": VS name or "admin", "default": bool}]. None in backups
+    # made before they were carried.
+    assignments: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +90,7 @@ class BackupContents:
             "account": self.account,
             "vs_config": self.vs_config,
             "certificates": self.certificates,
+            "assignments": self.assignments,
             "created": self.created,
             "extra": self.extra,
         }
@@ -94,8 +108,14 @@ class BackupContents:
             raise BackupError("backup payload: certificates is not a list")
         if vs_config is not None and not isinstance(vs_config, str):
             raise BackupError("backup payload: vs_config is not text")
+        assignments = obj.get("assignments")
+        if assignments is not None and not isinstance(assignments, list):
+            raise BackupError("backup payload: assignments is not a list")
+        extra = obj.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise BackupError("backup payload: extra is not an object")
         return cls(obj["settings"], account, vs_config, certs, str(obj.get("created", "")),
-                   dict(obj.get("extra") or {}))
+                   extra, assignments)
 
 
 def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -146,7 +166,11 @@ def unseal(data: bytes, passphrase: str) -> BackupContents:
         plain = AESGCM(key).decrypt(nonce, ct, json.dumps(header, sort_keys=True).encode())
     except InvalidTag:
         raise BackupError("wrong passphrase or damaged backup") from None
-    return BackupContents.from_json(json.loads(plain))
+    try:
+        payload = json.loads(plain)
+    except ValueError:  # authentic, so written with the passphrase: crafted, not damaged
+        raise BackupError("the backup's payload is not JSON") from None
+    return BackupContents.from_json(payload)
 
 
 def backup_to_text(data: bytes) -> str:
@@ -163,12 +187,66 @@ def backup_from_text(text: str) -> bytes:
 RESTORED_CONFIG = "restored-config.toml"  # the backup's VS configuration, kept for the operator
 
 
+async def _no_reload() -> None:
+    raise BackupError("no reload path to apply a restored VS configuration", status=409)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A run-time assignment of the certificate store: `target` (a VS, or "admin") serves
+    `certificate`, as its default certificate if `default`."""
+
+    certificate: str
+    target: str
+    default: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"certificate": self.certificate, "target": self.target, "default": self.default}
+
+
+def run_time_assignments(store: CertStore) -> list[Assignment]:
+    """The store's run-time assignments (not those of the config file), in the order a restore
+    assigns them again: each VS's certificates in their order, then the admin interface's."""
+    doc = store.assignments()
+    out = []
+    for vs, a in doc["vs"].items():
+        certs = list(a["certificates"])
+        if a["default"] and a["default"] not in certs:
+            certs.append(a["default"])
+        out += [Assignment(c, vs, c == a["default"]) for c in certs]
+    return out + [Assignment(c, ADMIN_TARGET) for c in doc[ADMIN_TARGET]]
+
+
+@dataclass(frozen=True, slots=True)
+class NotRestored:
+    """A part of a backup that was not restored here, and why (what the operator must do)."""
+
+    certificate: str
+    target: str  # the VS (or "admin") of an assignment; "" for the certificate itself
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"certificate": self.certificate, "target": self.target, "reason": self.reason}
+
+    def text(self) -> str:
+        what = (f"certificate {self.certificate!r}" if not self.target else
+                f"assignment of certificate {self.certificate!r} to {self.target!r}")
+        return f"restore: {what} not restored: {self.reason}"
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far a restore got: whether its checks passed and its writes began."""
+
+    writing: bool = False
+
+
 class Backups:
     """Makes and restores backups of the feature's state."""
 
     def __init__(self, state: LeState, accounts: Accounts, store: CertStore,
                  runtime: RuntimeStore, *, clock: Clock, config_path: Path | None,
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None], config_file: ConfigFile | None = None) -> None:
         self.state = state
         self.accounts = accounts
         self.store = store
@@ -176,6 +254,8 @@ class Backups:
         self.clock = clock
         self.config_path = config_path
         self.wake = wake
+        # Where `restore --vs` writes the backup's VS configuration (then applied by reload).
+        self.config_file = config_file or ConfigFile(config_path, _no_reload)
 
     async def make(self, passphrase: str, *, include_vs: bool = False,
                    include_certs: bool = False) -> bytes:
@@ -190,7 +270,7 @@ class Backups:
                 raise BackupError("the config file is not known to the manager; no VS "
                                   "configuration to back up", status=409)
             vs_config = await on_thread(self.config_path.read_text)
-        certs = None
+        certs = assignments = None
         if include_certs:
             certs = []
             for e in s.entries.values():
@@ -198,17 +278,36 @@ class Backups:
                 certs.append({"entry": e.to_json(),
                               "chain_pem": m.chain_pem.decode() if m else None,
                               "key_pem": m.key_pem.decode() if m else None})
+            assignments = [a.to_json() for a in run_time_assignments(self.store)]
         contents = BackupContents(s.settings.to_json(), account, vs_config, certs,
-                                  self.clock().isoformat())
+                                  self.clock().isoformat(), assignments=assignments)
         data = await on_thread(lambda: seal(contents, passphrase))
         s.log.audit(f"backup made (vs={include_vs}, certificates={include_certs})")
         return data
 
     async def restore(self, data: bytes, passphrase: str, *, restore_vs: bool = False,
                       restore_certs: bool = False) -> dict[str, Any]:
-        """Apply a backup. Everything in it is checked before the first write (settings,
-        account key, VS configuration, each certificate's id, paths and PEM): a refused backup
-        changes nothing, and the error names the entry at fault."""
+        """Apply a backup (see `_restore`); a failure leaves a line in the System Message File
+        with its code (9 or 10 for the account, 101 for anything else), then is raised."""
+        progress = _Progress()
+        try:
+            return await self._restore(data, passphrase, restore_vs=restore_vs,
+                                       restore_certs=restore_certs, progress=progress)
+        except LeError:
+            raise  # logged with its own code where it was raised
+        except Exception as exc:
+            what = ("backup restore stopped part way (what was written before stays)"
+                    if progress.writing else "backup not restored")
+            self.state.problem(LeError(AcmeCode.RESTORE_FAILED, f"{what}: {exc}"))
+            raise
+
+    async def _restore(self, data: bytes, passphrase: str, *, restore_vs: bool,
+                       restore_certs: bool, progress: _Progress) -> dict[str, Any]:
+        """Everything in the backup is checked before the first write (settings, account key,
+        VS configuration, each certificate's id, paths and PEM, each assignment): a refused
+        backup changes nothing, and the error names the entry at fault. Then settings, account,
+        VS configuration, certificates (store, `issued/`, entry) and assignments are written;
+        what cannot be restored here is answered in `not_restored` and logged (code 102)."""
         s = self.state
         contents = await on_thread(lambda: unseal(data, passphrase))
         try:
@@ -228,26 +327,35 @@ class Backups:
                 raise s.problem(LeError(AcmeCode.ACCOUNT_WITHOUT_URL,
                                         "the backup's account has no URL"))
             account = Account(url, str(contents.account.get("email", "")), key)
-        cfg: Config | None = None
+        vs_edit: PendingEdit | None = None
         if restore_vs and contents.vs_config is not None:
-            try:
-                cfg = parse_config(contents.vs_config, base=self.config_path.parent
+            try:  # the backup's own text first: its problems named as the backup's
+                parse_config(contents.vs_config, base=self.config_path.parent
                                    if self.config_path else None, source="backup")
             except ConfigError as exc:
                 raise BackupError(f"the backup's VS configuration is invalid: {exc}") from None
-        certs = self._certificates(contents.certificates or []) if restore_certs else []
+            # Into the config file, or refused now: a restore never leaves the running VSs and
+            # the file apart (the next reload would undo it).
+            vs_edit = await self.config_file.prepare(
+                replace_vs_config_edit(contents.vs_config), running=self.runtime.current.config,
+                what="`restore --vs`", snippet="# replace the [[rule]], [[vs]] and "
+                "[[certificate]] tables of the config file with the backup's:\n"
+                + vs_config_text(contents.vs_config))
+        certs, skipped = (self._certificates(contents.certificates or []) if restore_certs
+                          else ([], set()))
+        assignments = _assignments(contents.assignments or []) if restore_certs else []
 
+        progress.writing = True
         s.settings = settings
         await s.save_settings()
-        restored: dict[str, Any] = {"account": "", "certificates": [], "vs": False}
+        restored: dict[str, Any] = {"account": "", "certificates": [], "vs": False,
+                                    "assignments": [], "not_restored": []}
+        missed = [NotRestored(cid, "", "the id is held here by a certificate not managed by "
+                              "Let's Encrypt; delete or rename it, then restore again")
+                  for cid in sorted(skipped)]
         if account is not None:
             await self.accounts.save(account)
             restored["account"] = account.url
-        if cfg is not None and contents.vs_config is not None:
-            await s.write(RESTORED_CONFIG, contents.vs_config.encode(),
-                          "the backup's VS configuration not stored")
-            await self.runtime.set_config(cfg)
-            restored["vs"] = True
         for e, pem in certs:
             if pem is not None:
                 chain_pem, key_pem = pem
@@ -255,22 +363,73 @@ class Backups:
                     self.store.import_pem, e.id, chain_pem, key_pem,
                     replace=self.store.get(e.id) is not None, managed_by=MANAGED_BY,
                     override=True))
+                # Before the entry, as an order does: a holder that sees the entry finds it.
+                await s.write(issued_key(e.id), Issued(chain_pem, key_pem).to_bytes(),
+                              f"certificate {e.id} not shared")
             s.entries[e.id] = e
             await s.save_entry(e)
             restored["certificates"].append(e.id)
+        if vs_edit is not None and contents.vs_config is not None:
+            # After the certificates (a declared one is not ordered again, an HTTPS VS finds
+            # its own), before the assignments (which may name a restored VS).
+            await s.write(RESTORED_CONFIG, contents.vs_config.encode(),
+                          "the backup's VS configuration not stored")
+            await self.config_file.commit(vs_edit)
+            restored["vs"] = True
+        backed_up = {e.id for e, _ in certs} | skipped
+        for a in assignments:
+            why = self._why_not(a, backed_up, skipped)
+            if why is None:
+                try:
+                    await on_thread(functools.partial(self.store.assign, a.certificate,
+                                                      a.target, default=a.default))
+                except StoreError as exc:
+                    why = str(exc)
+            if why is None:
+                restored["assignments"].append(a.to_json())
+            else:
+                missed.append(NotRestored(a.certificate, a.target, why))
+        for m in missed:
+            s.problem(LeError(AcmeCode.NOT_RESTORED, m.text()))
+        restored["not_restored"] = [m.to_json() for m in missed]
         s.log.audit(f"backup restored (account {restored['account'] or 'none'}, "
-                    f"{len(restored['certificates'])} certificates, vs={restored['vs']})")
+                    f"{len(restored['certificates'])} certificates, "
+                    f"{len(restored['assignments'])} assignments, vs={restored['vs']}"
+                    f"{f', {len(missed)} not restored' if missed else ''})")
         self.wake()
         return restored
 
-    def _certificates(self, items: list[Any]) -> list[tuple[Entry, tuple[bytes, bytes] | None]]:
-        """A backup's certificates to restore, each with its (chain, key) PEM if it has one;
-        BackupError naming the entry for anything that cannot be restored whole: a malformed
-        entry, an id that is not valid or would leave the state directory, an id listed twice,
-        a PEM the store would refuse, an id whose state here is damaged. An id held here by a
-        certificate not managed by Let's Encrypt is skipped (with a warning), as it was."""
+    def _why_not(self, a: Assignment, backed_up: set[str], skipped: set[str]) -> str | None:
+        """Why an assignment cannot be restored here (None: it can), saying what to do."""
+        assign = f"`lbproxy cert assign {a.certificate} {a.target}`"
+        if a.target == ADMIN_TARGET:
+            return (f"the admin interface's certificate switches the admin API to HTTPS; "
+                    f"run {assign} when it should")
+        vs = self.runtime.current.config.vs_by_name(a.target)
+        if vs is None:
+            return f"VS {a.target!r} does not exist here; add it, then run {assign}"
+        if vs.protocol is not Protocol.HTTPS:
+            return f"VS {a.target!r} is not HTTPS here"
+        if a.certificate in skipped:
+            return "the id is held here by another certificate, not the backed-up one"
+        if self.store.get(a.certificate) is None:
+            carried = ("the backup holds no certificate for it" if a.certificate in backed_up
+                       else "a backup carries only Let's Encrypt certificates")
+            return (f"the certificate is not in the certificate store here ({carried}); "
+                    f"import it, then run {assign}")
+        return None
+
+    def _certificates(self, items: list[Any]
+                      ) -> tuple[list[tuple[Entry, tuple[bytes, bytes] | None]], set[str]]:
+        """A backup's certificates to restore, each with its (chain, key) PEM if it has one,
+        and the ids skipped; BackupError naming the entry for anything that cannot be restored
+        whole: a malformed entry, an id that is not valid or would leave the state directory,
+        an id listed twice, a PEM the store would refuse, an id whose state here is damaged.
+        An id held here by a certificate not managed by Let's Encrypt is skipped (and reported
+        by the caller as not restored)."""
         out: list[tuple[Entry, tuple[bytes, bytes] | None]] = []
         seen: set[str] = set()
+        skipped: set[str] = set()
         for i, c in enumerate(items):
             where = f"the backup's certificates[{i}]"
             try:
@@ -292,7 +451,7 @@ class Backups:
                                   status=409)
             info = self.store.get(e.id)
             if info is not None and info.managed_by != MANAGED_BY:
-                logger.warning("restore: %s is a non-managed certificate here; skipped", e.id)
+                skipped.add(e.id)
                 continue
             chain, key = c.get("chain_pem"), c.get("key_pem")
             pem = None
@@ -305,4 +464,25 @@ class Backups:
                 except CertInputError as exc:
                     raise BackupError(f"{where}: {exc}") from None
             out.append((e, pem))
-        return out
+        return out, skipped
+
+
+def _assignments(items: list[Any]) -> list[Assignment]:
+    """A backup's assignments, checked before the first write; BackupError naming the item
+    for a malformed one or a certificate id that is not valid. Repeats count once."""
+    out: list[Assignment] = []
+    for i, item in enumerate(items):
+        where = f"the backup's assignments[{i}]"
+        if not isinstance(item, dict):
+            raise BackupError(f"{where} is not an object")
+        cid, target, default = item.get("certificate"), item.get("target"), item.get("default")
+        if not isinstance(target, str) or not target or not isinstance(default, bool):
+            raise BackupError(f"{where}: target must be a VS name and default true or false")
+        try:
+            check_id(cid)
+        except CertInputError as exc:
+            raise BackupError(f"{where}: {exc}") from None
+        a = Assignment(str(cid), target, default)
+        if a not in out:
+            out.append(a)
+    return out

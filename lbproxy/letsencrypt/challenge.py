@@ -72,7 +72,9 @@ def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualSer
                       subcode=VSSubCode.MISSING)
     why = ineligibility(vs)
     if why is not None:
-        raise LeError(AcmeCode.VS_VERIFY, f"{why}: Unknown VS", subcode=VSSubCode.NOT_ELIGIBLE)
+        # The VS is known (not 17.1/17.2's "Unknown VS"): it cannot take a challenge SubVS.
+        raise LeError(AcmeCode.VS_VERIFY, f"VS not eligible for challenges: {why}",
+                      subcode=VSSubCode.NOT_ELIGIBLE)
     return vs
 
 

@@ -1,8 +1,10 @@
-"""LoadMaster's Let's Encrypt codes: the codes, the error that carries them, the mapping of
+r"""LoadMaster's Let's Encrypt codes: the codes, the error that carries them, the mapping of
 acmeclient's errors to them (by type), and the two log files they are written to.
 
-Every ACME problem becomes an `LeError(code, text)` and one line in the System Message File,
-`<RFC 3339 time> <hostname> Acme: <text> (code: N)`; account and certificate events go to the Audit
+Every ACME problem becomes an `LeError(code, text)` and one line in the System Message File in
+LoadMaster's exact shape, `<time, +00:00> <hostname> Acme: <text> (code: N)`: the line always ends
+in `(code: N)`, and a sub-code (code 17) is part of the text (`..., sub-code 2 (code: 17)`), so one
+pattern, `\(code: \d+\)$`, finds every coded line. Account and certificate events go to the Audit
 LogFile. The codes are those of the LoadMaster Let's Encrypt troubleshooting table.
 """
 
@@ -68,6 +70,9 @@ class AcmeCode(enum.IntEnum):
     SET_PRECEDENCE = 23         # failed to give the rule first precedence
     SET_ERROR_RESPONSE = 24     # failed to set the SubVS's "not available" response
     SET_ERROR_PAGE = 25         # failed to set the SubVS's error page (the key authorization)
+    # lbproxy's own, numbered from 101 so that they never clash with LoadMaster's table:
+    RESTORE_FAILED = 101        # a backup was not restored (passphrase, damaged, crafted entry)
+    NOT_RESTORED = 102          # a part of a restored backup could not be restored here
 
 
 class VSSubCode(enum.IntEnum):
@@ -107,11 +112,21 @@ class LeError(LBProxyError):
         self.text = text
         self.retry_after = retry_after
         self.status = status if status is not None else _STATUS.get(self.code, 500)
-        super().__init__(f"{text} ({code_suffix(self.code, subcode)})")
+        super().__init__(text)
+
+    @property
+    def message(self) -> str:
+        """The text as logged and answered: with the sub-code, if any, at its end."""
+        return self.text if self.subcode is None else f"{self.text}, sub-code {self.subcode}"
+
+    def __str__(self) -> str:
+        # Built at each call: callers prefix `text` with the certificate after construction.
+        return f"{self.message} ({code_suffix(self.code)})"
 
 
-def code_suffix(code: int, subcode: int | None = None) -> str:
-    return f"code: {code}" if subcode is None else f"code: {code}, sub-code: {subcode}"
+def code_suffix(code: int) -> str:
+    """LoadMaster's code marker, without its parentheses: every coded line ends in `(code: N)`."""
+    return f"code: {code}"
 
 
 _PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----", re.S)
@@ -146,13 +161,14 @@ def classify(exc: BaseException, *, action: str) -> LeError:
             retry_after=exc.retry_after,
         )
     if isinstance(exc, ValidationError):
-        who = f" for {exc.identifier}" if exc.identifier else ""
-        if exc.problem is None and not exc.identifier:
-            # About the order itself (a status it cannot have, no certificate URL) and without
-            # the CA's reason: a status lbproxy does not understand.
-            return LeError(AcmeCode.UNKNOWN_CERT_STATUS, f"{action}: {exc}")
+        if not exc.identifier:
+            # About the order itself, not a name's challenge: it ended invalid outside any
+            # challenge (at finalize, with or without the CA's reason), has a status it cannot
+            # have at this step, or is valid without a certificate URL: code 14, not 13.
+            return LeError(AcmeCode.UNKNOWN_CERT_STATUS,
+                           f"{action}: order status not understood: {exc}")
         return LeError(AcmeCode.VALIDATION_FAILED,
-                       f"{action}: validation failed{who}: {_problem_json(exc)}")
+                       f"{action}: validation failed for {exc.identifier}: {_problem_json(exc)}")
     if isinstance(exc, NetworkError | AcmeTimeoutError):
         return LeError(AcmeCode.NETWORK, f"{action}: network failure: {exc}")
     if isinstance(exc, UnexpectedStatusError):  # non-2xx without a problem document
@@ -171,7 +187,8 @@ def classify(exc: BaseException, *, action: str) -> LeError:
 
 
 def rfc3339(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """LoadMaster's timestamp: RFC 3339 in UTC, seconds, offset written `+00:00` (never `Z`)."""
+    return when.astimezone(UTC).isoformat(timespec="seconds")
 
 
 class AcmeLog:
@@ -213,8 +230,8 @@ class AcmeLog:
 
     def problem(self, err: LeError) -> None:
         """One ACME problem, with its code, in the System Message File."""
-        line = (f"{rfc3339(self._now())} {self._host} Acme: {_one_line(err.text)} "
-                f"({code_suffix(err.code, err.subcode)})")
+        line = (f"{rfc3339(self._now())} {self._host} Acme: {_one_line(err.message)} "
+                f"({code_suffix(err.code)})")
         logger.warning("%s", line)
         self._append(self.messages_path, line)
 
@@ -237,6 +254,10 @@ class AcmeLog:
         except FileNotFoundError:
             return []
         out = []
-        for m in re.finditer(r"\(code: (\d+)(?:, sub-code: (\d+))?\)$", text, re.M):
-            out.append((int(m.group(1)), int(m.group(2)) if m.group(2) else None))
+        for m in _CODED_LINE.finditer(text):
+            out.append((int(m.group(2)), int(m.group(1)) if m.group(1) else None))
         return out
+
+
+# A coded line's end: `..., sub-code S (code: N)` or `... (code: N)`.
+_CODED_LINE = re.compile(r"(?:, sub-code (\d+))? \(code: (\d+)\)$", re.M)

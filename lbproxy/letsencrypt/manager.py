@@ -33,6 +33,7 @@ from acmeclient.errors import AcmeError, NetworkError
 
 from ..certs.store import CertStore
 from ..config.model import Config, LetsEncryptSettings
+from ..config.writer import ConfigFile, remove_certificate_edit
 from ..errors import AdminError, StoreError
 from ..events import CertEvent, CertStatus, EventKind, EventSink, NullSink
 from ..runtime import RuntimeStore
@@ -43,7 +44,7 @@ from .blocking import on_thread
 from .challenge import ChallengeJournal, clear_leftovers
 from .checks import check_new_id, validate_template
 from .codes import AcmeCode, AcmeLog, LeError
-from .convert import convert_vs
+from .convert import convert_vs, reload_from_file
 from .filestore import FileStorage
 from .issuer import ClientFactory, Issuer, default_client_factory
 from .model import Account, Clock, Entry, Jitter, Settings, Template, utcnow
@@ -67,7 +68,8 @@ class LEManager:
                  client_factory: ClientFactory = default_client_factory,
                  storage: Storage | None = None, locker: Locker | None = None,
                  config_path: Path | None = None, hostname: str | None = None,
-                 events: EventSink | None = None) -> None:
+                 events: EventSink | None = None,
+                 apply_config: Callable[[], Awaitable[object]] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / LE_DIR
         self.runtime = runtime
@@ -75,6 +77,10 @@ class LEManager:
         self.clock = clock
         self.jitter = jitter
         self.config_path = config_path
+        # Edits of the config file (`vs convert`, `restore --vs`, `le delete`), applied through
+        # `apply_config`: the composition root's reload; without one, the manager's own.
+        self.config_file = ConfigFile(config_path, apply_config or reload_from_file(
+            runtime, config_path, self.sync_config))
         if storage is None:
             files = FileStorage(self.dir)
             storage, locker = files, locker or files
@@ -101,7 +107,8 @@ class LEManager:
                                    sleep=sleep)
         self.views = Views(self.state, store, runtime, self.scheduler.running)
         self.backups = Backups(self.state, self.accounts, store, runtime, clock=self._now,
-                               config_path=config_path, wake=self.wake)
+                               config_path=config_path, wake=self.wake,
+                               config_file=self.config_file)
 
     def _now(self) -> dt.datetime:
         return self.clock()   # read at each call: a test may swap the clock
@@ -222,8 +229,9 @@ class LEManager:
     async def register(self, email: str | None = None) -> dict[str, Any]:
         return await self.accounts.register(email)
 
-    async def upload_key(self, data: bytes, passphrase: bytes | None = None) -> dict[str, Any]:
-        return await self.accounts.upload_key(data, passphrase)
+    async def upload_key(self, data: bytes, passphrase: bytes | None = None, *,
+                         replace: bool = False) -> dict[str, Any]:
+        return await self.accounts.upload_key(data, passphrase, replace=replace)
 
     def account_view(self) -> dict[str, Any]:
         return self.accounts.view()
@@ -283,6 +291,14 @@ class LEManager:
             if users:
                 raise StoreError(f"certificate {cert_id!r} is in use by {', '.join(users)}; "
                                  "unassign it first", status=409)
+        cfg = self.runtime.current.config
+        if any(c.id == cert_id for c in cfg.certificates):
+            # Declared with [[certificate]]: the next reload would order it again. Its table
+            # leaves the file first (that reload stops its renewals), or nothing is deleted.
+            await self.config_file.edit(
+                remove_certificate_edit(cert_id), running=cfg, what=f"`le delete {cert_id}`",
+                snippet=f'# remove the [[certificate]] table with id = "{cert_id}", then '
+                        "delete again\n")
         await self.scheduler.cancel(cert_id)
         if info is not None:
             await on_thread(lambda: self.store.delete(cert_id, override=True))
@@ -367,7 +383,7 @@ class LEManager:
     # -- vs convert, backup / restore -------------------------------------------------------------
 
     async def convert_vs(self, name: str) -> dict[str, Any]:
-        return await convert_vs(self.runtime, name)
+        return await convert_vs(self.runtime, self.config_file, name)
 
     async def backup(self, passphrase: str, *, include_vs: bool = False,
                      include_certs: bool = False) -> bytes:

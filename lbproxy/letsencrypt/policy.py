@@ -30,6 +30,10 @@ MIN_AGE_FRACTION = 10
 BACKOFF_BASE = timedelta(minutes=5)
 BACKOFF_CAP = timedelta(hours=6)
 BACKOFF_MIN = timedelta(minutes=1)
+# Retry-After is honoured up to a day (Let's Encrypt's rate limits refill within hours) and never
+# past half of the time the certificate has left: a CA's (or a proxy's) Retry-After of a year
+# must not park a renewal until after expiry.
+MAX_RETRY_AFTER = timedelta(hours=24)
 # ARI is fetched again this often when the CA sends no Retry-After (RFC 9773 §4.3.3: ~6 hours).
 ARI_REFRESH = timedelta(hours=6)
 
@@ -39,7 +43,8 @@ class RenewalState(enum.StrEnum):
 
     VALID = "valid"            # issued, not yet in its renewal window
     DUE = "due"                # in its window; a renewal will start
-    RENEWING = "renewing"      # an order is running
+    RENEWING = "renewing"      # an order is running for an issued certificate
+    ORDERING = "ordering"      # the first order of a certificate never issued is running
     BACKOFF = "backoff"        # the last attempt failed; waiting for next_attempt
     EXPIRED = "expired"        # not_after has passed (renewal keeps being retried)
     PENDING = "pending"        # requested, never issued yet
@@ -133,13 +138,35 @@ def backoff(failures: int, remaining: timedelta) -> timedelta:
 def record_failure(
     failures: Failures, now: datetime, validity: Validity | None, retry_after: float | None
 ) -> Failures:
-    """The history after one more failure at `now`; Retry-After (seconds) is honoured in full."""
+    """The history after one more failure at `now`: back-off, or the CA's Retry-After (seconds)
+    when it is longer, up to MAX_RETRY_AFTER and half of the time the certificate has left."""
     count = failures.count + 1
     remaining = validity.not_after - now if validity is not None else BACKOFF_CAP * 4
     retry = now + backoff(count, remaining)
     if retry_after is not None and retry_after > 0:
-        retry = max(retry, now + timedelta(seconds=retry_after))
+        # timedelta(seconds=) overflows past ~2.7 million years: bound the number first.
+        wait = timedelta(seconds=min(retry_after, MAX_RETRY_AFTER.total_seconds()))
+        if remaining > timedelta(0):
+            wait = min(wait, remaining / 2)
+        retry = max(retry, now + wait)
     return Failures(count, now, retry)
+
+
+def planned_attempt(
+    validity: Validity | None,
+    renew_period_days: int,
+    ari: AriWindow | None = None,
+    failures: Failures = Failures(),
+    *,
+    jitter: float = 0.0,
+) -> datetime | None:
+    """When the next order is planned, whatever the time now; None for "at once" (a certificate
+    never issued and not backing off). `next_attempt` is this, never before `now`."""
+    due = None if validity is None else renew_at(
+        renewal_window(validity, renew_period_days, ari), jitter)
+    if failures.retry_at is not None:
+        due = failures.retry_at if due is None else max(due, failures.retry_at)
+    return due
 
 
 def next_attempt(
@@ -155,13 +182,8 @@ def next_attempt(
 
     A certificate never issued (validity None) is due now, subject to backoff.
     """
-    if validity is None:
-        due = now
-    else:
-        due = renew_at(renewal_window(validity, renew_period_days, ari), jitter)
-    if failures.retry_at is not None:
-        due = max(due, failures.retry_at)
-    return max(due, now)
+    due = planned_attempt(validity, renew_period_days, ari, failures, jitter=jitter)
+    return now if due is None else max(due, now)
 
 
 def next_ari_check(now: datetime, ari: AriWindow | None, validity: Validity) -> datetime:
@@ -183,7 +205,7 @@ def state_at(
 ) -> RenewalState:
     """The state shown to the operator."""
     if renewing:
-        return RenewalState.RENEWING
+        return RenewalState.ORDERING if validity is None else RenewalState.RENEWING
     if validity is None:
         return RenewalState.BACKOFF if failures.count else RenewalState.PENDING
     if now >= validity.not_after:

@@ -156,6 +156,46 @@ def test_every_log_code_and_event_has_a_cause_and_fix() -> None:
         assert any(kind.value in k for k in rows), f"event {kind.value} is not documented"
 
 
+def _code_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in (DOCS / "log-codes.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and re.fullmatch(r"\d+(\.\d+)?", cells[0]):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_an_untrusted_ca_certificate_is_documented_under_code_3_as_it_is_logged() -> None:
+    # LoadMaster's 3 is a failure reaching the CA (a TLS handshake the CA's certificate fails is
+    # one, on any request); 5 is a directory fetched but not usable. The code gives 3
+    # (tests/letsencrypt/test_le_codes_provoked.py provokes it).
+    rows = _code_rows()
+    assert "not trusted" in rows["3"][2]
+    assert "trust" not in rows["5"][2]
+
+
+# A System Message File / Audit LogFile line, as the docs quote it.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\S* \S+ Acme: .*$", re.M)
+LOADMASTER_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 \S+ Acme: \S.*")
+
+
+def test_log_lines_in_the_docs_have_loadmasters_shape() -> None:
+    """Quoted log lines: `+00:00`, never `Z`, a code only at the end as `(code: N)`; what the CLI
+    prints ends in the code too, without the HTTP status after it."""
+    quoted, bad = 0, []
+    for path in sorted(DOCS.glob("*.md")):
+        text = path.read_text()
+        for m in LOG_LINE.finditer(text):
+            line = m.group(0)
+            quoted += 1
+            if LOADMASTER_LINE.fullmatch(line) is None or ("(code:" in line and (
+                    re.search(r"\(code: \d+\)$", line) is None or line.count("(code:") != 1)):
+                bad.append(f"{path.name}: {line}")
+        for m in re.finditer(r"^.*(?:\(code: \d+\) \(\d{3}\)|sub-code: \d).*$", text, re.M):
+            bad.append(f"{path.name}: {m.group(0)}")
+    assert quoted >= 20 and not bad, "\n".join(bad)
+
+
 def test_every_metric_is_documented() -> None:
     when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     certs = [CertStatus(id="c", names=("a",), managed_by="letsencrypt", serial="1",

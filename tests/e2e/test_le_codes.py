@@ -1,11 +1,14 @@
 """Every LoadMaster code that Pebble, a bad config or fault injection can provoke lands in the
-System Message File with its number: 3, 4, 5, 6, 7, 8, 12, 13, 16, 17.1-3, 20-25. Also: declared
-certificates (config file), restart after a crash mid-order, `vs convert`."""
+System Message File with its number: 3 (the CA unreachable, or its TLS certificate not trusted),
+4, 5, 6 (register, and upload-key without --replace), 7, 8, 12, 13, 16, 17.1-3, 20-25; every line
+in LoadMaster's shape and the CLI's message ending in the code. Also: declared certificates
+(config file), restart after a crash mid-order, `vs convert`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from josepy.jwk import JWKEC
 
 from acmeclient import AcmeClient, CsrSubject
 from acmeclient.crypto import PrivateKey, generate_key, private_key_to_pem
-from lbproxy.config import parse_config
+from lbproxy.config import load_file, parse_config
 from lbproxy.config.model import Address, CertificateRequest, RealServer
 from lbproxy.letsencrypt.issuer import AcmeClientLike
 from tests.e2e.le_node import Node, add_a_record, cli, config
@@ -32,16 +35,31 @@ async def node(pebble: PebbleInstance, tmp_path: Path, upstream: int,
     await n.stop()
 
 
+LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 lbtest Acme: \S.*")
+
+
 def codes(node: Node) -> list[tuple[int, int | None]]:
     return node.manager.log.codes()
+
+
+def assert_loadmaster_lines(node: Node) -> None:
+    """+00:00 timestamps; a code only at the end of a line, as `(code: N)`."""
+    for ln in node.manager.log.messages_path.read_text().splitlines():
+        assert LINE.fullmatch(ln), ln
+        assert "(code:" not in ln or (re.search(r"\(code: \d+\)$", ln)
+                                      and ln.count("(code:") == 1), ln
 
 
 async def expect(node: Node, code: int, *argv: str, sub: int | None = None) -> str:
     before = len(codes(node))
     rc, out = await cli(node, *argv)
     assert rc == 1, out
-    assert f"code: {code}" in out, out
+    # the CLI's message ends in LoadMaster's code, nothing after it (no HTTP status)
+    assert out.rstrip("\n").endswith(f"(code: {code})"), out
+    if sub is not None:
+        assert f", sub-code {sub} (code: {code})" in out, out
     assert (code, sub) in codes(node)[before:], codes(node)[before:]
+    assert_loadmaster_lines(node)
     return out
 
 
@@ -54,8 +72,12 @@ async def test_account_and_directory_codes(node: Node, pebble: PebbleInstance,
                                            tmp_path: Path) -> None:
     # 8: no account yet
     await expect(node, 8, "le", "request", "--id", "x", "--cn", "www.le.test", "--vs", "web")
-    # 3: the CA cannot be reached
+    # 3: the CA cannot be reached; or its TLS certificate is not trusted (Pebble's, without
+    # its CA bundle): a failure reaching the CA, as LoadMaster's 3, not 5 (a directory answer)
     await expect(node, 3, "le", "set-directory", f"https://127.0.0.1:{free_port()}/dir")
+    out = await expect(node, 3, "le", "set-directory", pebble.directory_url, "--ca-bundle", "")
+    assert "CERTIFICATE_VERIFY_FAILED" in out, out
+    assert node.manager.settings.ca_bundle == pebble.ca_bundle  # a refusal changes nothing
     # 5: something that is not a directory (Pebble's management root certificate, PEM)
     await expect(node, 5, "le", "set-directory", pebble.management_url + "/roots/0")
     await expect(node, 5, "le", "set-directory", "http://127.0.0.1/dir")
@@ -79,6 +101,11 @@ async def test_account_and_directory_codes(node: Node, pebble: PebbleInstance,
     jwk = tmp_path / "private_key.json"
     jwk.write_text(json.dumps(JWKEC(key=key).to_json()))
     url = node.manager.account.url
+    # 6: upload-key over the linked account, unless --replace
+    out = await expect(node, 6, "le", "upload-key", str(jwk))
+    assert "--replace" in out
+    rc, out = await cli(node, "le", "upload-key", str(jwk), "--replace")
+    assert rc == 0 and f"Account ID:    {url}" in out, out
     for argv in (["upload-key", str(enc), "--passphrase-file", str(pw)], ["upload-key", str(jwk)]):
         node.manager.account = None
         rc, out = await cli(node, "le", *argv)
@@ -90,6 +117,7 @@ async def test_account_and_directory_codes(node: Node, pebble: PebbleInstance,
     out = await expect(node, 4, "le", "request", "--id", "x", "--cn", "www.le.test",
                        "--vs", "web")
     assert "unauthorized" in out or "HTTP 4" in out
+    assert_loadmaster_lines(node)
     lines = node.manager.log.messages_path.read_text().splitlines()
     assert all(" lbtest Acme: " in ln for ln in lines)
     assert "BEGIN" not in node.manager.log.messages_path.read_text()
@@ -131,23 +159,29 @@ async def test_order_codes(node: Node, pebble: PebbleInstance) -> None:
         ineligible if v.name == "web2" else v for v in cfg.virtual_services)))
     await expect(node, 17, "le", "renew", "c17", sub=3)
     rc, out = await cli(node, "le", "list")
-    assert "Unknown VS" in out and "code 17" in out
+    assert "VS not eligible for challenges: VS 'web2'" in out and "code 17" in out
     await node.runtime.set_config(dataclasses.replace(cfg, virtual_services=tuple(
         v for v in cfg.virtual_services if v.name != "web2")))
     await expect(node, 17, "le", "renew", "c17", sub=2)
     view = node.manager.view("c17")
     assert view["status"] == "backoff" and view["last_code"] == 17
     assert view["next_attempt"] > view["not_before"]
-    # `vs convert` makes a VS with Real Servers eligible, at run time only
-    await node.runtime.set_config(dataclasses.replace(cfg, virtual_services=tuple(
-        ineligible if v.name == "web2" else v for v in cfg.virtual_services)))
+    # `vs convert` makes a VS with Real Servers eligible, and keeps it in the config file
+    path = node.root / "lbproxy.toml"
+    text = path.read_text()
+    start = text.index('name = "web2"')
+    web2 = text[start:text.index("[[vs]]", start)]
+    path.write_text(text.replace(web2, web2[:web2.index("  [[vs.subvs]]")]
+                                 + f'real_servers = [ {{ address = "{upstream}" }} ]\n\n'))
+    await node.runtime.set_config(load_file(path, to_run=True))
     rc, out = await cli(node, "vs", "convert", "web2")
-    assert rc == 0 and "RUN-TIME ONLY" in out and 'name = "web2-rs"' in out, out
+    assert rc == 0 and 'name = "web2-rs"' in out, out
     snippet = out[out.index("[[vs.subvs]]"):]
     assert "127.0.0.1:" in snippet
     converted = node.config.vs_by_name("web2")
     assert converted is not None and converted.real_servers == ()
     assert converted.subvs[0].real_servers == (RealServer(upstream),)
+    assert load_file(path, to_run=True).vs_by_name("web2") == converted
     rc, out = await cli(node, "le", "renew", "c17")
     assert rc == 0, out
 

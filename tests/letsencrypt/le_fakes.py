@@ -49,6 +49,8 @@ class FakeCA:
     clock: FakeClock
     lifetime: dt.timedelta = dt.timedelta(days=90)
     fail_with: AcmeError | None = None
+    # Served instead of the signed chain (a CA sending a broken one: code 15).
+    chain_override: str | None = None
     ari: RenewalInfo | None = None
     orders: list[dict[str, Any]] = field(default_factory=list)
     presented: list[tuple[str, str]] = field(default_factory=list)
@@ -106,6 +108,8 @@ class FakeClient:
             self.ca.presented.append((n, token))
         for i, n in enumerate(names):
             await responder.cleanup(n, f"tok{i}" + "x" * 40)
+        if self.ca.chain_override is not None:
+            return self.ca.chain_override
         return self.ca.sign(names, cert_key.public_key())
 
     async def fetch_renewal_info(self, cert_pem_or_id: str) -> RenewalInfo | None:

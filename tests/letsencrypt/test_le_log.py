@@ -31,10 +31,18 @@ def test_line_format_and_files(tmp_path: Path) -> None:
     log.problem(LeError(AcmeCode.NETWORK, "cannot reach\nthe CA"))
     log.audit("certificate issued: www")
     lines = log.messages_path.read_text().splitlines()
-    assert lines[0] == "2026-03-04T05:06:07Z lb1 Acme: VS web is gone (code: 17, sub-code: 2)"
-    assert lines[1] == "2026-03-04T05:06:07Z lb1 Acme: cannot reach the CA (code: 3)"
-    assert log.audit_path.read_text() == "2026-03-04T05:06:07Z lb1 Acme: certificate issued: www\n"
+    # LoadMaster's shape: +00:00, never Z; every coded line ends in `(code: N)`, the sub-code
+    # is in the text
+    assert lines[0] == "2026-03-04T05:06:07+00:00 lb1 Acme: VS web is gone, sub-code 2 (code: 17)"
+    assert lines[1] == "2026-03-04T05:06:07+00:00 lb1 Acme: cannot reach the CA (code: 3)"
+    assert log.audit_path.read_text() == (
+        "2026-03-04T05:06:07+00:00 lb1 Acme: certificate issued: www\n")
+    assert all(re.search(r"\(code: \d+\)$", ln) for ln in lines[:2])
     assert log.codes() == [(17, 2), (3, None)]
+    # the error's text (API answers, CLI) has the same shape, even when prefixed afterwards
+    err = LeError(AcmeCode.VS_VERIFY, "VS web is gone", subcode=2)
+    err.text = f"certificate www: {err.text}"
+    assert str(err) == "certificate www: VS web is gone, sub-code 2 (code: 17)"
     assert log.messages_path.stat().st_mode & 0o777 == 0o600
 
 
@@ -68,6 +76,13 @@ def test_classify_acmeclient_errors() -> None:
                                           status=503, retry_after=120.0), action="x")
     assert bare.code == 4 and bare.retry_after == 120.0
     assert classify(MalformedResponseError("order without finalize URL"), action="x").code == 14
+    # the order itself, not a name's challenge: 14 whether or not the CA gave a reason
+    for problem in (None, Problem("urn:ietf:params:acme:error:badCSR", "weak key", 400)):
+        order = classify(ValidationError("order https://ca/o/1 is invalid", problem), action="x")
+        assert order.code == 14
+    expired = classify(ValidationError("authorization for a.test is expired", None,
+                                       identifier="a.test"), action="x")
+    assert expired.code == 13 and "a.test" in expired.text
     inner = LeError(AcmeCode.SET_PRECEDENCE, "precedence")
     wrapped = ResponderError("responder failed")
     wrapped.__cause__ = inner

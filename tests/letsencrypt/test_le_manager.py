@@ -118,3 +118,30 @@ async def test_delete_only_through_le_and_not_while_in_use(env: Env) -> None:
     with pytest.raises(StoreError):
         await env.manager.request("dup", Template("a.test", "web"))
         await env.manager.request("dup", Template("a.test", "web"))
+
+
+async def test_a_first_order_in_progress_shows_as_ordering(env: Env) -> None:
+    """Issue 14: the view and status of a certificate whose first order runs said `renewing`."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    original = env.ca.factory
+
+    def factory(*args: object) -> object:
+        client = original(*args)  # type: ignore[arg-type]
+        obtain = client.obtain_certificate
+
+        async def held(*a: object, **kw: object) -> str:
+            entered.set()
+            await gate.wait()
+            return await obtain(*a, **kw)  # type: ignore[arg-type]
+        client.obtain_certificate = held  # type: ignore[method-assign]
+        return client
+
+    env.manager.client_factory = factory  # type: ignore[assignment]
+    await env.manager.request("c", Template("a.test", "web"), wait=False)
+    await entered.wait()
+    assert env.manager.view("c")["status"] == "ordering"
+    assert [s.state for s in env.manager.cert_statuses() if s.id == "c"] == ["ordering"]
+    gate.set()
+    await env.manager.wait_idle()
+    assert env.manager.view("c")["status"] == "valid"

@@ -246,3 +246,33 @@ def test_period_window_and_state() -> None:
     assert state_at(START, None, 30, None, Failures(), False) is RenewalState.PENDING
     assert state_at(START, v, 30, None, Failures(), True) is RenewalState.RENEWING
     assert next_attempt(START, None, 30) == START
+
+
+def test_a_first_order_in_progress_is_ordering_not_renewing() -> None:
+    """Issue 14: a certificate never issued whose first order runs showed as `renewing`."""
+    v = Validity(START, START + timedelta(days=90))
+    assert state_at(START, None, 30, None, Failures(), True) is RenewalState.ORDERING
+    assert state_at(START, v, 30, None, Failures(), True) is RenewalState.RENEWING
+
+
+@pytest.mark.parametrize("lifetime_days", LIFETIMES)
+def test_a_huge_retry_after_does_not_park_the_renewal_past_expiry(lifetime_days: int) -> None:
+    """Issue 14: after a failure the next attempt read years ahead: a Retry-After of years (a
+    misread HTTP-date, a broken proxy) was honoured in full. It is honoured up to a day and
+    never past half of the time the certificate has left."""
+    lifetime = timedelta(days=lifetime_days)
+    v = Validity(START, START + lifetime)
+    now = v.not_after - lifetime / 3        # the renewal window opens
+    for retry_after in (3 * 365 * 86400.0, 1e30):
+        f = record_failure(Failures(), now, v, retry_after)
+        assert f.retry_at is not None
+        assert f.retry_at - now <= timedelta(hours=24)
+        assert f.retry_at - now <= (v.not_after - now) / 2
+        when = next_attempt(now, v, 30, None, f)
+        assert when < v.not_after
+    # not yet issued: still a day at most
+    f = record_failure(Failures(), START, None, 1e30)
+    assert f.retry_at is not None and f.retry_at - START <= timedelta(hours=24)
+    # an ordinary Retry-After is honoured in full
+    f = record_failure(Failures(), now, v, 3600.0)
+    assert f.retry_at == now + timedelta(hours=1)

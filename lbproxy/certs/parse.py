@@ -60,7 +60,7 @@ def _load_certs(data: bytes, where: str) -> list[x509.Certificate]:
                              f"{where} holds a damaged certificate: {e}") from None
 
 
-def _load_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
+def _load_key(data: bytes, passphrase: bytes | None, trusted: bool = False) -> PrivateKey:
     m = _KEY_BLOCK.search(data)
     if m is None:
         raise CertInputError(InputProblem.NOT_A_KEY,
@@ -71,7 +71,12 @@ def _load_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
         raise CertInputError(InputProblem.PASSPHRASE_NEEDED,
                              "the private key is encrypted; give its passphrase")
     try:
-        key = serialization.load_pem_private_key(block, passphrase if encrypted else None)
+        # A key lbproxy generated (or stored after checking it) skips OpenSSL's RSA consistency
+        # check: for RSA-4096 it takes about 0.5 s holding the GIL, which stops the serving loop
+        # even when the parse runs on a worker thread (bench/README.md, "Let's Encrypt work and
+        # the serving loop"). Keys from outside (import, upload, restore) are always checked.
+        key = serialization.load_pem_private_key(block, passphrase if encrypted else None,
+                                                 unsafe_skip_rsa_key_validation=trusted)
     except ValueError as e:
         if encrypted:
             raise CertInputError(InputProblem.BAD_PASSPHRASE,
@@ -174,13 +179,14 @@ def _finish(certs: list[x509.Certificate], key: PrivateKey, *, now: dt.datetime,
 
 def parse_pem(cert_pem: bytes, key_pem: bytes = b"", chain_pem: bytes = b"", *,
               passphrase: bytes | None = None, now: dt.datetime,
-              strict: bool = False) -> ParsedCertificate:
+              strict: bool = False, trusted_key: bool = False) -> ParsedCertificate:
     """The leaf is the first certificate of `cert_pem`; its other certificates and `chain_pem`
-    form the chain. An empty `key_pem` means the key is inside `cert_pem`."""
+    form the chain. An empty `key_pem` means the key is inside `cert_pem`. `trusted_key`: the
+    key is lbproxy's own (generated here, or read back from its own store), see _load_key."""
     certs = _load_certs(cert_pem, "the certificate")
     if chain_pem.strip():
         certs += _load_certs(chain_pem, "the chain")
-    key = _load_key(key_pem if key_pem.strip() else cert_pem, passphrase)
+    key = _load_key(key_pem if key_pem.strip() else cert_pem, passphrase, trusted_key)
     return _finish(certs, key, now=now, strict=strict)
 
 

@@ -221,15 +221,16 @@ class CertStore:
     def import_pem(self, cert_id: str, cert_pem: bytes, key_pem: bytes = b"",
                    chain_pem: bytes = b"", *, passphrase: bytes | None = None,
                    strict: bool = False, replace: bool = False, managed_by: str | None = None,
-                   override: bool = False) -> ImportResult:
+                   override: bool = False, trusted_key: bool = False) -> ImportResult:
         """Add (or with `replace`, replace) a certificate from PEM.
 
         `override` lets the Let's Encrypt manager replace a certificate it manages; the generic
-        path refuses to touch managed certificates.
+        path refuses to touch managed certificates. `trusted_key`: a key lbproxy generated
+        itself (parse.parse_pem).
         """
         check_id(cert_id)
         parsed = parse_pem(cert_pem, key_pem, chain_pem, passphrase=passphrase,
-                           now=self._clock(), strict=strict)
+                           now=self._clock(), strict=strict, trusted_key=trusted_key)
         return self._put(cert_id, parsed, replace=replace, managed_by=managed_by,
                          override=override)
 
@@ -443,7 +444,8 @@ class CertStore:
         # What is served must be what meta.json describes: a garbled PEM or a key of another
         # certificate is refused here rather than failing (or worse) at a TLS handshake.
         try:
-            parsed = parse_pem(chain, key, now=self._clock())
+            # Keys in the store were checked when they came in (import or issue).
+            parsed = parse_pem(chain, key, now=self._clock(), trusted_key=True)
         except CertInputError as exc:
             raise ValueError(f"{chain_path.name}/{key_path.name}: {exc}") from None
         if parsed.fingerprint != info.fingerprint or parsed.serial != info.serial:

@@ -155,7 +155,7 @@ class Obtainer:
         try:
             issued = Issued.from_bytes(data)
             parsed = await on_thread(lambda: parse_pem(issued.chain_pem, issued.key_pem,
-                                                       now=self.clock()))
+                                                       now=self.clock(), trusted_key=True))
         except (ValueError, KeyError, TypeError, CertInputError) as exc:
             logger.info("stored certificate %s not usable (%s); ordering", entry.id, exc)
             return False
@@ -176,7 +176,7 @@ class Obtainer:
         try:
             await on_thread(lambda: self.store.import_pem(
                 cert_id, chain_pem, key_pem, replace=old is not None, managed_by=MANAGED_BY,
-                override=True))
+                override=True, trusted_key=True))
         except (CertInputError, ValueError) as exc:
             raise LeError(AcmeCode.UNPARSABLE_CERT,
                           f"{action}: the issued certificate cannot be used: {exc}") from None

@@ -1,20 +1,69 @@
 """Blocking work moved off the loop that serves traffic: key generation, scrypt, PEM encoding
-and fsync'd writes run on a worker thread through `on_thread`, the feature's one way to do so."""
+and fsync'd writes run on a worker thread through `on_thread`, the feature's one way to do so;
+CPU-bound work (RSA key generation, scrypt) on the manager's `CpuWorkers` instead."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import logging
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# One thread for CPU-bound work, at the lowest priority, so that while 20 RSA-4096 keys are
+# generated the serving loop keeps its core and most of the GIL: with asyncio's default executor
+# six threads at the loop's own priority took 6/7 of the core, and each thread that computes
+# takes its share of the GIL too, so a second one only slows the loop (bench/README.md, "Let's
+# Encrypt work and the serving loop").
+CPU_WORKERS = 1
+CPU_NICE = 19
 
-async def on_thread(fn: Callable[[], T]) -> T:
-    """`fn()` on a worker thread. A cancelled caller still waits for it to end before the
-    cancellation goes on: a thread cannot be stopped, and a write must never continue after its
-    caller (and so `stop()`) has returned."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn))
+
+def _lower_priority() -> None:
+    try:  # Linux: a thread's priority is its own (setpriority on its thread id)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CPU_NICE)
+    except (OSError, AttributeError) as exc:
+        logger.debug("CPU workers keep the process priority: %s", exc)
+
+
+class CpuWorkers:
+    """The manager's executor for CPU-bound work, made when first used, shut down by close()."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def executor(self) -> Executor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="lbproxy-le-cpu",
+                                            initializer=_lower_priority)
+        return self._pool
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)  # queued work still ends: its callers wait for it
+
+
+async def _run(fn: Callable[[], T], executor: Executor | None) -> T:
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    return await loop.run_in_executor(executor, functools.partial(ctx.run, fn))
+
+
+async def on_thread(fn: Callable[[], T], cpu: CpuWorkers | None = None) -> T:
+    """`fn()` on a worker thread (on `cpu`'s low-priority threads when it is CPU-bound work). A
+    cancelled caller still waits for it to end before the cancellation goes on: a thread cannot
+    be stopped, and a write must never continue after its caller (and so `stop()`) has
+    returned."""
+    fut = asyncio.ensure_future(_run(fn, cpu.executor() if cpu is not None else None))
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

@@ -179,6 +179,7 @@ class LEManager:
     async def stop(self) -> None:
         await self.scheduler.stop()
         await self.issuer.close()
+        self.state.cpu.close()
 
     def wake(self) -> None:
         """Look at the schedule now (after a clock change in tests, or a settings change)."""

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable, Container
 
 from acmeclient import cert_id as ari_cert_id
-from acmeclient.crypto import private_key_to_pem
 from acmeclient.errors import AcmeError
 
 from ..certs.errors import CertInputError
@@ -29,7 +28,7 @@ from .blocking import on_thread
 from .challenge import ChallengeJournal, ObservedResponder
 from .checks import validate_template
 from .codes import AcmeCode, LeError, classify
-from .issuer import ORDER_TIMEOUT, Issuer, new_key
+from .issuer import ORDER_TIMEOUT, Issuer, new_cert_key
 from .model import MANAGED_BY, Clock, Entry, Issued, Jitter
 from .state import LeState
 from .storage import LOCK_LEASE, Locker, issued_key, load_or_none, obtain_lock
@@ -103,7 +102,8 @@ class Obtainer:
                     fail_at=self.fault_codes(), on_present=lambda domain, vs: self.emit(
                         EventKind.CHALLENGE_PRESENTED, entry.id,
                         f"http-01 answer for {domain} served by VS {vs}"))
-                key = await new_key(entry.template.acme_key_type)
+                key, key_pem = await new_cert_key(entry.template.acme_key_type,
+                                                    self.state.cpu)
                 self.state.orders_placed += 1
                 self.emit(EventKind.REQUESTED, entry.id,
                           f"{'renewal' if old else 'order'} placed for "
@@ -115,7 +115,6 @@ class Obtainer:
                 except TimeoutError:
                     raise LeError(AcmeCode.NETWORK, f"{action}: the order did not end within "
                                   f"{ORDER_TIMEOUT:.0f} s") from None
-                key_pem = await on_thread(lambda: private_key_to_pem(key))
                 await self._serve(entry.id, chain_pem.encode(), key_pem, old, action)
                 await self._share(entry.id, Issued(chain_pem.encode(), key_pem))  # 5. store
             finally:
@@ -154,6 +153,9 @@ class Obtainer:
             return False
         try:
             issued = Issued.from_bytes(data)
+            served = self.store.material(entry.id)
+            if old is not None and served is not None and served.chain_pem == issued.chain_pem:
+                return False   # the one served here (parsing it would say so, at a cost)
             parsed = await on_thread(lambda: parse_pem(issued.chain_pem, issued.key_pem,
                                                        now=self.clock(), trusted_key=True))
         except (ValueError, KeyError, TypeError, CertInputError) as exc:

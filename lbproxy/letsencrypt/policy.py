@@ -36,6 +36,10 @@ BACKOFF_MIN = timedelta(minutes=1)
 MAX_RETRY_AFTER = timedelta(hours=24)
 # ARI is fetched again this often when the CA sends no Retry-After (RFC 9773 §4.3.3: ~6 hours).
 ARI_REFRESH = timedelta(hours=6)
+# The CA's renewalInfo Retry-After is clamped to [1 minute, 1 day], the bounds RFC 9773 §4.3.3
+# gives as reasonable: a smaller one would hammer the CA, a larger one could miss a revocation.
+ARI_MIN_RETRY = timedelta(minutes=1)
+ARI_MAX_RETRY = timedelta(days=1)
 
 
 class RenewalState(enum.StrEnum):
@@ -187,11 +191,14 @@ def next_attempt(
 
 
 def next_ari_check(now: datetime, ari: AriWindow | None, validity: Validity) -> datetime:
-    """When renewalInfo should be fetched again: after Retry-After or six hours, and not after
-    the certificate's own period window would make it due anyway."""
+    """When renewalInfo should be fetched again: after Retry-After (clamped to a minute..a day)
+    or six hours, and not after the certificate expires."""
     wait = ARI_REFRESH
     if ari is not None and ari.retry_after is not None:
-        wait = timedelta(seconds=max(60.0, ari.retry_after))
+        # bounded as a number first: timedelta(seconds=) overflows on an absurd header
+        seconds = min(max(ari.retry_after, ARI_MIN_RETRY.total_seconds()),
+                      ARI_MAX_RETRY.total_seconds())
+        wait = timedelta(seconds=seconds)
     return min(now + wait, validity.not_after)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..certs.store import check_id, valid_id
 from ..certs.store import storage_error as _store_error
 from ..errors import StoreError
+from .blocking import CpuWorkers
 from .codes import AcmeLog, LeError
 from .model import Account, Entry, Settings, dump
 from .storage import SETTINGS, Storage, entry_key, load_or_none
@@ -42,6 +43,8 @@ class LeState:
     orders_placed: int = 0
     # ACME operations by (operation, result): result "success" or the LoadMaster code.
     acme_requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # Low-priority threads for CPU-bound work (RSA keys, scrypt), shared by every part.
+    cpu: CpuWorkers = field(default_factory=CpuWorkers)
 
     def count(self, operation: str, code: int | None) -> None:
         self.acme_requests[(operation, "success" if code is None else str(int(code)))] += 1

@@ -4,7 +4,9 @@ limits and 503s with Retry-After, 500s, network errors, failed validations) and 
 once. Measured: minutes any certificate was expired (0), certificates ordered against the minimum
 (<= 1.05x), each failure's coded line in the System Message File while at least a third of the
 certificate's lifetime remained, the CA's rate limit never hit by our own bursts; all within 60 s
-of real time.
+of real time. The CA also answers renewalInfo (RFC 9773) as Let's Encrypt does (a window, a
+six-hour Retry-After), failing as often and down as long; the fetches are counted against what
+the RFC asks (once per Retry-After per certificate: no more, and not much less).
 
 How time passes: the scheduler's own loop runs with an injected `sleep`. While orders are running
 that sleep waits for them (the fake CA answers at once, so an order takes no simulated time) and
@@ -35,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from acmeclient import CsrSubject, RenewalInfo
+from acmeclient import cert_id as ari_cert_id
+from acmeclient.ari import cert_id_from_parts
 from acmeclient.crypto import PrivateKey
 from acmeclient.errors import (
     AcmeError,
@@ -55,8 +59,10 @@ from tests.letsencrypt.test_le_manager import CONFIG
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 YEAR = dt.timedelta(days=365)
 N_CERTS = int(os.environ.get("LE_SIM_CERTS", "1000"))
-# The 1,000-certificate year does not fit the budget yet (about 330 s, see the skip reason); the
-# same year with 30 certificates runs in the suite.
+# The 1,000-certificate year does not fit the budget yet (139 s on this 2-core machine, idle;
+# see the skip reason): the same year with SUITE_CERTS certificates runs in the suite (~20 s
+# on an idle machine; 250 took 32 s alone and 65 s inside ./dev.sh test on the shared box).
+SUITE_CERTS = 150
 FULL_RUN = os.environ.get("LE_SIM_YEAR") == "1"
 LIFETIME_DAYS = (90, 45, 6)
 FAIL_RATE = 0.10
@@ -73,6 +79,8 @@ SEED = 14
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 BUDGET_S = 60.0
 MAX_LOOPS = 2_000_000   # naps of the scheduler: far above the ~100,000 a year takes
+# The renewalInfo Retry-After Let's Encrypt sends (RFC 9773 §4.3.3): six hours.
+ARI_RETRY_AFTER = 6 * 3600.0
 
 _NAME = re.compile(r"^c(\d+)-d(\d+)\.test$")
 _LINE = re.compile(r"^(\S+) \S+ Acme: (?:renew|request) certificate (c\d+-d\d+): .* "
@@ -95,6 +103,13 @@ class SimCA:
     limited: int = 0                                          # refused by RATE_LIMIT
     per_minute: Counter[dt.datetime] = field(default_factory=Counter)
     ari_fetches: int = 0
+    ari_failed: int = 0
+    ari_rng: random.Random = field(default_factory=lambda: random.Random(SEED + 2))
+    windows: dict[str, tuple[dt.datetime, dt.datetime]] = field(default_factory=dict)
+    ski: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()).digest
 
     def factory(self, url: str, key: PrivateKey, acct: str | None,
                 bundle: str | None) -> SimClient:
@@ -140,8 +155,35 @@ class SimCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE).not_valid_after(now - BACKDATE + lifetime)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+            .add_extension(x509.AuthorityKeyIdentifier(self.ski, None, None), False)
             .sign(self.key, hashes.SHA256()))
+        self.windows[cert_id_from_parts(self.ski, cert.serial_number)] = (
+            cert.not_valid_before_utc, cert.not_valid_after_utc)
         return cert.public_bytes(serialization.Encoding.PEM).decode(), cert
+
+    def renewal_info(self, ident: str) -> RenewalInfo:
+        """Boulder's RenewalInfoSimple: a window of 2% of the validity around the point where
+        a third of it remains, polled again after six hours (what Let's Encrypt sends). (Boulder
+        moves that point to half the validity for certificates under 10 days; the rule this
+        simulation counts orders against is the third, so the fake CA keeps it for all.)
+        Down during the outage; FAIL_RATE of the fetches fail (503 with Retry-After, or a reset
+        connection)."""
+        self.ari_fetches += 1
+        now = self.clock()
+        if OUTAGE_START <= now < OUTAGE_START + OUTAGE:
+            self.ari_failed += 1
+            raise NetworkError("connect to acme.test:443: connection refused")
+        if self.ari_rng.random() < FAIL_RATE:
+            self.ari_failed += 1
+            if self.ari_rng.randrange(2):
+                raise UnexpectedStatusError("renewalInfo: HTTP 503", status=503,
+                                            retry_after=120)
+            raise NetworkError("read from acme.test:443: connection reset")
+        nb, na = self.windows[ident]
+        validity = na - nb
+        ideal = na - validity / MAX_WINDOW_FRACTION
+        margin = validity / 100
+        return RenewalInfo(ideal - margin, ideal + margin, retry_after=ARI_RETRY_AFTER)
 
 
 def lifetime_of(name: str) -> dt.timedelta:
@@ -182,8 +224,9 @@ class SimClient:
         return pem
 
     async def fetch_renewal_info(self, cert_pem_or_id: str) -> RenewalInfo | None:
-        self.ca.ari_fetches += 1
-        return None
+        ident = (ari_cert_id(cert_pem_or_id) if "-----BEGIN" in cert_pem_or_id
+                 else cert_pem_or_id)
+        return self.ca.renewal_info(ident)
 
     async def close(self) -> None:
         pass
@@ -203,6 +246,7 @@ class YearResult:
     busiest_minute: int
     limited: int
     ari_fetches: int
+    ari_failed: int
     wall: float
 
 
@@ -296,6 +340,9 @@ async def simulate_year(root: Path, n: int) -> YearResult:
         (cid, at.isoformat(timespec="seconds")) for at, cid, _ in ca.failed)
     unlogged = sum((failed_at - logged).values())
     late: list[str] = []
+    failed_by_id: defaultdict[str, list[dt.datetime]] = defaultdict(list)
+    for at, cid, _ in ca.failed:
+        failed_by_id[cid].append(at)
     for at, cid, kind in ca.failed:
         # the certificate in service when this failure happened
         served = [(nb, na) for a, nb, na in ca.issued[cid] if a <= at]
@@ -303,19 +350,20 @@ async def simulate_year(root: Path, n: int) -> YearResult:
             continue
         nb, na = served[-1]
         lifetime = na - nb
-        earlier = [f for f in ca.failed if f[1] == cid and nb <= f[0] < at]
+        earlier = [f for f in failed_by_id[cid] if nb <= f < at]
         if not earlier and na - at < lifetime / 3:
             late.append(f"{cid} {kind} at {at.isoformat()} with {na - at} left")
     return YearResult(
         expired, orders, minimum, orders + len(ca.failed), Counter(k for _, _, k in ca.failed),
         codes, late, gaps, unlogged, max(ca.per_minute.values()), ca.limited, ca.ari_fetches,
-        time.monotonic() - real_start)
+        ca.ari_failed, time.monotonic() - real_start)
 
 
 @pytest.mark.parametrize("n", [
-    30, pytest.param(N_CERTS, marks=pytest.mark.skipif(
-        not FULL_RUN, reason="LE_SIM_YEAR=1 to run: ~330 s today, over the 60 s budget; the "
-        "renewalInfo poll (every 6 h per certificate, 1.46 million fetches a year) dominates"))])
+    SUITE_CERTS, pytest.param(N_CERTS, marks=pytest.mark.skipif(
+        not FULL_RUN, reason="LE_SIM_YEAR=1 to run: 139 s today, over the 60 s budget; about "
+        "1 ms of certificate-store import per order (37,600 orders) and 1.47 million "
+        "renewalInfo fetches dominate"))])
 async def test_a_simulated_year(tmp_path: Path, n: int) -> None:
     # The certificate store's fsyncs cost nothing on tmpfs; the state is kept in memory.
     with tempfile.TemporaryDirectory(dir=SHM or tmp_path) as root:
@@ -325,10 +373,39 @@ async def test_a_simulated_year(tmp_path: Path, n: int) -> None:
           f"attempts {r.attempts}; failures {dict(r.failures)}; codes {dict(r.codes)}; "
           f"unlogged {r.unlogged}; first failures late {len(r.late_failures)}; busiest minute "
           f"{r.busiest_minute} orders; rate-limited {r.limited}; renewalInfo fetches "
-          f"{r.ari_fetches}; wall {r.wall:.1f} s")
+          f"{r.ari_fetches} ({r.ari_failed} failed); wall {r.wall:.1f} s")
     assert r.expired_minutes == 0, r.gaps[:5]
     assert r.orders <= 1.05 * r.minimum
     assert r.unlogged == 0
+    # renewalInfo is polled as RFC 9773 asks, no more: once after each issue, then once per
+    # Retry-After (six hours) per certificate; and no less (checks run at most ARI_BATCH late).
+    polls = YEAR / dt.timedelta(seconds=ARI_RETRY_AFTER)
+    assert r.ari_fetches <= n * polls + r.orders
+    assert r.ari_fetches >= 0.9 * n * (YEAR - ADD_OVER) / dt.timedelta(seconds=ARI_RETRY_AFTER)
     assert not r.late_failures, r.late_failures[:5]
     assert r.wall < BUDGET_S, f"the simulated year took {r.wall:.1f} s of real time, over the " \
                               f"{BUDGET_S:.0f} s budget"
+
+
+def test_renewal_info_retry_after_is_clamped_to_a_minute_and_a_day() -> None:
+    """RFC 9773 §4.3.3's sensible bounds: a Retry-After of a second is a minute, of a year a
+    day (an unbounded one parked polling until expiry), none six hours."""
+    from lbproxy.letsencrypt.policy import AriWindow, Validity, next_ari_check
+    v = Validity(T0, T0 + dt.timedelta(days=90))
+
+    def wait(retry_after: float | None) -> dt.timedelta:
+        return next_ari_check(T0, AriWindow(T0, T0 + dt.timedelta(days=1), retry_after), v) - T0
+    assert wait(1.0) == dt.timedelta(minutes=1)
+    assert wait(365 * 86400.0) == dt.timedelta(days=1)
+    assert wait(None) == dt.timedelta(hours=6)
+
+
+def test_renewal_info_checks_due_in_one_step_share_one_wakeup() -> None:
+    """The loop wakes for renewalInfo at grid points: checks spread over a quarter hour wait for
+    its end (never before their time), so they cost one wake-up, not one each."""
+    from lbproxy.letsencrypt.scheduler import ARI_BATCH, ari_grid
+    base = ari_grid(T0)
+    times = [base + dt.timedelta(seconds=s) for s in (1, 200, 899)]
+    assert {ari_grid(t) for t in times} == {base + ARI_BATCH}
+    assert all(ari_grid(t) >= t for t in times)
+    assert ari_grid(base) == base

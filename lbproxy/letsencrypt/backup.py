@@ -281,7 +281,9 @@ class Backups:
             assignments = [a.to_json() for a in run_time_assignments(self.store)]
         contents = BackupContents(s.settings.to_json(), account, vs_config, certs,
                                   self.clock().isoformat(), assignments=assignments)
-        data = await on_thread(lambda: seal(contents, passphrase), self.state.cpu)
+        # scrypt (~0.1 s) on the default executor, not behind queued key generations on the
+        # low-priority CPU worker: a backup must answer within the CLI's timeout.
+        data = await on_thread(lambda: seal(contents, passphrase))
         s.log.audit(f"backup made (vs={include_vs}, certificates={include_certs})")
         return data
 
@@ -309,7 +311,7 @@ class Backups:
         VS configuration, certificates (store, `issued/`, entry) and assignments are written;
         what cannot be restored here is answered in `not_restored` and logged (code 102)."""
         s = self.state
-        contents = await on_thread(lambda: unseal(data, passphrase), self.state.cpu)
+        contents = await on_thread(lambda: unseal(data, passphrase))
         try:
             settings = Settings.from_json(contents.settings)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

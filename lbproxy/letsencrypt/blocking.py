@@ -1,6 +1,6 @@
 """Blocking work moved off the loop that serves traffic: key generation, scrypt, PEM encoding
 and fsync'd writes run on a worker thread through `on_thread`, the feature's one way to do so;
-CPU-bound work (RSA key generation, scrypt) on the manager's `CpuWorkers` instead."""
+RSA key generation (seconds per key) on the manager's low-priority `CpuWorkers` instead."""
 
 from __future__ import annotations
 

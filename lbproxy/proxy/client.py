@@ -407,11 +407,7 @@ class ClientConnection(asyncio.Protocol):
         if req.cut:
             return
         req.cut = True
-        svc: Service = req.svc  # type: ignore[assignment]
-        now = self.loop.time()
-        self._account(req, now)
-        if svc.log is not None:
-            _log_access(self, svc, req, now)
+        self._record(req)
         if req is self.cur:
             self.cur = None
 
@@ -523,10 +519,7 @@ class ClientConnection(asyncio.Protocol):
             # those that frame or route the message (never removed, whoever names them).
             if self.conn_extra is None:
                 self.conn_extra = []
-            for tok in value.lower().split(b","):
-                tok = tok.strip(b" \t")
-                if tok and tok not in h.CONNECTION_KEYWORDS and tok not in h.PROTECTED_FIELDS:
-                    self.conn_extra.append(tok)
+            self.conn_extra += h.connection_names(value)
         elif code == h.H_UPGRADE:
             # The protocols offered, less those never relayed (h2c); several fields form a list.
             offered = [t.strip(b" \t") for t in value.split(b",")]
@@ -988,6 +981,15 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = now + svc.t_idle
         self.dkind = D_IDLE
 
+    def _record(self, req: Request) -> None:
+        """Count a finished request and write its access-log line (response_done inlines both for
+        the per-request fast path)."""
+        now = self.loop.time()
+        self._account(req, now)
+        svc: Service = req.svc  # type: ignore[assignment]
+        if svc.log is not None:
+            _log_access(self, svc, req, now)
+
     def _account(self, req: Request, now: float) -> None:
         """Count a finished request: latency in its pool (or VS), bytes and status class in its
         real server (or pool, or VS). One object per figure; stats() adds the levels up."""
@@ -1055,11 +1057,7 @@ class ClientConnection(asyncio.Protocol):
                 target.balancer.release(backend, ok)  # type: ignore[arg-type]
 
     def _finish(self, req: Request) -> None:
-        svc: Service = req.svc  # type: ignore[assignment]
-        now = self.loop.time()
-        self._account(req, now)
-        if svc.log is not None:
-            _log_access(self, svc, req, now)
+        self._record(req)
         if req is self.cur:
             self.cur = None
         self._finish_slow(req)
@@ -1149,11 +1147,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self._write(resp.close_full)
             self._close()
-        svc2: Service = req.svc  # type: ignore[assignment]
-        now = self.loop.time()
-        self._account(req, now)
-        if svc2.log is not None:
-            _log_access(self, svc2, req, now)
+        self._record(req)
 
     def _log_prefix(self, svc: Service, req: Request) -> None:
         """Remake the constant part of this connection's access-log lines for `req`."""
@@ -1172,17 +1166,13 @@ class ClientConnection(asyncio.Protocol):
     def start_tunnel(self, req: Request, up: UpstreamConnection) -> None:
         self.first_byte(req)
         self._release(req, True)
-        svc: Service = req.svc  # type: ignore[assignment]
-        now = self.loop.time()
-        self._account(req, now)
-        if svc.log is not None:
-            _log_access(self, svc, req, now)
+        self._record(req)
         self.cur = None
         self.tunnel = up
         raw, self.raw = self.raw, []
         for chunk in raw:
             up.write(chunk)
-        self.deadline = self.loop.time() + svc.t_idle
+        self.deadline = self.loop.time() + req.svc.t_idle  # type: ignore[attr-defined]
         self.dkind = D_TUNNEL
         self.resume(P_UPGRADE | P_PIPELINE)
 

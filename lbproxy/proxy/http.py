@@ -48,6 +48,19 @@ CONNECTION_KEYWORDS = frozenset((b"close", b"keep-alive", b"upgrade"))
 # removing Host would change where it goes). The names are ignored, in both directions; nginx and
 # HAProxy keep them too.
 PROTECTED_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"host"))
+
+
+def connection_names(value: bytes) -> list[bytes]:
+    """The field names a Connection value lists for removal (lower case), less its keywords and
+    the PROTECTED_FIELDS, which are never removed: the one reading for requests and responses."""
+    out = []
+    for tok in value.lower().split(b","):
+        tok = tok.strip(b" \t")
+        if tok and tok not in CONNECTION_KEYWORDS and tok not in PROTECTED_FIELDS:
+            out.append(tok)
+    return out
+
+
 # Upgrade protocols never relayed: h2c would let a client talk HTTP/2 straight to a real server,
 # past the content rules (the request goes on as a plain HTTP/1.1 request, as nginx does).
 NO_UPGRADE = frozenset((b"h2c",))

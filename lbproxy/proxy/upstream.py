@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import httptools
 
-from .http import CONNECTION_KEYWORDS, CRLF, PROTECTED_FIELDS, Request
+from .http import CRLF, Request, connection_names
 from .outbox import Outbox
 
 if TYPE_CHECKING:
@@ -132,17 +132,6 @@ class ConnPool:
             _, proto = await self.loop.create_connection(
                 lambda: UpstreamConnection(self), self.host, self.port)
         return proto
-
-
-def _named_fields(value: bytes) -> list[bytes]:
-    """The field names a response's Connection header lists for removal (RFC 9110 §7.6.1), less
-    its keywords and the fields that frame the message, which are never removed."""
-    out = []
-    for tok in value.lower().split(b","):
-        tok = tok.strip(b" \t")
-        if tok and tok not in CONNECTION_KEYWORDS and tok not in PROTECTED_FIELDS:
-            out.append(tok)
-    return out
 
 
 def _drop_fields(head: bytes, names: list[bytes]) -> bytes:
@@ -490,7 +479,7 @@ class UpstreamConnection(asyncio.Protocol):
                 elif name == b"upgrade":
                     upgrade = m.group(2)
                 elif name == b"connection":
-                    named += _named_fields(m.group(2))
+                    named += connection_names(m.group(2))
             pieces.append(head[pos:])
             head = b"".join(pieces)  # as _HOP_FIELD.sub(b"", head), without a second scan
             if named:

@@ -80,6 +80,12 @@ content_switching = true
 """
 
 
+def app_on(cfg_path: Path, text: str) -> App:
+    """An App (not started) on `text`, written to `cfg_path` first."""
+    cfg_path.write_text(text)
+    return App(cfg_path, load_file(cfg_path))
+
+
 @pytest.fixture
 async def backends() -> AsyncIterator[tuple[int, int, asyncio.Event]]:
     release = asyncio.Event()
@@ -125,8 +131,7 @@ async def test_reload_under_load_drops_nothing(tmp_path: Path,
     pa, pb, _ = backends
     port = free_port()
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     await app.start(watch=False)
     try:
         results: list[str] = []
@@ -154,8 +159,7 @@ async def test_bad_file_keeps_old_config_serving(tmp_path: Path,
     pa, _, _ = backends
     port = free_port()
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     await app.start(watch=False)
     try:
         gen = app.runtime.current.generation
@@ -183,8 +187,7 @@ listen = "127.0.0.1:{port2}"
 not_available = {{ status = 200, body = "second" }}
 """
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     await app.start(watch=False)
     try:
         cfg_path.write_text(config_text(port, pa, extra_vs=extra))
@@ -211,8 +214,7 @@ async def test_bind_failure_on_reload_keeps_serving(
     busy = taken.getsockname()[1]
     extra = f'[[vs]]\nname = "second"\nlisten = "127.0.0.1:{busy}"\n'
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     await app.start(watch=False)
     try:
         gen = app.runtime.current.generation
@@ -299,8 +301,7 @@ async def test_admin_metrics_and_status_are_wired(
     text = config_text(port, pa).replace(
         "[admin]\nenabled = false", f'[admin]\nlisten = "127.0.0.1:{admin_port}"')
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(text)
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, text)
     await app.start(watch=False)
     try:
         token = (tmp_path / "state" / "admin.token").read_text().strip()
@@ -339,8 +340,7 @@ async def test_failed_protocol_change_is_rolled_back(
     taken.listen()
     busy = taken.getsockname()[1]
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     await app.start(watch=False)
     try:
         async with asyncio.timeout(20), aiohttp.ClientSession() as s:
@@ -378,8 +378,7 @@ async def test_a_reload_to_no_virtual_service_is_refused(
     pa, _, _ = backends
     port = free_port()
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     await app.start(watch=False)
     try:
         cfg_path.write_text("")
@@ -450,8 +449,7 @@ async def test_watcher_applies_a_file_once_it_has_settled(
     pa, pb, _ = backends
     port = free_port()
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     ticker = Ticker()
     app.watch_tick = ticker
     await app.start(watch=True)
@@ -484,8 +482,7 @@ async def test_watcher_refuses_a_file_left_empty(
     pa, pb, _ = backends
     port = free_port()
     cfg_path = tmp_path / "lb.toml"
-    cfg_path.write_text(config_text(port, pa))
-    app = App(cfg_path, load_file(cfg_path))
+    app = app_on(cfg_path, config_text(port, pa))
     await app.start(watch=False)
     try:
         cfg_path.write_text("")

@@ -64,6 +64,7 @@ from .validate import (
     Body,
     FieldError,
     Flag,
+    Handler,
     Schema,
     Text,
     json_errors,
@@ -82,7 +83,6 @@ MAX_BODY = 1024 * 1024
 
 DataplaneStats = Callable[[], dict[str, Any]]
 RouteRegistrar = Callable[[web.Application], None]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME_KEY = web.AppKey("runtime", RuntimeStore)
 STORE_KEY = web.AppKey("store", CertStore)

@@ -26,7 +26,6 @@ fields listed above. Bodies may hold keys and passphrases: they are never logged
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -35,14 +34,12 @@ from ..config.model import MAX_SANS
 from ..letsencrypt import BackupError, LeError, Template, backup_from_text, backup_to_text
 from ..letsencrypt.policy import MAX_RENEW_PERIOD_DAYS, MIN_RENEW_PERIOD_DAYS
 from .api import CERT_STATUS_KEY, RouteRegistrar
-from .validate import Flag, Integer, Objects, Schema, Text, read_body
+from .validate import Flag, Handler, Integer, Objects, Schema, Text, read_body
 
 if TYPE_CHECKING:
     from ..letsencrypt import LEManager
 
 logger = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # Request bodies; PEM, base64 and passphrase fields are bounded by the body limit alone.
@@ -105,7 +102,7 @@ def add_routes(app: web.Application, manager: LEManager) -> None:
         passphrase = data.text("passphrase")
         return web.json_response(await m.upload_key(
             data.text("key").encode(), passphrase.encode() if passphrase else None,
-            replace=data.flag("replace", False)))
+            replace=data.flag("replace")))
 
     async def settings(r: web.Request) -> web.Response:
         data = await read_body(r, SETTINGS_SCHEMA)

@@ -130,7 +130,7 @@ class ImportResult:
     replaced: bool
 
 
-def storage_error(what: str, exc: OSError, where: Path) -> StoreError:
+def storage_error(what: str, exc: OSError, where: Path | str) -> StoreError:
     """A failed state write as an error naming the file and the cause (507 when the disk is
     full, 500 otherwise); whatever was stored before is untouched."""
     path = exc.filename or where

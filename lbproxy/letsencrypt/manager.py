@@ -252,9 +252,8 @@ class LEManager:
         self.validate_template(cert_id, template)
         self.accounts.require()
         cfg = self.runtime.current.config
-        entry = Entry(cert_id, template, source=source, jitter=self.jitter(),
-                      vs_seen=tuple(sorted({vs for _, vs in template.routes
-                                            if cfg.vs_by_name(vs)})))
+        entry = Entry(cert_id, template, source=source, jitter=self.jitter())
+        entry.see_vs(cfg)
         self.state.entries[cert_id] = entry
         await self.state.save_entry(entry)
         task = self.scheduler.launch(entry)
@@ -360,15 +359,14 @@ class LEManager:
                                       f"certificate {cid}: the id is taken by a "
                                       "certificate not managed by Let's Encrypt"))
                     continue
-                e = Entry(cid, t, source="config", jitter=self.jitter(), vs_seen=tuple(sorted(
-                    {vs for _, vs in t.routes if config.vs_by_name(vs)})))
+                e = Entry(cid, t, source="config", jitter=self.jitter())
+                e.see_vs(config)
                 s.entries[cid] = e
                 await s.save_entry(e)
             elif e.template != t or not e.auto_renew or e.source != "config":
                 names_changed = sorted(e.template.names) != sorted(t.names)
                 e.template, e.auto_renew, e.source = t, True, "config"
-                e.vs_seen = tuple(sorted(set(e.vs_seen) | {
-                    vs for _, vs in t.routes if config.vs_by_name(vs)}))
+                e.see_vs(config)
                 if names_changed:  # the certificate no longer covers the file's names
                     e.failures = policy.Failures()
                     e.ari = policy.AriWindow(self.clock() - dt.timedelta(minutes=1),

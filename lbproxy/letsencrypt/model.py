@@ -13,7 +13,7 @@ from typing import Any
 from acmeclient import CsrSubject, KeyType
 from acmeclient.crypto import PrivateKey
 
-from ..config.model import CertificateRequest, LetsEncryptSettings
+from ..config.model import CertificateRequest, Config, LetsEncryptSettings
 from . import policy
 
 MANAGED_BY = "letsencrypt"
@@ -132,6 +132,11 @@ class Entry:
     renewals: int = 0
     jitter: float = 0.5             # the manager draws it from its jitter source
     vs_seen: tuple[str, ...] = ()   # VSs that existed when they were stored (17.1 vs 17.2)
+
+    def see_vs(self, config: Config) -> None:
+        """Add to `vs_seen` the template's VSs that exist in `config`."""
+        self.vs_seen = tuple(sorted(set(self.vs_seen) | {
+            vs for _, vs in self.template.routes if config.vs_by_name(vs)}))
 
     def to_json(self) -> dict[str, Any]:
         def t(v: dt.datetime | None) -> str | None:

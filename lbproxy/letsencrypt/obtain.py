@@ -219,8 +219,7 @@ class Obtainer:
         entry.ari, entry.ari_checked = None, None
         entry.issued = self.clock()
         entry.jitter = self.jitter()
-        entry.vs_seen = tuple(sorted(set(entry.vs_seen) | {
-            vs for _, vs in entry.template.routes if cfg.vs_by_name(vs)}))
+        entry.see_vs(cfg)
         if old is not None:
             entry.renewals += 1
         await self.state.save_entry_or_report(entry)

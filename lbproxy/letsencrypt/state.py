@@ -8,10 +8,8 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from ..certs.store import check_id, valid_id
-from ..certs.store import storage_error as _store_error
+from ..certs.store import check_id, storage_error, valid_id
 from ..errors import StoreError
 from .blocking import CpuWorkers
 from .codes import AcmeLog, LeError
@@ -19,12 +17,6 @@ from .model import Account, Entry, Settings, dump
 from .storage import SETTINGS, Storage, entry_key, load_or_none
 
 logger = logging.getLogger(__name__)
-
-
-def storage_error(what: str, exc: OSError, where: str) -> StoreError:
-    """A failed state write as an error naming the file and the cause (507 when the disk is
-    full, 500 otherwise); whatever was stored before is untouched."""
-    return _store_error(what, exc, Path(where))
 
 
 @dataclass(slots=True)

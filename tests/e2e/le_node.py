@@ -27,7 +27,7 @@ from lbproxy.letsencrypt import ClientFactory, LEManager, default_client_factory
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import Runtime, RuntimeStore
-from tests.support.pebble import PebbleInstance
+from tests.support.pebble import PebbleInstance, free_port
 
 STEP = 10.0  # seconds any single network step may take on a loaded 2-core CI machine
 
@@ -48,7 +48,8 @@ async def start_upstream(text: str) -> tuple[web.AppRunner, int]:
 
 @dataclass
 class Node:
-    """An lbproxy instance; `start()` / `stop()` may be repeated on the same state dir."""
+    """An lbproxy instance; `start()` creates `root` if missing, and `start()` / `stop()` may be
+    repeated on the same state dir."""
 
     root: Path
     config_text: str
@@ -77,6 +78,7 @@ class Node:
         return f"http://127.0.0.1:{self.admin.port}"
 
     async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         cfg_path = self.root / "lbproxy.toml"
         cfg_path.write_text(self.config_text)
         config = parse_config(self.config_text, base=self.root)
@@ -120,6 +122,45 @@ class Node:
             async with s.request(method, self.admin_url + path, json=body,
                                  headers={"Authorization": f"Bearer {self.token}"}) as r:
                 return r.status, await r.json()
+
+
+async def start_node(root: Path, config_text: str, **kwargs: Any) -> Node:
+    """A started Node on `root`; `kwargs` are Node's other fields."""
+    node = Node(root, config_text, **kwargs)
+    await node.start()
+    return node
+
+
+def web_config(*more_vs: str) -> str:
+    """A config for a node on a fake CA: the admin API, no access log, a plain HTTP VS "web" on a
+    free port with no real server (an order names it; HTTP-01 needs no upstream), then
+    `more_vs` ([[vs]] tables, e.g. from `https_vs_table`)."""
+    return f"""
+state_dir = "state"
+[admin]
+listen = "127.0.0.1:1"
+[access_log]
+enabled = false
+[[vs]]
+name = "web"
+listen = "127.0.0.1:{free_port()}"
+  [[vs.subvs]]
+  name = "rest"
+  rules = ["default"]
+""" + "".join(more_vs)
+
+
+def https_vs_table(name: str, port: int, certificates: tuple[str, ...], default: str) -> str:
+    """A [[vs]] table: HTTPS on 127.0.0.1:`port` serving `certificates`, no real server."""
+    return f"""[[vs]]
+name = "{name}"
+listen = "127.0.0.1:{port}"
+protocol = "https"
+tls = {{ certificates = {json.dumps(list(certificates))}, default_certificate = "{default}" }}
+  [[vs.subvs]]
+  name = "rest"
+  rules = ["default"]
+"""
 
 
 def add_a_record(pebble: PebbleInstance, host: str, address: str) -> None:

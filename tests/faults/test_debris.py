@@ -14,33 +14,14 @@ from pathlib import Path
 import pytest
 
 from lbproxy.certs.files import TMP_PREFIX
-from tests.e2e.le_node import Node, cli
+from tests.e2e.le_node import Node, cli, start_node, web_config
 from tests.letsencrypt.le_fakes import FakeCA, FakeClock
-from tests.support.pebble import free_port
-
-
-def _config() -> str:
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{free_port()}"
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-"""
 
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[tuple[Node, FakeCA]]:
     ca = FakeCA(FakeClock(dt.datetime.now(dt.UTC)))
-    n = Node(tmp_path / "n", _config(), client_factory=ca.factory)
-    n.root.mkdir()
-    await n.start()
+    n = await start_node(tmp_path / "n", web_config(), client_factory=ca.factory)
     yield n, ca
     await n.stop()
 

@@ -17,9 +17,8 @@ import trustme
 from lbproxy.letsencrypt.backup import seal, unseal
 from lbproxy.letsencrypt.codes import AUDIT_LOG_FILE, SYSTEM_MESSAGE_FILE
 from tests.certs.helpers import issue, tree_digest
-from tests.e2e.le_node import Node, cli
+from tests.e2e.le_node import Node, cli, start_node, web_config
 from tests.letsencrypt.le_fakes import FakeCA, FakeClock
-from tests.support.pebble import free_port
 
 PASSPHRASE = "correct horse"
 FAST_N = 1 << 10  # a cheap scrypt cost for the crafted backup
@@ -30,29 +29,11 @@ def named_evil(root: Path) -> list[Path]:
     return list(root.rglob("evil*"))
 
 
-def _config() -> str:
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{free_port()}"
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-"""
-
-
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[tuple[Node, FakeCA]]:
     ca = FakeCA(FakeClock(dt.datetime.now(dt.UTC)))
     # Two levels below tmp_path: a `../../..` id aims at tmp_path, which the digest covers.
-    n = Node(tmp_path / "a" / "n", _config(), client_factory=ca.factory)
-    n.root.mkdir(parents=True)
-    await n.start()
+    n = await start_node(tmp_path / "a" / "n", web_config(), client_factory=ca.factory)
     rc, out = await cli(n, "le", "register")
     assert rc == 0, out
     yield n, ca

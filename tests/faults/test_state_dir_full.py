@@ -18,7 +18,7 @@ from lbproxy.errors import StoreError
 from lbproxy.letsencrypt import Template
 from lbproxy.letsencrypt.codes import LeError
 from tests.certs.helpers import handshake, issue, tree_digest
-from tests.e2e.le_node import Node
+from tests.e2e.le_node import Node, https_vs_table, start_node, web_config
 from tests.letsencrypt.le_fakes import FakeCA, FakeClock
 from tests.support.pebble import free_port
 
@@ -43,36 +43,13 @@ def small_state(tmp_path: Path) -> Iterator[Path]:
                        check=False)
 
 
-def _config(port: int) -> str:
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{free_port()}"
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{port}"
-protocol = "https"
-tls = {{ certificates = ["site", "plain"], default_certificate = "plain" }}
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-"""
-
-
 @pytest.fixture
 async def node(small_state: Path) -> AsyncIterator[tuple[Node, FakeCA, int]]:
     ca = FakeCA(FakeClock(dt.datetime.now(dt.UTC)))
     port = free_port()
-    n = Node(small_state.parent, _config(port), client_factory=ca.factory)
-    await n.start()
+    n = await start_node(small_state.parent,
+                         web_config(https_vs_table("secure", port, ("site", "plain"), "plain")),
+                         client_factory=ca.factory)
     yield n, ca, port
     await n.stop()
 

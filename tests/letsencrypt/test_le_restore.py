@@ -30,7 +30,7 @@ from lbproxy.letsencrypt.backup import BackupError, seal, unseal
 from lbproxy.letsencrypt.storage import issued_key
 from lbproxy.runtime import RuntimeStore
 from tests.certs.helpers import handshake, https_vs, issue, serial_of
-from tests.e2e.le_node import Node, cli
+from tests.e2e.le_node import Node, cli, https_vs_table, start_node, web_config
 from tests.letsencrypt.le_fakes import FakeCA, FakeClock
 from tests.letsencrypt.le_fakes import ManagerEnv as Env
 from tests.letsencrypt.test_le_manager import CONFIG, T0
@@ -51,30 +51,6 @@ def coded_lines(path: Path, code: int) -> list[str]:
 
 # -- a real instance: cert assign -> backup --vs --certs -> restore on a fresh state dir ----------
 
-def _config() -> str:
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{free_port()}"
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-[[vs]]
-name = "shop"
-listen = "127.0.0.1:{free_port()}"
-protocol = "https"
-tls = {{ certificates = ["boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-"""
-
-
 async def cert_assign(node: Node, *argv: str) -> tuple[int, str]:
     """`lbproxy cert ...` (the admin CLI, synchronous urllib) in a thread."""
     out = io.StringIO()
@@ -86,12 +62,10 @@ async def test_a_run_time_assignment_is_served_again_after_a_restore_on_a_fresh_
         tmp_path: Path) -> None:
     ca = FakeCA(FakeClock(dt.datetime.now(dt.UTC)))
     boot = issue(trustme.CA(), "boot.invalid")
-    text = _config()
+    text = web_config(https_vs_table("shop", free_port(), ("boot",), "boot"))
     backup, pw = tmp_path / "le.backup", tmp_path / "pw"
     pw.write_text(PASSPHRASE)
-    a = Node(tmp_path / "a", text, client_factory=ca.factory, bootstrap=boot)
-    a.root.mkdir()
-    await a.start()
+    a = await start_node(tmp_path / "a", text, client_factory=ca.factory, bootstrap=boot)
     try:
         for argv in (("le", "register"), ("le", "request", "--id", "blog", "--cn", "blog.test",
                                           "--vs", "web")):
@@ -110,9 +84,7 @@ async def test_a_run_time_assignment_is_served_again_after_a_restore_on_a_fresh_
     finally:
         await a.stop()
 
-    b = Node(tmp_path / "b", text, client_factory=ca.factory, bootstrap=boot)
-    b.root.mkdir()
-    await b.start()
+    b = await start_node(tmp_path / "b", text, client_factory=ca.factory, bootstrap=boot)
     try:
         port = b.dataplane.listening_ports()["shop"][1]
         assert await handshake(port, "blog.test") == serial_of(boot[0])

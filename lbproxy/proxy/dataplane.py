@@ -76,6 +76,19 @@ async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[s
     return socks
 
 
+def _dup_sockets(originals: list[Any]) -> list[socket.socket]:
+    """Duplicates of listening sockets (the same kernel socket); on a failure none is left open."""
+    socks: list[socket.socket] = []
+    try:
+        for s in originals:
+            socks.append(socket.socket(fileno=os.dup(s.fileno())))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 def _listener_key(vs: VirtualService) -> tuple[Any, ...]:
     # Port 0 (ephemeral, tests) cannot identify a listener across reloads: use the VS name too.
     a = vs.listen
@@ -351,8 +364,7 @@ class DataPlane:
             ctx = self._tls_factory(vs)
         try:
             if replaced is not None and replaced.listening:
-                socks = [socket.socket(fileno=os.dup(s.fileno()))
-                         for srv in replaced.servers for s in srv.sockets]
+                socks = _dup_sockets([s for srv in replaced.servers for s in srv.sockets])
             else:
                 socks = await _bind(loop, vs.listen.host, vs.listen.port)
         except OSError as e:

@@ -172,7 +172,8 @@ def running_lbproxy(peb: PebbleInstance, workdir: Path, ids: list[str]) -> Itera
     log = workdir / "lbproxy.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lbproxy", "run", "-c", str(config), "--log-level", "warning"],
+            [sys.executable, "-m", "lbproxy", "run", "-c", str(config), "--log-level", "warning",
+             "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
             env=_env(),
         )  # fmt: skip

@@ -466,8 +466,12 @@ def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
         # is stale (it was generated when the packages had no __init__.py, and then resolves
         # `acmeclient` as a namespace package from any directory but the repo root).
         env = {**os.environ, "PYTHONPATH": str(lbproxy_src)}
-        proc = Proc(name, [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning"],
-                    PROXY_CORE, d, nice=nice, env=env)
+        # One process on one core, as this bench compares (bench/workers_bench.py: workers);
+        # a checkout from before worker processes has no --workers and runs one anyway.
+        one = (["--workers", "1"] if "--workers" in
+               (lbproxy_src / "lbproxy" / "__main__.py").read_text() else [])
+        proc = Proc(name, [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning",
+                           *one], PROXY_CORE, d, nice=nice, env=env)
     elif name == "lean":
         proc = Proc(name, [sys.executable, str(PEERS / "lean_proxy.py"), str(port),
                            str(backend_port)], PROXY_CORE, d, nice=nice)

@@ -209,7 +209,8 @@ address = "127.0.0.1:{backend_port}"
 """)
         self.env = {**os.environ, "PYTHONPATH": str(src)}
         self.proc = hb.Proc("lbproxy", [str(hb.LBPROXY), "run", "-c", str(self.config),
-                                        "--log-level", "warning"], hb.PROXY_CORE, work,
+                                        "--log-level", "warning", "--workers", "1"],
+                            hb.PROXY_CORE, work,
                             env=self.env)
         try:
             hb.wait_ready(self.proc, port, PATH, SIZE, START_DEADLINE)

@@ -187,7 +187,8 @@ def start_lbproxy(workdir: Path, nice: int = 0) -> Running:
     conf = workdir / "lbproxy.toml"
     conf.write_text(LBPROXY_CONF.format(workdir=workdir, port=port, ciphers=CIPHERS))
     attempts = [
-        ("lbproxy run", [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning"]),
+        ("lbproxy run", [str(LBPROXY), "run", "-c", str(conf), "--log-level", "warning",
+                         "--workers", "1"]),
         ("tls_bench --serve (DataPlane + TLSContexts on uvloop)",
          [sys.executable, str(Path(__file__).resolve()), "--serve", str(conf)]),
     ]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from .config import load_file
 from .config.loader import config_warnings
+from .config.model import MAX_WORKERS
 from .errors import ConfigError
 
 _LOCAL_COMMANDS = ("run", "check")
@@ -50,7 +51,11 @@ def _run(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return run_forever(args.config, demo_backends=args.demo_backends)
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        print(f"lbproxy run: --workers must be between 0 (one per core) and {MAX_WORKERS}",
+              file=sys.stderr)
+        return 2
+    return run_forever(args.config, demo_backends=args.demo_backends, workers=args.workers)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--config", default="lbproxy.toml")
     r.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    r.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes (overrides the config's `workers`; 1 = one process "
+                        "that serves, no workers)")
     r.add_argument("--demo-backends", action="store_true",
                    help="also start demo real servers on the config's real-server addresses")
     return p

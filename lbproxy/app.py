@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -27,6 +28,7 @@ from .metrics import METRICS_PATH, MetricsCollector, metrics_routes
 from .proxy import DataPlane
 from .proxy.tls import TLSContexts
 from .runtime import Runtime, RuntimeStore
+from .workers import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +60,14 @@ def _digest(path: Path) -> str | None:
 
 
 class App:
-    """One lbproxy process. `start()` serves; `reload()` re-reads the file; `stop()` drains."""
+    """One lbproxy process. `start()` serves; `reload()` re-reads the file; `stop()` drains.
 
-    def __init__(self, config_path: Path, config: Config) -> None:
+    `workers` > 1: this is the control process and that many worker processes serve traffic
+    (lbproxy.workers); 1: this process serves too, as before workers existed.
+    """
+
+    def __init__(self, config_path: Path, config: Config, *, workers: int = 1,
+                 log_level: int = logging.INFO) -> None:
         self.config_path = config_path
         self.runtime = RuntimeStore(config)
         self._digest = _digest(config_path)
@@ -73,20 +80,31 @@ class App:
         self.reloads_ok = 0
         self._access_log = config.access_log
         self._admin_settings = config.admin
+        self._workers_setting = config.workers
         self.reloads_failed = 0
         self.state_dir = config.state_path(config_path)
         self.store = CertStore(self.state_dir,
                                usage=config_usage(lambda: self.runtime.current.config))
         self.tls = TLSContexts(self.store, self.runtime.current.effective_services())
-        self.dataplane = DataPlane(tls_factory=self.tls.factory)
+        self.supervisor: Supervisor | None = None
+        self.dataplane: DataPlane | Supervisor
+        if workers > 1:
+            self.supervisor = self.dataplane = Supervisor(
+                workers, lookup=self.store, base_dir=config_path.parent, log_level=log_level,
+                request_tag=config.worker_id_header)
+            self.store.watch(self.supervisor.certs_changed)
+        else:
+            self.dataplane = DataPlane(tls_factory=self.tls.factory)
         self.events = Events(config.events)
         self.manager = LEManager(self.state_dir, self.runtime, self.store,
                                  config_path=config_path, events=self.events,
                                  apply_config=self.apply_file)
         self.events.watch(self.manager.cert_statuses)
+        sup = self.supervisor
         self.metrics = MetricsCollector(
             self.dataplane.stats, certs=self.manager.cert_statuses,
-            acme=lambda: self.manager.acme_requests, events=self.events)
+            acme=lambda: self.manager.acme_requests, events=self.events,
+            refresh=sup.refresh if sup is not None else None)
         self.admin: AdminServer | None = None
 
     @property
@@ -94,7 +112,8 @@ class App:
         return self.runtime.current.config
 
     async def start(self, *, watch: bool = True) -> None:
-        configure_access_log(self.config.access_log, self.config_path.parent)
+        if self.supervisor is None:  # else each worker writes its own lines (see workers)
+            configure_access_log(self.config.access_log, self.config_path.parent)
         # Certificates first, so https listeners open with their SNI contexts ready.
         self.runtime.subscribe(self.tls.on_runtime)
         self.runtime.subscribe(self.dataplane.apply)
@@ -109,7 +128,9 @@ class App:
                              extra_routes=[le_routes(self.manager),
                                            metrics_routes(self.metrics)],
                              open_paths=(METRICS_PATH,) if self.config.admin.metrics_public
-                             else ())
+                             else (),
+                             refresh_stats=sup.refresh if (sup := self.supervisor) else None,
+                             workers=sup.workers if sup is not None else None)
             # HTTPS while a certificate is assigned to "admin"; follows (un)assignments.
             self.admin = await start_admin(app, self.config.admin.listen,
                                            tls=AdminTLS(self.store))
@@ -117,8 +138,9 @@ class App:
                         self.config.admin.listen, self.state_dir / "admin.token")
         if watch:
             self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
-        logger.info("lbproxy started: %d virtual services, generation %d",
-                    len(self.config.virtual_services), self.runtime.current.generation)
+        logger.info("lbproxy started: %d virtual services, generation %d%s",
+                    len(self.config.virtual_services), self.runtime.current.generation,
+                    f", {self.supervisor.count} worker processes" if self.supervisor else "")
 
     async def reload(self) -> bool:
         """Re-read the config file; a bad file is logged and the running config keeps serving."""
@@ -168,8 +190,11 @@ class App:
                              self.config_path)
         if cfg.admin != self._admin_settings:
             logger.warning("admin settings changed; they take effect at the next restart")
+        if cfg.workers != self._workers_setting:
+            logger.warning("workers changed; it takes effect at the next restart")
         if cfg.access_log != self._access_log:
-            configure_access_log(cfg.access_log, self.config_path.parent)
+            if self.supervisor is None:
+                configure_access_log(cfg.access_log, self.config_path.parent)
             self._access_log = cfg.access_log
         logger.info("reloaded %s: generation %d", self.config_path, rt.generation)
         return rt
@@ -220,11 +245,12 @@ class App:
         await self.manager.stop()
         await self.events.stop()
         await self.dataplane.shutdown(self.config.drain_timeout)
-        configure_access_log(AccessLogSettings(enabled=False), self.config_path.parent)
+        if self.supervisor is None:
+            configure_access_log(AccessLogSettings(enabled=False), self.config_path.parent)
         logger.info("lbproxy stopped")
 
 
-async def _main(config_path: Path, demo_backends: bool) -> int:
+async def _main(config_path: Path, demo_backends: bool, workers: int | None = None) -> int:
     try:
         config = load_file(config_path, to_run=True)
     except ConfigError as e:
@@ -239,7 +265,33 @@ async def _main(config_path: Path, demo_backends: bool) -> int:
     if not config.virtual_services:
         logger.warning("%s defines no virtual service; starting anyway (allow_empty = true)",
                        config_path)
-    app = App(config_path, config)
+    # --workers N stands for the file's `workers` (0: one per core) for this run.
+    count = (config if workers is None
+             else dataclasses.replace(config, workers=workers)).worker_count()
+    app = App(config_path, config, workers=count,
+              log_level=logging.getLogger().getEffectiveLevel())
+    # Signals are taken from the start: a SIGHUP's default action would kill the process (and a
+    # supervisor sending one as soon as a port answers is right to). One that arrives while
+    # starting reloads once started; SIGTERM/SIGINT then stop at once.
+    loop = asyncio.get_running_loop()
+    hup_pending = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_now() -> None:
+        task = loop.create_task(app.reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    def hup() -> None:
+        if not started:
+            hup_pending.set()
+        else:
+            reload_now()
+
+    started = False
+    loop.add_signal_handler(signal.SIGTERM, app.request_stop)
+    loop.add_signal_handler(signal.SIGINT, app.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, hup)
     try:
         await app.start()
     except LBProxyError as e:
@@ -252,10 +304,9 @@ async def _main(config_path: Path, demo_backends: bool) -> int:
     # generation's config stays in memory after a reload replaces it (once, not per reload).
     gc.collect()
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, app.request_stop)
-    loop.add_signal_handler(signal.SIGINT, app.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload()))
+    started = True
+    if hup_pending.is_set():
+        reload_now()
     await app.wait_stopped()
     logger.info("stopping: draining for up to %.0f s", app.config.drain_timeout)
     await app.stop()
@@ -264,9 +315,11 @@ async def _main(config_path: Path, demo_backends: bool) -> int:
     return 0
 
 
-def run_forever(config: str | os.PathLike[str], *, demo_backends: bool = False) -> int:
+def run_forever(config: str | os.PathLike[str], *, demo_backends: bool = False,
+                workers: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT; `workers` overrides the config's `workers`."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        return asyncio.run(_main(Path(config), demo_backends))
-    return uvloop.run(_main(Path(config), demo_backends))
+        return asyncio.run(_main(Path(config), demo_backends, workers))
+    return uvloop.run(_main(Path(config), demo_backends, workers))

@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -155,8 +155,11 @@ class MetricsCollector(Collector):
 
     def __init__(self, stats: StatsSource, *, certs: CertSource | None = None,
                  acme: AcmeSource | None = None, events: Events | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
         self.stats = stats
+        # With worker processes: collects their stats, which `stats` then reads.
+        self.refresh = refresh
         self.certs = certs
         self.acme = acme
         self.events = events
@@ -377,6 +380,8 @@ def metrics_routes(collector: MetricsCollector) -> Callable[[web.Application], N
     registry = make_registry(collector)
 
     async def metrics(_request: web.Request) -> web.Response:
+        if collector.refresh is not None:
+            await collector.refresh()
         body = generate_latest(registry)
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST

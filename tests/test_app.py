@@ -251,14 +251,17 @@ async def _wait_closed(port: int, deadline: float = 20.0) -> None:
                 return
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_process_sighup_reloads_and_sigterm_drains(
-        tmp_path: Path, backends: tuple[int, int, asyncio.Event]) -> None:
+        tmp_path: Path, backends: tuple[int, int, asyncio.Event], workers: str) -> None:
+    """As a single process and as a control process with two workers (where SIGHUP and SIGTERM
+    reach the control process, which tells its workers)."""
     pa, pb, release = backends
     port = free_port()
     cfg_path = tmp_path / "lb.toml"
     cfg_path.write_text(config_text(port, pa))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lbproxy", "run", "-c", str(cfg_path),
+        sys.executable, "-m", "lbproxy", "run", "-c", str(cfg_path), "--workers", workers,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -275,8 +278,7 @@ async def test_process_sighup_reloads_and_sigterm_drains(
                             break
                     await asyncio.sleep(0.05)
             # An in-flight request survives SIGTERM: it completes, then the process exits 0.
-            arrived = SLOW_ARRIVED.setdefault("B", asyncio.Event())
-            arrived.clear()
+            arrived = SLOW_ARRIVED["B"] = asyncio.Event()  # of this test's event loop
             slow = asyncio.ensure_future(s.get(f"http://127.0.0.1:{port}/api/slow"))
             await asyncio.wait_for(arrived.wait(), 20)
             proc.send_signal(signal.SIGTERM)

@@ -7,10 +7,11 @@ are not counted (so a submodule importing a sibling is not a cycle through its p
 __init__.py).
 
 The layers, lowest first (a module may import its own layer and those below, never one above):
-acmeclient <- config, routing, runtime (and lbproxy.errors, the shared base) <- proxy <- certs
-<- letsencrypt <- admin <- app. Besides: acmeclient imports nothing of lbproxy; nothing but the
-composition root (lbproxy/app.py, lbproxy/__main__.py) imports lbproxy.admin; lbproxy.proxy imports
-none of certs, letsencrypt, admin; no two modules import each other, directly or around a loop.
+acmeclient <- config, routing, runtime (and lbproxy.errors, the shared base) <- proxy <- workers
+<- certs <- letsencrypt <- admin <- app. Besides: acmeclient imports nothing of lbproxy; nothing
+but the composition root (lbproxy/app.py, lbproxy/__main__.py) imports lbproxy.admin;
+lbproxy.proxy imports none of certs, letsencrypt, admin; no two modules import each other,
+directly or around a loop.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config, routing, runtime", ("lbproxy", "lbproxy.errors", "lbproxy.config", "lbproxy.routing",
                                   "lbproxy.runtime")),
     ("proxy", ("lbproxy.proxy", "lbproxy.accesslog")),
+    ("workers", ("lbproxy.workers",)),
     ("certs", ("lbproxy.certs", "lbproxy.events")),
     ("letsencrypt", ("lbproxy.letsencrypt",)),
     ("admin", ("lbproxy.admin", "lbproxy.metrics")),

@@ -82,12 +82,17 @@ EXPIRY_WARNING = dt.timedelta(days=14)
 MAX_BODY = 1024 * 1024
 
 DataplaneStats = Callable[[], dict[str, Any]]
+# With worker processes: collects every worker's stats, which DataplaneStats then reads.
+StatsRefresh = Callable[[], Awaitable[None]]
+WorkersView = Callable[[], list[dict[str, Any]]]
 RouteRegistrar = Callable[[web.Application], None]
 
 RUNTIME_KEY = web.AppKey("runtime", RuntimeStore)
 STORE_KEY = web.AppKey("store", CertStore)
 TLS_KEY = web.AppKey("tls", TLSContexts)
 STATS_KEY: web.AppKey[DataplaneStats] = web.AppKey("dataplane_stats")
+REFRESH_KEY: web.AppKey[StatsRefresh | None] = web.AppKey("stats_refresh")
+WORKERS_KEY: web.AppKey[WorkersView | None] = web.AppKey("workers")
 STARTED_KEY = web.AppKey("started", float)
 CertStatusSource = Callable[[], Iterable[CertStatus]]
 # Set by the Let's Encrypt manager's registrar: every certificate with its renewal schedule.
@@ -291,7 +296,7 @@ async def status(request: web.Request) -> web.Response:
     expiring = [{"id": i.id, "not_after": i.not_after.isoformat(),
                  "expired": i.not_after < now}
                 for i in store.list() if i.not_after - now < EXPIRY_WARNING]
-    stats = app[STATS_KEY]()
+    stats = await dataplane_stats(app)
     counters = request_counters(stats)
     meter = app[RATES_KEY]
     mono = time.monotonic()
@@ -309,6 +314,7 @@ async def status(request: web.Request) -> web.Response:
         "services": services_status(rt.effective_services(), stats, rates),
         "certificate_status": certificates_status(request, now),
         "dataplane": stats,
+        "workers": workers() if (workers := app[WORKERS_KEY]) is not None else [],
     })
 
 
@@ -459,7 +465,7 @@ async def unassign_cert(request: web.Request) -> web.Response:
 
 async def list_vs(request: web.Request) -> web.Response:
     services, injected = _services(request)
-    tls, stats = request.app[TLS_KEY], request.app[STATS_KEY]()
+    tls, stats = request.app[TLS_KEY], await dataplane_stats(request.app)
     return web.json_response({"virtual_services": [
         vs_view(vs, injected_rules=injected, tls=tls, stats=stats) for vs in services]})
 
@@ -471,7 +477,7 @@ async def show_vs(request: web.Request) -> web.Response:
         if vs.name == name:
             return web.json_response(vs_view(vs, injected_rules=injected,
                                              tls=request.app[TLS_KEY],
-                                             stats=request.app[STATS_KEY]()))
+                                             stats=await dataplane_stats(request.app)))
     raise AdminError(f"no virtual service {name!r}", status=404)
 
 
@@ -480,10 +486,18 @@ async def _sample_rates(app: web.Application) -> None:
     meter = app[RATES_KEY]
     while True:
         try:
-            meter.observe(time.monotonic(), request_counters(app[STATS_KEY]()))
+            meter.observe(time.monotonic(), request_counters(await dataplane_stats(app)))
         except Exception:
             logger.exception("requests/s sample failed")
         await asyncio.sleep(RATE_SAMPLE_INTERVAL)
+
+
+async def dataplane_stats(app: web.Application) -> dict[str, Any]:
+    """The data plane's stats now (every worker asked first, when there are workers)."""
+    refresh = app[REFRESH_KEY]
+    if refresh is not None:
+        await refresh()
+    return app[STATS_KEY]()
 
 
 async def _rate_sampler(app: web.Application) -> Any:
@@ -497,10 +511,13 @@ async def _rate_sampler(app: web.Application) -> Any:
 def create_app(*, runtime: RuntimeStore, dataplane_stats: DataplaneStats, store: CertStore,
                tls: TLSContexts, token: str,
                extra_routes: Sequence[RouteRegistrar] = (),
-               open_paths: Collection[str] = ()) -> web.Application:
+               open_paths: Collection[str] = (), refresh_stats: StatsRefresh | None = None,
+               workers: WorkersView | None = None) -> web.Application:
     """The admin application; serve it with `lbproxy.admin.server.start_admin`.
 
     `open_paths`: GET paths served without the token (e.g. ("/metrics",)); none by default.
+    `refresh_stats` and `workers`: with worker processes, collect their stats before
+    `dataplane_stats` is read, and list them in the status.
     """
     if len(token) < 16:
         raise ValueError("the admin token is too short to be a secret")
@@ -515,6 +532,8 @@ def create_app(*, runtime: RuntimeStore, dataplane_stats: DataplaneStats, store:
     app[STORE_KEY] = store
     app[TLS_KEY] = tls
     app[STATS_KEY] = dataplane_stats
+    app[REFRESH_KEY] = refresh_stats
+    app[WORKERS_KEY] = workers
     app[STARTED_KEY] = time.monotonic()
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/certs", list_certs)

@@ -280,6 +280,11 @@ def print_status(s: dict[str, Any], out: TextIO) -> None:
     for c in s["certificates_expiring"]:
         state = "EXPIRED" if c["expired"] else "expires"
         print(f"warning: certificate {c['id']} {state} {c['not_after']}", file=out)
+    if s.get("workers"):  # with worker processes only: one row each
+        print(file=out)
+        table(("WORKER", "PID", "GENERATION", "CONNS", "RESTARTS", "STATE"),
+              [[_cell(w.get(k)) for k in ("id", "pid", "generation", "connections", "restarts",
+                                          "state")] for w in s["workers"]], out)
 
 
 def _print_deleted(data: Any, out: TextIO) -> None:

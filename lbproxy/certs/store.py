@@ -157,6 +157,8 @@ class CertStore:
         self._vs_assign: dict[str, VSCertificates] = {}
         self._admin_assign: tuple[str, ...] = ()
         self._version = 0
+        # Told after every change (from the thread that made it): cheap, non-blocking calls.
+        self._watchers: list[Callable[[], None]] = []
         # Damaged state found at load: id (or file name) -> what is wrong, naming the path.
         # Such a certificate is not served and not overwritten until the operator moves it.
         self.problems: dict[str, str] = {}
@@ -178,6 +180,16 @@ class CertStore:
 
     def assignment(self, vs_name: str) -> VSCertificates:
         return self._vs_assign.get(vs_name, VSCertificates())
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` after each change of a certificate or an assignment, from the thread
+        that made it (a worker thread of the admin API too): it must only schedule work."""
+        self._watchers.append(callback)
+
+    def _changed(self) -> None:
+        self._version += 1
+        for callback in self._watchers:
+            callback()
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -262,7 +274,7 @@ class CertStore:
             shutil.rmtree(trash, ignore_errors=True)
             del self._infos[cert_id]
             del self._material[cert_id]
-            self._version += 1
+            self._changed()
         logger.info("certificate %r deleted", cert_id)
 
     def assign(self, cert_id: str, target: str, *, default: bool = False) -> None:
@@ -350,7 +362,7 @@ class CertStore:
             self._material[cert_id] = CertMaterial(
                 cert_id, parsed.chain_pem, parsed.key_pem, parsed.names, parsed.serial,
                 parsed.fingerprint)
-            self._version += 1
+            self._changed()
         for w in parsed.warnings:
             logger.warning("certificate %r: %s", cert_id, w)
         logger.info("certificate %r %s: serial %x, names %s, not after %s", cert_id,
@@ -403,7 +415,7 @@ class CertStore:
             raise storage_error("assignment not stored", exc, self.root / _ASSIGNMENTS) from None
         self._vs_assign = vs_assign
         self._admin_assign = admin
-        self._version += 1
+        self._changed()
 
     def _load(self) -> None:
         # Debris of an interrupted write or delete: never committed, safe to drop.
@@ -431,7 +443,7 @@ class CertStore:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 self.problems[_ASSIGNMENTS] = f"{path}: {e}"
                 logger.error("%s is damaged (%s); no run-time assignments loaded", path, e)
-        self._version += 1
+        self._changed()
         logger.info("certificate store %s: %d certificates", self.root, len(self._infos))
 
     def _load_one(self, d: Path) -> None:

@@ -19,6 +19,7 @@ from .model import (
     MAX_PATTERN_LENGTH,
     MAX_RULES,
     MAX_SANS,
+    MAX_WORKERS,
     AccessLogSettings,
     Address,
     AdminSettings,
@@ -104,6 +105,18 @@ class _Reader:
             self.error(f"must be between {lo} and {hi}, got {v}", key)
             return default
         return v
+
+    def count_or_auto(self, key: str, lo: int, hi: int) -> int:
+        """An integer in [lo, hi], or "auto" (the default), read as 0 (so lo = 0 means auto)."""
+        v = self._get(key, "auto", (int, str), 'an integer or "auto"')
+        if isinstance(v, str):
+            if v.lower() != "auto":
+                self.error(f'expected an integer or "auto", got {v!r}', key)
+            return 0
+        if not lo <= v <= hi:
+            self.error(f"must be between {lo} and {hi} (or \"auto\"), got {v}", key)
+            return 0
+        return int(v)
 
     def number(self, key: str, default: float, lo: float, hi: float) -> float:
         v = self._get(key, default, (int, float), "a number")
@@ -644,6 +657,8 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
         access_log=access_log,
         drain_timeout=r.number("drain_timeout", 30.0, 0, 3600),
         allow_empty=r.flag("allow_empty", False),
+        workers=r.count_or_auto("workers", 0, MAX_WORKERS),
+        worker_id_header=r.flag("worker_id_header", False),
     )
     if admin.enabled and admin.listen in listeners:
         problems.append(ConfigProblem("admin.listen",

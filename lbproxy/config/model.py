@@ -267,6 +267,10 @@ class EventSettings:
     check_interval: float = 3600.0
 
 
+# More worker processes than this is a typo, not a host (nginx's largest configs use ~128).
+MAX_WORKERS = 256
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     virtual_services: tuple[VirtualService, ...] = ()
@@ -281,6 +285,16 @@ class Config:
     letsencrypt: LetsEncryptSettings = field(default_factory=LetsEncryptSettings)
     certificates: tuple[CertificateRequest, ...] = ()
     events: EventSettings = field(default_factory=EventSettings)
+    # Worker processes serving traffic (lbproxy.workers); 0 = "auto", one per core. 1 = one
+    # process that also serves, as before workers existed.
+    workers: int = 0
+    # Debug: each worker adds "X-Lbproxy-Worker: <n>" to the requests it forwards with
+    # X-Forwarded-* headers, so a test or an operator can see which worker served a request.
+    worker_id_header: bool = False
+
+    def worker_count(self) -> int:
+        """How many worker processes `workers` asks for on this host."""
+        return self.workers or max(1, len(os.sched_getaffinity(0)))
 
     def state_path(self, config_path: str | os.PathLike[str]) -> Path:
         """The state directory; a relative `state_dir` is relative to the config file's folder."""

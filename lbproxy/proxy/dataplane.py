@@ -52,9 +52,12 @@ _MAX_TICK = 1.0
 _BACKLOG = 4096
 
 
-async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[socket.socket]:
+async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int, *,
+                reuse_port: bool = False) -> list[socket.socket]:
     """Sockets bound to every address of `host` and listening (as `loop.create_server` would
-    bind them), so that a failure shows here, before any running listener is touched."""
+    bind them), so that a failure shows here, before any running listener is touched.
+    `reuse_port`: SO_REUSEPORT, so that every worker process accepts on its own socket of the
+    same address and the kernel spreads new connections over them (no accept lock)."""
     infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
@@ -63,6 +66,8 @@ async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[s
             sock = socket.socket(family, kind, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # Each family binds its own socket ("localhost": ::1 and 127.0.0.1).
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -99,8 +104,18 @@ class DataPlane:
     """Every listener and upstream pool of the process; one instance per event loop."""
 
     def __init__(self, *, tls_factory: TLSFactory | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, reuse_port: bool = False,
+                 probes: bool = True, request_tag: bytes = b"") -> None:
+        """`reuse_port`, `probes` and `request_tag` are for worker processes (lbproxy.workers):
+        sockets shared with the other workers by SO_REUSEPORT; no health probes of its own (the
+        control process probes and sends states to `set_health`); a header line added to every
+        request forwarded with X-Forwarded-* (the worker id, in debug mode)."""
         self._tls_factory = tls_factory
+        self._reuse_port = reuse_port
+        self._probes = probes
+        self._request_tag = request_tag
+        # The last health states sent by a control process: (VS, SubVS) -> address -> state.
+        self._health: dict[tuple[str, str], dict[str, tuple[bool, bool, str]]] = {}
         self._loop = loop
         self._listeners: dict[tuple[Any, ...], ClientListener] = {}
         self._outbox: Outbox | None = None  # made on the first apply(), on the running loop
@@ -268,8 +283,27 @@ class DataPlane:
         self._routers = {name: (keys[name], r) for name, r in out.items()}
         return out
 
-    def _make_monitor(self, balancer: Balancer, check: HealthCheck, label: str) -> HealthMonitor:
-        return HealthMonitor(balancer.backends, check, label)
+    def _make_monitor(self, balancer: Balancer, check: HealthCheck,
+                      label: str) -> HealthMonitor | None:
+        return HealthMonitor(balancer.backends, check, label) if self._probes else None
+
+    def set_health(self, states: Mapping[tuple[str, str],
+                                         Mapping[str, tuple[bool, bool, str]]]) -> None:
+        """Health states probed elsewhere (a worker's control process): per pool (VS, SubVS
+        name, "" for the VS's own servers), per real server address: (healthy, checked, down
+        reason). Kept, and applied again to the pools every later generation builds."""
+        self._health = {k: dict(v) for k, v in states.items()}
+        self._apply_health()
+
+    def _apply_health(self) -> None:
+        for key, by_addr in self._health.items():
+            pool = self._pools.get(key)
+            if pool is None:
+                continue
+            for b in pool.balancer.backends:
+                st = by_addr.get(str(b.address))
+                if st is not None:
+                    b.healthy, b.checked, b.down_reason = st
 
     async def _apply(self, runtime: Runtime) -> None:
         loop = self._get_loop()
@@ -296,6 +330,8 @@ class DataPlane:
             port = old.sockname[1] if keep and old is not None else vs.listen.port
             svc = build_service(vs, rules, runtime.injections, factory, counters, log, port,
                                 routers.get(vs.name))
+            if self._request_tag:
+                svc.xfp_line += self._request_tag
             plan[key] = (old if keep else None, svc)
 
         # Prepare every new listener (TLS context, sockets bound and listening, servers not yet
@@ -339,6 +375,7 @@ class DataPlane:
                 pool.monitor.start()
         replaced = [p for key, p in self._pools.items() if factory.pools.get(key) is not p]
         self._pools = factory.pools
+        self._apply_health()
         for addr, cp in list(self._conn_pools.items()):
             idle = factory.addresses.get(addr)
             if idle is None:
@@ -366,7 +403,8 @@ class DataPlane:
             if replaced is not None and replaced.listening:
                 socks = _dup_sockets([s for srv in replaced.servers for s in srv.sockets])
             else:
-                socks = await _bind(loop, vs.listen.host, vs.listen.port)
+                socks = await _bind(loop, vs.listen.host, vs.listen.port,
+                                    reuse_port=self._reuse_port)
         except OSError as e:
             raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
         try:

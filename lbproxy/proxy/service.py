@@ -255,7 +255,7 @@ class PoolFactory:
     def __init__(self, loop: asyncio.AbstractEventLoop, old_pools: dict[tuple[str, str], Pool],
                  conn_pools: dict[tuple[str, int], ConnPool],
                  target_counters: dict[tuple[str, str], TargetCounters],
-                 make_monitor: Callable[[Balancer, HealthCheck, str], HealthMonitor],
+                 make_monitor: Callable[[Balancer, HealthCheck, str], HealthMonitor | None],
                  outbox: Outbox) -> None:
         self.loop = loop
         self.outbox = outbox
@@ -283,7 +283,7 @@ class PoolFactory:
             if old is not None and old.spec == spec:
                 pool = old
             else:
-                label = f"SubVS {subvs_name} of VS {vs.name}" if subvs_name else f"VS {vs.name}"
+                label = pool_label(vs.name, subvs_name)
                 balancer = Balancer(servers, scheduler,
                                     old.balancer if old is not None else None)
                 pool = Pool(key, label, spec, balancer, None)
@@ -305,6 +305,23 @@ class PoolFactory:
             conns[b] = st
             self.addresses[addr] = min(idle, self.addresses.get(addr, idle))
         return Target(name, pool, conns, na, counters)
+
+
+def pool_label(vs_name: str, subvs_name: str) -> str:
+    """How log lines name a pool of real servers."""
+    return f"SubVS {subvs_name} of VS {vs_name}" if subvs_name else f"VS {vs_name}"
+
+
+def pool_specs(vs: VirtualService) -> list[tuple[str, PoolSpec]]:
+    """The pools of real servers `build_service` makes for `vs`, by SubVS name ("" for the VS's
+    own real servers): what a control process probes for its workers (injected SubVSs have
+    none)."""
+    if vs.kind is VSKind.REDIRECT:
+        return []
+    if vs.real_servers:
+        return [("", PoolSpec(vs.real_servers, vs.scheduler, vs.health_check))]
+    return [(s.name, PoolSpec(s.real_servers, s.scheduler, s.health_check))
+            for s in vs.subvs if s.real_servers]
 
 
 def needs_router(vs: VirtualService) -> bool:

@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +23,7 @@ from ..config.model import Protocol as VSProtocol
 from ..config.model import VirtualService
 from ..errors import LBProxyError
 from ..runtime import Runtime
+from .tickets import set_ticket_keys
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,56 @@ class CertLookup(Protocol):
     def material(self, cert_id: str) -> CertMaterial | None: ...
 
     def assignment(self, vs_name: str) -> VSCertificates: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CertSnapshot:
+    """The certificates and assignments the HTTPS VSs of one generation serve, as a CertLookup:
+    what a worker process reads, sent whole by its control process whenever one changes."""
+
+    version: int = 0
+    materials: Mapping[str, CertMaterial] = field(default_factory=dict)
+    assignments: Mapping[str, VSCertificates] = field(default_factory=dict)
+
+    def material(self, cert_id: str) -> CertMaterial | None:
+        return self.materials.get(cert_id)
+
+    def assignment(self, vs_name: str) -> VSCertificates:
+        return self.assignments.get(vs_name) or VSCertificates()
+
+
+def snapshot(lookup: CertLookup, services: Iterable[VirtualService], version: int) -> CertSnapshot:
+    """What `services` (HTTPS ones) can serve from `lookup` now, numbered `version`."""
+    materials: dict[str, CertMaterial] = {}
+    assignments: dict[str, VSCertificates] = {}
+    for vs in services:
+        if vs.protocol is not VSProtocol.HTTPS:
+            continue
+        assigned = assignments[vs.name] = lookup.assignment(vs.name)
+        default = default_certificate(vs, assigned)
+        for cid in (*certificate_order(vs, assigned), *((default,) if default else ())):
+            if cid not in materials:
+                m = lookup.material(cid)
+                if m is not None:
+                    materials[cid] = m
+    return CertSnapshot(version, materials, assignments)
+
+
+class SwappedLookup:
+    """A CertLookup whose snapshot is replaced whole (a worker's, fed by its control process)."""
+
+    def __init__(self) -> None:
+        self.current = CertSnapshot()
+
+    @property
+    def version(self) -> int:
+        return self.current.version
+
+    def material(self, cert_id: str) -> CertMaterial | None:
+        return self.current.material(cert_id)
+
+    def assignment(self, vs_name: str) -> VSCertificates:
+        return self.current.assignment(vs_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +219,8 @@ class TLSContexts:
         self._selections: dict[str, Selection] = {}
         self._built_version = -1
         self.rebuilds = 0
+        # Session ticket keys shared with other processes (workers); () = OpenSSL's own.
+        self._ticket_keys: tuple[bytes, ...] = ()
         self.refresh(force=True)
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -191,6 +244,14 @@ class TLSContexts:
                 listener.set_ciphers(vs.tls.ciphers)
         self._services = new
         self.refresh(force=True)
+
+    def set_ticket_keys(self, keys: Sequence[bytes]) -> None:
+        """Encrypt session tickets with keys[0] and accept tickets under any of `keys`, in every
+        context now and later: the workers of one host share them, so a session one worker
+        issued resumes on another (see tickets.py)."""
+        self._ticket_keys = tuple(keys)
+        for ctx in (*self._listeners.values(), *self._cache.values()):
+            set_ticket_keys(ctx, self._ticket_keys)
 
     def refresh(self, *, force: bool = False) -> None:
         """Rebuild the SNI mappings if the lookup changed (or always with `force`).
@@ -219,6 +280,8 @@ class TLSContexts:
             except TLSSetupError as e:
                 logger.error("%s", e)
                 return None
+            if self._ticket_keys:
+                set_ticket_keys(ctx, self._ticket_keys)
             self._cache[key] = ctx
         used.add(key)
         return ctx
@@ -286,6 +349,8 @@ class TLSContexts:
             self._services = {**self._services, vs.name: vs}
             self.refresh(force=True)
         listener = _base_context(vs.tls.ciphers)
+        if self._ticket_keys:
+            set_ticket_keys(listener, self._ticket_keys)
         name = vs.name
 
         def sni_callback(ssl_obj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,

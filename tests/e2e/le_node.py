@@ -27,6 +27,7 @@ from lbproxy.letsencrypt import ClientFactory, LEManager, default_client_factory
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import Runtime, RuntimeStore
+from lbproxy.workers import Supervisor
 from tests.support.pebble import PebbleInstance, free_port
 
 STEP = 10.0  # seconds any single network step may take on a loaded 2-core CI machine
@@ -57,13 +58,14 @@ class Node:
     runtime: RuntimeStore = field(init=False)
     store: CertStore = field(init=False)
     tls: TLSContexts = field(init=False)
-    dataplane: DataPlane = field(init=False)
+    dataplane: DataPlane | Supervisor = field(init=False)
     manager: LEManager = field(init=False)
     admin: AdminServer = field(init=False)
     token: str = field(init=False)
     bootstrap: tuple[bytes, bytes] | None = None  # (chain, key) imported as "boot"
     seen: list[Runtime] = field(default_factory=list)
     on_inject: list[Callable[[Runtime], Any]] = field(default_factory=list)
+    workers: int = 1  # > 1: worker processes serve, this process is their control process
 
     @property
     def state(self) -> Path:
@@ -87,7 +89,13 @@ class Node:
         if self.bootstrap is not None and self.store.get("boot") is None:
             self.store.import_pem("boot", *self.bootstrap)
         self.tls = TLSContexts(self.store, self.runtime.current.effective_services())
-        self.dataplane = DataPlane(tls_factory=self.tls.factory)
+        refresh = None
+        if self.workers > 1:
+            sup = Supervisor(self.workers, lookup=self.store, base_dir=self.root)
+            self.store.watch(sup.certs_changed)
+            self.dataplane, refresh = sup, sup.refresh
+        else:
+            self.dataplane = DataPlane(tls_factory=self.tls.factory)
         self.runtime.subscribe(self.tls.on_runtime)
         self.runtime.subscribe(self.dataplane.apply)
         self.runtime.subscribe(self._record)
@@ -98,7 +106,7 @@ class Node:
         self.token = load_or_create_token(self.state)
         app = create_app(runtime=self.runtime, dataplane_stats=self.dataplane.stats,
                          store=self.store, tls=self.tls, token=self.token,
-                         extra_routes=[le_routes(self.manager)])
+                         extra_routes=[le_routes(self.manager)], refresh_stats=refresh)
         self.admin = await start_admin(app, Address("127.0.0.1", 0))
 
     async def _record(self, rt: Runtime) -> None:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lbproxy.runtime import Runtime
 from tests.e2e.le_node import Node, cli, config, http_get, https_get, trust
 from tests.support.pebble import PebbleInstance, free_port
@@ -18,11 +20,14 @@ LOAD_SECONDS = 30.0  # upper bound of the HTTPS load loop around a renewal
 LOAD_MAX_REQUESTS = 5000
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 async def test_certificate_story(pebble: PebbleInstance, tmp_path: Path, upstream: int,
-                                 boot: tuple[bytes, bytes]) -> None:
+                                 boot: tuple[bytes, bytes], workers: int) -> None:
+    """With workers = 2 the data plane runs in two worker processes: Pebble's validations, the
+    HTTPS handshakes and the load reach either, through SO_REUSEPORT."""
     https_port = free_port()
     text = config(pebble, upstream, https_port)
-    node = Node(tmp_path / "one", text, bootstrap=boot)
+    node = Node(tmp_path / "one", text, bootstrap=boot, workers=workers)
     node.root.mkdir()
     await node.start()
     try:

@@ -104,7 +104,8 @@ class App:
         self.metrics = MetricsCollector(
             self.dataplane.stats, certs=self.manager.cert_statuses,
             acme=lambda: self.manager.acme_requests, events=self.events,
-            refresh=sup.refresh if sup is not None else None)
+            refresh=sup.refresh if sup is not None else None,
+            workers=sup.workers if sup is not None else None)
         self.admin: AdminServer | None = None
 
     @property

@@ -156,8 +156,11 @@ class MetricsCollector(Collector):
     def __init__(self, stats: StatsSource, *, certs: CertSource | None = None,
                  acme: AcmeSource | None = None, events: Events | None = None,
                  clock: Callable[[], float] = time.time,
-                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+                 refresh: Callable[[], Awaitable[None]] | None = None,
+                 workers: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.stats = stats
+        # With worker processes: each worker's slot, pid, generation, connections, restarts.
+        self.workers = workers
         # With worker processes: collects their stats, which `stats` then reads.
         self.refresh = refresh
         self.certs = certs
@@ -182,7 +185,24 @@ class MetricsCollector(Collector):
                 c.add_metric([op, result], n)
         if self.events is not None:
             self._events(f, self.events)
+        if self.workers is not None:
+            self._workers(f, self.workers())
         yield from f.items.values()
+
+    @staticmethod
+    def _workers(f: _Families, workers: list[dict[str, Any]]) -> None:
+        names = ("worker",)
+        for w in workers:
+            label = [str(w["id"])]
+            f.gauge("lbproxy_worker_up", "1 while the worker process serves, 0 while it is "
+                    "being (re)started.", names).add_metric(label, 1 if w["state"] == "running"
+                                                            else 0)
+            f.gauge("lbproxy_worker_generation", "The config generation the worker serves.",
+                    names).add_metric(label, w["generation"])
+            f.gauge("lbproxy_worker_connections", "Client connections open in the worker.",
+                    names).add_metric(label, w["connections"])
+            f.counter("lbproxy_worker_restarts", "Times the worker process died and was "
+                      "started again.", names).add_metric(label, w["restarts"])
 
     # -- data plane ---------------------------------------------------------------------------
 

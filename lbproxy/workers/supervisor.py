@@ -51,6 +51,9 @@ STATS_TIMEOUT = 2.0
 # within a day keeps its session (as Caddy rotates its STEKs).
 TICKET_ROTATION = 12 * 3600.0
 TICKET_KEYS_KEPT = 3
+# How long a new ticket key is known (decrypt only) before it encrypts: far longer than a
+# broadcast takes to reach every worker.
+TICKET_PROMOTE = 60.0
 # Beyond the drain timeout, how long a stopping worker may take to exit before it is killed.
 EXIT_GRACE = 5.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -204,6 +207,10 @@ class Supervisor:
                     w.stats = fut.result()
         self._merged = merge_stats([w.stats for w in self._workers if w.stats])
 
+    def health(self) -> ch.HealthStates:
+        """The health states last sent to the workers."""
+        return self._health
+
     def workers(self) -> list[dict[str, Any]]:
         """Each worker as `lbproxy status` shows it."""
         out = []
@@ -282,9 +289,16 @@ class Supervisor:
                                                                 name="ticket-key-rotation")
 
     async def _rotate(self) -> None:
+        """A new key is first sent to decrypt only, and used to encrypt one step later: no
+        worker issues a ticket under a key another worker does not know yet."""
         while True:
-            await asyncio.sleep(TICKET_ROTATION)
-            self._tickets = (new_ticket_key(), *self._tickets)[:TICKET_KEYS_KEPT]
+            await asyncio.sleep(TICKET_ROTATION - TICKET_PROMOTE)
+            new = new_ticket_key()
+            current, *older = self._tickets
+            self._tickets = (current, new, *older)[:TICKET_KEYS_KEPT]
+            self._broadcast(ch.TicketKeys(self._tickets))
+            await asyncio.sleep(TICKET_PROMOTE)
+            self._tickets = (new, current, *older)[:TICKET_KEYS_KEPT]
             self._broadcast(ch.TicketKeys(self._tickets))
             logger.info("TLS session ticket key rotated (%d kept)", len(self._tickets))
 

@@ -203,7 +203,10 @@ def test_every_metric_is_documented() -> None:
                         ari_start=when, ari_end=when)]
     events = Events(EventSettings(webhook_url="http://127.0.0.1:9/"))
     collector = MetricsCollector(lambda: STATS, certs=lambda: certs,
-                                 acme=lambda: {("order", "success"): 1}, events=events)
+                                 acme=lambda: {("order", "success"): 1}, events=events,
+                                 workers=lambda: [{"id": 0, "pid": 1, "generation": 1,
+                                                   "connections": 0, "restarts": 0,
+                                                   "state": "running"}])
     text = generate_latest(make_registry(collector)).decode()
     exported = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
     assert len(exported) > 40

@@ -6,6 +6,7 @@ server; fresh connections come from fresh source ports, which the kernel hashes 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -96,14 +97,19 @@ class Cluster:
         return ctx
 
 
+def _seed_certificate(root: Path, ca: trustme.CA) -> None:
+    """Certificate "site" (site.test, from `ca`) in the state directory under `root`."""
+    leaf = ca.issue_cert("site.test")
+    store = CertStore(root / "state")
+    store.import_pem("site", leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+
+
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     arrived = asyncio.Event()
     runner, backend = await _backend(arrived)
     ca = trustme.CA()
-    leaf = ca.issue_cert("site.test")
-    store = CertStore(tmp_path / "state")
-    store.import_pem("site", leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes())
+    _seed_certificate(tmp_path, ca)
     cfg = tmp_path / "lbproxy.toml"
     cfg.write_text(_config(backend, free_port(), free_port()))
     app = App(cfg, load_file(cfg, to_run=True), workers=2)
@@ -337,3 +343,118 @@ async def test_stop_drains_requests_in_flight(cluster: Cluster) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_health_is_probed_once_per_host_and_obeyed_by_every_worker(
+        tmp_path: Path) -> None:
+    """One prober per real server in the control process (its probes are never closer together
+    than the interval, as two probers' would be), and every worker stops sending to a server it
+    reported down, and starts again when it is back."""
+    hits: list[float] = []
+    healthy = True
+    changed = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/health":
+            hits.append(time.monotonic())
+            if len(hits) >= 8:
+                changed.set()
+            return web.Response(status=200 if healthy else 503)
+        return web.Response(text=f"worker={request.headers.get('X-Lbproxy-Worker', '?')}")
+    app_ = web.Application()
+    app_.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app_, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    backend = int(runner.addresses[0][1])
+    interval = 0.2
+    cfg = tmp_path / "lbproxy.toml"
+    cfg.write_text(f"""
+state_dir = "state"
+worker_id_header = true
+[admin]
+enabled = false
+[access_log]
+enabled = false
+[[vs]]
+name = "web"
+listen = "127.0.0.1:{free_port()}"
+real_servers = [ {{ address = "127.0.0.1:{backend}" }} ]
+health_check = {{ type = "http", path = "/health", interval = {interval}, rise = 1, fall = 1 }}
+not_available = {{ status = 200, body = "sorry" }}
+""")
+    app = App(cfg, load_file(cfg, to_run=True), workers=2)
+    await app.start(watch=False)
+    try:
+        await asyncio.wait_for(changed.wait(), STEP)
+        gaps = [b - a for a, b in itertools.pairwise(hits)]
+        assert min(gaps) > interval * 0.5, gaps  # two probers would interleave
+        port = app.dataplane.listening_ports()["web"][1]
+        assert set(await both_workers(port)) == {"200 worker=0", "200 worker=1"}
+
+        healthy = False
+        seen: set[str] = set()
+        deadline = time.monotonic() + STEP
+        while seen != {"200 sorry"} and time.monotonic() < deadline:
+            # Fresh connections reach both workers; once down everywhere, only "sorry".
+            bodies = {(await fetch(port))[0] for _ in range(16)}
+            seen = bodies
+        assert seen == {"200 sorry"}
+        states = app.supervisor.health() if app.supervisor else {}
+        assert states[("web", "")][f"127.0.0.1:{backend}"][0] is False
+
+        healthy = True
+        deadline = time.monotonic() + STEP
+        while "200 sorry" in seen and time.monotonic() < deadline:
+            seen = {(await fetch(port))[0] for _ in range(16)}
+        assert set(await both_workers(port)) == {"200 worker=0", "200 worker=1"}
+    finally:
+        await app.stop()
+        await runner.cleanup()
+
+
+async def test_status_and_metrics_add_up_the_workers_and_list_each(tmp_path: Path) -> None:
+    import io
+    import json
+
+    import aiohttp
+
+    from lbproxy.admin.cli import main as cli_main
+
+    arrived = asyncio.Event()
+    runner, backend = await _backend(arrived)
+    admin_port = free_port()
+    cfg = tmp_path / "lbproxy.toml"
+    cfg.write_text(_config(backend, free_port(), free_port()).replace(
+        "[admin]\nenabled = false", f'[admin]\nlisten = "127.0.0.1:{admin_port}"'))
+    _seed_certificate(tmp_path, trustme.CA())
+    app = App(cfg, load_file(cfg, to_run=True), workers=2)
+    await app.start(watch=False)
+    try:
+        served = await both_workers(app.dataplane.listening_ports()["web"][1])
+        token = (tmp_path / "state" / "admin.token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{admin_port}/api/status", headers=auth) as r:
+                status = await r.json()
+            async with s.get(f"http://127.0.0.1:{admin_port}/metrics", headers=auth) as r:
+                metrics = await r.text()
+        assert status["dataplane"]["virtual_services"]["web"]["requests"] == sum(served.values())
+        workers = status["workers"]
+        assert [w["id"] for w in workers] == [0, 1]
+        assert all(w["state"] == "running" and w["generation"] == 1 for w in workers)
+        assert len({w["pid"] for w in workers}) == 2
+        assert 'lbproxy_worker_up{worker="0"} 1.0' in metrics
+        assert 'lbproxy_worker_restarts_total{worker="1"} 0.0' in metrics
+        assert f'lbproxy_vs_requests_total{{vs="web"}} {float(sum(served.values()))}' in metrics
+        out = io.StringIO()
+        code = await asyncio.to_thread(
+            cli_main, ["status", "--admin", f"http://127.0.0.1:{admin_port}", "--token-file",
+                       str(tmp_path / "state" / "admin.token")], out=out)
+        assert code == 0
+        table = out.getvalue()[out.getvalue().index("WORKER"):].splitlines()
+        assert [line.split()[:2] for line in table[1:3]] == [
+            ["0", str(workers[0]["pid"])], ["1", str(workers[1]["pid"])]], json.dumps(workers)
+    finally:
+        await app.stop()
+        await runner.cleanup()

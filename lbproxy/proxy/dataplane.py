@@ -52,12 +52,14 @@ _MAX_TICK = 1.0
 _BACKLOG = 4096
 
 
-async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int, *,
-                reuse_port: bool = False) -> list[socket.socket]:
-    """Sockets bound to every address of `host` and listening (as `loop.create_server` would
-    bind them), so that a failure shows here, before any running listener is touched.
-    `reuse_port`: SO_REUSEPORT, so that every worker process accepts on its own socket of the
-    same address and the kernel spreads new connections over them (no accept lock)."""
+async def bind_sockets(loop: asyncio.AbstractEventLoop, host: str, port: int, *,
+                       reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
+    """Sockets bound to every address of `host` (as `loop.create_server` would bind them) and,
+    with `listen`, listening, so that a failure shows here, before any running listener is
+    touched. Port 0 gets one port for every address. `reuse_port`: SO_REUSEPORT, so that every
+    worker process accepts on its own socket of the same address and the kernel spreads new
+    connections over them (no accept lock); a control process binds the same without
+    `listen` to hold the address (lbproxy.workers)."""
     infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
@@ -71,9 +73,12 @@ async def _bind(loop: asyncio.AbstractEventLoop, host: str, port: int, *,
             if family == socket.AF_INET6:
                 # Each family binds its own socket ("localhost": ::1 and 127.0.0.1).
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if not port and len(socks) > 1:
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
             sock.bind(addr)
-            sock.listen(_BACKLOG)
-            sock.setblocking(False)
+            if listen:
+                sock.listen(_BACKLOG)
+                sock.setblocking(False)
     except BaseException:
         for sock in socks:
             sock.close()
@@ -403,8 +408,8 @@ class DataPlane:
             if replaced is not None and replaced.listening:
                 socks = _dup_sockets([s for srv in replaced.servers for s in srv.sockets])
             else:
-                socks = await _bind(loop, vs.listen.host, vs.listen.port,
-                                    reuse_port=self._reuse_port)
+                socks = await bind_sockets(loop, vs.listen.host, vs.listen.port,
+                                           reuse_port=self._reuse_port)
         except OSError as e:
             raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
         try:

@@ -27,6 +27,7 @@ from typing import Any
 from .. import __version__
 from ..config.model import VirtualService
 from ..errors import LBProxyError
+from ..proxy.dataplane import bind_sockets
 from ..proxy.errors import ListenError
 from ..proxy.tickets import new_ticket_key, tickets_supported
 from ..proxy.tls import CertLookup, CertSnapshot, snapshot
@@ -437,26 +438,11 @@ class Supervisor:
 
 
 async def _bind(loop: asyncio.AbstractEventLoop, vs: VirtualService) -> _Reservation:
-    """Sockets bound (SO_REUSEPORT, not listening) to every address of the VS's host; port 0 gets
-    one port for all of them."""
-    host, port = vs.listen.host, vs.listen.port
-    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
-                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
+    """The VS's address held: bound with SO_REUSEPORT, not listening."""
     try:
-        for family, kind, proto, _, addr in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if not port and len(socks) > 1:
-                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
-            sock.bind(addr)
+        socks = await bind_sockets(loop, vs.listen.host, vs.listen.port, reuse_port=True,
+                                   listen=False)
     except OSError as e:
-        for s in socks:
-            s.close()
         raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
     return _Reservation(int(socks[0].getsockname()[1]), socks)
 

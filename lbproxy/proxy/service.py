@@ -255,7 +255,7 @@ class PoolFactory:
     def __init__(self, loop: asyncio.AbstractEventLoop, old_pools: dict[tuple[str, str], Pool],
                  conn_pools: dict[tuple[str, int], ConnPool],
                  target_counters: dict[tuple[str, str], TargetCounters],
-                 make_monitor: Callable[[Balancer, HealthCheck, str], HealthMonitor | None],
+                 make_monitor: MakeMonitor,
                  outbox: Outbox) -> None:
         self.loop = loop
         self.outbox = outbox
@@ -280,16 +280,9 @@ class PoolFactory:
         pool = self.pools.get(key)
         if pool is None:
             old = self.old_pools.get(key)
-            if old is not None and old.spec == spec:
-                pool = old
-            else:
-                label = pool_label(vs.name, subvs_name)
-                balancer = Balancer(servers, scheduler,
-                                    old.balancer if old is not None else None)
-                pool = Pool(key, label, spec, balancer, None)
-                pool.monitor = self.make_monitor(balancer, check, label)
+            pool = self.pools[key] = next_pool(key, spec, old, self.make_monitor)
+            if pool is not old:
                 self.new_pools.append(pool)
-            self.pools[key] = pool
         conns: dict[Backend, ServerStats] = {}
         idle = vs.timeouts.upstream_idle
         for b in pool.balancer.backends:
@@ -305,6 +298,23 @@ class PoolFactory:
             conns[b] = st
             self.addresses[addr] = min(idle, self.addresses.get(addr, idle))
         return Target(name, pool, conns, na, counters)
+
+
+MakeMonitor = Callable[[Balancer, HealthCheck, str], "HealthMonitor | None"]
+
+
+def next_pool(key: tuple[str, str], spec: PoolSpec, old: Pool | None,
+              make_monitor: MakeMonitor) -> Pool:
+    """The pool of (VS, SubVS) `key` for a new generation: `old` itself while its spec holds,
+    else a new one whose balancer adopts the states of `old`'s servers (see balancer.py), with
+    its monitor made (not started)."""
+    if old is not None and old.spec == spec:
+        return old
+    label = pool_label(*key)
+    balancer = Balancer(spec.servers, spec.scheduler, old.balancer if old is not None else None)
+    pool = Pool(key, label, spec, balancer, None)
+    pool.monitor = make_monitor(balancer, spec.check, label)
+    return pool
 
 
 def pool_label(vs_name: str, subvs_name: str) -> str:

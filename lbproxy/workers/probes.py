@@ -13,22 +13,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from ..config.model import HealthCheck
 from ..proxy.balancer import Backend, Balancer
 from ..proxy.health import HealthMonitor
-from ..proxy.service import PoolSpec, pool_label, pool_specs
+from ..proxy.service import Pool, next_pool, pool_specs
 from ..runtime import Runtime
 from .channel import HealthStates
 
 logger = logging.getLogger(__name__)
-
-
-class _Pool:
-    __slots__ = ("balancer", "monitor", "spec")
-
-    def __init__(self, spec: PoolSpec, balancer: Balancer, monitor: HealthMonitor) -> None:
-        self.spec = spec
-        self.balancer = balancer
-        self.monitor = monitor
 
 
 class Probes:
@@ -36,7 +28,7 @@ class Probes:
 
     def __init__(self, on_change: Callable[[HealthStates], None]) -> None:
         self._on_change = on_change
-        self._pools: dict[tuple[str, str], _Pool] = {}
+        self._pools: dict[tuple[str, str], Pool] = {}
         self._scheduled = False
 
     def states(self) -> HealthStates:
@@ -45,27 +37,22 @@ class Probes:
                 for key, pool in self._pools.items()}
 
     async def apply(self, runtime: Runtime) -> None:
-        new: dict[tuple[str, str], _Pool] = {}
-        started: list[_Pool] = []
+        new: dict[tuple[str, str], Pool] = {}
         for vs in runtime.config.virtual_services:
             for subvs, spec in pool_specs(vs):
                 key = (vs.name, subvs)
-                old = self._pools.get(key)
-                if old is not None and old.spec == spec:
-                    new[key] = old
-                    continue
-                balancer = Balancer(spec.servers, spec.scheduler,
-                                    old.balancer if old is not None else None)
-                monitor = HealthMonitor(balancer.backends, spec.check, pool_label(vs.name, subvs),
-                                        on_change=self._changed)
-                new[key] = _Pool(spec, balancer, monitor)
-                started.append(new[key])
+                new[key] = next_pool(key, spec, self._pools.get(key), self._monitor)
+        started = [p for key, p in new.items() if self._pools.get(key) is not p]
         replaced = [p for key, p in self._pools.items() if new.get(key) is not p]
         self._pools = new
         for pool in started:
-            pool.monitor.start()
-        await asyncio.gather(*(p.monitor.stop() for p in replaced), return_exceptions=True)
+            if pool.monitor is not None:
+                pool.monitor.start()
+        await _stop(replaced)
         self._on_change(self.states())
+
+    def _monitor(self, balancer: Balancer, check: HealthCheck, label: str) -> HealthMonitor:
+        return HealthMonitor(balancer.backends, check, label, on_change=self._changed)
 
     def _changed(self, _b: Backend, _up: bool, _reason: str) -> None:
         # Several servers often change in one probe round: one snapshot for all of them.
@@ -79,4 +66,9 @@ class Probes:
 
     async def stop(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
-        await asyncio.gather(*(p.monitor.stop() for p in pools), return_exceptions=True)
+        await _stop(pools)
+
+
+async def _stop(pools: list[Pool]) -> None:
+    await asyncio.gather(*(p.monitor.stop() for p in pools if p.monitor is not None),
+                         return_exceptions=True)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -448,8 +449,6 @@ async def _bind(loop: asyncio.AbstractEventLoop, vs: VirtualService) -> _Reserva
 
 
 def _child_env() -> dict[str, str]:
-    import os
-
     env = dict(os.environ)
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = f"{_PACKAGE_ROOT}{os.pathsep}{path}" if path else _PACKAGE_ROOT

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 from aiohttp import web
+from cryptography import x509
 
 from lbproxy.app import App
 from lbproxy.certs import CertStore
@@ -161,8 +162,6 @@ async def test_both_workers_accept_and_log(cluster: Cluster) -> None:
     seen = await both_workers(cluster.port("web"))
     assert set(seen) == {"200 worker=0", "200 worker=1"}
     await app.supervisor.refresh()
-    per_worker = [w["connections"] for w in app.supervisor.workers()]
-    assert len(per_worker) == 2
     total = app.dataplane.stats()["virtual_services"]["web"]["requests"]
     assert total == sum(seen.values())
     # Both workers write whole lines into the one access log (O_APPEND), flushed on stop.
@@ -242,28 +241,32 @@ async def test_renewed_certificate_is_served_by_every_worker_within_a_second(
     port = cluster.port("secure")
     ctx = cluster.client_ctx()
     leaf = cluster.ca.issue_cert("site.test")
-    new_serial = leaf.cert_chain_pems[0].bytes()
-    await asyncio.to_thread(app.store.import_pem, "site", new_serial,
-                            leaf.private_key_pem.bytes(), replace=True)
+    chain = leaf.cert_chain_pems[0].bytes()
+    await asyncio.to_thread(app.store.import_pem, "site", chain, leaf.private_key_pem.bytes(),
+                            replace=True)
     swapped = time.monotonic()
-    from cryptography import x509
-    want = x509.load_pem_x509_certificate(new_serial).serial_number
-    served: dict[str, int] = {}
+    want = x509.load_pem_x509_certificate(chain).serial_number
+    first: dict[str, float] = {}  # worker -> seconds from the swap to its first handshake
     for _ in range(TRIES):
-        serial, who = await asyncio.to_thread(_tls_get, port, ctx, None)
-        served[who] = serial
-        if len(served) == 2:
+        tls = await asyncio.to_thread(_tls_request, port, ctx, None)
+        assert tls.serial == want, tls.worker  # every handshake after the swap, not only some
+        first.setdefault(tls.worker, time.monotonic() - swapped)
+        if len(first) == 2:
             break
-    elapsed = time.monotonic() - swapped
-    assert set(served) == {"worker=0", "worker=1"}
-    assert all(s == want for s in served.values())
-    assert elapsed < 1.0 + 2 * STEP  # every handshake after the swap already had it
+    assert set(first) == {"worker=0", "worker=1"}
+    assert max(first.values()) < 1.0, first
 
 
-def _tls_get(port: int, ctx: ssl.SSLContext,
-             session: ssl.SSLSession | None) -> tuple[int, str]:
-    """(peer certificate serial, "worker=N") of one request over a fresh TLS connection."""
-    from cryptography import x509
+@dataclass
+class TLSRequest:
+    worker: str  # "worker=N", from the real server's answer
+    serial: int  # of the certificate the server presented
+    reused: bool  # the session was resumed
+    session: ssl.SSLSession | None  # to resume next time
+
+
+def _tls_request(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> TLSRequest:
+    """One request over a fresh TLS connection (offering `session` to resume)."""
     with socket.create_connection(("127.0.0.1", port), timeout=STEP) as raw, \
             ctx.wrap_socket(raw, server_hostname="site.test", session=session) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n")
@@ -272,20 +275,9 @@ def _tls_get(port: int, ctx: ssl.SSLContext,
             data += chunk
         der = s.getpeercert(binary_form=True)
         assert der is not None
-        body = data.split(b"\r\n\r\n", 1)[1].decode()
-        return x509.load_der_x509_certificate(der).serial_number, body
-
-
-def _tls_session(port: int, ctx: ssl.SSLContext,
-                 session: ssl.SSLSession | None) -> tuple[str, bool, ssl.SSLSession | None]:
-    """("worker=N", resumed?, the session to resume next time) of one request."""
-    with socket.create_connection(("127.0.0.1", port), timeout=STEP) as raw, \
-            ctx.wrap_socket(raw, server_hostname="site.test", session=session) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        return data.split(b"\r\n\r\n", 1)[1].decode(), s.session_reused, s.session
+        return TLSRequest(data.split(b"\r\n\r\n", 1)[1].decode(),
+                          x509.load_der_x509_certificate(der).serial_number, s.session_reused,
+                          s.session)
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
@@ -294,15 +286,16 @@ async def test_a_tls_session_from_one_worker_resumes_on_the_other(
     ctx = cluster.client_ctx()
     ctx.maximum_version = version
     port = cluster.port("secure")
-    first, reused, session = await asyncio.to_thread(_tls_session, port, ctx, None)
-    assert not reused and session is not None
+    first = await asyncio.to_thread(_tls_request, port, ctx, None)
+    session = first.session
+    assert not first.reused and session is not None
     resumed: dict[str, bool] = {}
     for _ in range(TRIES):
-        who, reused, _s = await asyncio.to_thread(_tls_session, port, ctx, session)
-        resumed[who] = resumed.get(who, True) and reused
+        tls = await asyncio.to_thread(_tls_request, port, ctx, session)
+        resumed[tls.worker] = resumed.get(tls.worker, True) and tls.reused
         if len(resumed) == 2:
             break
-    assert set(resumed) == {"worker=0", "worker=1"}, first
+    assert set(resumed) == {"worker=0", "worker=1"}, first.worker
     assert resumed == {"worker=0": True, "worker=1": True}
 
 

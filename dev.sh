@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_TEST_PACKAGES="pebble nginx-light haproxy wrk certbot openssl"
+APT_TEST_PACKAGES="pebble nginx-light haproxy wrk certbot openssl redis-server"
 
 apt_install() {
     local missing=()

@@ -98,14 +98,16 @@ class App:
         self.events = Events(config.events)
         self.manager = LEManager(self.state_dir, self.runtime, self.store,
                                  config_path=config_path, events=self.events,
-                                 apply_config=self.apply_file)
+                                 apply_config=self.apply_file, cluster=config.cluster)
+        self._cluster_settings = config.cluster
         self.events.watch(self.manager.cert_statuses)
         sup = self.supervisor
         self.metrics = MetricsCollector(
             self.dataplane.stats, certs=self.manager.cert_statuses,
             acme=lambda: self.manager.acme_requests, events=self.events,
             refresh=sup.refresh if sup is not None else None,
-            workers=sup.workers if sup is not None else None)
+            workers=sup.workers if sup is not None else None,
+            cluster=self.manager.cluster_view)
         self.admin: AdminServer | None = None
 
     @property
@@ -193,6 +195,8 @@ class App:
             logger.warning("admin settings changed; they take effect at the next restart")
         if cfg.workers != self._workers_setting:
             logger.warning("workers changed; it takes effect at the next restart")
+        if cfg.cluster != self._cluster_settings:
+            logger.warning("[cluster] changed; it takes effect at the next restart")
         if cfg.access_log != self._access_log:
             if self.supervisor is None:
                 configure_access_log(cfg.access_log, self.config_path.parent)
@@ -269,8 +273,13 @@ async def _main(config_path: Path, demo_backends: bool, workers: int | None = No
     # --workers N stands for the file's `workers` (0: one per core) for this run.
     count = (config if workers is None
              else dataclasses.replace(config, workers=workers)).worker_count()
-    app = App(config_path, config, workers=count,
-              log_level=logging.getLogger().getEffectiveLevel())
+    try:
+        app = App(config_path, config, workers=count,
+                  log_level=logging.getLogger().getEffectiveLevel())
+    except ConfigError as e:
+        for p in e.problems:
+            logger.error("%s: %s", config_path, p)
+        return 1
     # Signals are taken from the start: a SIGHUP's default action would kill the process (and a
     # supervisor sending one as soon as a port answers is right to). One that arrives while
     # starting reloads once started; SIGTERM/SIGINT then stop at once.

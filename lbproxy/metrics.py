@@ -4,7 +4,8 @@ requests-per-second meter behind `lbproxy status`.
 `MetricsCollector` is a prometheus_client custom collector: at each scrape it calls
 `DataPlane.stats()`, the certificate status source and the ACME counters, and turns whatever keys
 are present into metric families. The data plane keeps plain integer counters; nothing here runs
-per request.
+per request. On a node of a cluster, the /metrics route first reads the cluster's view (an
+awaitable, bounded by CLUSTER_VIEW_WAIT) so that the synchronous collection never waits on Redis.
 
 The stats shape read (every key optional; unknown keys are ignored):
 
@@ -33,6 +34,7 @@ minus the other buckets is used.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -57,6 +59,9 @@ logger = logging.getLogger(__name__)
 StatsSource = Callable[[], Mapping[str, Any]]
 CertSource = Callable[[], Iterable[CertStatus]]
 AcmeSource = Callable[[], Mapping[tuple[str, str], int]]
+# A cluster node's view (ClusterNode.view: "connected", "nodes", ...); None: not in a cluster.
+ClusterSource = Callable[[], Awaitable[Mapping[str, Any] | None]]
+CLUSTER_VIEW_WAIT = 2.0   # seconds a scrape waits for it (it reads Redis); then: not connected
 
 METRICS_PATH = "/metrics"
 RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -157,8 +162,14 @@ class MetricsCollector(Collector):
                  acme: AcmeSource | None = None, events: Events | None = None,
                  clock: Callable[[], float] = time.time,
                  refresh: Callable[[], Awaitable[None]] | None = None,
-                 workers: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 workers: Callable[[], list[dict[str, Any]]] | None = None,
+                 cluster: ClusterSource | None = None,
+                 cluster_wait: float = CLUSTER_VIEW_WAIT) -> None:
         self.stats = stats
+        # On a node of a cluster: its view, read by `refresh_cluster()` before each scrape.
+        self.cluster = cluster
+        self.cluster_wait = cluster_wait
+        self.cluster_view: Mapping[str, Any] | None = None
         # With worker processes: each worker's slot, pid, generation, connections, restarts.
         self.workers = workers
         # With worker processes: collects their stats, which `stats` then reads.
@@ -187,7 +198,34 @@ class MetricsCollector(Collector):
             self._events(f, self.events)
         if self.workers is not None:
             self._workers(f, self.workers())
+        if self.cluster_view is not None:
+            self._cluster(f, self.cluster_view)
         yield from f.items.values()
+
+    async def refresh_cluster(self) -> None:
+        """Read the cluster's view for the next collection (within `cluster_wait`)."""
+        if self.cluster is None:
+            return
+        try:
+            async with asyncio.timeout(self.cluster_wait):
+                self.cluster_view = await self.cluster()
+            return
+        except TimeoutError:  # Redis accepted the connection but does not answer in time
+            logger.warning("metrics: no cluster state within %.1f s", self.cluster_wait)
+        except Exception:  # a bug: the scrape goes on without it
+            logger.exception("metrics: the cluster's state could not be read")
+        self.cluster_view = {"connected": False, "nodes": None}   # only a cluster node gets here
+
+    @staticmethod
+    def _cluster(f: _Families, view: Mapping[str, Any]) -> None:
+        connected = bool(view.get("connected"))
+        f.gauge("lbproxy_cluster_connected", "1 while this node reaches the cluster's Redis, "
+                "else 0.", ()).add_metric([], 1 if connected else 0)
+        nodes = view.get("nodes")
+        # Known only while connected, and when they could be read (else last_error says why).
+        if connected and isinstance(nodes, list) and not view.get("last_error"):
+            f.gauge("lbproxy_cluster_nodes", "Nodes of the cluster seen recently (a heartbeat "
+                    "not yet expired), this one included.", ()).add_metric([], len(nodes))
 
     @staticmethod
     def _workers(f: _Families, workers: list[dict[str, Any]]) -> None:
@@ -402,6 +440,7 @@ def metrics_routes(collector: MetricsCollector) -> Callable[[web.Application], N
     async def metrics(_request: web.Request) -> web.Response:
         if collector.refresh is not None:
             await collector.refresh()
+        await collector.refresh_cluster()
         body = generate_latest(registry)
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST

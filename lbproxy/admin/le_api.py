@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..config.model import MAX_SANS
+from ..errors import StoreError
 from ..letsencrypt import BackupError, LeError, Template, backup_from_text, backup_to_text
 from ..letsencrypt.policy import MAX_RENEW_PERIOD_DAYS, MIN_RENEW_PERIOD_DAYS
 from .api import CERT_STATUS_KEY, RouteRegistrar
@@ -159,7 +160,15 @@ def add_routes(app: web.Application, manager: LEManager) -> None:
     async def convert(r: web.Request) -> web.Response:
         return web.json_response(await m.convert_vs(r.match_info["name"]))
 
+    async def cluster(_r: web.Request) -> web.Response:
+        view = await m.cluster_view()
+        if view is None:
+            raise StoreError("this node is not in a cluster (no [cluster] in its config)",
+                             status=404)
+        return web.json_response(view)
+
     routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/api/cluster", cluster),
         ("GET", "/api/le/account", account),
         ("POST", "/api/le/account", register),
         ("POST", "/api/le/account/key", upload_key),

@@ -10,6 +10,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from ..errors import ConfigError, ConfigProblem
 from .model import (
@@ -24,6 +25,7 @@ from .model import (
     Address,
     AdminSettings,
     CertificateRequest,
+    ClusterSettings,
     Config,
     ContentRule,
     EventSettings,
@@ -566,6 +568,63 @@ def _events(r: _Reader) -> EventSettings:
     return ev
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# No ':' (the separator of lbproxy's own keys): "lb" and "lb:lock" would overlap.
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What in a redis(s):// URL would fail at start-up, or be read as database 0 unnoticed
+    (the URL itself is not repeated: it may hold a password)."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "the port must be a number from 0 to 65535"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"the database after the host must be a number, got {db!r}"
+    return None
+
+
+def _cluster(r: _Reader) -> ClusterSettings | None:
+    if "cluster" not in r.data:
+        r.used.add("cluster")
+        return None
+    t = r.table("cluster")
+    url = t.text("redis_url", required=True)
+    if isinstance(t.data.get("redis_url"), str) and not url.startswith(
+            ("redis://", "rediss://", "unix://")):
+        scheme = url.split("://", 1)[0] + "://" if "://" in url else repr(url[:20])
+        t.error(f"{scheme}...: not a redis://, rediss:// or unix:// URL (the rest is not "
+                "repeated: it may hold a password)", "redis_url")
+    elif url.startswith(("redis://", "rediss://")) and (problem := _redis_url_problem(url)):
+        t.error(problem, "redis_url")
+    key_file = t.text("encryption_key_file", required=True)
+    if isinstance(t.data.get("encryption_key_file"), str) and not key_file:
+        t.error("must name a file", "encryption_key_file")
+    prefix = t.text("key_prefix", "lbproxy")
+    if not _KEY_PREFIX.fullmatch(prefix):
+        t.error(f"{prefix!r}: use 1-63 letters, digits, '.', '_' or '-'", "key_prefix")
+    node = t.text("node_name", "")
+    if node and not _NODE_NAME.fullmatch(node):
+        t.error(f"{node!r}: use 1-63 letters, digits, '.', '_' or '-'", "node_name")
+
+    def path(key: str) -> str:
+        value = t.text(key, "")
+        return str(r.base / value) if value and not Path(value).is_absolute() else value
+    c = ClusterSettings(
+        redis_url=url, encryption_key_file=path("encryption_key_file") if key_file else "",
+        key_prefix=prefix, node_name=node, password_file=path("password_file"),
+        tls_ca_file=path("tls_ca_file"),
+        lock_lease=t.number("lock_lease", 20.0, 2, 600),
+        poll_interval=t.number("poll_interval", 30.0, 1, 3600))
+    if c.tls_ca_file and not url.startswith("rediss://"):
+        t.error("applies to rediss:// URLs only", "tls_ca_file")
+    t.finish()
+    return c
+
+
 def parse_config(text: str, *, base: Path | None = None, source: str = "<config>") -> Config:
     """Parse and validate; raises ConfigError listing every problem found."""
     try:
@@ -659,6 +718,7 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
         allow_empty=r.flag("allow_empty", False),
         workers=r.count_or_auto("workers", 0, MAX_WORKERS),
         worker_id_header=r.flag("worker_id_header", False),
+        cluster=_cluster(r),
     )
     if admin.enabled and admin.listen in listeners:
         problems.append(ConfigProblem("admin.listen",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -245,6 +246,30 @@ MAX_SANS = 10
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """`[cluster]`: hosts sharing one Let's Encrypt account, its certificates, challenge answers
+    and locks through Redis (lbproxy.letsencrypt.redisstore). Absent: the state directory."""
+
+    # redis://[user[:password]@]host[:port][/db] or rediss:// (TLS).
+    redis_url: str
+    # A file holding the 32-byte key (base64) every value is encrypted with before it reaches
+    # Redis; the same file on every node (`lbproxy cluster new-key FILE` makes one).
+    encryption_key_file: str
+    key_prefix: str = "lbproxy"
+    node_name: str = ""          # "" = the host name
+    password_file: str = ""      # the Redis password, instead of one in the URL
+    tls_ca_file: str = ""        # CA bundle for rediss:// ("" = the system store)
+    # A lock's lease: extended every third of it while its order runs, taken over by another
+    # node once a whole lease passes without extension (the holder died).
+    lock_lease: float = 20.0
+    # The bounded fallback to pub/sub: every node reads the shared state this often.
+    poll_interval: float = 30.0
+
+    def node(self) -> str:
+        return self.node_name or socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
 class EventSettings:
     """Where certificate events go (the log always) and when expiry is warned about."""
 
@@ -291,6 +316,7 @@ class Config:
     # Debug: each worker adds "X-Lbproxy-Worker: <n>" to the requests it forwards with
     # X-Forwarded-* headers, so a test or an operator can see which worker served a request.
     worker_id_header: bool = False
+    cluster: ClusterSettings | None = None
 
     def worker_count(self) -> int:
         """How many worker processes `workers` asks for on this host."""

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import re
+import typing
 from collections.abc import Callable, Container, Mapping
 from typing import Any
 
@@ -160,14 +161,15 @@ class ChallengeJournal:
     """In-progress challenges in storage: (cert id, VS, SubVS, host, token, key authorization),
     written before each injection."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, key: str = JOURNAL) -> None:
         self.storage = storage
-        self.where = storage.describe(JOURNAL)
+        self.key = key
+        self.where = storage.describe(key)
         # "<where> is damaged (...)" once a read found it so; set_aside() keeps it for the operator.
         self.damaged = ""
 
     async def entries(self) -> list[dict[str, str]]:
-        data = await load_or_none(self.storage, JOURNAL)
+        data = await load_or_none(self.storage, self.key)
         if data is None:
             return []
         try:
@@ -191,14 +193,14 @@ class ChallengeJournal:
 
     async def set_aside(self) -> str:
         """Move a damaged journal out of the way (kept, never overwritten); returns where."""
-        aside = f"{JOURNAL}.damaged"
-        await self.storage.store(aside, await self.storage.load(JOURNAL))
-        await self.storage.delete(JOURNAL)
+        aside = f"{self.key}.damaged"
+        await self.storage.store(aside, await self.storage.load(self.key))
+        await self.storage.delete(self.key)
         self.damaged = ""
         return self.storage.describe(aside)
 
     async def _write(self, entries: list[dict[str, str]]) -> None:
-        await self.storage.store(JOURNAL, json.dumps(entries, indent=1).encode())
+        await self.storage.store(self.key, json.dumps(entries, indent=1).encode())
 
     async def add(self, cert_id: str, vs: str, subvs: str, *, host: str = "", token: str = "",
                   key_authorization: str = "") -> None:
@@ -230,7 +232,7 @@ class ChallengeJournal:
                              exc.strerror or exc)
 
     async def clear(self) -> None:
-        if await self.storage.exists(JOURNAL):
+        if await self.storage.exists(self.key):
             await self._write([])
 
 
@@ -256,6 +258,19 @@ async def clear_leftovers(journal: ChallengeJournal, runtime: RuntimeStore, log:
 
 # -- the responder --------------------------------------------------------------------------------
 
+class AnswerShare(typing.Protocol):
+    """Where a cluster node shares its challenge answers (cluster.ClusterNode)."""
+
+    async def share(self, cert_id: str, vs: str, host: str, token: str,
+                    key_authorization: str, ttl: float) -> list[str]: ...
+
+    async def withdraw(self, token: str) -> None: ...
+
+
+# Long enough for any order (issuer.ORDER_TIMEOUT) to end; a dead node's answers expire then.
+ANSWER_TTL = 330.0
+
+
 class RuntimeHttp01Responder:
     """acmeclient's Http01Responder for one order: injects into the RuntimeStore.
 
@@ -264,8 +279,10 @@ class RuntimeHttp01Responder:
     """
 
     def __init__(self, runtime: RuntimeStore, cert_id: str, routes: Mapping[str, str],
-                 journal: ChallengeJournal, *, fail_at: Container[int] = ()) -> None:
+                 journal: ChallengeJournal, *, fail_at: Container[int] = (),
+                 share: AnswerShare | None = None) -> None:
         self._runtime = runtime
+        self._share = share
         self._cert_id = cert_id
         self._routes = {k.lower().rstrip("."): v for k, v in routes.items()}
         self._journal = journal
@@ -297,22 +314,35 @@ class RuntimeHttp01Responder:
         self._live[(host, token)] = injection
         logger.info("http-01 for %s: SubVS %s and rule in VS %s", host, injection.subvs.name,
                     vs_name)
+        if self._share is not None:
+            # Any node may receive the CA's request: told before the CA is, or no order.
+            try:
+                await self._share.share(self._cert_id, vs_name, host, token, key_authorization,
+                                        ANSWER_TTL)
+            except OSError as exc:
+                await self.cleanup(host, token)
+                raise LeError(AcmeCode.ADD_SUBVS,
+                              f"cannot add SubVS {injection.subvs.name} to {vs_name}: the other "
+                              f"nodes cannot be given the answer: {exc.strerror or exc}"
+                              ) from None
 
     async def cleanup(self, domain: str, token: str) -> None:
         injection = self._live.pop((domain.lower().rstrip("."), token), None)
         if injection is not None:
-            await self._remove(injection)
+            await self._remove(injection, token)
 
     async def cleanup_all(self) -> None:
         """Remove whatever is still injected (the order ended in any way)."""
         for key in list(self._live):
-            await self._remove(self._live.pop(key))
+            await self._remove(self._live.pop(key), key[1])
 
-    async def _remove(self, injection: Injection) -> None:
+    async def _remove(self, injection: Injection, token: str) -> None:
         try:
             await self._runtime.remove(injection.vs, injection.subvs.name)
         finally:
             await self._journal.remove(injection.vs, injection.subvs.name)
+            if self._share is not None:
+                await self._share.withdraw(token)
         logger.info("http-01 SubVS %s removed from %s", injection.subvs.name, injection.vs)
 
 

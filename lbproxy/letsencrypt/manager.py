@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import random
@@ -31,10 +32,10 @@ from typing import Any
 
 from acmeclient.errors import AcmeError, NetworkError
 
-from ..certs.store import CertStore
-from ..config.model import Config, LetsEncryptSettings
+from ..certs.store import CertStore, valid_id
+from ..config.model import ClusterSettings, Config, LetsEncryptSettings
 from ..config.writer import ConfigFile, remove_certificate_edit
-from ..errors import AdminError, StoreError
+from ..errors import AdminError, ConfigError, ConfigProblem, StoreError
 from ..events import CertEvent, CertStatus, EventKind, EventSink, NullSink
 from ..runtime import RuntimeStore
 from . import policy
@@ -43,20 +44,37 @@ from .backup import Backups
 from .blocking import on_thread
 from .challenge import ChallengeJournal, clear_leftovers
 from .checks import check_new_id, validate_template
+from .cluster import ClusterNode, Hooks
 from .codes import AcmeCode, AcmeLog, LeError
 from .convert import convert_vs, reload_from_file
 from .filestore import FileStorage
 from .issuer import ClientFactory, Issuer, default_client_factory
 from .model import Account, Clock, Entry, Jitter, Settings, Template, utcnow
 from .obtain import Obtainer
+from .redisstore import RedisStorage
 from .scheduler import Scheduler
+from .sealing import Sealer, SealError
 from .state import LeState
-from .storage import SETTINGS, Locker, Storage, issued_key
+from .storage import SETTINGS, Locker, Storage, entry_key, issued_key, journal_key
 from .views import Views
 
 logger = logging.getLogger(__name__)
 
 LE_DIR = "letsencrypt"
+# How long `start()` waits for a cluster's Redis before serving without the shared state.
+CLUSTER_START_WAIT = 5.0
+
+
+def _redis_storage(cluster: ClusterSettings) -> RedisStorage:
+    """The cluster's storage; a key or password file that cannot be used is a ConfigError."""
+    try:
+        return RedisStorage.from_settings(cluster, Sealer.from_file(
+            cluster.encryption_key_file))
+    except SealError as exc:
+        raise ConfigError([ConfigProblem("cluster.encryption_key_file", str(exc))]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("cluster.password_file",
+                                         f"{exc.filename}: {exc.strerror or exc}")]) from None
 
 
 class LEManager:
@@ -69,7 +87,8 @@ class LEManager:
                  storage: Storage | None = None, locker: Locker | None = None,
                  config_path: Path | None = None, hostname: str | None = None,
                  events: EventSink | None = None,
-                 apply_config: Callable[[], Awaitable[object]] | None = None) -> None:
+                 apply_config: Callable[[], Awaitable[object]] | None = None,
+                 cluster: ClusterSettings | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / LE_DIR
         self.runtime = runtime
@@ -81,6 +100,10 @@ class LEManager:
         # `apply_config`: the composition root's reload; without one, the manager's own.
         self.config_file = ConfigFile(config_path, apply_config or reload_from_file(
             runtime, config_path, self.sync_config))
+        redis: RedisStorage | None = None
+        if cluster is not None:   # [cluster]: the state is shared through Redis
+            redis = _redis_storage(cluster)
+            storage, locker = redis, redis
         if storage is None:
             files = FileStorage(self.dir)
             storage, locker = files, locker or files
@@ -89,20 +112,25 @@ class LEManager:
         self.storage = storage
         self.locker = locker
         self.log = AcmeLog(self.state_dir, now=self._now, hostname=hostname)
-        self.journal = ChallengeJournal(storage)
+        self.journal = ChallengeJournal(storage, journal_key(cluster.node() if cluster else None))
         # Codes 20-25 to provoke in the challenge injection (fault injection for tests).
         self.fault_codes: set[int] = set()
         self.state = LeState(storage, self.log,
                              Settings.from_config(runtime.current.config.letsencrypt))
         self._config_le: LetsEncryptSettings | None = None
+        self._declared: set[str] = set()   # the [[certificate]] ids of the last config synced
         self.issuer = Issuer(client_factory)
         self.accounts = Accounts(self.state, self.issuer)
         # Certificate events (requested ... deleted) go here; `lbproxy.events.Events` in a
         # running process, a NullSink when nobody listens.
         self.events: EventSink = events or NullSink()
+        self.cluster: ClusterNode | None = None
+        if redis is not None and cluster is not None:
+            self.cluster = ClusterNode(redis, runtime, self.log, self._cluster_hooks(),
+                                       poll_interval=cluster.poll_interval, clock=self._now)
         self.obtainer = Obtainer(self.state, self.accounts, self.issuer, locker, store, runtime,
                                  self.journal, self.events, clock=self._now, jitter=jitter,
-                                 fault_codes=lambda: self.fault_codes)
+                                 fault_codes=lambda: self.fault_codes, share=self.cluster)
         self.scheduler = Scheduler(self.state, store, self.issuer, self._obtain, clock=self._now,
                                    sleep=sleep)
         self.views = Views(self.state, store, runtime, self.scheduler.running)
@@ -166,7 +194,22 @@ class LEManager:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load state, clear challenge leftovers, start the scheduler. Never waits on the CA."""
+        """Load state, clear challenge leftovers, start the scheduler. Never waits on the CA.
+        In a cluster, waits a little for Redis (CLUSTER_START_WAIT); without it, the node
+        serves what it has and loads the state once Redis answers."""
+        if self.cluster is None:
+            await self._load()
+            return
+        self.cluster.start()
+        try:
+            async with asyncio.timeout(CLUSTER_START_WAIT):
+                await self.cluster.loaded.wait()
+        except TimeoutError:
+            self.log.error(f"cluster: the shared state is not loaded yet ("
+                           f"{self.cluster.link.last_error or 'Redis does not answer'}); "
+                           "serving what this node has")
+
+    async def _load(self) -> None:
         await self.state.load_settings()
         await self.accounts.load()
         await self.state.load_entries()
@@ -178,8 +221,58 @@ class LEManager:
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.issuer.close()
         self.state.cpu.close()
+
+    # -- a cluster node following the others ------------------------------------------------------
+
+    def _cluster_hooks(self) -> Hooks:
+        return Hooks(load=self._load, reload_settings=self.state.load_settings,
+                     reload_account=self.accounts.load, entry_changed=self._entry_changed,
+                     entry_deleted=self._entry_deleted, issued_changed=self._issued_changed,
+                     known_ids=lambda: list(self.state.entries))
+
+    def _ordering(self, cert_id: str) -> bool:
+        task = self.scheduler.running.get(cert_id)
+        return task is not None and not task.done()
+
+    async def _entry_changed(self, cert_id: str) -> None:
+        """Another node stored a certificate's entry: adopt it (its order's outcome, or a new
+        certificate to serve and renew), unless an order for it runs here."""
+        if self._ordering(cert_id) or not valid_id(cert_id):
+            return
+        try:
+            entry = Entry.from_json(json.loads(await self.storage.load(entry_key(cert_id))))
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            where = self.storage.describe(entry_key(cert_id))
+            self.log.error(f"cluster: certificate metadata {where} is damaged ({exc}); "
+                           "not adopted")
+            return
+        if entry.id != cert_id:
+            return
+        self.state.entries[cert_id] = entry
+        self.wake()
+
+    async def _entry_deleted(self, cert_id: str) -> None:
+        if cert_id in self.state.entries and not self._ordering(cert_id):
+            del self.state.entries[cert_id]
+            self.log.info(f"cluster: certificate {cert_id} was deleted on another node; no "
+                          "longer renewed here (the certificate served stays until deleted "
+                          "here)")
+
+    async def _issued_changed(self, cert_id: str) -> None:
+        if cert_id not in self.state.entries:
+            await self._entry_changed(cert_id)
+        entry = self.state.entries.get(cert_id)
+        if entry is not None and not self._ordering(cert_id):
+            await self.obtainer.pick_up(entry)
+
+    async def cluster_view(self) -> dict[str, Any] | None:
+        return None if self.cluster is None else await self.cluster.view()
 
     def wake(self) -> None:
         """Look at the schedule now (after a clock change in tests, or a settings change)."""
@@ -247,8 +340,13 @@ class LEManager:
         """Request a new certificate; with `wait`, until it is issued or the order fails.
         The whole request (id, uniqueness, names, VSs, key, subject, account) is checked
         before anything is written or sent to the CA."""
-        check_new_id(self.state, self.store, cert_id)
         template = template.normalized()
+        joined = self.state.entries.get(cert_id)
+        if self.cluster is not None and joined is not None and joined.template == template:
+            # Another node asked for the same certificate: one order for the cluster (the
+            # lock), served here once it is stored.
+            return await self._join(joined, wait)
+        check_new_id(self.state, self.store, cert_id)
         self.validate_template(cert_id, template)
         self.accounts.require()
         cfg = self.runtime.current.config
@@ -268,6 +366,15 @@ class LEManager:
                 raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
                               subcode=entry.last_subcode)
         return self.view(cert_id)
+
+    async def _join(self, entry: Entry, wait: bool) -> dict[str, Any]:
+        task = self.scheduler.launch(entry)
+        if wait:
+            await asyncio.shield(task)
+            if self.store.get(entry.id) is None:
+                raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
+                              subcode=entry.last_subcode)
+        return self.view(entry.id)
 
     async def renew(self, cert_id: str, *, wait: bool = True) -> dict[str, Any]:
         """Manual renewal, now, whatever the schedule says."""
@@ -373,10 +480,14 @@ class LEManager:
                                              self.clock(), None)
                 await s.save_entry(e)
         for e in s.entries.values():
-            if e.source == "config" and e.id not in declared and e.auto_renew:
+            # In a cluster an entry may be another node's declaration: only one this node's
+            # own file declared before stops being renewed when it leaves the file.
+            mine = self.cluster is None or e.id in self._declared
+            if e.source == "config" and e.id not in declared and e.auto_renew and mine:
                 e.auto_renew = False
                 await s.save_entry(e)
                 self.log.info(f"certificate {e.id} removed from the config: no longer renewed")
+        self._declared = set(declared)
         self.wake()
 
     # -- vs convert, backup / restore -------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Callable, Container
 
@@ -25,7 +26,7 @@ from ..runtime import RuntimeStore
 from . import policy
 from .account import Accounts
 from .blocking import on_thread
-from .challenge import ChallengeJournal, ObservedResponder
+from .challenge import AnswerShare, ChallengeJournal, ObservedResponder
 from .checks import validate_template
 from .codes import AcmeCode, LeError, classify
 from .issuer import ORDER_TIMEOUT, Issuer, new_cert_key
@@ -35,9 +36,9 @@ from .storage import LOCK_LEASE, Locker, issued_key, load_or_none, obtain_lock
 
 logger = logging.getLogger(__name__)
 
-# Waiting for another holder's lock: its order ends within ORDER_TIMEOUT, a dead holder's lease
-# runs out within LOCK_LEASE; twice the lease on top for the slack of a loaded machine.
-LOCK_WAIT = ORDER_TIMEOUT + 3 * LOCK_LEASE
+# A lock that cannot be written because of the disk (not the network): the certificate could
+# not be stored either.
+_DISK_FULL_OR_DENIED = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class Obtainer:
@@ -46,8 +47,10 @@ class Obtainer:
     def __init__(self, state: LeState, accounts: Accounts, issuer: Issuer, locker: Locker,
                  store: CertStore, runtime: RuntimeStore, journal: ChallengeJournal,
                  events: EventSink, *, clock: Clock, jitter: Jitter,
-                 fault_codes: Callable[[], Container[int]]) -> None:
+                 fault_codes: Callable[[], Container[int]],
+                 share: AnswerShare | None = None) -> None:
         self.state = state
+        self.share = share   # a cluster node's: every node answers this node's challenges
         self.accounts = accounts
         self.issuer = issuer
         self.locker = locker
@@ -99,7 +102,8 @@ class Obtainer:
                             replaces = ari_cert_id(chain.chain_pem)
                 responder = ObservedResponder(
                     self.runtime, entry.id, dict(entry.template.routes), self.journal,
-                    fail_at=self.fault_codes(), on_present=lambda domain, vs: self.emit(
+                    fail_at=self.fault_codes(), share=self.share,
+                    on_present=lambda domain, vs: self.emit(
                         EventKind.CHALLENGE_PRESENTED, entry.id,
                         f"http-01 answer for {domain} served by VS {vs}"))
                 key, key_pem = await new_cert_key(entry.template.acme_key_type,
@@ -130,16 +134,38 @@ class Obtainer:
         await self._succeeded(entry, old, manual, adopted=False)
 
     async def _lock(self, name: str, action: str) -> None:
+        # Another holder's order ends within ORDER_TIMEOUT; a dead holder's lease (the locker's,
+        # e.g. [cluster] lock_lease) runs out within one lease: twice more for a loaded machine.
+        wait = ORDER_TIMEOUT + 3 * float(getattr(self.locker, "lease", LOCK_LEASE))
         try:
-            async with asyncio.timeout(LOCK_WAIT):
+            async with asyncio.timeout(wait):
                 await self.locker.lock(name)
         except TimeoutError:
             raise LeError(AcmeCode.NETWORK, f"{action}: the lock {name} stayed held by another "
-                          f"instance for {LOCK_WAIT:.0f} s") from None
+                          f"instance for {wait:.0f} s") from None
         except OSError as exc:
-            raise LeError(AcmeCode.UNPARSABLE_CERT,
-                          f"{action}: the certificate cannot be stored: cannot write the lock "
-                          f"{exc.filename or name}: {exc.strerror or exc}") from None
+            if exc.errno in _DISK_FULL_OR_DENIED:
+                raise LeError(AcmeCode.UNPARSABLE_CERT,
+                              f"{action}: the certificate cannot be stored: cannot write the "
+                              f"lock {exc.filename or name}: {exc.strerror or exc}") from None
+            raise LeError(AcmeCode.NETWORK,   # a shared store out of reach: no order
+                          f"{action}: cannot take the lock {exc.filename or name}: "
+                          f"{exc.strerror or exc}; no order placed") from None
+
+    async def pick_up(self, entry: Entry) -> bool:
+        """Serve the certificate another node stored for `entry`, if it is newer than the one
+        served here (a cluster node following the others); the entry itself is theirs."""
+        old = self.store.get(entry.id)
+        try:
+            adopted = await self._adopt(entry, old)
+        except LeError as exc:
+            self.state.log.problem(exc)
+            return False
+        if adopted:
+            new = self.store.require(entry.id)
+            self.emit(EventKind.RENEWED if old else EventKind.ISSUED, entry.id,
+                      f"picked up from storage, valid until {new.not_after.isoformat()}")
+        return adopted
 
     async def _adopt(self, entry: Entry, old: CertInfo | None) -> bool:
         """Serve the certificate another holder stored, if it covers this template's names

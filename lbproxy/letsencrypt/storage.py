@@ -38,6 +38,8 @@ ACCOUNT_KEY = "account.key"       # the account key, PEM
 JOURNAL = "challenges.json"       # challenges in progress (cleared at start)
 ENTRIES = "certs"                 # certs/<id>.json: each certificate's template and status
 ISSUED = "issued"                 # issued/<id>.json: the latest chain and key, for every holder
+ANSWERS = "answers"               # answers/<token>.json: a cluster's challenge answers (cluster.py)
+NODES = "nodes"                   # nodes/<node>/...: what belongs to one node of a cluster
 STATE_FILES = (SETTINGS, ACCOUNT, ACCOUNT_KEY)
 
 
@@ -47,6 +49,15 @@ def entry_key(cert_id: str) -> str:
 
 def issued_key(cert_id: str) -> str:
     return f"{ISSUED}/{cert_id}.json"
+
+
+def answer_key(token: str) -> str:
+    return f"{ANSWERS}/{token}.json"
+
+
+def journal_key(node: str | None) -> str:
+    """The challenge journal: one per node of a cluster (each clears only its own leftovers)."""
+    return JOURNAL if node is None else f"{NODES}/{node}/{JOURNAL}"
 
 
 def obtain_lock(cert_id: str) -> str:

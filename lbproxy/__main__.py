@@ -17,6 +17,8 @@ from .errors import ConfigError
 _LOCAL_COMMANDS = ("run", "check")
 # Let's Encrypt commands (and `vs convert`, which makes a VS eligible for challenges).
 _LE_COMMANDS = ("le", "backup", "restore")
+# `cluster new-key` and `cluster migrate` work on files and Redis; `cluster status` asks the API.
+_CLUSTER_COMMANDS = ("cluster",)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -83,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .admin.le_cli import main as le_main
 
             return le_main(args_list)
+        if args_list[0] in _CLUSTER_COMMANDS:
+            from .admin.cluster_cli import main as cluster_main
+
+            return cluster_main(args_list)
         from .admin.cli import main as cli_main
 
         return cli_main(args_list)

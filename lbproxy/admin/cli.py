@@ -4,7 +4,8 @@
     lbproxy cert list | show ID | delete ID | assign ID TARGET [--default] [--remove]
     lbproxy vs list | show NAME
     lbproxy status          VSs (listeners, SubVSs, real servers up/down, connections,
-                            requests/s) and every certificate (days left, next renewal, error)
+                            requests/s), every certificate (days left, next renewal, error)
+                            and, on a node of a cluster, a CLUSTER section
 
 Each takes --json (the API's answer as is), -c CONFIG (default lbproxy.toml), --admin URL and
 --token-file F. Exit status: 0 done, 1 refused or unreachable, 2 bad usage.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from . import cluster_cli
 from .client import AdminClient, ClientError, connect
 
 Command = Callable[[AdminClient, argparse.Namespace], Any]
@@ -119,7 +121,11 @@ def vs_show(client: AdminClient, args: argparse.Namespace) -> Any:
 
 
 def status(client: AdminClient, args: argparse.Namespace) -> Any:
-    return client.get("/api/status")
+    data = client.get("/api/status")
+    cluster = cluster_cli.cluster_for_status(client)   # None: not in a cluster
+    if cluster is not None and isinstance(data, dict):
+        data["cluster"] = cluster
+    return data
 
 
 # -- human output ---------------------------------------------------------------------------------
@@ -285,6 +291,9 @@ def print_status(s: dict[str, Any], out: TextIO) -> None:
         table(("WORKER", "PID", "GENERATION", "CONNS", "RESTARTS", "STATE"),
               [[_cell(w.get(k)) for k in ("id", "pid", "generation", "connections", "restarts",
                                           "state")] for w in s["workers"]], out)
+    if s.get("cluster"):  # a node of a cluster only
+        print(file=out)
+        cluster_cli.print_cluster_brief(s["cluster"], out)
 
 
 def _print_deleted(data: Any, out: TextIO) -> None:
@@ -354,6 +363,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # Subcommands of the Let's Encrypt manager, parsed and run by lbproxy.admin.le_cli.
 _LE_GROUPS = ("le", "backup", "restore")
+# `lbproxy cluster ...`, parsed and run by lbproxy.admin.cluster_cli.
+_CLUSTER_GROUPS = ("cluster",)
 
 
 def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -361,6 +372,8 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
         from . import le_cli
 
         return le_cli.main(argv, out=out, err=err)
+    if argv[:1] and argv[0] in _CLUSTER_GROUPS:
+        return cluster_cli.main(argv, out=out, err=err)
     out = out or sys.stdout
     err = err or sys.stderr
     try:

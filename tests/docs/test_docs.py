@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 
 from lbproxy import __main__ as main_cli
 from lbproxy.admin import cli as admin_cli
-from lbproxy.admin import le_cli
+from lbproxy.admin import cluster_cli, le_cli
 from lbproxy.config import model as M
 from lbproxy.config import parse_config
 from lbproxy.config.model import EventSettings
@@ -38,7 +38,8 @@ DOCS = ROOT / "docs"
 # Every dataclass of the config model, by the section it is documented in.
 SECTIONS = ("Config", "VirtualService", "RealServer", "HealthCheck", "NotAvailable",
             "ContentRule", "SubVS", "Timeouts", "Limits", "TLSSettings", "AdminSettings",
-            "AccessLogSettings", "LetsEncryptSettings", "CertificateRequest", "EventSettings")
+            "AccessLogSettings", "LetsEncryptSettings", "CertificateRequest", "EventSettings",
+            "ClusterSettings")
 # Fields whose TOML key has another name.
 TOML_KEY = {("Config", "virtual_services"): "vs", ("Config", "rules"): "rule",
             ("Config", "certificates"): "certificate", ("ContentRule", "match_type"): "match"}
@@ -121,8 +122,8 @@ def _commands(p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
         yield from _commands(sp, (*prefix, name))
 
 
-ALL_COMMANDS = [c for parser in (main_cli._parser(), admin_cli._parser(), le_cli._parser())
-                for c in _commands(parser)]
+ALL_COMMANDS = [c for parser in (main_cli._parser(), admin_cli._parser(), le_cli._parser(),
+                                 cluster_cli._parser()) for c in _commands(parser)]
 COMMON = ("--config", "--admin", "--token-file", "--cacert", "--json")
 
 
@@ -207,6 +208,7 @@ def test_every_metric_is_documented() -> None:
                                  workers=lambda: [{"id": 0, "pid": 1, "generation": 1,
                                                    "connections": 0, "restarts": 0,
                                                    "state": "running"}])
+    collector.cluster_view = {"connected": True, "nodes": [{"name": "a"}]}
     text = generate_latest(make_registry(collector)).decode()
     exported = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
     assert len(exported) > 40

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +23,14 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from . import cluster_cli
-from .client import AdminClient, ClientError, connect
+from .client import (
+    AdminClient,
+    ClientError,
+    add_admin_options,
+    connect,
+    print_failure,
+    print_result,
+)
 
 Command = Callable[[AdminClient, argparse.Namespace], Any]
 Printer = Callable[[Any, TextIO], None]
@@ -304,13 +310,7 @@ def _print_deleted(data: Any, out: TextIO) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", default="lbproxy.toml",
-                        help="config file naming the admin address and state_dir")
-    common.add_argument("--admin", metavar="URL", help="admin API base URL (overrides config)")
-    common.add_argument("--token-file", metavar="F", help="admin token file (overrides config)")
-    common.add_argument("--cacert", metavar="F",
-                        help="CA file to verify the admin API's certificate (when it is HTTPS)")
-    common.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    add_admin_options(common)
 
     p = argparse.ArgumentParser(prog="lbproxy", description="Talk to a running lbproxy.")
     groups = p.add_subparsers(dest="group", required=True)
@@ -384,15 +384,5 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
         client = connect(args.config, args.admin, args.token_file, args.cacert)
         data = args.run(client, args)
     except ClientError as e:
-        if args.json:
-            print(json.dumps({"error": str(e), "status": e.status, "reason": e.reason}),
-                  file=out)
-        else:
-            status_text = f" ({e.status})" if e.status else ""
-            print(f"lbproxy: {e}{status_text}", file=err)
-        return 1
-    if args.json:
-        print(json.dumps(data, indent=2), file=out)
-    else:
-        args.show(data, out)
-    return 0
+        return print_failure(args, str(e), out, err, status=e.status, reason=e.reason)
+    return print_result(args, data, out)

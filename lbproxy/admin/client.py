@@ -6,14 +6,16 @@ state_dir relative to the file) unless `--admin URL` / `--token-file F` say othe
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import re
 import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..config import load_file
 from ..errors import ConfigError, LBProxyError
@@ -139,3 +141,46 @@ def connect(config: str | None, admin_url: str | None = None,
         except (OSError, ssl.SSLError) as e:
             raise ClientError(f"--cacert {cacert}: cannot load it as a CA file: {e}") from None
     return AdminClient(url, read_token(token_path), ssl_context=ctx)
+
+
+# -- what every admin command shares ---------------------------------------------------------------
+
+# LoadMaster's shape: a coded message ends in `(code: N)`, nothing after it.
+CODED = re.compile(r"\(code: \d+\)$")
+
+
+def add_admin_options(p: argparse.ArgumentParser) -> None:
+    """The options of every command that talks to the admin API."""
+    p.add_argument("-c", "--config", default="lbproxy.toml",
+                   help="config file naming the admin address and state_dir")
+    p.add_argument("--admin", metavar="URL", help="admin API base URL (overrides config)")
+    p.add_argument("--token-file", metavar="F", help="admin token file (overrides config)")
+    p.add_argument("--cacert", metavar="F",
+                   help="CA file to verify the admin API's certificate (when it is HTTPS)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+
+def print_result(args: argparse.Namespace, data: Any, out: TextIO) -> int:
+    """A command's answer: JSON with --json, else its printer (`args.show`); exit status 0."""
+    if args.json:
+        print(json.dumps(data, indent=2), file=out)
+    else:
+        args.show(data, out)
+    return 0
+
+
+def print_failure(args: argparse.Namespace, message: str, out: TextIO, err: TextIO, *,
+                  status: int = 0, reason: str | None = None, who: str = "lbproxy") -> int:
+    """A refusal or failure: JSON on `out` with --json, else one line on `err` starting with
+    `who`; exit status 1.
+    The HTTP status follows the message unless it ends with a LoadMaster code (it is in the
+    JSON)."""
+    if args.json:
+        body: dict[str, Any] = {"error": message, "status": status}
+        if reason is not None:
+            body["reason"] = reason
+        print(json.dumps(body), file=out)
+    else:
+        tail = f" ({status})" if status and not CODED.search(message) else ""
+        print(f"{who}: {message}{tail}", file=err)
+    return 1

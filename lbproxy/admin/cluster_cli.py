@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, TextIO
 
 from ..config import load_file
 from ..errors import ConfigError, LBProxyError
-from .client import ClientError, connect
+from .client import ClientError, add_admin_options, connect, print_failure, print_result
 from .le_cli import table
 
 
@@ -266,13 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_migrate, show=_show_migrate)
 
     p = sub.add_parser("status", help="this node, Redis, the nodes seen and the locks held")
-    p.add_argument("-c", "--config", default="lbproxy.toml",
-                   help="config file naming the admin address and state_dir")
-    p.add_argument("--admin", metavar="URL", help="admin API base URL (overrides config)")
-    p.add_argument("--token-file", metavar="F", help="admin token file (overrides config)")
-    p.add_argument("--cacert", metavar="F",
-                   help="CA file to verify the admin API's certificate (when it is HTTPS)")
-    p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    add_admin_options(p)
     p.set_defaults(run=_status, show=print_cluster)
     return root
 
@@ -287,20 +280,7 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
     try:
         data = args.run(args, out)
     except ClientError as e:
-        status_text = f" ({e.status})" if e.status else ""
-        if args.json:
-            print(json.dumps({"error": str(e), "status": e.status}), file=out)
-        else:
-            print(f"lbproxy: {e}{status_text}", file=err)
-        return 1
+        return print_failure(args, str(e), out, err, status=e.status, reason=e.reason)
     except CommandError as e:
-        if args.json:
-            print(json.dumps({"error": str(e)}), file=out)
-        else:
-            print(f"lbproxy cluster {args.cmd}: {e}", file=err)
-        return 1
-    if args.json:
-        print(json.dumps(data, indent=2), file=out)
-    else:
-        args.show(data, out)
-    return 0
+        return print_failure(args, str(e), out, err, who=f"lbproxy cluster {args.cmd}")
+    return print_result(args, data, out)

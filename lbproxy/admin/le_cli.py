@@ -23,21 +23,25 @@ import dataclasses
 import getpass
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from .client import AdminClient, ClientError, connect
+from .client import (
+    AdminClient,
+    ClientError,
+    add_admin_options,
+    connect,
+    print_failure,
+    print_result,
+)
 
 # An order (validation, finalize, download) may take minutes; the CLI waits a bit longer than
 # the manager's own order deadline.
 ORDER_WAIT = 330.0
 PASSPHRASE_ENV = "LBPROXY_BACKUP_PASSPHRASE"
-# A message carrying a LoadMaster code ends in it.
-CODED = re.compile(r"\(code: \d+\)$")
 
 Command = Callable[[AdminClient, argparse.Namespace, TextIO], Any]
 
@@ -217,15 +221,6 @@ def show_done(d: Any, out: TextIO) -> None:
 
 # -- parser -------------------------------------------------------------------------------------
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the API's answer as JSON")
-    p.add_argument("-c", "--config", default=None, help="config file (default lbproxy.toml)")
-    p.add_argument("--admin", default=None, help="admin API URL")
-    p.add_argument("--token-file", default=None, help="admin token file")
-    p.add_argument("--cacert", default=None,
-                   help="CA file to verify the admin API's certificate (when it is HTTPS)")
-
-
 def _parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="lbproxy")
     top = root.add_subparsers(dest="group", required=True)
@@ -233,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     def cmd(sub: Any, name: str, run: Command, show: Callable[[Any, TextIO], None],
             help: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help)
-        _common(p)
+        add_admin_options(p)
         p.set_defaults(run=run, show=show)
         return p
 
@@ -299,17 +294,5 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
         client = connect(args.config, args.admin, args.token_file, args.cacert)
         data = args.run(client, args, out)
     except ClientError as e:
-        if args.json:
-            print(json.dumps({"error": str(e), "status": e.status}), file=out)
-        else:
-            # LoadMaster's shape: a coded message ends in `(code: N)`, nothing after it (the
-            # HTTP status is in --json); an answer without a code keeps its status.
-            coded = CODED.search(str(e)) is not None
-            print(f"lbproxy: {e}" + (f" ({e.status})" if e.status and not coded else ""),
-                  file=err)
-        return 1
-    if args.json:
-        print(json.dumps(data, indent=2), file=out)
-    else:
-        args.show(data, out)
-    return 0
+        return print_failure(args, str(e), out, err, status=e.status, reason=e.reason)
+    return print_result(args, data, out)

@@ -26,7 +26,6 @@ from ..config.model import Config, Protocol, VirtualService
 from ..runtime import Injection, RuntimeStore
 from .challenge import build_injection, eligible_services
 from .codes import AcmeLog, LeError
-from .model import Clock
 from .redisstore import HEARTBEAT, RedisStorage
 from .sealing import UnsealableValue
 from .storage import ACCOUNT, ACCOUNT_KEY, ANSWERS, ENTRIES, ISSUED, SETTINGS, answer_key
@@ -87,13 +86,12 @@ class ClusterNode:
     Redis loads the state (`Hooks.load`), so a node started while Redis is down serves."""
 
     def __init__(self, storage: RedisStorage, runtime: RuntimeStore, log: AcmeLog, hooks: Hooks,
-                 *, poll_interval: float, clock: Clock) -> None:
+                 *, poll_interval: float) -> None:
         self.storage = storage
         self.runtime = runtime
         self.log = log
         self.hooks = hooks
         self.poll_interval = poll_interval
-        self.clock = clock
         self.node = storage.node
         self.link = _Link()
         self.loaded = asyncio.Event()
@@ -101,8 +99,7 @@ class ClusterNode:
         self._mirrored: dict[str, list[Injection]] = {}   # token -> what answers it here
         self._acks: dict[str, set[str]] = {}             # token (ours) -> nodes that answer it
         self._acked = asyncio.Condition()
-        self._issued_seen: dict[str, dt.datetime] = {}
-        self._modified: dict[str, dt.datetime | None] = {}   # settings, account: last seen
+        self._modified: dict[str, dt.datetime | None] = {}   # key -> last modified seen
         self._started = time.time()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -199,14 +196,17 @@ class ClusterNode:
             return
         key = arg
         if verb == "stored":
-            if key in (SETTINGS,):
+            if key == SETTINGS:
+                await self._changed(key)   # seen: the next catch-up does not read it again
                 await self.hooks.reload_settings()
             elif key in (ACCOUNT, ACCOUNT_KEY):
+                await self._changed(key)
                 await self.hooks.reload_account()
             elif key.startswith(f"{ENTRIES}/") and key.endswith(".json"):
                 await self.hooks.entry_changed(_stem(key))
             elif key.startswith(f"{ISSUED}/") and key.endswith(".json"):
-                await self._issued(_stem(key))
+                await self._changed(key, first=True)   # seen: the next catch-up skips it
+                await self.hooks.issued_changed(_stem(key))
             elif key.startswith(f"{ANSWERS}/"):
                 await self._mirror_key(key)
         elif verb == "deleted":
@@ -214,12 +214,6 @@ class ClusterNode:
                 await self.hooks.entry_deleted(_stem(key))
             elif key.startswith(f"{ANSWERS}/"):
                 await self._unmirror(_stem(key))
-
-    async def _issued(self, cert_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._issued_seen[cert_id] = (await self.storage.stat(f"{ISSUED}/{cert_id}.json")
-                                          ).modified
-        await self.hooks.issued_changed(cert_id)
 
     async def catch_up(self) -> None:
         """Read the shared state whole: what the change channel may have missed."""
@@ -232,14 +226,8 @@ class ClusterNode:
             if key.endswith(".json") and _stem(key) not in known:
                 await self.hooks.entry_changed(_stem(key))
         for key in await self.storage.list(ISSUED):
-            if not key.endswith(".json"):
-                continue
-            cert_id = _stem(key)
-            with contextlib.suppress(FileNotFoundError):
-                modified = (await self.storage.stat(key)).modified
-                if self._issued_seen.get(cert_id) != modified:
-                    self._issued_seen[cert_id] = modified
-                    await self.hooks.issued_changed(cert_id)
+            if key.endswith(".json") and await self._changed(key, first=True):
+                await self.hooks.issued_changed(_stem(key))
         present = set()
         for key in await self.storage.list(ANSWERS):
             present.add(_stem(key))
@@ -247,9 +235,11 @@ class ClusterNode:
         for token in set(self._mirrored) - present:
             await self._unmirror(token)
 
-    async def _changed(self, key: str) -> bool:
-        """Whether `key` changed since the last look (the first look follows the load: no).
-        Reading only what changed keeps a Redis hiccup from looking like a damaged file."""
+    async def _changed(self, key: str, *, first: bool = False) -> bool:
+        """Whether `key` changed since the last look; the first look says `first` (settings and
+        account: no, they were just loaded; an issued certificate: yes, it may be newer than
+        the one served here). Reading only what changed keeps a Redis hiccup from looking like
+        a damaged file."""
         try:
             modified: dt.datetime | None = (await self.storage.stat(key)).modified
         except FileNotFoundError:
@@ -257,7 +247,7 @@ class ClusterNode:
         unseen = key not in self._modified
         before = self._modified.get(key)
         self._modified[key] = modified
-        return not unseen and modified != before
+        return first if unseen else modified != before
 
     # -- challenges: ours, shared; theirs, mirrored -----------------------------------------------
 

@@ -127,7 +127,7 @@ class LEManager:
         self.cluster: ClusterNode | None = None
         if redis is not None and cluster is not None:
             self.cluster = ClusterNode(redis, runtime, self.log, self._cluster_hooks(),
-                                       poll_interval=cluster.poll_interval, clock=self._now)
+                                       poll_interval=cluster.poll_interval)
         self.obtainer = Obtainer(self.state, self.accounts, self.issuer, locker, store, runtime,
                                  self.journal, self.events, clock=self._now, jitter=jitter,
                                  fault_codes=lambda: self.fault_codes, share=self.cluster)
@@ -341,40 +341,30 @@ class LEManager:
         The whole request (id, uniqueness, names, VSs, key, subject, account) is checked
         before anything is written or sent to the CA."""
         template = template.normalized()
-        joined = self.state.entries.get(cert_id)
-        if self.cluster is not None and joined is not None and joined.template == template:
-            # Another node asked for the same certificate: one order for the cluster (the
-            # lock), served here once it is stored.
-            return await self._join(joined, wait)
-        check_new_id(self.state, self.store, cert_id)
-        self.validate_template(cert_id, template)
-        self.accounts.require()
-        cfg = self.runtime.current.config
-        entry = Entry(cert_id, template, source=source, jitter=self.jitter())
-        entry.see_vs(cfg)
-        self.state.entries[cert_id] = entry
-        await self.state.save_entry(entry)
+        entry = self.state.entries.get(cert_id)
+        # In a cluster another node may have asked for the same certificate: this request
+        # joins it (one order for the cluster, by the lock) rather than being refused.
+        joining = self.cluster is not None and entry is not None and entry.template == template
+        if entry is None or not joining:
+            check_new_id(self.state, self.store, cert_id)
+            self.validate_template(cert_id, template)
+            self.accounts.require()
+            entry = Entry(cert_id, template, source=source, jitter=self.jitter())
+            entry.see_vs(self.runtime.current.config)
+            self.state.entries[cert_id] = entry
+            await self.state.save_entry(entry)
         task = self.scheduler.launch(entry)
         if wait:
             await asyncio.shield(task)
             if self.store.get(cert_id) is None:
                 # A request answered with its failure is not kept (nothing to retry for the
                 # operator who saw the error); config-declared certificates keep retrying.
-                if source == "api":
+                if source == "api" and not joining:
                     self.state.entries.pop(cert_id, None)
                     await self.state.forget_entry(cert_id)
                 raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
                               subcode=entry.last_subcode)
         return self.view(cert_id)
-
-    async def _join(self, entry: Entry, wait: bool) -> dict[str, Any]:
-        task = self.scheduler.launch(entry)
-        if wait:
-            await asyncio.shield(task)
-            if self.store.get(entry.id) is None:
-                raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
-                              subcode=entry.last_subcode)
-        return self.view(entry.id)
 
     async def renew(self, cert_id: str, *, wait: bool = True) -> dict[str, Any]:
         """Manual renewal, now, whatever the schedule says."""

@@ -24,11 +24,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from cryptography import x509
 
 from lbproxy.letsencrypt.sealing import new_key
-from tests.e2e.le_node import add_a_record
+from tests.e2e.le_node import add_a_record, start_upstream
 from tests.support.pebble import PebbleInstance, free_port, pebble_or_skip, start_pebble
 from tests.support.redis import RedisInstance, redis_or_skip, start_redis
 
@@ -162,17 +161,6 @@ class Rig:
         return x509.load_der_x509_certificate(der).serial_number if der else None
 
 
-async def _backend() -> tuple[web.AppRunner, int]:
-    async def hello(_r: web.Request) -> web.Response:
-        return web.Response(text="hello")
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, int(runner.addresses[0][1])
-
-
 @contextlib.contextmanager
 def _services(tmp: Path) -> Iterator[tuple[PebbleInstance, RedisInstance]]:
     http_port = free_port()
@@ -185,7 +173,7 @@ def _services(tmp: Path) -> Iterator[tuple[PebbleInstance, RedisInstance]]:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     pebble_or_skip()
     redis_or_skip()
-    runner, backend = await _backend()
+    runner, backend = await start_upstream("hello")
     key_file = tmp_path / "cluster.key"
     key_file.write_text(new_key())
     with _services(tmp_path) as (pebble, redis):

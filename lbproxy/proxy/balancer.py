@@ -1,8 +1,9 @@
 """Real-server pools and their schedulers: which backend takes the next request (sans-I/O).
 
 A `Balancer` is built once per pool (a VS without SubVSs, or a SubVS) per config generation. The
-data plane calls `pick()` once per request and `release()` when that request is done; the health
-monitor (health.py) flips `Backend.healthy`. Nothing here awaits, sleeps or reads a clock.
+data plane calls `pick()` once per request (exchange.py, `Exchange._serve`) and `release()` exactly
+once when that request is done (`ClientState._release`); the health monitor (health.py) flips
+`Backend.healthy`. Nothing here awaits, sleeps or reads a clock.
 
 Hot reload: `Balancer(servers, scheduler, previous=old)` *adopts* the `Backend` objects of `old`
 whose address is still configured. The very same objects continue, so health state, the in-flight
@@ -95,7 +96,7 @@ _Chooser = Callable[[str, str, Backend | None], Backend | None]
 class Balancer:
     """A pool of backends and the scheduler that picks among the available ones."""
 
-    __slots__ = ("_rr", "_top", "backends", "choose", "scheduler")
+    __slots__ = ("_choose", "_rr", "_top", "backends", "scheduler")
 
     def __init__(self, servers: Sequence[RealServer], scheduler: Scheduler,
                  previous: Balancer | None = None) -> None:
@@ -124,10 +125,9 @@ class Balancer:
             Scheduler.SOURCE_IP_HASH: self._source_hash,
             Scheduler.URL_HASH: self._url_hash,
         }
-        # choose(src_ip, url, exclude): the scheduler's pick without counting it (the data plane
-        # inlines pick() on its fast path: choose, then active += 1 and requests += 1). Every
+        # _choose(src_ip, url, exclude): the scheduler's pick, which pick() counts. Every
         # scheduler picks the only server of a pool of one, if it is available.
-        self.choose = self._only if len(backends) == 1 else choosers[scheduler]
+        self._choose = self._only if len(backends) == 1 else choosers[scheduler]
 
     # -- the data plane's interface ---------------------------------------------------------
 
@@ -138,7 +138,7 @@ class Balancer:
         available backend, the answer is None. The chosen backend's `active` and `requests` grow
         by one; call `release()` exactly once when the request is over.
         """
-        b = self.choose(src_ip, url, exclude)
+        b = self._choose(src_ip, url, exclude)
         if b is not None:
             b.active += 1
             b.requests += 1

@@ -1,8 +1,11 @@
-"""What the rest of the relay needs from a client connection, as Protocols (typing only).
+"""What the rest of the relay needs from a client connection and its requests, as Protocols
+(typing only).
 
-`ClientConnection` (client.py) meets both. upstream.py and service.py name these instead of it, so
-neither imports client.py, and mypy checks that it meets them wherever client.py hands itself over.
-Nothing here is called: a Protocol adds no indirection to the hot path.
+`ClientConnection` (client.py) meets both client Protocols (its `Exchange` layer, exchange.py,
+already meets the first), and request.py's `Request` meets `RequestForUpstream`. upstream.py and
+service.py name these instead of them, so neither imports the modules above them, and mypy checks
+that they are met wherever the client connection hands itself or a request over. Nothing here is
+called: a Protocol adds no indirection to the hot path.
 """
 
 from __future__ import annotations
@@ -10,14 +13,52 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, TypeVar
 
-from .http import Request
 
-# The upstream connection handed back to the client (upstream.py's UpstreamConnection): a parameter
-# so that this module need not import the module that uses it.
+class RequestForUpstream(Protocol):
+    """What an upstream connection reads and writes of the request whose exchange it serves:
+    how to answer it, and the response's status and sizes (for the client's accounting)."""
+
+    status: int  # the response's
+    hlen: int  # response head bytes sent to the client
+    resp_bytes: int  # response body bytes
+    resp_started: bool
+    keep_alive: bool  # the client connection stays open after the response
+
+    @property
+    def complete(self) -> bool:
+        """The whole request was read from the client (and went upstream)."""
+
+    @property
+    def is_head(self) -> bool: ...
+
+    @property
+    def v10(self) -> bool: ...
+
+    @property
+    def upgrade(self) -> bool:
+        """It asks to switch protocols (a 101 may answer it)."""
+
+    @property
+    def sent_continue(self) -> bool:
+        """The proxy answered its Expect: 100-continue itself."""
+
+    @property
+    def up(self) -> object:
+        """The upstream connection of its exchange, if any yet."""
+
+    @property
+    def backend(self) -> object:
+        """The real server it holds, if any (None once released)."""
+
+
+# The upstream connection and the request handed back to the client (upstream.py's
+# UpstreamConnection, request.py's Request): parameters, so that this module need not import the
+# modules that use it.
 Upstream_contra = TypeVar("Upstream_contra", contravariant=True)
+Request_contra = TypeVar("Request_contra", bound=RequestForUpstream, contravariant=True)
 
 
-class ClientForUpstream(Protocol[Upstream_contra]):
+class ClientForUpstream(Protocol[Upstream_contra, Request_contra]):
     """What an upstream connection and its pool need from the client connection of the exchange
     they serve: its loop and transport (responses are written straight into it), its state, and
     the callbacks of an exchange's course."""
@@ -37,22 +78,22 @@ class ClientForUpstream(Protocol[Upstream_contra]):
     @property
     def write_paused(self) -> bool: ...
 
-    def attach(self, req: Request, up: Upstream_contra) -> None:
-        """A connection for `req` is ready (pooled or just connected): send `req` on it."""
+    def attach(self, req: Request_contra, up: Upstream_contra) -> None:
+        """A connection opened for `req` is ready (ConnPool.connect): send `req` on it."""
 
-    def connect_failed(self, req: Request, why: str, timed_out: bool = False) -> None:
+    def connect_failed(self, req: Request_contra, why: str, timed_out: bool = False) -> None:
         """No connection for `req` could be opened."""
 
-    def upstream_failed(self, req: Request, why: str, retry_ok: bool) -> None:
+    def upstream_failed(self, req: Request_contra, why: str, retry_ok: bool) -> None:
         """The connection serving `req` failed; `retry_ok`: nothing of it was answered yet."""
 
-    def first_byte(self, req: Request) -> None:
+    def first_byte(self, req: Request_contra) -> None:
         """The response to `req` begins to stream."""
 
-    def response_done(self, req: Request) -> None:
+    def response_done(self, req: Request_contra) -> None:
         """The response to `req` went out whole."""
 
-    def start_tunnel(self, req: Request, up: Upstream_contra) -> None:
+    def start_tunnel(self, req: Request_contra, up: Upstream_contra) -> None:
         """`req` was answered 101: from now on the two connections are a tunnel through `up`."""
 
     def tunnel_closed(self) -> None:

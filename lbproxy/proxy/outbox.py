@@ -1,11 +1,12 @@
 """Writes of the relay's fast paths, held until the end of the event-loop iteration and then made.
 
-A request head for a pooled upstream connection and a whole response for the client are handed to
-the `Outbox` instead of being written at once. uvloop runs call_soon callbacks after every I/O
-callback of one epoll wake-up, so all of an iteration's writes go out together once the Python work
-for every ready connection is done: the peers (clients, real servers) are woken by a burst rather
-than once per write, and this core spends less time in wake-ups and cache misses (bench/README.md,
-"Writes held to the end of the loop iteration": about a fifth less kernel time per request).
+A request head without a body (exchange.py, `Exchange._send`) and a whole response for the client
+(upstream.py, and local answers) are handed to the `Outbox` instead of being written at once.
+uvloop runs call_soon callbacks after every I/O callback of one epoll wake-up, so all of an
+iteration's writes go out together once the Python work for every ready connection is done: the
+peers (clients, real servers) are woken by a burst rather than once per write, and this core
+spends less time in wake-ups and cache misses (bench/README.md, "Writes held to the end of the
+loop iteration": about a fifth less kernel time per request).
 
 Order per transport: any other write to, or close of, a transport that may have bytes here goes
 through `write()` / `close()`, which flush first (every write and close of the client and upstream
@@ -39,7 +40,7 @@ class Outbox:
         items.append(data)
         if not self.scheduled:
             self.scheduled = True
-            self.loop.call_soon(self._run)
+            self.loop.call_soon(self.flush)
 
     def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
         """Write now, after everything held."""
@@ -51,12 +52,11 @@ class Outbox:
         self.flush()
         transport.close()
 
-    def _run(self) -> None:
-        self.scheduled = False
-        self.flush()
-
     def flush(self) -> None:
-        """Write everything held now, in order (a transport closed meanwhile is skipped)."""
+        """Write everything held now, in order (a transport closed meanwhile is skipped): the
+        callback at the end of the iteration, or early, before a write or close. An early flush
+        lets the next add() schedule a callback of its own (the pending one may find nothing)."""
+        self.scheduled = False
         items = self.items
         if not items:
             return

@@ -11,18 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 import httptools
 
-from .http import CRLF, Request, connection_names
+from .contract import RequestForUpstream
+from .http import CRLF, connection_names
 from .outbox import Outbox
+
+# The request an upstream connection serves (request.py's Request), as this side sees it.
+Req = TypeVar("Req", bound=RequestForUpstream)
 
 if TYPE_CHECKING:
     from .contract import ClientForUpstream
 
     # The client connection of an exchange, as this side sees it (client.py's ClientConnection).
-    Client: TypeAlias = ClientForUpstream["UpstreamConnection"]
+    Client: TypeAlias = ClientForUpstream["UpstreamConnection[Req]", Req]
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +62,15 @@ class ConnPool:
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.idle: list[UpstreamConnection] = []
+        # Idle connections serve whatever request comes next: of any request type.
+        self.idle: list[UpstreamConnection[Any]] = []
         self.idle_timeout = idle_timeout
         self.connects = 0
         self.retired = False
 
-    def acquire(self, now: float) -> UpstreamConnection | None:
+    def acquire(self, now: float) -> UpstreamConnection[Any] | None:
+        """The most recently used idle connection still fresh at `now`, or None (the one way a
+        pooled connection is taken; those found expired or closing are closed on the way)."""
         idle = self.idle
         limit = now - self.idle_timeout
         while idle:
@@ -75,14 +82,16 @@ class ConnPool:
             return up
         return None
 
-    def release(self, up: UpstreamConnection, now: float) -> None:
-        if self.retired or len(self.idle) >= MAX_IDLE_PER_SERVER:
+    def release(self, up: UpstreamConnection[Any], now: float) -> None:
+        """Keep `up`, idle since `now`, for the next request (the one way a connection returns to
+        the pool), or close it: the pool is retired or full, or the connection is gone."""
+        if self.retired or len(self.idle) >= MAX_IDLE_PER_SERVER or up.transport is None:
             up.close()
             return
         up.idle_since = now
         self.idle.append(up)
 
-    def discard(self, up: UpstreamConnection) -> None:
+    def discard(self, up: UpstreamConnection[Any]) -> None:
         try:
             self.idle.remove(up)
         except ValueError:
@@ -105,12 +114,12 @@ class ConnPool:
         for up in idle:
             up.close()
 
-    def connect(self, client: Client, req: Request, timeout: float) -> None:
+    def connect(self, client: Client[Req], req: Req, timeout: float) -> None:
         """Open a connection for `req`; calls back client.attach() or client.connect_failed()."""
         self.connects += 1
         task = self.loop.create_task(self._connect(self.loop.time() + timeout))
 
-        def done(t: asyncio.Task[UpstreamConnection]) -> None:
+        def done(t: asyncio.Task[UpstreamConnection[Any]]) -> None:
             if t.cancelled():
                 return
             exc = t.exception()
@@ -127,7 +136,8 @@ class ConnPool:
 
         task.add_done_callback(done)
 
-    async def _connect(self, deadline: float) -> UpstreamConnection:
+    async def _connect(self, deadline: float) -> UpstreamConnection[Any]:
+        proto: UpstreamConnection[Any]
         async with asyncio.timeout_at(deadline):
             _, proto = await self.loop.create_connection(
                 lambda: UpstreamConnection(self), self.host, self.port)
@@ -146,6 +156,26 @@ def _drop_fields(head: bytes, names: list[bytes]) -> bytes:
     return CRLF.join(kept)
 
 
+def _without_hop_fields(head: bytes, matches: list[re.Match[bytes]], named: list[bytes]) -> bytes:
+    """`head` without its hop-by-hop fields (`matches`, from _HOP_FIELD) and the fields its
+    Connection fields `named`."""
+    if not matches:
+        return head
+    pieces = []
+    pos = 0
+    for m in matches:
+        pieces.append(head[pos:m.start()])
+        pos = m.end()
+    pieces.append(head[pos:])
+    head = b"".join(pieces)  # as _HOP_FIELD.sub(b"", head), without a second scan
+    return _drop_fields(head, named) if named else head
+
+
+def _is_keep_alive(m: re.Match[bytes]) -> bool:
+    """A _HOP_FIELD match that is "Connection: keep-alive" (any case, any spacing)."""
+    return m.group(1).lower() == b"connection" and m.group(2).strip().lower() == b"keep-alive"
+
+
 def _announces_body(head: bytes) -> bool:
     """A response head (to HEAD) that gives a non-zero Content-Length."""
     m = _CONTENT_LENGTH.search(head)
@@ -159,11 +189,12 @@ def _describe(e: BaseException) -> str:
 
 
 # The response head is forwarded as the server wrote it, minus the hop-by-hop fields (RFC 9110
-# §7.6.1). One case-insensitive scan finds them; the common "Connection: keep-alive" is cut first.
+# §7.6.1), found by one case-insensitive scan; but a server's "Connection: keep-alive" that is its
+# only one goes as it came to a client kept alive over HTTP/1.1 (it holds for that hop too), on
+# both paths: the head relayed unparsed (_fast_response) and the parser's.
 _HOP_FIELD = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
     rb"|proxy-authenticate)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*(?=\r)", re.IGNORECASE)
 # Final statuses without a body (RFC 9110 §6.4.1): left to the parser.
 _NO_BODY = frozenset((b"204", b"304"))
@@ -186,7 +217,7 @@ class _Validator:
         self.done = True
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol, Generic[Req]):
     """One keep-alive connection to a real server, serving one exchange at a time."""
 
     __slots__ = (
@@ -206,9 +237,9 @@ class UpstreamConnection(asyncio.Protocol):
         # whether the only one is "Connection: keep-alive", and the status. A function of the
         # head's bytes alone, so reused as is when the same head recurs.
         self.vframe: tuple[int, tuple[tuple[int, int], ...], bool, int] = (0, (), False, 0)
-        self.client: Client | None = None
+        self.client: Client[Req] | None = None
         self.ctransport: asyncio.Transport | None = None
-        self.req: Request | None = None
+        self.req: Req | None = None
         self.cout: list[bytes] = []
         self.heads: list[bytes] = []
         self.hbuf = b""
@@ -265,7 +296,9 @@ class UpstreamConnection(asyncio.Protocol):
                 # Reused only if the head announced no body and nothing followed it in this read.
                 keep = not self.head_body and data.endswith(b"\r\n\r\n")
                 self.head_body = False
-                self._complete(keep)
+                client, req = self.client, self.req
+                if client is not None and req is not None:
+                    self._done(client, req, keep)
                 return
             req = self.req
             if self.pending_head and req is not None:
@@ -367,22 +400,7 @@ class UpstreamConnection(asyncio.Protocol):
             out = b"".join(pieces)
         req.hlen = len(out) - req.resp_bytes
         self.outbox.add(client.transport, out)
-        # As on_message_complete: detach, back to the pool, tell the client.
-        self.client = None
-        self.ctransport = None
-        self.req = None
-        if self.read_paused:
-            self.resume_reading()
-        if req.complete and self.transport is not None:
-            pool = self.pool
-            if pool.retired or len(pool.idle) >= MAX_IDLE_PER_SERVER:
-                self.close()
-            else:
-                self.idle_since = req.t0
-                pool.idle.append(self)
-        else:
-            self.close()
-        client.response_done(req)
+        self._done(client, req, True)
         return True
 
     def _collect_heads(self, data: bytes) -> bool:
@@ -424,7 +442,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.close_delim and req.resp_started and not self.head_done:
             # The end of a response delimited by the end of the connection.
             self._flush()
-            self._complete(False)
+            self._done(client, req, False)
             return
         why = _describe(exc) if exc is not None else "closed by the real server"
         self._flush()
@@ -459,36 +477,24 @@ class UpstreamConnection(asyncio.Protocol):
             raise httptools.HttpParserError("101 to a request that asked for no upgrade")
         if head.startswith(b"HTTP/1.0"):
             head = b"HTTP/1.1" + head[8:]
-        i = head.find(_KEEP_ALIVE_LINE)
-        if i >= 0:
-            head = head[:i] + head[i + 24:]  # keeps the CRLF ending the line before
         matches = list(_HOP_FIELD.finditer(head))
-        if matches:
-            pieces = []
-            pos = 0
-            named: list[bytes] = []
-            for m in matches:
-                pieces.append(head[pos:m.start()])
-                pos = m.end()
-                name = m.group(1).lower()
-                if name == b"transfer-encoding":
-                    # llhttp passed it; we relay only chunked (no other coding is re-framed).
-                    if m.group(2).rstrip(b" \t").lower() != b"chunked":
-                        raise httptools.HttpParserError("unsupported Transfer-Encoding")
-                    chunked = True
-                elif name == b"upgrade":
-                    upgrade = m.group(2)
-                elif name == b"connection":
-                    named += connection_names(m.group(2))
-            pieces.append(head[pos:])
-            head = b"".join(pieces)  # as _HOP_FIELD.sub(b"", head), without a second scan
-            if named:
-                head = _drop_fields(head, named)
+        named: list[bytes] = []
+        for m in matches:
+            name = m.group(1).lower()
+            if name == b"transfer-encoding":
+                # llhttp passed it; we relay only chunked (no other coding is re-framed).
+                if m.group(2).rstrip(b" \t").lower() != b"chunked":
+                    raise httptools.HttpParserError("unsupported Transfer-Encoding")
+                chunked = True
+            elif name == b"upgrade":
+                upgrade = m.group(2)
+            elif name == b"connection":
+                named += connection_names(m.group(2))
         if status < 200 and status != 101:
             self.interim = True
             # RFC 9110 §15.2: an HTTP/1.0 client gets no 1xx; our own 100 Continue went already.
             if not req.v10 and not (status == 100 and req.sent_continue):
-                self.cout += (head, CRLF)
+                self.cout += (_without_hop_fields(head, matches, named), CRLF)
             return
         client = self.client
         assert client is not None
@@ -517,6 +523,10 @@ class UpstreamConnection(asyncio.Protocol):
             extra += b"Connection: close\r\n"
         elif req.v10:
             extra += b"Connection: keep-alive\r\n"
+        if extra or len(matches) != 1 or not _is_keep_alive(matches[0]):
+            head = _without_hop_fields(head, matches, named)
+        # else the server's "Connection: keep-alive", its only hop-by-hop field, holds for the
+        # client's hop too: the head goes as it came, as _fast_response relays it.
         self.cout += (head, extra, CRLF) if extra else (head, CRLF)
         req.hlen = len(head) + len(extra) + 2
         self.pending_head = True
@@ -552,44 +562,29 @@ class UpstreamConnection(asyncio.Protocol):
         if self.out_chunked:
             self.out_chunked = False
             cout.append(b"0\r\n\r\n")
-        # The end of the exchange, inlined (the per-request fast path): write, detach, pool.
         client = self.client
         req = self.req
         if client is None or req is None:
             return
         self.cout = []
         self.outbox.add(client.transport, b"".join(cout) if len(cout) > 1 else cout[0])
-        self.client = None
-        self.ctransport = None
-        self.req = None
-        if self.read_paused:
-            self.resume_reading()
-        # The connection can serve another request only if this request went out whole.
-        if req.complete and self.parser.should_keep_alive() and self.transport is not None:
-            pool = self.pool
-            if pool.retired or len(pool.idle) >= MAX_IDLE_PER_SERVER:
-                self.close()
-            else:
-                self.idle_since = req.t0
-                pool.idle.append(self)
-        else:
-            self.close()
-        client.response_done(req)
+        self._done(client, req, self.parser.should_keep_alive())
 
     # -- relay --------------------------------------------------------------------------------
 
-    def start(self, client: Client, req: Request) -> None:
-        # (ClientConnection._serve inlines this for its fast path: keep the two in step.)
+    def start(self, client: Client[Req], req: Req) -> asyncio.Transport:
+        """Serve `req` for `client` (pooled or just connected): the transport to send it on."""
+        t = self.transport
+        assert t is not None  # taken from the pool or just connected: connection_lost not yet
         self.client = client
         self.ctransport = client.transport
         self.req = req
         self.want_head = True
         self.status = 0
-        t = self.transport
-        assert t is not None
         if client.write_paused and not self.read_paused:
             self.read_paused = True
             t.pause_reading()
+        return t
 
     def write(self, data: bytes) -> None:
         t = self.transport
@@ -605,29 +600,34 @@ class UpstreamConnection(asyncio.Protocol):
             if ct is not None:
                 self.outbox.write(ct, b"".join(cout))
 
-    def _detach(self) -> tuple[Client | None, Request | None]:
-        client, req = self.client, self.req
+    def _detach(self) -> None:
+        """Serve no exchange any more (reading resumes if the client had paused it)."""
         self.client = None
         self.ctransport = None
         self.req = None
-        if self.read_paused and self.transport is not None:
-            self.read_paused = False
-            self.transport.resume_reading()
-        return client, req
+        if self.read_paused:
+            self.resume_reading()
 
-    def _complete(self, keep_alive: bool) -> None:
-        client, req = self._detach()
-        if client is None or req is None:
-            return
-        # The connection can serve another request only if this request went out whole.
-        if keep_alive and req.complete and self.transport is not None:
+    def _done(self, client: Client[Req], req: Req, keep_alive: bool) -> None:
+        """The response to `req` went out whole (handed to the outbox or written): the one end of
+        a completed exchange, whichever path relayed it. The connection goes back to the pool if
+        it can serve another request (the response keeps it alive and this request went out
+        whole), else it is closed; then the client hears of it (and may reuse it at once)."""
+        self._detach()
+        if keep_alive and req.complete:
             self.pool.release(self, client.loop.time())
         else:
             self.close()
         client.response_done(req)
 
+    def abandon(self) -> None:
+        """The client gave up the exchange (timeout, bad request, gone): never reused."""
+        self._detach()
+        self.abort()
+
     def _fail(self, why: str, *, parse_error: bool) -> None:
-        client, req = self._detach()
+        client, req = self.client, self.req
+        self._detach()
         self.close()
         if client is not None and req is not None:
             client.upstream_failed(req, why, retry_ok=self.reused and not req.resp_started

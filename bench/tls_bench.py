@@ -9,6 +9,10 @@ the load generators are pinned to core 1.
 - Keep-alive requests/s: wrk over 64 connections (`-t1 -c64`), after a warm-up.
 - New handshakes/s: `openssl s_time -new -www /` (a full handshake and one HTTP/1.0 request per
   connection, no session resumption), 2 processes in parallel, for a fixed time.
+- Resumed handshakes/s: the same with `-reuse` (each connection resumes the session of the first:
+  what a returning client costs); `resumes` says whether the server really resumed (an
+  `openssl s_client -sess_in` check), since a server that never resumes would be measured doing
+  full handshakes.
 Beside each rate, the server's CPU time per request / per handshake from /proc, which stays
 meaningful when the load generator, not the server, is the limit.
 
@@ -241,6 +245,9 @@ class Cell:
     cpu_us_per_handshake: float
     handshake_connections: int
     noise0: float
+    resumed_per_s: float = 0.0
+    cpu_us_per_resumed: float = 0.0
+    resumes: str = ""   # the TLS versions whose sessions the server resumed ("tls1_2,tls1_3")
 
 
 def run_wrk_https(port: int, seconds: float, nice: int = 0) -> hb.WrkResult:
@@ -254,10 +261,13 @@ def run_wrk_https(port: int, seconds: float, nice: int = 0) -> hb.WrkResult:
     return hb.parse_wrk(done.stdout)
 
 
-def run_s_time(port: int, seconds: int, nice: int = 0) -> tuple[int, float]:
-    """(connections, wall seconds) summed over S_TIME_PROCS parallel `openssl s_time -new`."""
+def run_s_time(port: int, seconds: int, nice: int = 0, *, reuse: bool = False
+               ) -> tuple[int, float]:
+    """(connections, wall seconds) summed over S_TIME_PROCS parallel `openssl s_time -new`
+    (or `-reuse`: every connection after the first resumes its session)."""
     argv = [*hb._nice(nice), "taskset", "-c", str(RIG_CORE), "openssl", "s_time", "-connect",
-            f"127.0.0.1:{port}", "-new", "-www", "/", "-time", str(seconds)]
+            f"127.0.0.1:{port}", "-reuse" if reuse else "-new", "-www", "/", "-time",
+            str(seconds)]
     t0 = time.monotonic()
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, text=True)
@@ -277,7 +287,20 @@ def run_s_time(port: int, seconds: int, nice: int = 0) -> tuple[int, float]:
     return total, time.monotonic() - t0
 
 
-def measure(r: Running, name: str, seconds: float, nice: int = 0) -> Cell:
+def resumes(port: int, workdir: Path, tls: str) -> bool:
+    """Whether a second `openssl s_client` connection resumes the first one's session."""
+    sess = workdir / f"session-{tls}.pem"
+    request = b"GET / HTTP/1.0\r\n\r\n"   # read the answer: TLS 1.3 tickets come after
+    base = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", f"-{tls}", "-ign_eof"]
+    subprocess.run([*base, "-sess_out", str(sess)], input=request, capture_output=True,
+                   timeout=10, check=False)
+    done = subprocess.run([*base, "-sess_in", str(sess)], input=request, capture_output=True,
+                          timeout=10, check=False)
+    return b"Reused, TLS" in done.stdout
+
+
+def measure(r: Running, name: str, seconds: float, nice: int = 0, *,
+            workdir: Path) -> Cell:
     run_wrk_https(r.port, max(1.0, seconds / 5), nice)  # warm-up
     cores0 = hb.core_times()
     t0 = time.monotonic()
@@ -286,6 +309,8 @@ def measure(r: Running, name: str, seconds: float, nice: int = 0) -> Cell:
     cpu1 = hb.cpu_seconds(r.measured_pid)
     hs, _wall = run_s_time(r.port, max(1, round(seconds)), nice)
     cpu2 = hb.cpu_seconds(r.measured_pid)
+    resumed, _wall = run_s_time(r.port, max(1, round(seconds)), nice, reuse=True)
+    cpu3 = hb.cpu_seconds(r.measured_pid)
     busy, _softirq = hb.core_share(cores0, hb.core_times(), SERVER_CORE)
     # Everything else on the server's core: its busy share minus the server's own share.
     noise = max(0.0, busy - (cpu2 - cpu0) / (time.monotonic() - t0))
@@ -299,6 +324,9 @@ def measure(r: Running, name: str, seconds: float, nice: int = 0) -> Cell:
         cpu_us_per_handshake=(cpu2 - cpu1) / max(1, hs) * 1e6,
         handshake_connections=hs,
         noise0=noise,
+        resumed_per_s=resumed / max(1.0, round(seconds)),
+        cpu_us_per_resumed=(cpu3 - cpu2) / max(1, resumed) * 1e6,
+        resumes=",".join(v for v in ("tls1_2", "tls1_3") if resumes(r.port, workdir, v)),
     )
 
 
@@ -311,7 +339,9 @@ def median_cell(cells: list[Cell]) -> Cell:
                 errors=sum(c.errors for c in cells), handshakes_per_s=med("handshakes_per_s"),
                 cpu_us_per_handshake=med("cpu_us_per_handshake"),
                 handshake_connections=sum(c.handshake_connections for c in cells),
-                noise0=med("noise0"))
+                noise0=med("noise0"), resumed_per_s=med("resumed_per_s"),
+                cpu_us_per_resumed=med("cpu_us_per_resumed"),
+                resumes=cells[-1].resumes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -349,14 +379,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in names if rnd % 2 == 0 else names[::-1]:
                 running = starters[name](workdir, args.nice)
                 try:
-                    c = measure(running, name, seconds, args.nice)
+                    c = measure(running, name, seconds, args.nice, workdir=workdir)
                 finally:
                     running.proc.stop()
                 runs[name].append(c)
                 print(f"{name:8} {c.rps:10.0f} req/s  p99 {c.p99_us / 1000:6.2f} ms  "
                       f"{c.cpu_us_per_request:6.1f} us CPU/req  errors {c.errors}  |  "
                       f"{c.handshakes_per_s:7.0f} handshakes/s  {c.cpu_us_per_handshake:7.1f} "
-                      f"us CPU/handshake  (noise core0 {c.noise0:.0%}; {c.how})", flush=True)
+                      f"us CPU/handshake  |  {c.resumed_per_s:7.0f} resumed/s "
+                      f"{c.cpu_us_per_resumed:7.1f} us CPU/resumed (resumes: {c.resumes or 'no'})"
+                      f"  (noise core0 {c.noise0:.0%}; {c.how})", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -376,12 +408,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "handshakes": lb.handshakes_per_s / n.handshakes_per_s,
             "cpu_per_request": lb.cpu_us_per_request / n.cpu_us_per_request,
             "cpu_per_handshake": lb.cpu_us_per_handshake / n.cpu_us_per_handshake,
+            "resumed": lb.resumed_per_s / max(1e-9, n.resumed_per_s),
+            "cpu_per_resumed": lb.cpu_us_per_resumed / max(1e-9, n.cpu_us_per_resumed),
         }
         result["ratios"] = ratios
         print(f"medians of {args.rounds} round(s), lbproxy/nginx: keep-alive req/s "
               f"{ratios['rps']:.2f}x, new handshakes/s "
               f"{ratios['handshakes']:.2f}x; CPU per request {ratios['cpu_per_request']:.2f}x, "
-              f"CPU per handshake {ratios['cpu_per_handshake']:.2f}x")
+              f"CPU per handshake {ratios['cpu_per_handshake']:.2f}x; resumed handshakes/s "
+              f"{ratios['resumed']:.2f}x at {ratios['cpu_per_resumed']:.2f}x the CPU")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"tls-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(result, indent=2))

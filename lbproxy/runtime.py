@@ -1,22 +1,201 @@
-"""The immutable snapshot of everything the data plane reads: config plus run-time injections.
+"""The immutable snapshot of everything the data plane reads: config plus run-time injections, and
+how the next one is built without stalling the event loop.
 
 A reload or an injection builds a new `Runtime` and swaps one reference in `RuntimeStore`;
 listeners (the data plane, the admin API) are told and rebuild what they derive from it. Objects
 injected at run time (the ACME HTTP-01 challenge SubVS and its rule) live beside the config, so a
-reload of the file never drops them.
+reload of the file never drops them. The heavy, pure part of a new generation (compiling 10,000
+rules: half a second of CPU) runs in a worker thread (`off_loop`), paced (`pace`) and with the
+garbage collector's full walks held back (`new_generation`), so that the loop keeps its turns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
+import gc
 import logging
-from collections.abc import Awaitable, Callable
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
 
+from .config import loader
 from .config.model import Config, ContentRule, SubVS, VirtualService, rule_order
+from .errors import ConfigError, LBProxyError
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# While work runs off the loop, the interpreter hands the GIL between threads at least this often
+# (seconds; CPython's default is 0.005): the loop, waking up for a request while the thread
+# holds the GIL, waits at most about this long for it. None: leave the interval alone.
+OFF_LOOP_SWITCH_INTERVAL: float | None = 0.001
+
+_building = 0  # new_generation() sections open (the loop's thread only)
+_saved_threshold: tuple[int, int, int] = (0, 0, 0)
+_saved_interval = 0.0
+
+
+@contextlib.contextmanager
+def new_generation() -> Iterator[None]:
+    """Around building and publishing a generation (a reload: parse, compile, swap): the cyclic
+    garbage collector only collects its youngest generation meanwhile. A full collection walks
+    every object it tracks, the half-built config and routers included (10,000 rules: about
+    50,000 objects, 5-30 ms holding the GIL, in whichever thread happened to allocate), so it
+    waits until the new generation serves; the objects that outlived the build are then walked
+    once by the next collections, like everything else. Sections nest (the outermost one
+    decides); the loop's thread only."""
+    global _building, _saved_threshold, _saved_interval
+    if _building == 0:
+        _saved_threshold = gc.get_threshold()
+        _saved_interval = sys.getswitchinterval()
+        first, _, _ = _saved_threshold
+        if first:  # 0: collection is off, and stays off
+            gc.set_threshold(first, 1 << 30, 1 << 30)
+        if OFF_LOOP_SWITCH_INTERVAL is not None:
+            sys.setswitchinterval(min(_saved_interval, OFF_LOOP_SWITCH_INTERVAL))
+    _building += 1
+    try:
+        yield
+    finally:
+        _building -= 1
+        if _building == 0:
+            gc.set_threshold(*_saved_threshold)
+            sys.setswitchinterval(_saved_interval)
+
+
+# How work run by off_loop() leaves the GIL to the loop (seconds): at each pace() after SLICE of
+# work it sleeps PAUSE; a sleep that took over BUSY longer than asked found the GIL held (the loop
+# is busy) and is followed by BUSY_PAUSE more. An idle loop costs the work ~10%; a saturated one
+# keeps ~80% of its core (without pacing, the interpreter's hand-overs split it about 50/50, and
+# every turn of the loop took twice as long while a reload compiled).
+SLICE = 0.001
+PAUSE = 0.0001
+BUSY = 0.0005
+BUSY_PAUSE = 0.002
+
+_pacing = threading.local()  # .until: when the running slice ends (0.0: not paced)
+
+
+def pace() -> None:
+    """A point where long pure work (compiling rules) may let the loop run: a no-op unless the
+    calling thread runs it for off_loop() and its slice is used up."""
+    until: float = getattr(_pacing, "until", 0.0)
+    if not until or time.perf_counter() < until:
+        return
+    asked = time.perf_counter()
+    time.sleep(PAUSE)
+    if time.perf_counter() - asked > PAUSE + BUSY:
+        time.sleep(BUSY_PAUSE)
+    _pacing.until = time.perf_counter() + SLICE
+
+
+@contextlib.contextmanager
+def paced_calls() -> Iterator[None]:
+    """Within: pace() at every Python function call this thread makes, for one long library call
+    that has no pace() of its own (`re` parsing a trie of thousands of keys: up to 70 ms). The
+    profile hook triples that call's time; a no-op unless the thread runs for off_loop()."""
+    if not getattr(_pacing, "until", 0.0):
+        yield
+        return
+    previous = sys.getprofile()
+    sys.setprofile(_pace_on_call)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
+
+def _pace_on_call(frame: object, event: str, arg: object) -> None:
+    if event == "call":
+        pace()
+
+
+def _paced(call: Callable[[], R]) -> R:
+    _pacing.until = time.perf_counter() + SLICE
+    try:
+        return call()
+    finally:
+        _pacing.until = 0.0
+
+
+async def off_loop(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`fn(*args, **kwargs)` in a worker thread, inside a `new_generation()` section: pure work
+    (parsing a config, compiling rules) that must not hold the loop's turn. The GIL is still
+    shared: the section has the interpreter hand it over every millisecond and keeps full
+    garbage collections out of the way, and `fn` paces itself where it calls pace()."""
+    with new_generation():
+        return await asyncio.to_thread(_paced, functools.partial(fn, *args, **kwargs))
+
+
+# A reload's parse runs in a child process (`parse_apart`): its CPU (10,000 rules: about half a
+# second of TOML and validation) then never holds the GIL the serving loop needs. The child is a
+# fresh interpreter (spawned, not forked: a fork copies the page tables of the whole process on
+# the loop's turn, ~7 ms at 500 MB), at a lower priority, under the parent's rule limit.
+_PARSER = ("import os; os.nice(10); from lbproxy.runtime import parser_main; parser_main()")
+# The rules come back pickled in batches of this many, unpickled between pace() points.
+_RULE_BATCH = 200
+
+
+async def parse_apart(path: Path) -> Config:
+    """`load_file(path, to_run=True)` in a child process: the same Config, or the same
+    ConfigError; LBProxyError if the child died without an answer."""
+    data, status = await off_loop(_run_parser, path)
+    return await off_loop(_unpack_config, path, data, status)
+
+
+def _run_parser(path: Path) -> tuple[bytes, int]:
+    """The child's answer and exit status (blocking: runs in a worker thread; Popen uses vfork,
+    so starting the child costs the process next to nothing)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PARSER, str(path), str(vars(loader)["MAX_RULES"])],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    out, _ = proc.communicate()
+    return out, proc.returncode
+
+
+def parser_main() -> None:
+    """The child of parse_apart: `load_file(argv[1], to_run=True)` with at most argv[2] rules,
+    the outcome pickled on stdout."""
+    path, limit = sys.argv[1], int(sys.argv[2])
+    vars(loader)["MAX_RULES"] = limit  # the limit load_file applies (lifted by benches, tests)
+    out: tuple[object, ...]
+    try:
+        cfg = loader.load_file(path, to_run=True)
+    except ConfigError as e:
+        out = ("problems", list(e.problems))
+    else:
+        rules = cfg.rules
+        out = ("config", pickle.dumps(dataclasses.replace(cfg, rules=())),
+               [pickle.dumps(rules[i:i + _RULE_BATCH]) for i in range(0, len(rules), _RULE_BATCH)])
+    sys.stdout.buffer.write(pickle.dumps(out))
+    sys.stdout.buffer.flush()
+
+
+def _unpack_config(path: Path, data: bytes, status: int) -> Config:
+    if status != 0 or not data:
+        raise LBProxyError(f"parsing {path} failed: the parser process exited with status "
+                           f"{status}")
+    kind, *rest = pickle.loads(data)
+    if kind == "problems":
+        raise ConfigError(rest[0])
+    head, batches = rest
+    rules: list[ContentRule] = []
+    for batch in batches:
+        rules.extend(pickle.loads(batch))
+        pace()
+    cfg: Config = dataclasses.replace(pickle.loads(head), rules=tuple(rules))
+    return cfg
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config.model import ContentRule, HealthCheck, Protocol, VirtualService, rule_order
 from ..routing import Router, compile_router
-from ..runtime import Runtime
+from ..runtime import Runtime, new_generation, off_loop
 from .accesslog import AccessLog
 from .balancer import Balancer
 from .client import ClientConnection
@@ -30,6 +30,7 @@ from .service import (
     Listener,
     Pool,
     PoolFactory,
+    Service,
     TargetCounters,
     Traffic,
     build_service,
@@ -153,7 +154,8 @@ class DataPlane:
         async with self._lock:
             if self._stopped:
                 raise RuntimeError("the data plane was shut down")
-            await self._apply(runtime)
+            with new_generation():
+                await self._apply(runtime)
 
     async def shutdown(self, drain_timeout: float) -> None:
         """Stop accepting, let requests in flight finish (idle connections close at once), close
@@ -262,31 +264,30 @@ class DataPlane:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def _routers_for(self, vss: tuple[VirtualService, ...],
-                           rules: Mapping[str, ContentRule]) -> dict[str, Router]:
-        """Each content-switching VS's compiled rules: the previous generation's router when the
-        VS and the rules it names are unchanged (a reload elsewhere, a challenge injected), else
-        compiled in a worker thread, so that 1024 rules (0.1-0.6 s of `re` work) do not stall
-        the event loop in one piece (the GIL is still shared: traffic slows, it does not stop)."""
-        out: dict[str, Router] = {}
-        keys: dict[str, tuple[object, ...]] = {}
-        todo: list[VirtualService] = []
-        for vs in vss:
-            if not needs_router(vs):
-                continue
-            key = (vs, *(rules.get(name) for name, _ in rule_order(vs)))
-            keys[vs.name] = key
-            hit = self._routers.get(vs.name)
-            if hit is not None and hit[0] == key:
-                out[vs.name] = hit[1]
-            else:
-                todo.append(vs)
-        if todo:
-            compiled = await asyncio.to_thread(
-                lambda: [compile_router(vs, rules) for vs in todo])
-            out.update((vs.name, r) for vs, r in zip(todo, compiled, strict=True))
-        self._routers = {name: (keys[name], r) for name, r in out.items()}
-        return out
+    async def _routers_for(self, runtime: Runtime
+                           ) -> tuple[dict[str, ContentRule], dict[str, Router]]:
+        """(every content rule by name, each content-switching VS's compiled rules), made in a
+        worker thread (`off_loop`): 10,000 rules are 0.5-1 s of `re` work, and even telling
+        whether they changed takes milliseconds. A VS whose config and rules are unchanged (a
+        reload elsewhere, a challenge injected) keeps the previous generation's router."""
+        previous = self._routers
+
+        def build() -> tuple[dict[str, ContentRule],
+                             dict[str, tuple[tuple[object, ...], Router]]]:
+            rules = runtime.rules()
+            made: dict[str, tuple[tuple[object, ...], Router]] = {}
+            for vs in runtime.config.virtual_services:
+                if not needs_router(vs):
+                    continue
+                key = (vs, *(rules.get(name) for name, _ in rule_order(vs)))
+                hit = previous.get(vs.name)
+                made[vs.name] = (key, hit[1] if hit is not None and hit[0] == key
+                                 else compile_router(vs, rules))
+            return rules, made
+
+        rules, made = await off_loop(build)
+        self._routers = made
+        return rules, {name: router for name, (_, router) in made.items()}
 
     def _make_monitor(self, balancer: Balancer, check: HealthCheck,
                       label: str) -> HealthMonitor | None:
@@ -317,8 +318,7 @@ class DataPlane:
             self._access = AccessLog(loop)
         # Checked once per generation: a logger configured later takes effect on the next reload.
         log = self._access if cfg.access_log.enabled and self._access.enabled() else None
-        rules = runtime.rules()
-        routers = await self._routers_for(cfg.virtual_services, rules)
+        rules, routers = await self._routers_for(runtime)
         if self._outbox is None:
             self._outbox = Outbox(loop)
         factory = PoolFactory(loop, self._pools, self._conn_pools, self._target_counters,
@@ -360,9 +360,11 @@ class DataPlane:
         new_listeners: dict[tuple[Any, ...], ClientListener] = {}
         for lst in opened:
             new_listeners[lst.key] = lst
+        replaced_services: list[Service] = []
         for key, (kept, svc) in plan.items():
             self._counters[svc.name] = svc.counters
             if kept is not None:
+                replaced_services.append(kept.service)
                 kept.set_service(svc, svc.counters)
                 new_listeners[key] = kept
         removed = [lst for key, lst in self._listeners.items()
@@ -389,6 +391,9 @@ class DataPlane:
                 del self._conn_pools[addr]
             else:
                 cp.idle_timeout = idle
+        # The replaced generation (its routers, then its config) is let go of in later loop
+        # iterations, one part each: freeing 10,000 compiled rules takes milliseconds.
+        release_later(loop, [replaced_services, self._runtime])
         self._runtime = runtime
         self._set_tick(runtime)
         await self._stop_monitors(replaced)
@@ -483,6 +488,18 @@ class DataPlane:
         finally:
             if not self._stopped or self._draining:
                 self._sweeper = loop.call_later(self._tick, self._sweep)
+
+
+def release_later(loop: asyncio.AbstractEventLoop, parts: list[object]) -> None:
+    """Drop the references in `parts`, the last one first, one per loop iteration: whatever only
+    they kept alive is freed then, in a turn of its own (not in the turn that swapped it out)."""
+    def step() -> None:
+        parts.pop()
+        if parts:
+            loop.call_soon(step)
+
+    if parts:
+        loop.call_soon(step)
 
 
 def _classes(resp: list[int]) -> dict[str, int]:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.model import ContentRule, MatchOn, MatchType
-from .prefixes import prefix_lookup, trie_match, trie_regex
+from ..runtime import pace, paced_calls
+from .prefixes import compile_big, prefix_lookup, trie_match, trie_regex
 from .shapes import Shape, analyze, factor
 from .subjects import RequestInfo, Subject, SubjectKey, body_text, hostname, predicate, subject_for
 
@@ -103,21 +104,34 @@ class _Group:
     # (kind "exact" | "prefix" | "suffix", folded) -> entries
     tables: dict[tuple[str, bool], list[_Entry]]
     free: list[_Candidate]
-    rules: list[tuple[int, Callable[[str], bool], bool]]  # for the slow path
+    # For the slow path, as plain data (no closure per rule: 10,000 rules would otherwise be
+    # 30,000 more objects for the garbage collector to walk): (index, test, argument, negate),
+    # see _slow_runner.
+    rules: list[tuple[int, int, Any, bool]]
     # A folded table holds entries derived from regexes, exact only for ASCII subjects.
     ascii_only: bool = False
+
+
+# The slow path's tests (bits): the subject ends with the argument (else starts with it), the
+# lowercased subject does (as subjects.predicate lowercases with ignore_case); or the argument is
+# a regex's search.
+_T_SUFFIX = 1
+_T_FOLD = 2
+_T_REGEX = 4
 
 
 def _group_rule(g: _Group, i: int, rule: ContentRule) -> None:
     g.lowest = min(g.lowest, i)
     neg = rule.negate
-    g.rules.append((i, predicate(rule), neg))
 
     def put(kind: str, folded: bool, entry: _Entry) -> None:
         g.tables.setdefault((kind, folded), []).append(entry)
 
     if rule.match_type is not MatchType.REGEX:
         lit = rule.pattern.lower() if rule.ignore_case else rule.pattern
+        test = ((_T_SUFFIX if rule.match_type is MatchType.POSTFIX else 0)
+                | (_T_FOLD if rule.ignore_case else 0))
+        g.rules.append((i, test, lit, neg))
         if rule.match_type is MatchType.PREFIX:
             put("prefix", rule.ignore_case, _Entry(i, (lit,), neg))
         else:
@@ -125,6 +139,7 @@ def _group_rule(g: _Group, i: int, rule: ContentRule) -> None:
         return
     flags = re.IGNORECASE if rule.ignore_case else 0
     search = re.compile(rule.pattern, flags).search
+    g.rules.append((i, _T_REGEX, search, neg))
     shape = analyze(rule.pattern, flags)
     lit, folded = shape.literal, shape.folded
     if shape.shape is Shape.FREE:
@@ -165,15 +180,17 @@ def _combo(entries: list[_Entry]) -> _Combo:
     patterns = []
     flags = 0
     for e in entries:
+        pace()
         assert e.combine is not None
         pattern, flags = e.combine
         patterns.append(pattern)
         group += re.compile(pattern, flags).groups + 1
         marks += [-1] * (group - len(marks)) + [e.index]
         parts.append(f"(?:{pattern})()")
-    factored = factor(patterns, flags)
-    check = re.compile(factored, flags).match if factored is not None else None
-    return _Combo(entries[0].index, check, re.compile("|".join(parts), flags).match,
+    with paced_calls():  # re's parser, up to 16 times per pattern
+        factored = factor(patterns, flags)
+    check = compile_big(factored, flags).match if factored is not None else None
+    return _Combo(entries[0].index, check, compile_big("|".join(parts), flags).match,
                   tuple(marks))
 
 
@@ -225,6 +242,8 @@ def _first_fire(hit: list[_Entry], negated: list[_Entry], n: int) -> int:
     for e in hit:
         if e.search is None and not e.negate:
             first = min(first, e.index)
+    if not negated:
+        return first
     hit_ids = {id(e) for e in hit}
     for e in negated:  # sorted: the first negated rule whose pattern cannot match fires
         if id(e) not in hit_ids:
@@ -257,6 +276,7 @@ def _table(kind: str, folded: bool, entries: list[_Entry], n: int, tuning: Tunin
     runners: dict[tuple[str, ...], Runner | None] = {}
     values: dict[str, Value] = {}
     for key in by_key:
+        pace()
         if kind == "exact":
             chain = [key]
         else:  # every key that is a prefix of this one is hit as well
@@ -406,7 +426,7 @@ def _scanner(cands: list[_Candidate]) -> tuple[Callable[[str], list[str]],
     match = trie_match(texts)  # also vets the trie regex
     if match is None:
         return None
-    findall = re.compile("(?=(" + trie_regex(texts) + "))").findall
+    findall = compile_big("(?=(" + trie_regex(texts) + "))").findall
     # A text found at a position brings along the shorter texts that are prefixes of it.
     chain: dict[str, tuple[tuple[int, Search], ...]] = {}
     for text in texts:
@@ -468,16 +488,7 @@ def _group_lines(out: _Source, g: _Group, n: int, tuning: Tuning, first: bool) -
     d = 2
     _subject_lines(out, d, g)
     if g.ascii_only:
-        rules = tuple(sorted(g.rules, key=lambda r: r[0]))
-
-        def slow(s: str, best: int) -> int:
-            for i, matches, neg in rules:
-                if i >= best:
-                    break
-                if matches(s) is not neg:
-                    return i
-            return best
-
+        slow = _slow_runner(g.rules)
         out.add(d, f"if not s.isascii(): best = {out.const('slow', slow)}(s, best)")
         out.add(d, "else:")
         d += 1
@@ -487,6 +498,31 @@ def _group_lines(out: _Source, g: _Group, n: int, tuning: Tuning, first: bool) -
     for (kind, fold), entries in sorted(g.tables.items()):
         _table_lines(out, d, _table(kind, fold, entries, n, tuning), "f" if fold else "s", tuning)
     _free_lines(out, d, g.free, tuning)
+
+
+def _slow_runner(rules: list[tuple[int, int, Any, bool]]) -> Runner:
+    """The group's rules one by one, for subjects the tables cannot answer for (not ASCII)."""
+    steps = tuple(sorted(rules, key=lambda r: r[0]))
+
+    def slow(s: str, best: int) -> int:
+        low: str | None = None
+        for i, test, arg, neg in steps:
+            if i >= best:
+                break
+            if test & _T_REGEX:
+                hit = arg(s) is not None
+            else:
+                text = s
+                if test & _T_FOLD:
+                    if low is None:
+                        low = s.lower()
+                    text = low
+                hit = text.endswith(arg) if test & _T_SUFFIX else text.startswith(arg)
+            if hit is not neg:
+                return i
+        return best
+
+    return slow
 
 
 def _flag_runner(flagged: list[tuple[int, ContentRule]]) -> Callable[[RequestInfo, int], int]:
@@ -530,9 +566,11 @@ def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...],
     n = len(rules)
     cap = next((i for i, r in enumerate(rules) if r is None), n)  # nothing after `default` runs
     live = [(i, r) for i, r in enumerate(rules[:cap]) if r is not None]
+    pace()
     groups: dict[SubjectKey, _Group] = {}
     flagged: list[tuple[int, ContentRule]] = []
     for i, r in live:
+        pace()
         if r.set_flag or r.only_if_flag or r.only_if_not_flag:
             flagged.append((i, r))
             continue
@@ -549,6 +587,14 @@ def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...],
     if flagged:
         out.add(1, f"if {flagged[0][0]} < best: "
                    f"best = {out.const('flags', _flag_runner(flagged))}(req, best)")
+    # The build's own structures (an _Entry per rule) go table by table: freed all at once when
+    # this returns, they would hold the GIL for milliseconds without a break while the serving
+    # loop waits for it (routers are compiled in a worker thread: runtime.off_loop).
+    for g in groups.values():
+        for entries in g.tables.values():
+            entries.clear()
+            pace()
+    groups.clear()
     body = out.lines[1:]
     out.add(1, "return best")
     # route() is the same body answering the outcome: one call less on the hot path.
@@ -558,7 +604,10 @@ def compile_rules(rules: list[ContentRule | None], outcomes: tuple[int, ...],
     source = "\n".join(out.lines) + "\n"
     env = dict(out.env)
     exec(compile(source, "<content rules>", "exec"), env)  # our own source: see the docstring
-    return Compiled(env["first"], env["route"], source)
+    # Out of their own globals: no reference cycle, so a retired router is freed by reference
+    # counting as soon as nothing uses it (not by a full collection, which would walk it until
+    # then; nor never, when gc.freeze() hid it: app.py freezes the first generation).
+    return Compiled(env.pop("first"), env.pop("route"), source)
 
 
 def needs_body(rules: list[ContentRule | None]) -> bool:

@@ -12,10 +12,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
+from ..runtime import pace, paced_calls
+
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
+# From this length on, a regex is compiled paced (see compile_big).
+BIG_PATTERN = 2000
 # Up to this many keys, startswith over each key (longest first) beats the ~200 ns fixed cost of
 # one re.match call (measured on the 2-core bench machine, bench/rules_bench.py).
 SMALL = 4
@@ -30,12 +34,14 @@ def trie_regex(keys: Iterable[str]) -> str:
     stops at the deepest key on the subject's path."""
     root: _Node = {}
     for key in keys:
+        pace()
         node = root
         for ch in key:
             node = node.setdefault(ch, {})
         node[_END] = {}
 
     def emit(node: _Node) -> str:
+        pace()  # thousands of keys take milliseconds (see compile_big)
         alts = []
         for ch in sorted(c for c in node if c != _END):
             sub = node[ch]
@@ -54,12 +60,22 @@ def trie_regex(keys: Iterable[str]) -> str:
     return emit(root)
 
 
+def compile_big(pattern: str, flags: int = 0) -> re.Pattern[str]:
+    """`re.compile`, paced when the pattern is big (runtime.paced_calls: `re` parses a trie of
+    thousands of keys in Python for tens of milliseconds, holding the GIL a serving loop waits
+    for while rules compile off it)."""
+    if len(pattern) < BIG_PATTERN:
+        return re.compile(pattern, flags)
+    with paced_calls():
+        return re.compile(pattern, flags)
+
+
 def trie_match(keys: Iterable[str]) -> Callable[[str], re.Match[str] | None] | None:
     """`match` of the compiled trie regex of `keys` (m.group() is the longest key the subject
     starts with), or None when `re` cannot compile it (pathological nesting)."""
     keys = list(keys)
     try:
-        return re.compile(trie_regex(keys)).match
+        return compile_big(trie_regex(keys)).match
     except (RecursionError, re.error, OverflowError):
         logger.warning("prefix set of %d keys too deep for one regex; using a slower lookup",
                        len(keys))

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from ..config.model import DEFAULT_RULE, ContentRule, MatchOn, VirtualService, rule_order
 from ..errors import ConfigError, ConfigProblem
+from ..runtime import pace
 from .compiler import DEFAULT_TUNING, Tuning, compile_rules, needs_body
 from .subjects import RequestInfo
 
@@ -88,7 +89,9 @@ def compile_router(vs: VirtualService, rules: Mapping[str, ContentRule], *,
                    tuning: Tuning = DEFAULT_TUNING) -> Router:
     """Compile `vs`'s rules (named in `rule_order(vs)`, defined in `rules`) into a Router.
     `tuning` only changes how fast it is, never an answer (tests use it)."""
+    # pace(): each step walks every rule (milliseconds at 10,000; see runtime.off_loop).
     order = rule_order(vs)
+    pace()
     subvs_index = {s.name: i for i, s in enumerate(vs.subvs)}
     problems = [ConfigProblem(f"vs {vs.name!r}", f"unknown content rule {rn!r}")
                 for rn, _ in order if rn != DEFAULT_RULE and rn not in rules]
@@ -96,10 +99,13 @@ def compile_router(vs: VirtualService, rules: Mapping[str, ContentRule], *,
                  for _, sn in order if sn not in subvs_index]
     if problems:
         raise ConfigError(problems)
+    pace()
     ordered = [None if rn == DEFAULT_RULE else rules[rn] for rn, _ in order]
     outcomes = (*(REFUSE if r is not None and r.fail_on_match else subvs_index[sn]
                   for r, (_, sn) in zip(ordered, order, strict=True)), NO_MATCH)
+    pace()
     compiled = compile_rules(ordered, outcomes, tuning)
+    pace()
     return Router(
         subvs_names=tuple(s.name for s in vs.subvs),
         rule_names=tuple(rn for rn, _ in order),

@@ -20,13 +20,16 @@ from typing import Any
 
 from ..errors import LBProxyError
 from ..proxy.tls import CertSnapshot
-from ..runtime import Runtime
+from ..runtime import Runtime, off_loop
 
 FORMAT_VERSION = 1
 # Length of what follows (network order), then the format version.
 _HEADER = struct.Struct("!IB")
 # A config of 1,024 rules pickles to ~0.5 MB; anything near this is a bug, not a config.
 MAX_MESSAGE = 64 * 1024 * 1024
+# From this size on, a message is unpickled in a worker thread (the 10,000 rules of
+# bench/reload_bench.py: ~0.75 MB, ~40 ms of unpickling).
+_OFF_LOOP_BYTES = 64 * 1024
 
 # (VS, SubVS name or "" for the VS's own real servers) -> address -> (healthy, checked, reason)
 HealthStates = Mapping[tuple[str, str], Mapping[str, tuple[bool, bool, str]]]
@@ -135,7 +138,10 @@ async def receive(reader: asyncio.StreamReader) -> Message | None:
     except asyncio.IncompleteReadError:
         raise ChannelError("the channel closed inside a message") from None
     try:
-        msg = pickle.loads(payload)
+        # Off the loop of a worker that serves meanwhile (runtime.off_loop); small messages are
+        # not worth a thread.
+        msg = (pickle.loads(payload) if length < _OFF_LOOP_BYTES
+               else await off_loop(pickle.loads, payload))
     except Exception as e:  # unpickling raises anything a damaged stream makes it meet
         raise ChannelError(f"unreadable message: {e}") from None
     if not isinstance(msg, _TYPES):

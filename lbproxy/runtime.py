@@ -4,9 +4,10 @@ how the next one is built without stalling the event loop.
 A reload or an injection builds a new `Runtime` and swaps one reference in `RuntimeStore`;
 listeners (the data plane, the admin API) are told and rebuild what they derive from it. Objects
 injected at run time (the ACME HTTP-01 challenge SubVS and its rule) live beside the config, so a
-reload of the file never drops them. The heavy, pure part of a new generation (compiling 10,000
-rules: half a second of CPU) runs in a worker thread (`off_loop`), paced (`pace`) and with the
-garbage collector's full walks held back (`new_generation`), so that the loop keeps its turns.
+reload of the file never drops them. The heavy, pure parts of a new generation stay off the
+event loop's turns: the file is parsed in a child process (`parse_apart`), the rules are compiled
+(10,000: over half a second of CPU) in a worker thread that paces itself (`off_loop`, `pace`),
+and the garbage collector's full walks wait until the generation serves (`new_generation`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import ParamSpec, TypeVar
 
 from .config import loader
 from .config.model import Config, ContentRule, SubVS, VirtualService, rule_order
-from .errors import ConfigError, LBProxyError
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +77,17 @@ def new_generation() -> Iterator[None]:
 
 # How work run by off_loop() leaves the GIL to the loop (seconds): at each pace() after SLICE of
 # work it sleeps PAUSE; a sleep that took over BUSY longer than asked found the GIL held (the loop
-# is busy) and is followed by BUSY_PAUSE more. An idle loop costs the work ~10%; a saturated one
-# keeps ~80% of its core (without pacing, the interpreter's hand-overs split it about 50/50, and
-# every turn of the loop took twice as long while a reload compiled).
+# is busy) and is followed by BUSY_PAUSE more. An idle loop costs the work ~20% (a 0.1 ms sleep
+# takes ~0.17 ms here); a saturated one keeps ~75% of its requests/s (bench/reload_bench.py;
+# without pacing the interpreter's hand-overs split the core about 50/50, and every turn of the
+# loop took twice as long while a reload compiled).
 SLICE = 0.001
 PAUSE = 0.0001
 BUSY = 0.0005
 BUSY_PAUSE = 0.002
 
-_pacing = threading.local()  # .until: when the running slice ends (0.0: not paced)
+# .until: when the running slice ends (0.0: not paced); .busy: the last pause found the loop busy
+_pacing = threading.local()
 
 
 def pace() -> None:
@@ -95,7 +98,8 @@ def pace() -> None:
         return
     asked = time.perf_counter()
     time.sleep(PAUSE)
-    if time.perf_counter() - asked > PAUSE + BUSY:
+    _pacing.busy = busy = time.perf_counter() - asked > PAUSE + BUSY
+    if busy:
         time.sleep(BUSY_PAUSE)
     _pacing.until = time.perf_counter() + SLICE
 
@@ -104,8 +108,9 @@ def pace() -> None:
 def paced_calls() -> Iterator[None]:
     """Within: pace() at every Python function call this thread makes, for one long library call
     that has no pace() of its own (`re` parsing a trie of thousands of keys: up to 70 ms). The
-    profile hook triples that call's time; a no-op unless the thread runs for off_loop()."""
-    if not getattr(_pacing, "until", 0.0):
+    profile hook triples that call's time, so it is only set while the last pause found the
+    loop busy; a no-op unless the thread runs for off_loop()."""
+    if not getattr(_pacing, "until", 0.0) or not getattr(_pacing, "busy", False):
         yield
         return
     previous = sys.getprofile()
@@ -123,6 +128,7 @@ def _pace_on_call(frame: object, event: str, arg: object) -> None:
 
 def _paced(call: Callable[[], R]) -> R:
     _pacing.until = time.perf_counter() + SLICE
+    _pacing.busy = False
     try:
         return call()
     finally:
@@ -131,7 +137,7 @@ def _paced(call: Callable[[], R]) -> R:
 
 async def off_loop(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """`fn(*args, **kwargs)` in a worker thread, inside a `new_generation()` section: pure work
-    (parsing a config, compiling rules) that must not hold the loop's turn. The GIL is still
+    (compiling rules, unpickling a config) that must not hold the loop's turn. The GIL is still
     shared: the section has the interpreter hand it over every millisecond and keeps full
     garbage collections out of the way, and `fn` paces itself where it calls pace()."""
     with new_generation():
@@ -142,19 +148,27 @@ async def off_loop(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
 # second of TOML and validation) then never holds the GIL the serving loop needs. The child is a
 # fresh interpreter (spawned, not forked: a fork copies the page tables of the whole process on
 # the loop's turn, ~7 ms at 500 MB), at a lower priority, under the parent's rule limit.
-_PARSER = ("import os; os.nice(10); from lbproxy.runtime import parser_main; parser_main()")
+_PARSER = "import os; os.nice(10); from lbproxy.runtime import parser_main; parser_main()"
 # The rules come back pickled in batches of this many, unpickled between pace() points.
 _RULE_BATCH = 200
 
 
 async def parse_apart(path: Path) -> Config:
     """`load_file(path, to_run=True)` in a child process: the same Config, or the same
-    ConfigError; LBProxyError if the child died without an answer."""
-    data, status = await off_loop(_run_parser, path)
-    return await off_loop(_unpack_config, path, data, status)
+    ConfigError. A child that cannot start or dies without an answer is logged and the file
+    parsed in a worker thread instead: a reload never fails for want of a process."""
+    try:
+        data, status = await off_loop(_run_parser, path)
+    except OSError as e:
+        data, status = b"", f"not started: {e}"
+    if status != 0 or not data:
+        logger.warning("the config parser process failed (%s); parsing %s in a thread",
+                       f"exit status {status}" if isinstance(status, int) else status, path)
+        return await off_loop(loader.load_file, path, to_run=True)
+    return await off_loop(_unpack_config, data)
 
 
-def _run_parser(path: Path) -> tuple[bytes, int]:
+def _run_parser(path: Path) -> tuple[bytes, int | str]:
     """The child's answer and exit status (blocking: runs in a worker thread; Popen uses vfork,
     so starting the child costs the process next to nothing)."""
     proc = subprocess.Popen(
@@ -182,10 +196,7 @@ def parser_main() -> None:
     sys.stdout.buffer.flush()
 
 
-def _unpack_config(path: Path, data: bytes, status: int) -> Config:
-    if status != 0 or not data:
-        raise LBProxyError(f"parsing {path} failed: the parser process exited with status "
-                           f"{status}")
+def _unpack_config(data: bytes) -> Config:
     kind, *rest = pickle.loads(data)
     if kind == "problems":
         raise ConfigError(rest[0])

@@ -648,14 +648,6 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
             t.error(f"rule {rule.name!r} is defined twice", "name")
         rule_names.add(rule.name)
         rules.append(rule)
-    # Let go of the rule tables one at a time: freed together when this returns, 10,000 of them
-    # hold the GIL for milliseconds in one piece, stalling the event loop that a reload parses
-    # beside (app.App.apply_file runs this in a thread).
-    raw_rules = data.get("rule") if isinstance(data, dict) else None
-    while rule_tables:
-        rule_tables.pop()
-        if isinstance(raw_rules, list) and raw_rules:
-            raw_rules.pop()
 
     vss: list[VirtualService] = []
     names: dict[str, str] = {}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.model import ContentRule, MatchOn, MatchType
-from ..runtime import pace, paced_calls
+from ..runtime import pace
 from .prefixes import compile_big, prefix_lookup, trie_match, trie_regex
 from .shapes import Shape, analyze, factor
 from .subjects import RequestInfo, Subject, SubjectKey, body_text, hostname, predicate, subject_for
@@ -187,8 +187,7 @@ def _combo(entries: list[_Entry]) -> _Combo:
         group += re.compile(pattern, flags).groups + 1
         marks += [-1] * (group - len(marks)) + [e.index]
         parts.append(f"(?:{pattern})()")
-    with paced_calls():  # re's parser, up to 16 times per pattern
-        factored = factor(patterns, flags)
+    factored = factor(patterns, flags)
     check = compile_big(factored, flags).match if factored is not None else None
     return _Combo(entries[0].index, check, compile_big("|".join(parts), flags).match,
                   tuple(marks))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from ..runtime import pace
+
 logger = logging.getLogger(__name__)
 
 
@@ -167,6 +169,14 @@ def factor(patterns: list[str], flags: int = 0) -> str | None:
     for p in patterns[1:]:
         while not p.startswith(common):
             common = common[:-1]
+    whole: dict[str, str] = {}  # each pattern's own parse, made once for every cut tried
+
+    def parse(p: str) -> str:
+        pace()  # up to 2 * _MAX_CUTS parses per pattern (runtime.off_loop)
+        if p not in whole:
+            whole[p] = repr(list(parser.parse(p, flags).data))
+        return whole[p]
+
     tried = 0
     for cut in range(len(common), 0, -1):
         if tried == _MAX_CUTS:
@@ -177,8 +187,8 @@ def factor(patterns: list[str], flags: int = 0) -> str | None:
         try:
             head = list(parser.parse(common[:cut], flags).data)
             rests = [p[cut:] for p in patterns]
-            if all(repr(head + list(parser.parse(p[cut:], flags).data))
-                   == repr(list(parser.parse(p, flags).data)) for p in patterns):
+            if all(repr(head + list(parser.parse(p[cut:], flags).data)) == parse(p)
+                   for p in patterns):
                 return common[:cut] + "(?:" + "|".join(f"(?:{r})" for r in rests) + ")"
         except Exception:  # a head or rest that is not a regex on its own: try a shorter cut
             continue

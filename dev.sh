@@ -26,7 +26,7 @@ setup() {
     apt_install python3-venv python3-dev gcc
     [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 }
 
 case "${1:-}" in

@@ -1,5 +1,6 @@
-"""The `lbproxy` command: `run` and `check` live here; every other subcommand talks to the admin
-API through lbproxy.admin.cli."""
+"""The `lbproxy` program: `run` and `check` (the config file) live here; every command, theirs
+included, is parsed by the one parser (lbproxy.admin.cli.build_parser) and run by
+lbproxy.admin.client.dispatch."""
 
 from __future__ import annotations
 
@@ -8,94 +9,106 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, TextIO
 
+from .admin import cli
+from .admin.client import EXIT_FAILED, EXIT_OK, EXIT_USAGE, quiet_on_closed_pipe
 from .config import load_file
 from .config.loader import config_warnings
 from .config.model import MAX_WORKERS
-from .errors import ConfigError
-
-_LOCAL_COMMANDS = ("run", "check")
-# Let's Encrypt commands (and `vs convert`, which makes a VS eligible for challenges).
-_LE_COMMANDS = ("le", "backup", "restore")
-# `cluster new-key` and `cluster migrate` work on files and Redis; `cluster status` asks the API.
-_CLUSTER_COMMANDS = ("cluster",)
+from .errors import ConfigError, ConfigProblem
 
 
-def _check(args: argparse.Namespace) -> int:
+def _problem(p: ConfigProblem) -> dict[str, Any]:
+    """A problem or warning as `check --json` prints it: "line" when the problem knows it, and
+    "label", its place with the VS/SubVS names, when that differs from "where"."""
+    out: dict[str, Any] = {"where": p.where, "message": p.message}
+    if p.line is not None:
+        out["line"] = p.line
+    if p.label and p.label != p.where:
+        out["label"] = p.label
+    return out
+
+
+def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         cfg = load_file(args.config, to_run=True)
     except ConfigError as e:
         if args.json:
-            print(json.dumps({"ok": False, "problems": [
-                {"where": p.where, "message": p.message} for p in e.problems]}))
+            print(json.dumps({"ok": False, "problems": [_problem(p) for p in e.problems]}),
+                  file=out)
         else:
-            print(f"{args.config}: {len(e.problems)} problem(s)", file=sys.stderr)
+            print(f"{args.config}: {len(e.problems)} problem(s)", file=err)
             for p in e.problems:
-                print(f"  {p}", file=sys.stderr)
-        return 1
-    warnings = config_warnings(cfg)
+                print(f"  {p}", file=err)
+        return EXIT_FAILED
+    warnings = config_warnings(cfg, args.config)
     if args.json:
         print(json.dumps({"ok": True, "virtual_services": len(cfg.virtual_services),
-                          "rules": len(cfg.rules), "warnings": [
-                              {"where": w.where, "message": w.message} for w in warnings]}))
+                          "rules": len(cfg.rules),
+                          "warnings": [_problem(w) for w in warnings]}), file=out)
     else:
         print(f"{args.config}: OK ({len(cfg.virtual_services)} virtual services, "
-              f"{len(cfg.rules)} content rules)")
+              f"{len(cfg.rules)} content rules)", file=out)
         for w in warnings:
-            print(f"  warning: {w}", file=sys.stderr)
-    return 0
+            print(f"  warning: {w}", file=err)
+    return EXIT_OK
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .app import run_forever
 
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        print(f"lbproxy run: --workers must be between 0 (one per core) and {MAX_WORKERS}",
+              file=err)
+        return EXIT_USAGE
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
-        print(f"lbproxy run: --workers must be between 0 (one per core) and {MAX_WORKERS}",
-              file=sys.stderr)
-        return 2
-    return run_forever(args.config, demo_backends=args.demo_backends, workers=args.workers)
+    return run_forever(args.config, demo_backends=args.demo_backends, workers=args.workers,
+                       watch=args.watch)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lbproxy", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="validate a config file and list every problem")
-    c.add_argument("-c", "--config", default="lbproxy.toml")
-    c.add_argument("--json", action="store_true")
-    r = sub.add_parser("run", help="run the load balancer")
-    r.add_argument("-c", "--config", default="lbproxy.toml")
+def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
+                 common: argparse.ArgumentParser) -> None:
+    """`run` and `check`: they read the config file, not the admin API."""
+    r = top.add_parser("run", help="run the load balancer",
+                       description="Run the load balancer in the foreground until SIGTERM/SIGINT;"
+                                   " SIGHUP (or `lbproxy reload`) applies the config file.")
+    r.add_argument("-c", "--config", default="lbproxy.toml", help="config file (default "
+                   "lbproxy.toml)")
     r.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     r.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes (overrides the config's `workers`; 1 = one process "
                         "that serves, no workers)")
+    r.add_argument("--watch", action="store_true",
+                   help="also apply the config file when it changes (and has settled)")
     r.add_argument("--demo-backends", action="store_true",
                    help="also start demo real servers on the config's real-server addresses")
-    return p
+    r.set_defaults(main=_run)
+    c = top.add_parser("check", help="validate a config file and list every problem",
+                       description="Validate a config file and list every problem; exit status "
+                                   "1 if there is any.")
+    c.add_argument("-c", "--config", default="lbproxy.toml", help="config file (default "
+                   "lbproxy.toml)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(main=_check)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] not in _LOCAL_COMMANDS and not args_list[0].startswith("-"):
-        if args_list[0] in _LE_COMMANDS or args_list[:2] == ["vs", "convert"]:
-            from .admin.le_cli import main as le_main
+def _parser() -> argparse.ArgumentParser:
+    """The parser of every `lbproxy` command."""
+    return cli.build_parser(add_commands)
 
-            return le_main(args_list)
-        if args_list[0] in _CLUSTER_COMMANDS:
-            from .admin.cluster_cli import main as cluster_main
 
-            return cluster_main(args_list)
-        from .admin.cli import main as cli_main
-
-        return cli_main(args_list)
-    args = _parser().parse_args(args_list)
-    if args.command == "check":
-        return _check(args)
-    return _run(args)
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    """`lbproxy ARGV...`; the exit status (lbproxy.admin.client's EXIT_*). Quiet when the reader
+    of stdout goes away early (EXIT_PIPE, no traceback)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return quiet_on_closed_pipe(
+        lambda: cli.main(args, out=out, err=err, local=(add_commands,)))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Where access log lines go: the `lbproxy.access` logger, to stderr or a buffered file."""
+"""Where access log lines go: the `lbproxy.access` logger, to stderr or a buffered file, and the
+reopening of that file on SIGUSR1 (logrotate's convention: rename the file, then signal).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import IO
 
@@ -61,6 +64,22 @@ class BufferedFileHandler(logging.Handler):
         except OSError:
             logging.getLogger(__name__).exception("cannot flush access log %s", self.path)
 
+    def reopen(self) -> None:
+        """Write what is buffered to the file open now, then open `path` afresh (after a
+        rename, a new file): every line goes whole to one file or the other. If the path
+        cannot be opened, lines keep going to the file open now (the error is logged)."""
+        try:
+            new = open(self.path, "ab", buffering=BUFFER_SIZE)
+        except OSError as e:
+            logging.getLogger(__name__).error("cannot reopen access log %s: %s; still writing "
+                                              "to the file open before", self.path, e)
+            return
+        old, self._file = self._file, new
+        try:
+            old.close()  # flushes what it holds first
+        except OSError:
+            logging.getLogger(__name__).exception("cannot flush access log %s", self.path)
+
     def flush(self) -> None:
         if not self._file.closed:
             self._file.flush()
@@ -75,6 +94,22 @@ class BufferedFileHandler(logging.Handler):
         super().close()
 
 
+def access_log_path(settings: AccessLogSettings, base: Path) -> Path | None:
+    """The file the access log goes to, None for stderr. `path` "-" is stderr; unset (""), the
+    file access.log in the first directory of $LOGS_DIRECTORY (set by systemd for a unit with
+    LogsDirectory=; as nginx writes a file by default: journald rate-limits each service,
+    RateLimitBurst=10000 per RateLimitIntervalSec=30s by default, and would drop the lines of a
+    busy proxy), else stderr;
+    a relative path is relative to `base` (the config file's directory)."""
+    if settings.path == "-":
+        return None
+    if not settings.path:
+        logs = os.environ.get("LOGS_DIRECTORY", "").split(":")[0]
+        return Path(logs) / "access.log" if logs else None
+    path = Path(settings.path)
+    return path if path.is_absolute() else base / path
+
+
 def configure_access_log(settings: AccessLogSettings, base: Path) -> None:
     """(Re)configure the access logger for a config generation."""
     logger = logging.getLogger(ACCESS_LOGGER)
@@ -86,10 +121,8 @@ def configure_access_log(settings: AccessLogSettings, base: Path) -> None:
         logger.propagate = False
         return
     logger.setLevel(logging.INFO)
-    if settings.path:
-        path = Path(settings.path)
-        if not path.is_absolute():
-            path = base / path
+    path = access_log_path(settings, base)
+    if path is not None:
         logger.addHandler(BufferedFileHandler(path))
         logger.propagate = False
     else:
@@ -99,3 +132,15 @@ def configure_access_log(settings: AccessLogSettings, base: Path) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def reopen_access_log() -> int:
+    """Reopen the access-log file (SIGUSR1, after logrotate renamed it): lines not yet written
+    go to the old file, later ones to a new file at the configured path. Returns the number of
+    files reopened (0 when the log goes to stderr or is off)."""
+    n = 0
+    for h in logging.getLogger(ACCESS_LOGGER).handlers:
+        if isinstance(h, BufferedFileHandler):
+            h.reopen()
+            n += 1
+    return n

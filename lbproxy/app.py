@@ -1,5 +1,6 @@
 """The running process: wires config, runtime, data plane, certificate store and admin API
-together, reloads on SIGHUP or a file change, and shuts down gracefully on SIGTERM."""
+together, reloads on SIGHUP, `POST /api/reload` or (when watching is on) a file change, reopens
+the access log on SIGUSR1, and shuts down gracefully on SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,31 +9,40 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from .accesslog import configure_access_log
+from .accesslog import configure_access_log, reopen_access_log
 from .admin import AdminServer, create_app, load_or_create_token, start_admin
 from .admin.le_api import le_routes
+from .admin.ops_api import ops_routes
 from .admin.server import AdminTLS
 from .certs import CertStore, config_usage
 from .config import load_file
+from .config.diff import config_diff, diff_summary
 from .config.model import AccessLogSettings, Config
-from .errors import ConfigError, ConfigProblem, LBProxyError
+from .errors import CannotListen, ConfigError, ConfigProblem, LBProxyError
 from .events import Events
 from .letsencrypt import LEManager
 from .metrics import METRICS_PATH, MetricsCollector, metrics_routes
-from .proxy import DataPlane
+from .proxy import DataPlane, ListenError
 from .proxy.tls import TLSContexts
 from .runtime import Runtime, RuntimeStore, new_generation, off_loop, parse_apart
+from .sdnotify import notify_ready, notify_reloading, notify_stopping
+from .servercontrol import STATE_FILE, ServerControl
 from .workers import Supervisor
 
 logger = logging.getLogger(__name__)
 
-# How often the config file is looked at for changes (stat only; content hashed on change).
+# How often the config file is looked at for changes, when watching is on (`lbproxy run --watch`
+# or `watch_config = true`; off, only SIGHUP and POST /api/reload apply the file): stat only,
+# content hashed on change.
 # A change is applied once the file looked the same on two polls in a row: an editor's
 # truncate-then-write takes milliseconds, so a second look one interval later sees it finished.
 WATCH_INTERVAL = 1.0
@@ -73,6 +83,8 @@ class App:
         self._digest = _digest(config_path)
         self._fp = _fingerprint(config_path)
         self._watch_task: asyncio.Task[None] | None = None
+        self._watch_asked = False  # `lbproxy run --watch`; or the config's watch_config
+        self._watching = False
         # What the watcher waits for between two polls (tests drive it by hand).
         self.watch_tick: Callable[[], Awaitable[object]] = lambda: asyncio.sleep(WATCH_INTERVAL)
         self._unsettled: FileState | None = None  # a change seen once, not yet twice
@@ -108,17 +120,25 @@ class App:
             acme=lambda: self.manager.acme_requests, events=self.events,
             refresh=sup.refresh if sup is not None else None,
             workers=sup.workers if sup is not None else None,
-            cluster=self.manager.cluster_view)
+            cluster=self.manager.cluster_view,
+            reloads=lambda: {"success": self.reloads_ok, "failure": self.reloads_failed})
         self.admin: AdminServer | None = None
+        # Run-time real-server overrides, kept in the state directory across restarts.
+        self.servers = ServerControl(self.state_dir / STATE_FILE, push=self.dataplane.set_servers)
+        self.servers.load(config)
 
     @property
     def config(self) -> Config:
         return self.runtime.current.config
 
-    async def start(self, *, watch: bool = True) -> None:
+    async def start(self, *, watch: bool = False) -> None:
+        """Serve. `watch` (`lbproxy run --watch`): apply the file once a change has settled,
+        whatever the config's `watch_config` says (which does the same when true)."""
         if self.supervisor is None:  # else each worker writes its own lines (see workers)
             configure_access_log(self.config.access_log, self.config_path.parent)
-        # Certificates first, so https listeners open with their SNI contexts ready.
+        # Real-server overrides first (a new generation is served with the ones it allows), then
+        # certificates, so https listeners open with their SNI contexts ready.
+        self.runtime.subscribe(self.servers.on_runtime)
         self.runtime.subscribe(self.tls.on_runtime)
         self.runtime.subscribe(self.dataplane.apply)
         await self.dataplane.apply(self.runtime.current)
@@ -130,7 +150,8 @@ class App:
                              store=self.store, tls=self.tls,
                              token=load_or_create_token(self.state_dir),
                              extra_routes=[le_routes(self.manager),
-                                           metrics_routes(self.metrics)],
+                                           metrics_routes(self.metrics),
+                                           ops_routes(self.reload_report, self.servers)],
                              open_paths=(METRICS_PATH,) if self.config.admin.metrics_public
                              else (),
                              refresh_stats=sup.refresh if (sup := self.supervisor) else None,
@@ -140,16 +161,42 @@ class App:
                                            tls=AdminTLS(self.store))
             logger.info("admin API on %s://%s (token in %s)", self.admin.scheme,
                         self.config.admin.listen, self.state_dir / "admin.token")
-        if watch:
-            self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
+        self._watch_asked = watch
+        self._set_watching(watch or self.config.watch_config)
         logger.info("lbproxy started: %d virtual services, generation %d%s",
                     len(self.config.virtual_services), self.runtime.current.generation,
                     f", {self.supervisor.count} worker processes" if self.supervisor else "")
+        # systemd (Type=notify): every listener accepts (in each worker), the admin API answers.
+        notify_ready()
 
     async def reload(self) -> bool:
         """Re-read the config file; a bad file is logged and the running config keeps serving."""
         try:
-            await self.apply_file()
+            await self._reload_logged()
+        except LBProxyError:
+            return False
+        return True
+
+    async def reload_report(self) -> dict[str, Any]:
+        """The reload of `POST /api/reload` (and `lbproxy reload`): {"generation", "changed"
+        (the config differs from the one it replaced), "diff" (lbproxy.config.diff)}. Raises
+        ConfigError (the file) or LBProxyError (the runtime refused it), logged and counted as
+        a SIGHUP's; the running config keeps serving then."""
+        old, rt = await self._reload_logged()
+
+        def compare() -> tuple[bool, dict[str, Any]]:
+            return old != rt.config, config_diff(old, rt.config)
+
+        changed, diff = await off_loop(compare)  # 10,000 rules: milliseconds of comparing
+        for line in diff_summary(diff):
+            logger.info("generation %d: %s", rt.generation, line)
+        return {"generation": rt.generation, "changed": changed, "diff": diff}
+
+    async def _reload_logged(self) -> tuple[Config, Runtime]:
+        """apply_file with its outcome logged and counted: (the config replaced, the new
+        runtime), or the error re-raised."""
+        try:
+            return await self._apply_locked()
         except _NoVirtualService:
             # allow_empty only lets a process start empty: a reload that would close every
             # listener is far likelier a half-written file than a wish.
@@ -157,20 +204,19 @@ class App:
             logger.error("reload of %s rejected: it defines no virtual service (allow_empty "
                          "applies at start only); still serving generation %d",
                          self.config_path, self.runtime.current.generation)
-            return False
+            raise
         except ConfigError as e:
             self.reloads_failed += 1
             logger.error("reload of %s rejected (%d problems); still serving generation %d",
                          self.config_path, len(e.problems), self.runtime.current.generation)
             for p in e.problems:
                 logger.error("  %s", p)
-            return False
+            raise
         except LBProxyError as e:
             self.reloads_failed += 1
             logger.error("reload of %s failed: %s; still serving generation %d",
                          self.config_path, e, self.runtime.current.generation)
-            return False
-        return True
+            raise
 
     async def apply_file(self) -> Runtime:
         """Make the config file the running config now: the reload path, also taken right after
@@ -181,8 +227,17 @@ class App:
         The file is read, parsed and validated in a child process (`runtime.parse_apart`: 10,000
         rules are about half a second of CPU), so requests keep being served meanwhile; one call
         at a time, so that the file read last is the one that runs."""
+        return (await self._apply_locked())[1]
+
+    async def _apply_locked(self) -> tuple[Config, Runtime]:
+        """apply_file's work: (the config it replaced, the new runtime)."""
         async with self._apply_lock:
-            return await self._apply_file()
+            notify_reloading()  # systemd shows "reloading" until READY=1
+            try:
+                old = self.runtime.current.config
+                return old, await self._apply_file()
+            finally:
+                notify_ready()  # the new config, or the old one still, serves
 
     async def _apply_file(self) -> Runtime:
         self._fp = _fingerprint(self.config_path)
@@ -211,12 +266,27 @@ class App:
             if self.supervisor is None:
                 configure_access_log(cfg.access_log, self.config_path.parent)
             self._access_log = cfg.access_log
+        if self._watching != (self._watch_asked or cfg.watch_config):
+            self._set_watching(self._watch_asked or cfg.watch_config)
         logger.info("reloaded %s: generation %d", self.config_path, rt.generation)
         return rt
 
+    def _set_watching(self, on: bool) -> None:
+        """Start or stop watching the file (the watcher stops itself at its next tick, so that a
+        reload it runs is never cancelled from within)."""
+        self._watching = on
+        if on and (self._watch_task is None or self._watch_task.done()):
+            self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
+            logger.info("watching %s: a change is applied once it has settled", self.config_path)
+        elif not on:
+            logger.info("not watching %s: apply changes with `lbproxy reload` or SIGHUP",
+                        self.config_path)
+
     async def _watch(self) -> None:
-        while True:
+        while self._watching:
             await self.watch_tick()
+            if not self._watching:
+                return
             await self.poll_config()
 
     async def poll_config(self) -> bool:
@@ -247,10 +317,19 @@ class App:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): reopen the access-log file, here or, with workers,
+        in each worker (each writes its own lines)."""
+        if self.supervisor is not None:
+            self.supervisor.reopen_logs()
+        elif reopen_access_log():
+            logger.info("access log reopened")
+
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
 
     async def stop(self) -> None:
+        notify_stopping()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -265,7 +344,8 @@ class App:
         logger.info("lbproxy stopped")
 
 
-async def _main(config_path: Path, demo_backends: bool, workers: int | None = None) -> int:
+async def _main(config_path: Path, demo_backends: bool, workers: int | None = None,
+                watch: bool = False) -> int:
     try:
         config = load_file(config_path, to_run=True)
     except ConfigError as e:
@@ -276,7 +356,11 @@ async def _main(config_path: Path, demo_backends: bool, workers: int | None = No
     if demo_backends:
         from .demo import start_demo_backends
 
-        demo = await start_demo_backends(config)
+        try:
+            demo = await start_demo_backends(config)
+        except CannotListen as e:
+            print(f"lbproxy: {e}", file=sys.stderr)
+            return 1
     if not config.virtual_services:
         logger.warning("%s defines no virtual service; starting anyway (allow_empty = true)",
                        config_path)
@@ -312,8 +396,17 @@ async def _main(config_path: Path, demo_backends: bool, workers: int | None = No
     loop.add_signal_handler(signal.SIGTERM, app.request_stop)
     loop.add_signal_handler(signal.SIGINT, app.request_stop)
     loop.add_signal_handler(signal.SIGHUP, hup)
+    loop.add_signal_handler(signal.SIGUSR1, app.reopen_logs)
     try:
-        await app.start()
+        await app.start(watch=watch)
+    except (CannotListen, ListenError) as e:
+        # A port clash is the operator's to fix: one line, no traceback; what started is stopped.
+        print(f"lbproxy: {_cannot_listen(e)}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await app.stop()
+        for s in demo:
+            s.close()
+        return 1
     except LBProxyError as e:
         logger.error("cannot start: %s", e)
         return 1
@@ -335,11 +428,22 @@ async def _main(config_path: Path, demo_backends: bool, workers: int | None = No
     return 0
 
 
+def _cannot_listen(e: CannotListen | ListenError) -> CannotListen:
+    """A VS's ListenError said as the other start-up port clashes are."""
+    if isinstance(e, CannotListen):
+        return e
+    what = f"vs {json.dumps(e.vs)}"
+    if isinstance(e.__cause__, OSError):
+        return CannotListen.from_os_error(e.address, what, e.__cause__)
+    return CannotListen(e.address, what, str(e).rpartition(f"{e.address}: ")[2])
+
+
 def run_forever(config: str | os.PathLike[str], *, demo_backends: bool = False,
-                workers: int | None = None) -> int:
-    """Run until SIGTERM/SIGINT; `workers` overrides the config's `workers`."""
+                workers: int | None = None, watch: bool = False) -> int:
+    """Run until SIGTERM/SIGINT; `workers` overrides the config's `workers`; `watch` applies
+    the file whenever a change to it has settled (as the config's `watch_config = true`)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        return asyncio.run(_main(Path(config), demo_backends, workers))
-    return uvloop.run(_main(Path(config), demo_backends, workers))
+        return asyncio.run(_main(Path(config), demo_backends, workers, watch))
+    return uvloop.run(_main(Path(config), demo_backends, workers, watch))

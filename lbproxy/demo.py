@@ -7,6 +7,7 @@ import functools
 import logging
 
 from .config.model import Config
+from .errors import CannotListen
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +41,21 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nam
 
 
 async def start_demo_backends(config: Config) -> list[asyncio.Server]:
-    """Start one demo server on every distinct real-server address of the config."""
+    """Start one demo server on every distinct real-server address of the config; CannotListen
+    (none left open) when one of them cannot be bound."""
     addrs = {rs.address for vs in config.virtual_services for rs in vs.real_servers}
     addrs |= {rs.address for vs in config.virtual_services for s in vs.subvs
               for rs in s.real_servers}
-    servers = []
+    servers: list[asyncio.Server] = []
     for addr in sorted(addrs, key=str):
         name = f"demo-{addr.port}"
-        server = await asyncio.start_server(
-            functools.partial(_serve, name=name), addr.host, addr.port, limit=_MAX_HEAD)
+        try:
+            server = await asyncio.start_server(
+                functools.partial(_serve, name=name), addr.host, addr.port, limit=_MAX_HEAD)
+        except OSError as e:
+            for s in servers:
+                s.close()
+            raise CannotListen.from_os_error(str(addr), "demo real server", e) from e
         logger.info("demo real server %s listening on %s", name, addr)
         servers.append(server)
     return servers

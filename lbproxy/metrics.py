@@ -14,6 +14,7 @@ The stats shape read (every key optional; unknown keys are ignored):
         "connections": {"active", "total", "refused"}, "requests",
         "bytes_in", "bytes_out",                         # client side, bytes
         "responses": {"1xx": n, "2xx": n, ..., "5xx": n},
+        "codes": {"200": n, "404": n, ...},             # by status code (optional)
         "latency_buckets": {upper_bound_seconds: n, ..., "+Inf": n},  # per bucket, NOT cumulative
         "latency_sum", "latency_count",                  # seconds, requests
         "rule_hits": {rule: n}, "limit_rejections": {limit: n},
@@ -23,13 +24,18 @@ The stats shape read (every key optional; unknown keys are ignored):
                           "real_servers": [RS, ...]}}}},
      "draining_listeners": n, "upstream_pools": {address: {"idle", "connects"}}}
     RS = {"address", "weight", "enabled", "healthy", "active", "requests", "failures",
-          "bytes_in", "bytes_out", "responses", "latency_buckets", "latency_sum",
+          "bytes_in", "bytes_out", "responses", "codes", "latency_buckets", "latency_sum",
           "latency_count"}
 
 `latency_buckets` counts each request once, in the first bucket whose upper bound is at least its
 latency (one increment per request on the hot path); the collector makes them cumulative as
 Prometheus wants. A bucket "+Inf" (or float("inf")) holds the rest; without it, latency_count
 minus the other buckets is used.
+
+Besides the data plane: a build-info gauge, the reload counters (`reloads`, App's), with worker
+processes each worker's CPU time and resident memory (read from /proc at scrape time), and on the
+registry `make_registry` builds, prometheus_client's process_* (this process: the control process
+when there are workers), python_info and python_gc_* collectors.
 """
 
 from __future__ import annotations
@@ -37,13 +43,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import platform
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -52,6 +67,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import __version__
 from .events import CertStatus, Events
 
 logger = logging.getLogger(__name__)
@@ -61,6 +77,8 @@ CertSource = Callable[[], Iterable[CertStatus]]
 AcmeSource = Callable[[], Mapping[tuple[str, str], int]]
 # A cluster node's view (ClusterNode.view: "connected", "nodes", ...); None: not in a cluster.
 ClusterSource = Callable[[], Awaitable[Mapping[str, Any] | None]]
+# Reloads so far by result: {"success": n, "failure": n} (App.reloads_ok, App.reloads_failed).
+ReloadSource = Callable[[], Mapping[str, int]]
 CLUSTER_VIEW_WAIT = 2.0   # seconds a scrape waits for it (it reads Redis); then: not connected
 
 METRICS_PATH = "/metrics"
@@ -164,8 +182,10 @@ class MetricsCollector(Collector):
                  refresh: Callable[[], Awaitable[None]] | None = None,
                  workers: Callable[[], list[dict[str, Any]]] | None = None,
                  cluster: ClusterSource | None = None,
-                 cluster_wait: float = CLUSTER_VIEW_WAIT) -> None:
+                 cluster_wait: float = CLUSTER_VIEW_WAIT,
+                 reloads: ReloadSource | None = None) -> None:
         self.stats = stats
+        self.reloads = reloads
         # On a node of a cluster: its view, read by `refresh_cluster()` before each scrape.
         self.cluster = cluster
         self.cluster_wait = cluster_wait
@@ -183,6 +203,16 @@ class MetricsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         self.scrapes += 1
         f = _Families()
+        f.gauge("lbproxy_build_info", "Always 1: the lbproxy version and what it runs on.",
+                ("version", "python", "implementation", "openssl")).add_metric(
+            [__version__, platform.python_version(), platform.python_implementation(),
+             ssl.OPENSSL_VERSION], 1)
+        if self.reloads is not None:
+            c = f.counter("lbproxy_reloads", "Config reloads (SIGHUP, API, file watch) by "
+                          "result: success (applied) or failure (refused; the old config "
+                          "kept serving).", ("result",))
+            for result, n in sorted(self.reloads().items()):
+                c.add_metric([result], n)
         try:
             self._dataplane(f, self.stats())
         except Exception:  # a stats shape we do not understand must not break the scrape
@@ -241,6 +271,12 @@ class MetricsCollector(Collector):
                     names).add_metric(label, w["connections"])
             f.counter("lbproxy_worker_restarts", "Times the worker process died and was "
                       "started again.", names).add_metric(label, w["restarts"])
+            usage = _proc_usage(w.get("pid"))
+            if usage is not None:
+                f.counter("lbproxy_worker_cpu_seconds", "CPU time (user + system) of the "
+                          "worker process.", names).add_metric(label, usage[0])
+                f.gauge("lbproxy_worker_resident_memory_bytes", "Resident memory of the "
+                        "worker process.", names).add_metric(label, usage[1])
 
     # -- data plane ---------------------------------------------------------------------------
 
@@ -262,6 +298,14 @@ class MetricsCollector(Collector):
                 n = _num(v)
                 if n is not None:
                     c.add_metric([*labels, str(cls)], n)
+        codes = node.get("codes")
+        if isinstance(codes, Mapping):
+            c = f.counter(f"lbproxy_{level}_responses_by_code", "Responses by status code.",
+                          (*names, "code"))
+            for code, v in sorted(codes.items(), key=lambda kv: str(kv[0])):
+                n = _num(v)
+                if n is not None:
+                    c.add_metric([*labels, str(code)], n)
         buckets = node.get("latency_buckets")
         if isinstance(buckets, Mapping):
             count = _num(node.get("latency_count"))
@@ -426,10 +470,47 @@ class MetricsCollector(Collector):
                     ()).add_metric([], wh.queued)
 
 
+# /proc/<pid>/stat counts CPU time in clock ticks and resident memory in pages.
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _proc_usage(pid: Any) -> tuple[float, float] | None:
+    """(CPU seconds, resident bytes) of process `pid` from /proc (Linux), or None."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:  # gone, or no /proc
+        return None
+    # The fields after the command name (which may hold spaces and parentheses).
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        ticks = int(fields[11]) + int(fields[12])   # utime, stime
+        rss_pages = int(fields[21])
+    except (IndexError, ValueError):
+        return None
+    return ticks / _CLK_TCK, float(rss_pages * _PAGE_SIZE)
+
+
+class _ProcessCollector(ProcessCollector):
+    """prometheus_client's process_* collector, with the boot time (for
+    process_start_time_seconds) from the clocks instead of /proc/stat, which systemd's
+    ProcSubset=pid (the example unit) hides: without it the collector exports nothing."""
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def make_registry(collector: MetricsCollector) -> CollectorRegistry:
-    """A registry of its own (no process-wide default registry, no globals)."""
+    """A registry of its own (no process-wide default registry, no globals): lbproxy's collector
+    and prometheus_client's process_*, python_info and python_gc_* ones (for this process)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    _ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 

@@ -31,17 +31,17 @@ PACKAGES = ("acmeclient", "lbproxy")
 # where what they are puts them: lbproxy (the package's face) and lbproxy.errors are the base every
 # layer may raise from; the access-log sink serves the data plane; certificate events belong to
 # the certificates; metrics is the admin plane's /metrics route; the demo backends are started by
-# the composition root.
+# the composition root, which alone speaks to systemd (sdnotify).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("acmeclient", ("acmeclient",)),
     ("config, routing, runtime", ("lbproxy", "lbproxy.errors", "lbproxy.config", "lbproxy.routing",
-                                  "lbproxy.runtime")),
+                                  "lbproxy.runtime", "lbproxy.servercontrol")),
     ("proxy", ("lbproxy.proxy", "lbproxy.accesslog")),
     ("workers", ("lbproxy.workers",)),
     ("certs", ("lbproxy.certs", "lbproxy.events")),
     ("letsencrypt", ("lbproxy.letsencrypt",)),
     ("admin", ("lbproxy.admin", "lbproxy.metrics")),
-    ("app", ("lbproxy.app", "lbproxy.__main__", "lbproxy.demo")),
+    ("app", ("lbproxy.app", "lbproxy.__main__", "lbproxy.demo", "lbproxy.sdnotify")),
 )
 # Names in LAYERS that place only the module of that name (the package's face), not all under it.
 ALONE = ("lbproxy",)

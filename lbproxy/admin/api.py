@@ -20,6 +20,10 @@ a fitting status; malformed input is a 4xx naming its field, see lbproxy.admin.v
     GET    /api/vs                          every VS as the data plane runs it
     GET    /api/vs/{name}                   one VS: SubVSs, rules in precedence order, servers
 
+Real-server entries of /api/status carry "state" (enabled | disabled | drain) and the effective
+"weight". Reload and run-time real-server control (/api/reload, /api/servers) are
+lbproxy.admin.ops_api's routes.
+
 Later features add routes through `extra_routes` registrars (le_api.le_routes(manager) adds
 /api/le/... and the certificate status source under CERT_STATUS_KEY; lbproxy.metrics adds
 /metrics); they find the shared objects under the AppKeys below. Every route needs the bearer
@@ -224,8 +228,14 @@ def _services(request: web.Request) -> tuple[tuple[VirtualService, ...], set[str
 
 
 def _rs_status(r: Mapping[str, Any], key: str, rates: Mapping[str, float]) -> dict[str, Any]:
+    enabled = r.get("enabled")
+    # state: enabled | disabled | drain (run-time overrides, lbproxy.servercontrol); weight:
+    # the effective one.
+    state = r.get("state") or (None if enabled is None else
+                               "enabled" if enabled else "disabled")
     return {"address": str(r.get("address", "")), "up": r.get("healthy"),
-            "enabled": r.get("enabled"), "connections": r.get("active"),
+            "enabled": enabled, "state": state, "weight": r.get("weight"),
+            "connections": r.get("active"),
             "requests": r.get("requests"), "requests_per_s": _rate(rates, key)}
 
 
@@ -240,7 +250,7 @@ def _servers_status(stats: Mapping[str, Any], vs: str, subvs: str, configured: S
     rows = []
     for rs in configured:
         addr = str(rs.address)
-        r = live.get(addr) or {"address": addr, "enabled": rs.enabled}
+        r = live.get(addr) or {"address": addr, "enabled": rs.enabled, "weight": rs.weight}
         rows.append(_rs_status(r, f"{vs}/{subvs}/{addr}", rates))
     return rows
 

@@ -1,14 +1,15 @@
-"""The `lbproxy` subcommands that talk to a running lbproxy through its admin API.
+"""The `lbproxy` commands about certificates, virtual services and status, and the one parser of
+every command (`build_parser`) with its entry point for the admin commands (`main`).
 
     lbproxy cert import ID --cert F [--key F] [--chain F] | --pkcs12 F  [--passphrase-file F]
     lbproxy cert list | show ID | delete ID | assign ID TARGET [--default] [--remove]
-    lbproxy vs list | show NAME
+    lbproxy vs list | show NAME           (`vs convert` is lbproxy.admin.le_cli's)
     lbproxy status          VSs (listeners, SubVSs, real servers up/down, connections,
                             requests/s), every certificate (days left, next renewal, error)
                             and, on a node of a cluster, a CLUSTER section
 
-Each takes --json (the API's answer as is), -c CONFIG (default lbproxy.toml), --admin URL and
---token-file F. Exit status: 0 done, 1 refused or unreachable, 2 bad usage.
+Each takes the admin options (lbproxy.admin.client.add_admin_options); exit status as
+lbproxy.admin.client's EXIT_* say (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -22,26 +23,20 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from . import cluster_cli
+from . import cluster_cli, le_cli
 from .client import (
+    AddCommands,
     AdminClient,
     ClientError,
-    add_admin_options,
-    connect,
-    print_failure,
-    print_result,
+    UsageError,
+    dispatch,
+    fields,
+    group,
+    root_parser,
+    table,
 )
 
 Command = Callable[[AdminClient, argparse.Namespace], Any]
-Printer = Callable[[Any, TextIO], None]
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    """Columns padded to their widest cell; the last column is not padded."""
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    for row in (headers, *rows):
-        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]
-        print("  ".join(cells).rstrip(), file=out)
 
 
 def _short_name(rfc4514: str) -> str:
@@ -81,7 +76,7 @@ def cert_import(client: AdminClient, args: argparse.Namespace) -> Any:
     body: dict[str, Any] = {"strict": args.strict}
     if args.pkcs12:
         if args.cert or args.key or args.chain:
-            raise ClientError("give either --pkcs12 or --cert/--key/--chain")
+            raise UsageError("give either --pkcs12 or --cert/--key/--chain")
         body["pkcs12"] = base64.b64encode(_read(args.pkcs12, "PKCS#12 file")).decode()
     elif args.cert:
         body["cert"] = _read(args.cert, "certificate").decode(errors="replace")
@@ -90,7 +85,7 @@ def cert_import(client: AdminClient, args: argparse.Namespace) -> Any:
         if args.chain:
             body["chain"] = _read(args.chain, "chain").decode(errors="replace")
     else:
-        raise ClientError("give --cert (and --key) or --pkcs12")
+        raise UsageError("give --cert (and --key) or --pkcs12")
     passphrase = _passphrase(args)
     if passphrase is not None:
         body["passphrase"] = passphrase
@@ -160,9 +155,7 @@ def print_cert(c: dict[str, Any], out: TextIO) -> None:
             ("sha256", c["fingerprint_sha256"]), ("generation", str(c["generation"])),
             ("managed by", c.get("managed_by") or "-"),
             ("used by", ", ".join(c["used_by"]) or "-")]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k.ljust(width)}  {v}", file=out)
+    fields(rows, out)
 
 
 def print_import(data: Any, out: TextIO) -> None:
@@ -229,6 +222,8 @@ def _cell(v: Any, fmt: str = "{}") -> str:
 
 
 def _up(r: dict[str, Any]) -> str:
+    if r.get("state") in ("disabled", "drain"):
+        return str(r["state"])
     if r.get("enabled") is False:
         return "disabled"
     up = r.get("up")
@@ -280,9 +275,7 @@ def print_status(s: dict[str, Any], out: TextIO) -> None:
             ("virtual services", str(s["virtual_services"])),
             ("injections", str(s["injections"])),
             ("certificates", str(s["certificates"]))]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k.ljust(width)}  {v}", file=out)
+    fields(rows, out)
     if s.get("services"):
         print(file=out)
         print_services(s["services"], out)
@@ -308,15 +301,15 @@ def _print_deleted(data: Any, out: TextIO) -> None:
 
 # -- parser ---------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    add_admin_options(common)
+def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
+                 common: argparse.ArgumentParser) -> None:
+    """`status`, `cert ...`, `vs list` and `vs show`."""
+    top.add_parser("status", parents=[common], help="is it running, and how",
+                   description="Process, VSs, SubVSs and real servers, certificates, workers "
+                               "and (in a cluster) the CLUSTER section."
+                   ).set_defaults(run=status, show=print_status)
 
-    p = argparse.ArgumentParser(prog="lbproxy", description="Talk to a running lbproxy.")
-    groups = p.add_subparsers(dest="group", required=True)
-
-    cert = groups.add_parser("cert", help="the SSL certificate store")
-    cs = cert.add_subparsers(dest="action", required=True)
+    cs = group(top, "cert", "the SSL certificate store")
     imp = cs.add_parser("import", parents=[common], help="import or replace a certificate")
     imp.add_argument("id")
     imp.add_argument("--cert", metavar="F", help="PEM certificate (leaf first; may hold the chain"
@@ -348,41 +341,42 @@ def _parser() -> argparse.ArgumentParser:
     assign.add_argument("--remove", action="store_true", help="undo a run-time assignment")
     assign.set_defaults(run=cert_assign, show=print_assign)
 
-    vs = groups.add_parser("vs", help="virtual services as they run")
-    vss = vs.add_subparsers(dest="action", required=True)
+    vss = group(top, "vs", "virtual services as they run")
     vss.add_parser("list", parents=[common], help="list virtual services").set_defaults(
         run=vs_list, show=print_vs_list)
     vshow = vss.add_parser("show", parents=[common], help="one VS: rules, SubVSs, servers")
     vshow.add_argument("name")
     vshow.set_defaults(run=vs_show, show=print_vs)
 
-    groups.add_parser("status", parents=[common], help="is it running, and how").set_defaults(
-        run=status, show=print_status)
-    return p
 
-
-# Subcommands of the Let's Encrypt manager, parsed and run by lbproxy.admin.le_cli.
-_LE_GROUPS = ("le", "backup", "restore")
-# `lbproxy cluster ...`, parsed and run by lbproxy.admin.cluster_cli.
-_CLUSTER_GROUPS = ("cluster",)
-
-
-def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    if (argv[:1] and argv[0] in _LE_GROUPS) or argv[:2] == ["vs", "convert"]:
-        from . import le_cli
-
-        return le_cli.main(argv, out=out, err=err)
-    if argv[:1] and argv[0] in _CLUSTER_GROUPS:
-        return cluster_cli.main(argv, out=out, err=err)
-    out = out or sys.stdout
-    err = err or sys.stderr
+def _ops_commands() -> list[AddCommands]:
+    """`reload` and `server ...` (lbproxy.admin.ops_cli), when that module is there."""
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or bad usage (2)
-        return int(e.code) if isinstance(e.code, int) else 2
-    try:
-        client = connect(args.config, args.admin, args.token_file, args.cacert)
-        data = args.run(client, args)
-    except ClientError as e:
-        return print_failure(args, str(e), out, err, status=e.status, reason=e.reason)
-    return print_result(args, data, out)
+        from . import ops_cli  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return []
+    add: AddCommands = ops_cli.add_commands
+    return [add]
+
+
+DESCRIPTION = """\
+lbproxy: a Layer 7 load balancer. `run` and `check` work on the config file; `cluster new-key`
+and `cluster migrate` on files and Redis; every other command asks the running lbproxy through
+its admin API. `lbproxy COMMAND --help` tells more; docs/cli.md has everything."""
+
+
+def build_parser(*local: AddCommands) -> argparse.ArgumentParser:
+    """The parser of every `lbproxy` command, in the order `lbproxy --help` lists them: `local`
+    first (`run` and `check`, from lbproxy.__main__), then the admin commands."""
+    root, top, common = root_parser(DESCRIPTION)
+    for add in (*local, *_ops_commands(), add_commands, le_cli.add_commands,
+                cluster_cli.add_commands):
+        add(top, common)
+    return root
+
+
+def main(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | None = None,
+         local: Sequence[AddCommands] = ()) -> int:
+    """Run one `lbproxy` command (the admin commands, and `local` ones when given); its exit
+    status. Output goes to `out` and `err` (argparse's own usage and help to sys.stdout/stderr)."""
+    return dispatch(build_parser(*local), argv, out or sys.stdout, err or sys.stderr)

@@ -6,9 +6,9 @@
 
 `new-key` writes a key file; `migrate` copies this host's Let's Encrypt state between its state
 directory and the cluster's Redis (lbproxy.letsencrypt.migrate), with lbproxy stopped or running;
-neither needs the admin API. `status` asks the running lbproxy (GET /api/cluster) and takes the
-admin options of every admin command (-c, --admin, --token-file, --cacert, --json). Exit status:
-0 done, 1 refused or failed (the message names the file or key), 2 bad usage.
+neither needs the admin API (a failure names the file or key; exit status 1). `status` asks the
+running lbproxy (GET /api/cluster) and takes the admin options of every admin command (-c,
+--admin, --token-file, --cacert, --json). Exit status as lbproxy.admin.client's EXIT_* say.
 """
 
 from __future__ import annotations
@@ -17,19 +17,12 @@ import argparse
 import asyncio
 import contextlib
 import os
-import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import load_file
 from ..errors import ConfigError, LBProxyError
-from .client import ClientError, add_admin_options, connect, print_failure, print_result
-from .le_cli import table
-
-
-class CommandError(Exception):
-    """A refusal or failure of a local command; the message is printed as it is."""
-
+from .client import AdminClient, ClientError, CommandError, add_json_option, group, table
 
 # -- new-key --------------------------------------------------------------------------------------
 
@@ -57,7 +50,7 @@ def write_new_key(path: Path) -> None:
         raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _new_key(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
+def _new_key(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.file)
     write_new_key(path)
     return {"key_file": str(path)}
@@ -70,7 +63,7 @@ def _show_new_key(data: dict[str, Any], out: TextIO) -> None:
 
 # -- migrate --------------------------------------------------------------------------------------
 
-def _migrate(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
+def _migrate(args: argparse.Namespace) -> dict[str, Any]:
     # Imported here: `lbproxy status` and the other admin commands never load Redis.
     from ..certs.store import CertStore
     from ..letsencrypt.filestore import FileStorage
@@ -83,7 +76,8 @@ def _migrate(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     try:
         cfg = load_file(config)
     except ConfigError as exc:
-        raise CommandError("\n".join(f"{config}: {p}" for p in exc.problems)) from None
+        raise CommandError("\n".join(str(p) if p.source else f"{config}: {p}"
+                                     for p in exc.problems)) from None
     cluster = cfg.cluster
     if cluster is None:
         raise CommandError(f"{config} has no [cluster] table: migrate copies between this "
@@ -234,22 +228,21 @@ def cluster_for_status(client: Any) -> dict[str, Any] | None:
     return view if isinstance(view, dict) else {"error": "not a JSON object"}
 
 
-def _status(args: argparse.Namespace, out: TextIO) -> Any:
-    return connect(args.config, args.admin, args.token_file, args.cacert).get("/api/cluster")
+def _status(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.get("/api/cluster")
 
 
 # -- parser ---------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="lbproxy")
-    top = root.add_subparsers(dest="group", required=True)
-    cluster = top.add_parser("cluster", help="hosts sharing Let's Encrypt state through Redis")
-    sub = cluster.add_subparsers(dest="cmd", required=True)
+def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
+                 common: argparse.ArgumentParser) -> None:
+    """`cluster new-key`, `cluster migrate` (no admin API) and `cluster status`."""
+    sub = group(top, "cluster", "hosts sharing Let's Encrypt state through Redis")
 
     p = sub.add_parser("new-key", help="write a new encryption key file (mode 0600)")
     p.add_argument("file", help="the key file to create (refused if it exists)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(run=_new_key, show=_show_new_key)
+    add_json_option(p)
+    p.set_defaults(local=_new_key, show=_show_new_key, who="lbproxy cluster new-key")
 
     p = sub.add_parser("migrate", help="copy this host's Let's Encrypt state to or from Redis")
     p.add_argument("-c", "--config", default="lbproxy.toml",
@@ -261,26 +254,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="from Redis to <state_dir>/letsencrypt")
     p.add_argument("--force", action="store_true",
                    help="overwrite keys the destination already holds")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(run=_migrate, show=_show_migrate)
+    add_json_option(p)
+    p.set_defaults(local=_migrate, show=_show_migrate, who="lbproxy cluster migrate")
 
-    p = sub.add_parser("status", help="this node, Redis, the nodes seen and the locks held")
-    add_admin_options(p)
+    p = sub.add_parser("status", parents=[common],
+                       help="this node, Redis, the nodes seen and the locks held")
     p.set_defaults(run=_status, show=print_cluster)
-    return root
-
-
-def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or bad usage (2)
-        return int(e.code) if isinstance(e.code, int) else 2
-    try:
-        data = args.run(args, out)
-    except ClientError as e:
-        return print_failure(args, str(e), out, err, status=e.status, reason=e.reason)
-    except CommandError as e:
-        return print_failure(args, str(e), out, err, who=f"lbproxy cluster {args.cmd}")
-    return print_result(args, data, out)

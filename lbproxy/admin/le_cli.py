@@ -10,9 +10,8 @@
     lbproxy restore FILE [--passphrase-file F] [--vs] [--certs]
     lbproxy vs convert VS
 
-Each takes --json, -c CONFIG (default lbproxy.toml), --admin URL and --token-file F. Exit status:
-0 done, 1 refused or unreachable (the message ends in the LoadMaster code, `(code: N)`), 2 bad
-usage.
+Each takes the admin options (lbproxy.admin.client.add_admin_options); a refusal's message ends
+in the LoadMaster code, `(code: N)`. Exit status as lbproxy.admin.client's EXIT_* say.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import argparse
 import base64
 import dataclasses
 import getpass
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,10 +30,14 @@ from urllib.parse import quote
 from .client import (
     AdminClient,
     ClientError,
-    add_admin_options,
+    Printer,
+    UsageError,
     connect,
-    print_failure,
-    print_result,
+    dispatch,
+    fields,
+    group,
+    root_parser,
+    table,
 )
 
 # An order (validation, finalize, download) may take minutes; the CLI waits a bit longer than
@@ -43,7 +45,7 @@ from .client import (
 ORDER_WAIT = 330.0
 PASSPHRASE_ENV = "LBPROXY_BACKUP_PASSPHRASE"
 
-Command = Callable[[AdminClient, argparse.Namespace, TextIO], Any]
+Command = Callable[[AdminClient, argparse.Namespace], Any]
 
 
 def _read(path: str, what: str) -> bytes:
@@ -59,38 +61,31 @@ def _passphrase(args: argparse.Namespace, *, confirm: bool) -> str:
     if os.environ.get(PASSPHRASE_ENV):
         return os.environ[PASSPHRASE_ENV]
     if not sys.stdin.isatty():
-        raise ClientError(f"give --passphrase-file or set {PASSPHRASE_ENV}")
+        raise UsageError(f"give --passphrase-file or set {PASSPHRASE_ENV}")
     first = getpass.getpass("backup passphrase: ")
     if confirm and getpass.getpass("again: ") != first:
         raise ClientError("the passphrases differ")
     return first
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    for row in (headers, *rows):
-        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]
-        print("  ".join(cells).rstrip(), file=out)
-
-
 # -- commands -------------------------------------------------------------------------------------
 
-def set_directory(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def set_directory(c: AdminClient, a: argparse.Namespace) -> Any:
     body: dict[str, Any] = {"directory_url": a.url}
     if a.ca_bundle is not None:
         body["ca_bundle"] = str(Path(a.ca_bundle).resolve()) if a.ca_bundle else ""
     return c.put("/api/le/settings", body)
 
 
-def renew_period(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def renew_period(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.put("/api/le/settings", {"renew_period_days": a.days})
 
 
-def register(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def register(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.post("/api/le/account", {"email": a.email} if a.email is not None else {})
 
 
-def upload_key(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def upload_key(c: AdminClient, a: argparse.Namespace) -> Any:
     body: dict[str, Any] = {"key": _read(a.file, "account key").decode(errors="replace")}
     if a.passphrase_file:
         body["passphrase"] = _read(a.passphrase_file, "passphrase file").decode().rstrip("\r\n")
@@ -99,19 +94,19 @@ def upload_key(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
     return c.post("/api/le/account/key", body)
 
 
-def account(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def account(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.get("/api/le/account")
 
 
-def request(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def request(c: AdminClient, a: argparse.Namespace) -> Any:
     sans = []
     for s in a.san:
         name, sep, vs = s.partition("=")
         if not sep or not name or not vs:
-            raise ClientError(f"--san takes NAME=VS, got {s!r}")
+            raise UsageError(f"--san takes NAME=VS, got {s!r}")
         sans.append({"name": name, "vs": vs})
     if a.ec and a.key_size:
-        raise ClientError("give either --ec or --key-size")
+        raise UsageError("give either --ec or --key-size")
     body: dict[str, Any] = {
         "id": a.id, "common_name": a.cn, "vs": a.vs, "sans": sans,
         "key_type": "rsa" if a.key_size else "ec", "key_size": a.key_size or 2048,
@@ -123,24 +118,24 @@ def request(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
     return dataclasses.replace(c, timeout=ORDER_WAIT).post("/api/le/certs", body)
 
 
-def list_certs(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def list_certs(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.get("/api/le/certs")
 
 
-def eligible(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def eligible(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.get("/api/le/eligible-vs")
 
 
-def renew(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def renew(c: AdminClient, a: argparse.Namespace) -> Any:
     return dataclasses.replace(c, timeout=ORDER_WAIT).post(
         f"/api/le/certs/{quote(a.id, safe='')}/renew", {"wait": True})
 
 
-def delete(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def delete(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.delete(f"/api/le/certs/{quote(a.id, safe='')}")
 
 
-def backup(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def backup(c: AdminClient, a: argparse.Namespace) -> Any:
     answer = c.post("/api/le/backup", {"passphrase": _passphrase(a, confirm=True),
                                         "vs": a.vs, "certs": a.certs})
     data = base64.b64decode(answer["backup"])
@@ -150,14 +145,14 @@ def backup(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
     return {"backup": a.output, "bytes": len(data), "vs": a.vs, "certs": a.certs}
 
 
-def restore(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def restore(c: AdminClient, a: argparse.Namespace) -> Any:
     data = _read(a.file, "backup")
     return c.post("/api/le/restore", {"backup": base64.b64encode(data).decode(),
                                       "passphrase": _passphrase(a, confirm=False),
                                       "vs": a.vs, "certs": a.certs})
 
 
-def convert(c: AdminClient, a: argparse.Namespace, out: TextIO) -> Any:
+def convert(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.post(f"/api/le/vs/{quote(a.vs, safe='')}/convert", {})
 
 
@@ -215,33 +210,56 @@ def show_convert(d: Any, out: TextIO) -> None:
     print(d["toml"], file=out, end="")
 
 
-def show_done(d: Any, out: TextIO) -> None:
-    print(json.dumps(d, indent=2), file=out)
+def show_deleted(d: Any, out: TextIO) -> None:
+    print(f"deleted Let's Encrypt certificate {d['deleted']}", file=out)
+
+
+def show_backup(d: Any, out: TextIO) -> None:
+    parts = ["the account and settings"] + (["the VS configuration"] if d.get("vs") else []) + (
+        ["the certificates and their assignments"] if d.get("certs") else [])
+    what = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    print(f"wrote {d['backup']} ({d['bytes']} bytes, encrypted, mode 0600): {what}", file=out)
+
+
+def show_restore(d: Any, out: TextIO) -> None:
+    certs = d.get("certificates") or []
+    fields([("account", d.get("account") or "none in the backup"),
+            ("certificates", ", ".join(certs) if certs else "none"),
+            ("VS configuration", "applied" if d.get("vs") else "not restored"),
+            ("assignments", str(len(d.get("assignments") or [])))], out)
+    for a in d.get("assignments") or []:
+        print(f"  {a['certificate']} -> {a['target']}{' (default)' if a.get('default') else ''}",
+              file=out)
+    missed = d.get("not_restored") or []
+    if missed:
+        print(f"not restored ({len(missed)}, code 102):", file=out)
+        for m in missed:
+            target = f" on {m['target']}" if m.get("target") else ""
+            print(f"  {m['certificate']}{target}: {m['reason']}", file=out)
 
 
 # -- parser -------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="lbproxy")
-    top = root.add_subparsers(dest="group", required=True)
-
-    def cmd(sub: Any, name: str, run: Command, show: Callable[[Any, TextIO], None],
-            help: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help)
-        add_admin_options(p)
+def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
+                 common: argparse.ArgumentParser) -> None:
+    """`le ...`, `backup`, `restore` and `vs convert`."""
+    def cmd(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, run: Command,
+            show: Printer, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
         p.set_defaults(run=run, show=show)
         return p
 
-    le = top.add_parser("le", help="Let's Encrypt certificates").add_subparsers(
-        dest="cmd", required=True)
+    le = group(top, "le", "Let's Encrypt certificates")
     p = cmd(le, "set-directory", set_directory, show_account, "set the ACME directory URL")
     p.add_argument("url")
-    p.add_argument("--ca-bundle", default=None, help="PEM trusted for the CA's own TLS")
+    p.add_argument("--ca-bundle", default=None, metavar="F",
+                   help="PEM trusted for the CA's own TLS (\"\": the system store)")
     p = cmd(le, "register", register, show_account, "register an account (key generated)")
     p.add_argument("--email", default=None)
     p = cmd(le, "upload-key", upload_key, show_account, "link an account by its key")
     p.add_argument("file")
-    p.add_argument("--passphrase-file", default=None)
+    p.add_argument("--passphrase-file", default=None, metavar="F",
+                   help="file holding the key's passphrase")
     p.add_argument("--replace", action="store_true",
                    help="replace the account already linked (refused with code 6 without it)")
     p = cmd(le, "renew-period", renew_period, show_account, "days before expiry (1-60)")
@@ -262,37 +280,33 @@ def _parser() -> argparse.ArgumentParser:
     cmd(le, "eligible-vs", eligible, show_eligible, "VSs that can answer challenges")
     p = cmd(le, "renew", renew, show_cert, "renew a certificate now")
     p.add_argument("id")
-    p = cmd(le, "delete", delete, show_done, "delete a certificate (refused while in use)")
+    p = cmd(le, "delete", delete, show_deleted, "delete a certificate (refused while in use)")
     p.add_argument("id")
 
-    p = cmd(top, "backup", backup, show_done, "encrypted backup of the Let's Encrypt account")
-    p.add_argument("-o", "--output", default="lbproxy-le-backup.json")
-    p.add_argument("--passphrase-file", default=None)
+    p = cmd(top, "backup", backup, show_backup, "encrypted backup of the Let's Encrypt account")
+    p.add_argument("-o", "--output", default="lbproxy-le-backup.json", metavar="FILE")
+    p.add_argument("--passphrase-file", default=None, metavar="F",
+                   help=f"file holding the backup's passphrase (else ${PASSPHRASE_ENV}, else "
+                        "a prompt)")
     p.add_argument("--vs", action="store_true", help="include the VS configuration")
     p.add_argument("--certs", action="store_true", help="include the certificates")
-    p = cmd(top, "restore", restore, show_done, "restore a backup")
+    p = cmd(top, "restore", restore, show_restore, "restore a backup")
     p.add_argument("file")
-    p.add_argument("--passphrase-file", default=None)
+    p.add_argument("--passphrase-file", default=None, metavar="F",
+                   help=f"file holding the backup's passphrase (else ${PASSPHRASE_ENV}, else "
+                        "a prompt)")
     p.add_argument("--vs", action="store_true", help="restore the VS configuration (run time)")
     p.add_argument("--certs", action="store_true", help="restore the certificates")
 
-    vs = top.add_parser("vs", help="virtual services").add_subparsers(dest="cmd", required=True)
-    p = cmd(vs, "convert", convert, show_convert,
+    p = cmd(group(top, "vs", "virtual services as they run"), "convert", convert, show_convert,
             "move a VS's Real Servers into a SubVS (run time) so it can answer challenges")
     p.add_argument("vs")
-    return root
 
 
-def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code) if isinstance(e.code, int) else 2
-    try:
-        client = connect(args.config, args.admin, args.token_file, args.cacert)
-        data = args.run(client, args, out)
-    except ClientError as e:
-        return print_failure(args, str(e), out, err, status=e.status, reason=e.reason)
-    return print_result(args, data, out)
+def main(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """These commands alone, for callers of this module (`lbproxy` runs lbproxy.admin.cli's one
+    parser). The client comes from this module's `connect`, looked up at each call."""
+    root, top, common = root_parser()
+    add_commands(top, common)
+    return dispatch(root, argv, out or sys.stdout, err or sys.stderr,
+                    lambda *a: connect(*a))

@@ -13,7 +13,7 @@ from aiohttp import web
 from ..certs.store import ADMIN_TARGET, CertStore
 from ..config.loader import is_loopback
 from ..config.model import Address, AdminSettings, Protocol, TLSSettings, VirtualService
-from ..errors import ConfigError, ConfigProblem
+from ..errors import CannotListen, ConfigError, ConfigProblem
 from ..proxy.tls import CertMaterial, TLSContexts, VSCertificates
 from .api import ADMIN_LISTENER_KEY, ADMIN_TLS_REQUIRED_KEY, RUNTIME_KEY
 
@@ -182,6 +182,9 @@ async def start_admin(app: web.Application, address: Address,
     await runner.setup()
     try:
         await server._open(ssl_context)
+    except OSError as e:  # the port is taken, or the address is not this host's
+        await runner.cleanup()
+        raise CannotListen.from_os_error(str(address), "admin API", e) from e
     except BaseException:
         await runner.cleanup()
         raise

@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, ConfigProblem
+from .hints import closest, did_you_mean, table_header, unit_hint
+from .lint import names_of, routing_warnings
+from .locate import label_of, locate, syntax_line
 from .model import (
     DEFAULT_RULE,
     LETS_ENCRYPT_PRODUCTION,
@@ -21,6 +24,7 @@ from .model import (
     MAX_RULES,
     MAX_SANS,
     MAX_WORKERS,
+    AccessLogFormat,
     AccessLogSettings,
     Address,
     AdminSettings,
@@ -59,10 +63,14 @@ _DEFAULT_REDIRECT = "https://{host}{path}"
 class _Reader:
     """Reads one TOML table, recording problems under its path instead of raising."""
 
-    def __init__(self, data: Any, path: str, problems: list[ConfigProblem], base: Path) -> None:
+    def __init__(self, data: Any, path: str, problems: list[ConfigProblem], base: Path,
+                 parent: _Reader | None = None) -> None:
         self.path = path
         self.problems = problems
         self.base = base
+        self.parent = parent
+        # Unknown keys of this reader and its children: (index in problems, reader, key).
+        self.unknown: list[tuple[int, _Reader, str]] = parent.unknown if parent else []
         if not isinstance(data, dict):
             self.error(f"expected a table, got {type(data).__name__}")
             data = {}
@@ -85,7 +93,8 @@ class _Reader:
             self.error(f"expected {kind_name}, got a boolean", key)
             return default
         if not isinstance(value, kinds):
-            self.error(f"expected {kind_name}, got {type(value).__name__}", key)
+            self.error(f"expected {kind_name}, got {type(value).__name__}"
+                       f"{unit_hint(key, value, kinds)}", key)
             return default
         return value
 
@@ -134,7 +143,13 @@ class _Reader:
         try:
             return enum_type(raw.lower())
         except ValueError:
-            self.error(f"unknown value {raw!r}; expected one of {names}", key)
+            members = getattr(enum_type, "__members__", {})
+            # Member names too: "round_robin" -> 'rr'.
+            known = {**{n.lower(): m.value for n, m in members.items()},
+                     **{m.value: m.value for m in members.values()}}
+            close = closest(raw.replace("-", "_"), known)
+            hint = f"; did you mean {known[close]!r}? (one of {names})" if close else ""
+            self.error(f"unknown value {raw!r}" + (hint or f"; expected one of {names}"), key)
             return default  # type: ignore[no-any-return]
 
     def str_list(self, key: str) -> tuple[str, ...]:
@@ -149,17 +164,40 @@ class _Reader:
 
     def tables(self, key: str) -> list[_Reader]:
         raw = self._get(key, [], (list,), "an array of tables")
-        return [_Reader(item, f"{self.at(key)}[{i}]", self.problems, self.base)
+        return [_Reader(item, f"{self.at(key)}[{i}]", self.problems, self.base, self)
                 for i, item in enumerate(raw)]
 
     def table(self, key: str) -> _Reader:
         raw = self._get(key, {}, (dict,), "a table")
-        return _Reader(raw, self.at(key), self.problems, self.base)
+        return _Reader(raw, self.at(key), self.problems, self.base, self)
 
     def finish(self) -> None:
         for key in self.data:
             if key not in self.used:
-                self.error("unknown key (typo?)", key)
+                hint = did_you_mean(key, self.used)
+                self.unknown.append((len(self.problems), self, key))
+                self.error(f"unknown key{hint}" if hint else "unknown key (typo?)", key)
+
+    def explain_unknown(self) -> None:
+        """Once every table is read (on the top-level reader): an unknown key that the parent
+        table knows (or nearly: a typo) was most likely written after a [header] that took it,
+        TOML's one trap; say so."""
+        for index, reader, key in self.unknown:
+            parent = reader.parent
+            if parent is None or key in reader.used:
+                continue
+            p = self.problems[index]
+            owner = label_of(parent.path, self.data) or parent.path or "the top level"
+            trap = (f"a key after a {table_header(reader.path)} header belongs to that table; "
+                    "move it above the header")
+            if key in parent.used:
+                message = f"unknown key here, but a key of {owner}: {trap}"
+            elif "did you mean" not in p.message and (hint := did_you_mean(
+                    key, parent.used - {reader.path.rpartition(".")[2].split("[")[0]}, 0.8)):
+                message = f"unknown key{hint} (a key of {owner}: {trap})"
+            else:
+                continue
+            self.problems[index] = dataclasses.replace(p, message=message)
 
 
 def _enum_names(enum_type: Any) -> str:
@@ -202,8 +240,9 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
-def config_warnings(cfg: Config) -> list[ConfigProblem]:
-    """What a valid config allows but `lbproxy check` should point out."""
+def config_warnings(cfg: Config, path: str | Path | None = None) -> list[ConfigProblem]:
+    """What a valid config allows but `lbproxy check` should point out: named like the loader's
+    problems, and with lines when `path` (the file `cfg` was loaded from) is given."""
     out = []
     admin = cfg.admin
     if admin.enabled and admin.insecure:
@@ -214,7 +253,16 @@ def config_warnings(cfg: Config) -> list[ConfigProblem]:
             out.append(ConfigProblem("admin.insecure", f"the admin API serves plain HTTP on "
                                      f"{admin.listen}, a non-loopback address: the bearer token "
                                      "and uploaded keys cross the network in clear"))
-    return out
+    out += routing_warnings(cfg)
+    text = ""
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            pass
+    located = locate(out, text, data=names_of(cfg), source=str(path) if path else None)
+    located.sort(key=lambda p: (p.line is None, p.line or 0))
+    return located
 
 
 def _address(r: _Reader, key: str, *, required: bool = True) -> Address | None:
@@ -322,6 +370,7 @@ def _timeouts(r: _Reader, default: Timeouts) -> Timeouts:
         first_byte=t.number("first_byte", default.first_byte, 0.01, 86400),
         request=t.number("request", default.request, 0.01, 86400),
         upstream_idle=t.number("upstream_idle", default.upstream_idle, 0.01, 86400),
+        websocket_idle=t.number("websocket_idle", default.websocket_idle, 0.01, 7 * 86400),
     )
     t.finish()
     return out
@@ -460,7 +509,8 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
         for j, rn in enumerate(s.rules):
             where = f"subvs[{i}].rules[{j}]"
             if rn != DEFAULT_RULE and rn not in rule_names:
-                t.error(f"unknown content rule {rn!r}", where)
+                t.error(f"unknown content rule {rn!r}"
+                        f"{did_you_mean(rn, [*rule_names, DEFAULT_RULE])}", where)
             if rn in rule_owner:
                 t.error(f"rule {rn!r} is already assigned to SubVS {rule_owner[rn]!r} "
                         "in this VS", where)
@@ -468,8 +518,8 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
     if vs.precedence:
         for j, rn in enumerate(vs.precedence):
             if rn not in rule_owner:
-                t.error(f"rule {rn!r} is not assigned to any SubVS of this VS",
-                        f"precedence[{j}]")
+                t.error(f"rule {rn!r} is not assigned to any SubVS of this VS"
+                        f"{did_you_mean(rn, rule_owner)}", f"precedence[{j}]")
         listed = set(vs.precedence)  # not `in` the tuple: quadratic at 10,000 rules
         missing = [rn for rn in rule_owner if rn not in listed]
         if missing:
@@ -498,7 +548,7 @@ def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | 
         t.error(f"{cn!r} is not a fully qualified domain name", "common_name")
     vs = t.text("vs", required=True)
     if vs and vs not in vs_names:
-        t.error(f"unknown virtual service {vs!r}", "vs")
+        t.error(f"unknown virtual service {vs!r}{did_you_mean(vs, vs_names)}", "vs")
     sans: list[tuple[str, str]] = []
     for s in t.tables("sans"):
         name = s.text("name", required=True).lower()
@@ -506,7 +556,7 @@ def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | 
         if name and not is_fqdn(name):
             s.error(f"{name!r} is not a fully qualified domain name", "name")
         if svs and svs not in vs_names:
-            s.error(f"unknown virtual service {svs!r}", "vs")
+            s.error(f"unknown virtual service {svs!r}{did_you_mean(svs, vs_names)}", "vs")
         if name == cn or any(name == n for n, _ in sans):
             s.error(f"{name!r} is listed twice", "name")
         s.finish()
@@ -631,7 +681,8 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([ConfigProblem(source, f"TOML syntax: {e}")]) from None
+        raise ConfigError([ConfigProblem(source, f"TOML syntax: {e}", syntax_line(str(e)),
+                                         None if source == "<config>" else source)]) from None
     problems: list[ConfigProblem] = []
     r = _Reader(data, "", problems, base or Path.cwd())
 
@@ -683,7 +734,10 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
     admin_t.finish()
     log_t = r.table("access_log")
     access_log = AccessLogSettings(enabled=log_t.flag("enabled", True),
-                                   path=log_t.text("path", ""))
+                                   path=log_t.text("path", ""),
+                                   format=log_t.enum("format", AccessLogFormat.LBPROXY,
+                                                     AccessLogFormat,
+                                                     _enum_names(AccessLogFormat)))
     log_t.finish()
     le_t = r.table("letsencrypt")
     le = LetsEncryptSettings(
@@ -712,11 +766,12 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
         certificates=tuple(certs),
         virtual_services=tuple(vss),
         rules=tuple(rules),
-        state_dir=r.text("state_dir", "state"),
+        state_dir=r.text("state_dir", ""),
         admin=admin,
         access_log=access_log,
         drain_timeout=r.number("drain_timeout", 30.0, 0, 3600),
         allow_empty=r.flag("allow_empty", False),
+        watch_config=r.flag("watch_config", False),
         workers=r.count_or_auto("workers", 0, MAX_WORKERS),
         worker_id_header=r.flag("worker_id_header", False),
         cluster=_cluster(r),
@@ -726,7 +781,12 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
                                       f"{admin.listen} is also VS {listeners[admin.listen]!r}"))
     r.finish()
     if problems:
-        raise ConfigError(problems)
+        r.explain_unknown()
+        located = locate(problems, text, data=data,
+                         source=None if source == "<config>" else source)
+        # In file order (a problem with no line last), as an editor would walk them.
+        located.sort(key=lambda p: (p.line is None, p.line or 0))
+        raise ConfigError(located)
     return cfg
 
 

@@ -14,6 +14,12 @@ class Protocol(StrEnum):
     HTTPS = "https"
 
 
+class AccessLogFormat(StrEnum):
+    LBPROXY = "lbproxy"
+    COMBINED = "combined"
+    JSON = "json"
+
+
 class VSKind(StrEnum):
     PROXY = "proxy"
     REDIRECT = "redirect"
@@ -119,7 +125,8 @@ class ContentRule:
 class Timeouts:
     """Seconds. head: read a request head (slowloris); idle: client keep-alive; body: between two
     reads of a request body (like nginx's client_body_timeout); connect/first_byte: upstream;
-    request: a whole exchange; upstream_idle: pooled connections."""
+    request: a whole exchange; upstream_idle: pooled connections; websocket_idle: an upgraded
+    connection (WebSocket) with no bytes either way."""
 
     head: float = 10.0
     idle: float = 60.0
@@ -128,6 +135,7 @@ class Timeouts:
     first_byte: float = 30.0
     request: float = 300.0
     upstream_idle: float = 30.0
+    websocket_idle: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +211,11 @@ class AdminSettings:
 @dataclass(frozen=True, slots=True)
 class AccessLogSettings:
     enabled: bool = True
-    # "" = the lbproxy.access logger (stderr by default); else a file path.
+    # A file path; "-" = the lbproxy.access logger (stderr); "" = $LOGS_DIRECTORY/access.log
+    # under systemd (LogsDirectory=), else stderr (lbproxy.accesslog.access_log_path).
     path: str = ""
+    # The line format (lbproxy.proxy.accesslog): lbproxy, combined (Apache/nginx) or json.
+    format: AccessLogFormat = AccessLogFormat.LBPROXY
 
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
@@ -300,13 +311,17 @@ MAX_WORKERS = 256
 class Config:
     virtual_services: tuple[VirtualService, ...] = ()
     rules: tuple[ContentRule, ...] = ()
-    state_dir: str = "state"
+    # "": the default, $STATE_DIRECTORY (systemd's StateDirectory=) when set, else "state".
+    state_dir: str = ""
     admin: AdminSettings = field(default_factory=AdminSettings)
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     drain_timeout: float = 30.0
     # A file with no VS is refused (an editor's truncate-then-write must not close every
     # listener); true lets `lbproxy run` start with none. A reload to no VS is always refused.
     allow_empty: bool = False
+    # Apply the file as soon as a change to it has settled (polled every second), as `lbproxy
+    # run --watch` does. Off: only `lbproxy reload`, POST /api/reload and SIGHUP apply it.
+    watch_config: bool = False
     letsencrypt: LetsEncryptSettings = field(default_factory=LetsEncryptSettings)
     certificates: tuple[CertificateRequest, ...] = ()
     events: EventSettings = field(default_factory=EventSettings)
@@ -323,8 +338,14 @@ class Config:
         return self.workers or max(1, len(os.sched_getaffinity(0)))
 
     def state_path(self, config_path: str | os.PathLike[str]) -> Path:
-        """The state directory; a relative `state_dir` is relative to the config file's folder."""
-        state = Path(self.state_dir)
+        """The state directory; a relative `state_dir` is relative to the config file's folder.
+        Unset, it is the first directory of $STATE_DIRECTORY (set by systemd for a unit with
+        StateDirectory=, e.g. /var/lib/lbproxy) or else "state" beside the config file."""
+        if not self.state_dir:
+            env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+            if env:
+                return Path(env)
+        state = Path(self.state_dir or "state")
         return state if state.is_absolute() else Path(config_path).parent / state
 
     def vs_by_name(self, name: str) -> VirtualService | None:

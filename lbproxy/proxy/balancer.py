@@ -9,8 +9,10 @@ Hot reload: `Balancer(servers, scheduler, previous=old)` *adopts* the `Backend` 
 whose address is still configured. The very same objects continue, so health state, the in-flight
 count (`active`, decremented later by requests picked under the old generation) and the counters
 carry over without a copy that could go stale; only `weight` and `enabled` are updated in place from
-the new config. Hence: build a fresh Balancer (with `previous=`) for every generation you switch to,
-rollbacks included, and don't keep picking from a balancer that has been superseded for long.
+the new config. Run-time overrides (lbproxy.servercontrol: enable, disable, drain, weight) are laid
+over the config by `administer()` after every build. Hence: build a fresh Balancer (with
+`previous=`) for every generation you switch to, rollbacks included, and don't keep picking from
+a balancer that has been superseded for long.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import hashlib
 import logging
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..config.model import Address, RealServer, Scheduler
 
@@ -63,12 +65,15 @@ class Backend:
     """
 
     __slots__ = ("_cw", "_seed", "active", "address", "checked", "down_reason", "enabled",
-                 "failures", "healthy", "requests", "weight")
+                 "failures", "healthy", "requests", "state", "weight")
 
     def __init__(self, address: Address, weight: int = 1, enabled: bool = True) -> None:
         self.address = address
         self.weight = weight
         self.enabled = enabled
+        # "enabled", "disabled" or "drain" (a run-time override; see administer()): `enabled`
+        # is True exactly when it is "enabled".
+        self.state = "enabled" if enabled else "disabled"
         self.healthy = True
         # True once a health check has reported on this server (see HealthState.provisional).
         self.checked = False
@@ -87,7 +92,7 @@ class Backend:
     def __repr__(self) -> str:
         state = "up" if self.healthy else "down"
         return (f"<Backend {self.address} w={self.weight} {state}"
-                f"{'' if self.enabled else ' disabled'} active={self.active}>")
+                f"{'' if self.enabled else ' ' + self.state} active={self.active}>")
 
 
 _Chooser = Callable[[str, str, Backend | None], Backend | None]
@@ -112,6 +117,7 @@ class Balancer:
             else:
                 b.weight = s.weight
                 b.enabled = s.enabled
+                b.state = "enabled" if s.enabled else "disabled"
             backends.append(b)
         self.backends: tuple[Backend, ...] = tuple(backends)
         self._rr = 0  # rr's next index; where lc starts its scan, so that ties take turns
@@ -164,6 +170,30 @@ class Balancer:
         weight 0, which always stops new requests): the hash schedulers rank by weight once per
         slot and keep that ranking. The other schedulers read weights on every pick."""
         self._top = None
+
+    def administer(self, configured: Sequence[RealServer],
+                   overrides: Mapping[str, tuple[str, int]]) -> None:
+        """Give each backend its run-time (state, weight) from `overrides` (by address text), or
+        the config's (`configured`: the servers this pool was built from) when it has none.
+        A state other than "enabled" takes no new requests; requests in flight are untouched."""
+        by_address = {str(s.address): s for s in configured}
+        reweigh = False
+        for b in self.backends:
+            addr = str(b.address)
+            setting = overrides.get(addr)
+            if setting is None:
+                s = by_address.get(addr)
+                if s is None:
+                    continue
+                setting = ("enabled" if s.enabled else "disabled", s.weight)
+            state, weight = setting
+            b.state = state
+            b.enabled = state == "enabled"
+            if b.weight != weight:
+                b.weight = weight
+                reweigh = True
+        if reweigh:
+            self.reweighed()
 
     def find(self, address: Address) -> Backend | None:
         for b in self.backends:

@@ -36,6 +36,8 @@ Limits (per VS in [vs.limits] / [vs.timeouts]; the answer; the stats() counter i
   begun by then, or else from its first byte after a keep-alive wait) to the end of the head (not
   extended by trickled bytes: slowloris): 408 + close; head_timeout
 - idle keep-alive, 60 s: close; idle_timeout
+- an upgraded connection (a WebSocket tunnel after the 101) with no bytes either way, 3600 s
+  (websocket_idle; the keep-alive idle does not apply to it): close both sides; idle_timeout
 - request body, 30 s between two reads (body; nginx's client_body_timeout): 408 + close, the
   upstream exchange aborted; body_timeout. A half-close before the body's end: 400 + close, the
   same; body_incomplete

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from bisect import bisect_left
-from collections import deque
 from math import inf
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from .accesslog import CUT, line_prefix
+from .accesslog import CUT
 from .request import Request
 from .service import LATENCY_BUCKETS
 
@@ -49,9 +49,6 @@ D_BODY = 6  # reading a request body: no bytes for t_body (or the whole exchange
 
 # The status logged for a request whose client went away before any response (nginx's 499).
 CLIENT_CLOSED = 499
-
-# Most answers take under a millisecond: they count in the first latency bucket without a bisect.
-_FIRST_BOUND = LATENCY_BUCKETS[0]
 
 
 class ClientState(asyncio.Protocol):
@@ -85,7 +82,9 @@ class ClientState(asyncio.Protocol):
         self.xff_b = b""
         self.req: Request | None = None  # being parsed
         self.cur: Request | None = None  # being answered
-        self.queue: deque[Request] = deque()
+        # Pipelined requests behind `cur`: a list, not a deque (an empty deque holds a 64-slot
+        # block, ~700 bytes per idle connection; a pipeline is a few requests deep at most).
+        self.queue: list[Request] = []
         self.paused = 0
         self.write_paused = False
         self.closing = False
@@ -158,8 +157,9 @@ class ClientState(asyncio.Protocol):
         self.dkind = D_IDLE
 
     def _wait_tunnel(self, now: float) -> None:
-        """An Upgrade tunnel: pushed back by the bytes through it either way."""
-        self.deadline = now + self.listener.service.t_idle
+        """An Upgrade tunnel (WebSocket): websocket_idle, pushed back by the bytes through it
+        either way."""
+        self.deadline = now + self.listener.service.t_tunnel
         self.dkind = D_TUNNEL
 
     def touch(self) -> None:
@@ -218,34 +218,45 @@ class ClientState(asyncio.Protocol):
         if up is not None and up.req is req:
             up.abandon()
 
-    def _record(self, req: Request, now: float) -> None:
+    def _record(self, req: Request) -> None:
         """Count a finished request and write its access-log line: the one place for every path
-        (relayed, answered locally, refused, cut). Latency goes to its pool (or VS), bytes and the
-        status class to its real server (or pool, or VS): one object per figure, and stats()
-        adds the levels up."""
+        (relayed, answered locally, refused, cut). Latency, bytes and the status code go to its
+        real server (or pool, or VS): one object per figure, and stats() adds the levels up.
+        Its end is read here, from the precise clock its start was (`Request.ts`)."""
+        end = monotonic()
         svc = req.svc
         target = req.target
-        tc: Traffic = target.counters if target is not None else svc.counters
-        dt = now - req.t0
-        tc.lat[0 if dt <= _FIRST_BOUND else bisect_left(LATENCY_BUCKETS, dt)] += 1
-        tc.lat_sum += dt
+        dt = end - req.ts
         server = req.server
-        srv: Traffic = server or tc
-        srv.resp[req.status // 100] += 1
+        srv: Traffic = server or (target.counters if target is not None else svc.counters)
+        srv.lat[bisect_left(LATENCY_BUCKETS, dt)] += 1
+        srv.lat_sum += dt
+        srv.codes[req.status] += 1
         nread = self.nread
-        srv.bytes_in += nread - self.nmark
+        nin = nread - self.nmark
+        srv.bytes_in += nin
         self.nmark = nread
         srv.bytes_out += req.hlen + req.resp_bytes
         log = svc.log
         if log is not None:
             if (self.log_svc is not svc or self.log_target is not target
                     or self.log_server is not server):
-                # The constant part of this connection's lines, remade when what it names does.
+                # The constant part of this connection's lines, remade when what it names does
+                # (and by the log of its Service, whose format it is made for).
                 self.log_svc = svc
                 self.log_target = target
                 self.log_server = server
-                self.log_prefix = line_prefix(
+                self.log_prefix = log.prefix(
                     svc.name, target.name if target is not None else "-",
-                    server.address if server is not None else "-", req.src_ip)
-            log.entry(self.log_prefix, req.method_b, req.url, req.status, req.resp_bytes, req.t0,
-                      now, CUT if req.cut else b"")
+                    str(server.address) if server is not None else "-", req.src_ip,
+                    None if log.plain else self._tls_version())
+            if log.plain:
+                log.entry(self.log_prefix, req.method_b, req.url, req.status, req.resp_bytes,
+                          req.ts, end, CUT if req.cut else b"")
+            else:
+                log.request(self.log_prefix, req, nin, end)
+
+    def _tls_version(self) -> str | None:
+        """The TLS version of this connection ("TLSv1.3"), None for plain HTTP."""
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return ssl_object.version() if ssl_object is not None else None

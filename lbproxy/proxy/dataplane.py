@@ -11,12 +11,14 @@ import logging
 import os
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config.model import ContentRule, HealthCheck, Protocol, VirtualService, rule_order
 from ..routing import Router, compile_router
 from ..runtime import Runtime, new_generation, off_loop
+from ..servercontrol import ServerTable
 from .accesslog import AccessLog
 from .balancer import Balancer
 from .client import ClientConnection
@@ -122,6 +124,8 @@ class DataPlane:
         self._request_tag = request_tag
         # The last health states sent by a control process: (VS, SubVS) -> address -> state.
         self._health: dict[tuple[str, str], dict[str, tuple[bool, bool, str]]] = {}
+        # Run-time real-server overrides (lbproxy.servercontrol), laid over every generation.
+        self._servers: ServerTable = {}
         self._loop = loop
         self._listeners: dict[tuple[Any, ...], ClientListener] = {}
         self._outbox: Outbox | None = None  # made on the first apply(), on the running loop
@@ -194,7 +198,8 @@ class DataPlane:
 
         Per VS, SubVS and real server: `bytes_in`/`bytes_out` (client side: bytes read from the
         client for the requests it took / response head + body sent; chunk framing excluded),
-        `responses` by status class. Per VS and SubVS: `latency` (request start to response end:
+        `responses` by status class, `codes` by exact status ({"200": n, "404": n}: only codes
+        seen), and `latency` (request start to response end, on the precise clock:
         `buckets` bounds in seconds, per-bucket `counts` NOT cumulative with a last +Inf slot,
         `sum` seconds, `count`), also flat as `latency_buckets` {bound: n, "+Inf": n},
         `latency_sum`, `latency_count` (the shape lbproxy.metrics reads). Per VS: `rule_hits`
@@ -219,10 +224,10 @@ class DataPlane:
                         st = t.pools[b]
                         servers.append({
                             "address": str(b.address), "weight": b.weight, "enabled": b.enabled,
+                            "state": b.state,
                             "healthy": b.healthy, "down_reason": b.down_reason,
                             "active": b.active, "requests": b.requests, "failures": b.failures,
-                            "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
-                            "responses": _classes(st.resp),
+                            **_traffic([st]),  # bytes, responses, latency
                         })
                 tc = t.counters
                 # Requests sent to a real server are counted by the balancer (Backend.requests).
@@ -311,11 +316,36 @@ class DataPlane:
                 if st is not None:
                     b.healthy, b.checked, b.down_reason = st
 
+    def set_servers(self, table: ServerTable) -> None:
+        """Run-time real-server overrides (enable, disable, drain, weight; see
+        lbproxy.servercontrol): applied now, and to the pools of every later generation."""
+        self._servers = table
+        if not self._stopped:
+            self._apply_servers(self._pools)
+
+    def _apply_servers(self, pools: Mapping[tuple[str, str], Pool]) -> None:
+        """Each backend of `pools` gets its override or its config's state and weight; an
+        address that no pool has enabled any more keeps no idle upstream connection (a drained
+        server's connections close as their requests finish)."""
+        enabled: set[tuple[str, int]] = set()
+        held: set[tuple[str, int]] = set()
+        for key, pool in pools.items():
+            pool.balancer.administer(pool.spec.servers, self._servers.get(key, {}))
+            for b in pool.balancer.backends:
+                (enabled if b.enabled else held).add((b.address.host, b.address.port))
+        for addr, cp in self._conn_pools.items():
+            hold = addr in held and addr not in enabled
+            if hold and not cp.retired:
+                cp.close_idle()
+            cp.retired = hold
+
     async def _apply(self, runtime: Runtime) -> None:
         loop = self._get_loop()
         cfg = runtime.config
-        if self._access is None:
-            self._access = AccessLog(loop)
+        if self._access is None or self._access.format != cfg.access_log.format:
+            # A new log per format (connections cache line prefixes made by their Service's log);
+            # the old one still flushes what draining connections write to it.
+            self._access = AccessLog(loop, fmt=cfg.access_log.format)
         # Checked once per generation: a logger configured later takes effect on the next reload.
         log = self._access if cfg.access_log.enabled and self._access.enabled() else None
         rules, routers = await self._routers_for(runtime)
@@ -338,6 +368,8 @@ class DataPlane:
             if self._request_tag:
                 svc.xfp_line += self._request_tag
             plan[key] = (old if keep else None, svc)
+        # Before any listener serves the new pools: a drained server stays drained.
+        self._apply_servers(factory.pools)
 
         # Prepare every new listener (TLS context, sockets bound and listening, servers not yet
         # accepting) before touching a running one: a failure closes what was prepared and leaves
@@ -468,7 +500,7 @@ class DataPlane:
         for vs in runtime.config.virtual_services:
             t = vs.timeouts
             shortest = min(shortest, t.head, t.idle, t.body, t.first_byte, t.request,
-                           t.upstream_idle)
+                           t.upstream_idle, t.websocket_idle)
         self._tick = max(_MIN_TICK, min(_MAX_TICK, shortest / _SWEEPS_PER_TIMEOUT))
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -502,16 +534,23 @@ def release_later(loop: asyncio.AbstractEventLoop, parts: list[object]) -> None:
         loop.call_soon(step)
 
 
-def _classes(resp: list[int]) -> dict[str, int]:
-    """Status classes 1xx..5xx (a status above 599 counts as 5xx)."""
-    out = dict(zip(RESPONSE_CLASSES, resp[1:6], strict=True))
-    out["5xx"] += sum(resp[6:])
+def _classes(codes: Mapping[int, int]) -> dict[str, int]:
+    """Status classes 1xx..5xx (a status above 599 counts as 5xx; below 100, not at all)."""
+    out = dict.fromkeys(RESPONSE_CLASSES, 0)
+    for code, n in codes.items():
+        if code >= 100:
+            out[RESPONSE_CLASSES[min(code // 100, 5) - 1]] += n
     return out
+
+
+def _codes(codes: Mapping[int, int]) -> dict[str, int]:
+    """Responses by exact status code, {"200": n, ...} in code order (codes seen, >= 100)."""
+    return {str(code): codes[code] for code in sorted(codes) if code >= 100 and codes[code]}
 
 
 def _traffic(parts: list[Traffic]) -> dict[str, Any]:
     """The sum of some Traffic counters as stats() shows them."""
-    resp = [0] * len(parts[0].resp)
+    codes: Counter[int] = Counter()
     lat = [0] * (len(LATENCY_BUCKETS) + 1)
     total = 0.0
     bytes_in = bytes_out = 0
@@ -519,15 +558,15 @@ def _traffic(parts: list[Traffic]) -> dict[str, Any]:
         bytes_in += p.bytes_in
         bytes_out += p.bytes_out
         total += p.lat_sum
-        for i, n in enumerate(p.resp):
-            resp[i] += n
+        codes.update(p.codes)
         for i, n in enumerate(p.lat):
             lat[i] += n
     count = sum(lat)
     flat: dict[str, int] = {str(b): n for b, n in zip(LATENCY_BUCKETS, lat, strict=False)}
     flat["+Inf"] = lat[-1]
     return {
-        "bytes_in": bytes_in, "bytes_out": bytes_out, "responses": _classes(resp),
+        "bytes_in": bytes_in, "bytes_out": bytes_out, "responses": _classes(codes),
+        "codes": _codes(codes),
         "latency": {"buckets": list(LATENCY_BUCKETS), "counts": lat, "sum": total,
                     "count": count},
         "latency_buckets": flat, "latency_sum": total, "latency_count": count,

@@ -9,6 +9,7 @@ to it) and sends its head, and `response_done` ends every answered request, rela
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from ..config.model import BODY_MATCH_LIMIT
@@ -177,11 +178,20 @@ class Exchange(ClientState):
         exchange is bound to an upstream connection and its head (with any body read so far)
         goes out."""
         now = self.loop.time()
+        log = req.svc.log
+        timed = log is not None and log.timed  # the log shows upstream timings (Request.t_up)
         if up is None:
+            if timed:
+                req.t_up = monotonic()
+                req.t_conn = 0.0
             up = pool.acquire(now)
             if up is None:
+                if timed:
+                    req.t_conn = -1.0
                 pool.connect(self, req, req.svc.t_connect)
                 return
+        elif timed:
+            req.t_conn = monotonic()  # a connection opened for it (attach)
         req.up = up
         t = up.start(self, req)
         if not req.has_body and not req.expect:
@@ -238,6 +248,9 @@ class Exchange(ClientState):
     # -- the upstream side's callbacks (contract.ClientForUpstream) ----------------------------
 
     def first_byte(self, req: Request) -> None:
+        log = req.svc.log
+        if log is not None and log.timed:
+            req.t_hdr = monotonic()
         if req is self.cur:
             self._wait_response(req)
 
@@ -282,7 +295,7 @@ class Exchange(ClientState):
     def start_tunnel(self, req: Request, up: UpstreamConnection[Request]) -> None:
         now = self.loop.time()
         self._release(req, True)
-        self._record(req, now)
+        self._record(req)
         self.cur = None
         self.tunnel = up
         raw, self.raw = self.raw, []
@@ -316,6 +329,8 @@ class Exchange(ClientState):
             req.hlen = len(data) - req.resp_bytes
         req.status = resp.status
         req.resp_started = True
+        if req.t_up:
+            req.t_hdr = -1.0  # the exchange with a real server ended in a local answer
         self.outbox.add(self.transport, data)  # held like a relayed response (outbox.py)
         self.response_done(req)
 
@@ -342,7 +357,7 @@ class Exchange(ClientState):
         if req.backend is not None:
             self._release(req, True)
         now = self.loop.time()
-        self._record(req, now)
+        self._record(req)
         if req is self.cur:
             self.cur = None
         if (self.paused or not req.keep_alive or self.closing or not req.complete or self.queue
@@ -373,7 +388,7 @@ class Exchange(ClientState):
         try:
             queue = self.queue
             while self.cur is None and queue:
-                req = queue.popleft()
+                req = queue.pop(0)
                 self.cur = req
                 self._start(req)
                 if self.closed:
@@ -417,7 +432,7 @@ class Exchange(ClientState):
         if req.cut:
             return
         req.cut = True
-        self._record(req, self.loop.time())
+        self._record(req)
         if req is self.cur:
             self.cur = None
 
@@ -459,7 +474,7 @@ class Exchange(ClientState):
         if not self.closed:
             self._write(resp.close_full)
             self._close()
-        self._record(req, now)
+        self._record(req)
 
 
 def server_name(req: Request) -> str:

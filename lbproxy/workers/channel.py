@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import LBProxyError
 from ..proxy.tls import CertSnapshot
 from ..runtime import Runtime, off_loop
+from ..servercontrol import ServerTable
 
 FORMAT_VERSION = 1
 # Length of what follows (network order), then the format version.
@@ -70,6 +71,13 @@ class Health:
 
 
 @dataclass(frozen=True, slots=True)
+class Servers:
+    """Run-time real-server overrides (lbproxy.servercontrol), the whole table each time."""
+
+    table: ServerTable
+
+
+@dataclass(frozen=True, slots=True)
 class TicketKeys:
     """Session ticket keys, newest first: the first encrypts, all decrypt."""
 
@@ -104,8 +112,10 @@ class Stats:
     stats: Mapping[str, Any] = field(default_factory=dict)
 
 
-Message = Hello | Apply | Certificates | Health | TicketKeys | StatsQuery | Stop | Applied | Stats
-_TYPES = (Hello, Apply, Certificates, Health, TicketKeys, StatsQuery, Stop, Applied, Stats)
+Message = (Hello | Apply | Certificates | Health | Servers | TicketKeys | StatsQuery | Stop
+           | Applied | Stats)
+_TYPES = (Hello, Apply, Certificates, Health, Servers, TicketKeys, StatsQuery, Stop, Applied,
+          Stats)
 
 
 def encode(msg: Message) -> bytes:

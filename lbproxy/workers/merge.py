@@ -3,7 +3,8 @@
 The result has the shape of `DataPlane.stats()` (so lbproxy.metrics, the admin API and `lbproxy
 status` read it unchanged), as if one data plane had served everything:
 
-- counters are summed: requests, bytes, responses by class, connections (active, total,
+- counters are summed: requests, bytes, responses by class (`responses`) and by exact status
+  code (`codes`: {"200": n, ...}, code by code, in code order), connections (active, total,
   refused), rule hits, limit rejections, latency (`counts`, `sum`, `count` and the flat
   `latency_buckets`, `latency_sum`, `latency_count`), `not_available`, upstream pools (idle,
   connects), `draining_listeners` (listeners of every worker), and per real server `active`,
@@ -127,14 +128,26 @@ def _by_address(item: Merger) -> Merger:
     return merge
 
 
+def _codes(values: list[Any]) -> dict[str, Any]:
+    """Responses by status code ({"404": n}): summed code by code, in code order as stats()
+    gives them (a code only one part saw comes where it belongs, not last)."""
+    merged = _sum(values)
+    if not isinstance(merged, dict):
+        return {}
+    return dict(sorted(merged.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
 # The latency histogram: the bounds are config (the same constant in every part), the rest sums.
 _LATENCY = _node({"buckets": _first})
 _REAL_SERVER = _node({"address": _first, "weight": _first, "enabled": _first,
-                      "healthy": _first, "down_reason": _first, "latency": _LATENCY})
+                      "healthy": _first, "down_reason": _first, "latency": _LATENCY,
+                      "codes": _codes})
 _SERVERS = _by_address(_REAL_SERVER)
-_SUBVS = _node({"available": _any, "real_servers": _SERVERS, "latency": _LATENCY})
+_SUBVS = _node({"available": _any, "real_servers": _SERVERS, "latency": _LATENCY,
+                "codes": _codes})
 _VS = _node({"listen": _first, "protocol": _first, "kind": _first, "listening": _any,
-             "subvs": _keyed(_SUBVS), "real_servers": _SERVERS, "latency": _LATENCY})
+             "subvs": _keyed(_SUBVS), "real_servers": _SERVERS, "latency": _LATENCY,
+             "codes": _codes})
 _STATS = _node({"virtual_services": _keyed(_VS), "upstream_pools": _keyed(_node({}))})
 
 

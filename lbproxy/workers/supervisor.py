@@ -1,7 +1,8 @@
 """The control process's side of the worker processes: start N of them, feed each what it serves
-(generations, certificates, health states, ticket keys) over its channel, restart one that dies
-(with back-off), collect their stats, stop them gracefully. It stands where a `DataPlane` stands in
-a single process: `apply(runtime)`, `stats()`, `listening_ports()`, `shutdown(drain_timeout)`.
+(generations, certificates, health states, real-server overrides, ticket keys) over its channel,
+restart one that dies (with back-off), collect their stats, stop them gracefully. It stands where
+a `DataPlane` stands in a single process: `apply(runtime)`, `stats()`, `listening_ports()`,
+`shutdown(drain_timeout)`, `set_servers(table)`.
 
 Every listener address is also bound here, with SO_REUSEPORT and never listening: a bind failure
 (the port taken by another program) shows before any worker is told, a VS on port 0 gets one real
@@ -33,6 +34,7 @@ from ..proxy.errors import ListenError
 from ..proxy.tickets import new_ticket_key, tickets_supported
 from ..proxy.tls import CertLookup, CertSnapshot, snapshot
 from ..runtime import Runtime
+from ..servercontrol import ServerTable
 from . import channel as ch
 from .merge import merge_stats
 from .probes import Probes
@@ -77,6 +79,7 @@ class _Worker:
         self.queries: dict[int, asyncio.Future[Mapping[str, Any]]] = {}
         self.stats: Mapping[str, Any] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.reopen = False  # an access-log reopen to forward once it runs
 
     @property
     def pid(self) -> int | None:
@@ -129,6 +132,7 @@ class Supervisor:
         self._ports: dict[str, tuple[str, int]] = {}
         self._certs = CertSnapshot()
         self._health: ch.HealthStates = {}
+        self._servers: ServerTable = {}
         self._tickets: tuple[bytes, ...] = ()
         self._probes = Probes(self._health_changed)
         self._queries = itertools.count(1)
@@ -278,6 +282,14 @@ class Supervisor:
         self._health = states
         self._broadcast(ch.Health(states))
 
+    # -- real-server overrides ------------------------------------------------------------------
+
+    def set_servers(self, table: ServerTable) -> None:
+        """Run-time real-server overrides: every worker gets the table at once (ahead of any
+        later generation on the same channel), and a worker (re)started later gets it first."""
+        self._servers = table
+        self._broadcast(ch.Servers(table))
+
     # -- ticket keys ----------------------------------------------------------------------------
 
     def _start_tickets(self) -> None:
@@ -365,7 +377,7 @@ class Supervisor:
         for msg in (ch.Hello(w.id, __version__, self._log_level, str(self._base_dir),
                              self._request_tag),
                     ch.TicketKeys(self._tickets), ch.Certificates(self._certs),
-                    ch.Health(self._health), ch.Apply(rt)):
+                    ch.Health(self._health), ch.Servers(self._servers), ch.Apply(rt)):
             w.send(ch.encode(msg))
         await asyncio.wait({ack}, timeout=APPLY_TIMEOUT)
         error = _outcome(ack, f"no answer in {APPLY_TIMEOUT:.0f} s")
@@ -375,6 +387,8 @@ class Supervisor:
         w.generation = rt.generation
         w.state = "running"
         logger.info("worker %d started (pid %d), generation %d", w.id, proc.pid, rt.generation)
+        if w.reopen:  # SIGUSR1 came while it was starting
+            self._signal_reopen(w)
 
     def _task(self, w: _Worker, coro: Any, name: str) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
@@ -431,6 +445,30 @@ class Supervisor:
     def _kill(self, w: _Worker) -> None:
         if w.proc is not None and w.proc.returncode is None:
             w.proc.kill()
+
+    def reopen_logs(self) -> None:
+        """Forward SIGUSR1 (reopen the access log) to every running worker. One still starting
+        may have no handler yet (the signal would kill it) but may have opened the file
+        already: it gets the signal once it has applied its generation (`_spawn`)."""
+        n = 0
+        for w in self._workers:
+            if w.state == "running":
+                n += self._signal_reopen(w)
+            else:
+                w.reopen = True
+        logger.info("access log reopen: signalled %d worker(s)", n)
+
+    @staticmethod
+    def _signal_reopen(w: _Worker) -> int:
+        w.reopen = False
+        proc = w.proc
+        if proc is None or proc.returncode is not None:
+            return 0
+        try:
+            proc.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            return 0
+        return 1
 
     def _broadcast(self, msg: ch.Message) -> None:
         data = ch.encode(msg)

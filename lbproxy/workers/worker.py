@@ -2,9 +2,10 @@
 
 Started by the supervisor as `python -m lbproxy.workers.worker --fd N --worker I`. It never reads
 the config file, the state directory or a certificate file: every generation, certificate,
-health state and ticket key arrives as a message, and it answers with `Applied` and `Stats`. When
-the channel closes (the control process died) it drains and exits; SIGINT and SIGHUP, which a
-terminal or `pkill` sends to the whole process group, are the control process's to act on.
+health state, real-server override and ticket key arrives as a message, and it answers with
+`Applied` and `Stats`. When the channel closes (the control process died) it drains and exits;
+SIGINT and SIGHUP, which a terminal or `pkill` sends to the whole process group, are the control
+process's to act on; SIGUSR1, which the control process forwards, reopens its access-log file.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..accesslog import configure_access_log
+from ..accesslog import configure_access_log, reopen_access_log
 from ..config.model import AccessLogSettings
 from ..proxy import DataPlane
 from ..proxy.tls import SwappedLookup, TLSContexts
@@ -56,6 +57,8 @@ class Worker:
             self.tls.refresh()
         elif isinstance(msg, ch.Health):
             self.dataplane.set_health(msg.states)
+        elif isinstance(msg, ch.Servers):
+            self.dataplane.set_servers(msg.table)
         elif isinstance(msg, ch.TicketKeys):
             self.tls.set_ticket_keys(msg.keys)
         elif isinstance(msg, ch.StatsQuery):
@@ -110,6 +113,13 @@ async def serve(sock: socket.socket) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     for sig in (signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, lambda: None)
+
+    def reopen() -> None:
+        # Forwarded by the control process (logrotate's SIGUSR1): this worker's access-log file.
+        if reopen_access_log():
+            logger.info("worker %d: access log reopened", worker.id)
+
+    loop.add_signal_handler(signal.SIGUSR1, reopen)
 
     async def read() -> None:
         while True:

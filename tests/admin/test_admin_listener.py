@@ -96,7 +96,8 @@ def test_check_reports_insecure_as_a_warning(tmp_path: Path,
     assert lbproxy_main(["check", "-c", str(path)]) == 0
     out = capsys.readouterr()
     assert "OK" in out.out
-    assert "warning: admin.insecure: the admin API serves plain HTTP on 0.0.0.0:8444" in out.err
+    assert (f"warning: {path}:32: admin.insecure: the admin API serves plain HTTP on "
+            "0.0.0.0:8444") in out.err
     assert lbproxy_main(["check", "-c", str(path), "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["ok"] and [w["where"] for w in answer["warnings"]] == ["admin.insecure"]

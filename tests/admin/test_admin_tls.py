@@ -179,7 +179,7 @@ async def test_cli_reaches_https_api_with_verification(env: Env, tmp_path: Path,
     # Not trusted (the system store does not know this CA): refused, never downgraded.
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))
     code, _, err = await asyncio.to_thread(cli, "cert", "list")
-    assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in err
+    assert code == 3 and "CERTIFICATE_VERIFY_FAILED" in err  # 3: cannot reach the API
     # Trusting the admin certificate's CA (SSL_CERT_FILE) makes it work.
     ca_file = tmp_path / "ca.pem"
     env.ca.cert_pem.write_to_path(str(ca_file))

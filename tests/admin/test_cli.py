@@ -1,5 +1,6 @@
 """The `lbproxy` CLI against a live admin API: every subcommand, human tables and --json, the
-admin address and token found from the config file, and errors with exit status 1."""
+admin address and token found from the config file, and errors with their exit status (4
+refused, 3 unreachable, 2 usage)."""
 
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ async def test_cert_commands(admin: Admin, tmp_path: Path) -> None:
     assert admin.tls.choose("shop", None) == "cli"
 
     code, out, err = await run(admin, "cert", "delete", "cli")
-    assert code == 1 and "in use by shop; unassign it first (409)" in err and out == ""
+    assert code == 4 and "in use by shop; unassign it first (409)" in err and out == ""
     code, out, err = await run(admin, "cert", "delete", "cli", "--json")
-    assert code == 1 and json.loads(out)["status"] == 409
+    assert code == 4 and json.loads(out)["status"] == 409
 
     code, out, _ = await run(admin, "cert", "assign", "cli", "shop", "--remove")
     assert (code, out) == (0, "cli unassigned from shop\n")
@@ -72,7 +73,7 @@ async def test_import_with_passphrase_and_bad_input(admin: Admin, tmp_path: Path
     args = ["cert", "import", "enc", "--cert", str(tmp_path / "c.pem"),
             "--key", str(tmp_path / "k.pem"), "--passphrase-file", str(tmp_path / "pw")]
     code, _, err = await run(admin, *args)
-    assert code == 1 and "wrong passphrase for the private key (400)" in err
+    assert code == 4 and "wrong passphrase for the private key (400)" in err
     (tmp_path / "pw").write_text("letmein\n")
     code, out, err = await run(admin, *args, "--json")
     assert code == 0, err
@@ -93,7 +94,7 @@ async def test_vs_and_status(admin: Admin) -> None:
     code, out, _ = await run(admin, "vs", "show", "shop", "--json")
     assert [r["rule"] for r in json.loads(out)["rules"]] == ["api", "default"]
     code, _, err = await run(admin, "vs", "show", "ghost")
-    assert code == 1 and "no virtual service 'ghost' (404)" in err
+    assert code == 4 and "no virtual service 'ghost' (404)" in err
     code, out, _ = await run(admin, "status")
     assert code == 0 and "config generation" in out and "certificates       1" in out
 
@@ -108,7 +109,7 @@ async def test_address_and_token_from_config_file(admin: Admin, tmp_path: Path) 
     assert json.loads(out)["virtual_services"] == 2
     (admin.token_file).write_text("not-the-token-not-the-token\n")
     code, _, err = await run(admin, "status", use_config=cfg)
-    assert code == 1 and "(401)" in err
+    assert code == 4 and "(401)" in err
 
 
 async def test_unreachable_and_usage_errors(admin: Admin, tmp_path: Path) -> None:
@@ -116,12 +117,12 @@ async def test_unreachable_and_usage_errors(admin: Admin, tmp_path: Path) -> Non
     code = await asyncio.to_thread(main, ["status", "--admin", "http://127.0.0.1:9",
                                           "--token-file", str(admin.token_file)],
                                    out=out, err=err)
-    assert code == 1 and "cannot reach the admin API" in err.getvalue()
+    assert code == 3 and "cannot reach the admin API" in err.getvalue()
     code = await asyncio.to_thread(main, ["cert", "frobnicate"], out=out, err=err)
     assert code == 2
     code = await asyncio.to_thread(main, ["status", "-c", str(tmp_path / "missing.toml")],
                                    out=out, err=err)
-    assert code == 1 and "give --admin and --token-file" in err.getvalue()
+    assert code == 3 and "give --admin and --token-file" in err.getvalue()
 
 
 async def test_le_commands_are_handed_to_le_cli(admin: Admin) -> None:
@@ -129,4 +130,4 @@ async def test_le_commands_are_handed_to_le_cli(admin: Admin) -> None:
     code = await asyncio.to_thread(main, ["le", "list", "--admin", admin.url, "--token-file",
                                           str(admin.token_file)], out=out, err=err)
     # This admin app has no /api/le routes: le_cli got the command and reached the API.
-    assert code == 1 and "(404)" in err.getvalue()
+    assert code == 4 and "(404)" in err.getvalue()

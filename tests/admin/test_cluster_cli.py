@@ -319,7 +319,7 @@ async def test_status_commands_over_the_api(tmp_path: Path) -> None:
 async def test_a_node_not_in_a_cluster(tmp_path: Path) -> None:
     async with admin_with(tmp_path, FakeManager(None)) as admin:
         code, out, err = await cli(admin, "cluster", "status")
-        assert (code, out) == (1, "")
+        assert (code, out) == (4, "")
         assert err == "lbproxy: this node is not in a cluster (no [cluster] in its config) (404)\n"
         code, out, err = await cli(admin, "status")
         assert code == 0 and "config generation" in out and "CLUSTER" not in out

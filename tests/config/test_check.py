@@ -48,9 +48,11 @@ def test_check_names_all_three_mistakes(tmp_path: Path) -> None:
     out = run_check(f)
     assert out.returncode == 1
     assert "3 problem(s)" in out.stderr
-    assert "vs[0].listen: port '70000'" in out.stderr
-    assert "vs[0].scheduler: unknown value 'fastest'" in out.stderr
-    assert "vs[0].subvs[0].rules[1]: unknown content rule 'nope'" in out.stderr
+    # file:line, then the table path with the VS/SubVS names
+    assert f"{f}:9: vs \"web\" (vs[0]).listen: port '70000'" in out.stderr
+    assert f"{f}:10: vs \"web\" (vs[0]).scheduler: unknown value 'fastest'" in out.stderr
+    assert (f"{f}:14: vs \"web\" (vs[0]).subvs \"a\" (subvs[0]).rules[1]: unknown content "
+            "rule 'nope'") in out.stderr
 
 
 def test_toml_syntax_error_has_line(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ async def story(node: Node, pebble: PebbleInstance, tmp_path: Path, https_port: 
     st, ans = await node.api("DELETE", "/api/certs/site")
     assert st == 409 and "letsencrypt" in ans["error"]
     code, out = await cli(node, "le", "delete", "site")
-    assert code == 1 and "in use" in out
+    assert code == 4 and "in use" in out  # 4: refused (409)
 
     # -- through an HTTP Redirect VS (port 80 -> the HTTPS VS holding the SubVS)
     code, out = await cli(node, "le", "request", "--id", "rcert", "--cn", "r.le.test",

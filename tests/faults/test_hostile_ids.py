@@ -44,13 +44,13 @@ async def test_bad_and_taken_ids_are_refused_before_any_order(
         node: tuple[Node, FakeCA]) -> None:
     n, ca = node
     rc, out = await cli(n, "le", "request", "--id", "my cert", "--cn", "a.test", "--vs", "web")
-    assert rc == 1 and "certificate id 'my cert' must be 1-64 letters" in out and "(400)" in out
+    assert rc == 4 and "certificate id 'my cert' must be 1-64 letters" in out and "(400)" in out
     st, ans = await n.api("POST", "/api/le/certs",
                           {"id": "../../x", "common_name": "a.test", "vs": "web"})
     assert st == 400 and ans["reason"] == "bad-id" and "'../../x'" in ans["error"]
     n.store.import_pem("imported", *issue(trustme.CA(), "imp.test"))
     rc, out = await cli(n, "le", "request", "--id", "imported", "--cn", "a.test", "--vs", "web")
-    assert rc == 1 and "the id is taken" in out and "(code: 16)" in out and "(409)" not in out
+    assert rc == 4 and "the id is taken" in out and "(code: 16)" in out and "(409)" not in out
     assert ca.orders == [] and n.manager.orders_placed == 0
     assert list((n.state / "letsencrypt" / "certs").iterdir()) == []
 
@@ -72,7 +72,7 @@ async def test_restore_of_a_crafted_backup_names_the_entry_and_writes_nothing(
     logs = (SYSTEM_MESSAGE_FILE, AUDIT_LOG_FILE)  # the refusal's line goes there
     before = tree_digest(tmp_path, skip=logs)
     rc, out = await cli(n, "restore", str(backup), "--certs", "--passphrase-file", str(pw))
-    assert rc == 1, out
+    assert rc == 4, out  # 4: refused (400)
     assert "certificates[1] (id '../../../../evil')" in out and "must be 1-64 letters" in out
     assert tree_digest(tmp_path, skip=logs) == before and not named_evil(tmp_path)
     last = (n.state / SYSTEM_MESSAGE_FILE).read_text().splitlines()[-1]

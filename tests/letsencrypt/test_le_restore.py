@@ -88,7 +88,8 @@ async def test_a_run_time_assignment_is_served_again_after_a_restore_on_a_fresh_
     try:
         port = b.dataplane.listening_ports()["shop"][1]
         assert await handshake(port, "blog.test") == serial_of(boot[0])
-        rc, out = await cli(b, "restore", str(backup), "--certs", "--passphrase-file", str(pw))
+        rc, out = await cli(b, "restore", str(backup), "--certs", "--passphrase-file", str(pw),
+                            "--json")
         assert rc == 0, out
         # the handshake the issue saw fail: shop serves blog's certificate again
         assert await handshake(port, "blog.test") == blog

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from . import cluster_cli, le_cli
+from . import cluster_cli, le_cli, ops_cli
 from .client import (
     AddCommands,
     AdminClient,
@@ -349,16 +349,6 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
     vshow.set_defaults(run=vs_show, show=print_vs)
 
 
-def _ops_commands() -> list[AddCommands]:
-    """`reload` and `server ...` (lbproxy.admin.ops_cli), when that module is there."""
-    try:
-        from . import ops_cli  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return []
-    add: AddCommands = ops_cli.add_commands
-    return [add]
-
-
 DESCRIPTION = """\
 lbproxy: a Layer 7 load balancer. `run` and `check` work on the config file; `cluster new-key`
 and `cluster migrate` on files and Redis; every other command asks the running lbproxy through
@@ -369,7 +359,7 @@ def build_parser(*local: AddCommands) -> argparse.ArgumentParser:
     """The parser of every `lbproxy` command, in the order `lbproxy --help` lists them: `local`
     first (`run` and `check`, from lbproxy.__main__), then the admin commands."""
     root, top, common = root_parser(DESCRIPTION)
-    for add in (*local, *_ops_commands(), add_commands, le_cli.add_commands,
+    for add in (*local, ops_cli.add_commands, add_commands, le_cli.add_commands,
                 cluster_cli.add_commands):
         add(top, common)
     return root

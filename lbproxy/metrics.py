@@ -18,6 +18,8 @@ The stats shape read (every key optional; unknown keys are ignored):
         "latency_buckets": {upper_bound_seconds: n, ..., "+Inf": n},  # per bucket, NOT cumulative
         "latency_sum", "latency_count",                  # seconds, requests
         "rule_hits": {rule: n}, "limit_rejections": {limit: n},
+        "rate_limits": {scope: {"limited", "entries", "evictions"}},  # scope "-": the VS's
+        "compression": {"responses": {coding: n}, "bytes_in", "bytes_out"},
         "real_servers": [RS, ...],                       # a VS without SubVSs
         "subvs": {SubVS: {"requests", "not_available", "available", "bytes_in", "bytes_out",
                           "responses", "latency_buckets", "latency_sum", "latency_count",
@@ -336,6 +338,42 @@ class MetricsCollector(Collector):
                 fam.add_metric(labels, n)
             self._traffic(f, "real_server", labels, r)
 
+    def _rate_and_compression(self, f: _Families, vs: str, node: Mapping[str, Any]) -> None:
+        """Rate limits by scope ("-": the VS's own) and compression of a VS."""
+        limits = node.get("rate_limits")
+        if isinstance(limits, Mapping):
+            for scope, t in sorted(limits.items()):
+                if not isinstance(t, Mapping):
+                    continue
+                for key, kind, metric, doc in (
+                        ("limited", "c", "limited", "Requests answered 429 by a rate limit."),
+                        ("entries", "g", "entries", "Client addresses a rate limit tracks."),
+                        ("evictions", "c", "evictions",
+                         "Client entries a full rate-limit table forgot before they refilled.")):
+                    v = _num(t.get(key))
+                    if v is None:
+                        continue
+                    name = f"lbproxy_rate_limit_{metric}"
+                    labels = ("vs", "scope")
+                    fam = (f.counter(name, doc, labels) if kind == "c"
+                           else f.gauge(name, doc, labels))
+                    fam.add_metric([vs, str(scope)], v)
+        comp = node.get("compression")
+        if isinstance(comp, Mapping):
+            by_enc = comp.get("responses")
+            if isinstance(by_enc, Mapping):
+                c = f.counter("lbproxy_compressed_responses", "Responses compressed, by coding.",
+                              ("vs", "encoding"))
+                for enc, v in sorted(by_enc.items()):
+                    x = _num(v)
+                    if x is not None:
+                        c.add_metric([vs, str(enc)], x)
+            for key, doc in (("bytes_in", "Response body bytes before compression."),
+                             ("bytes_out", "Response body bytes after compression.")):
+                x = _num(comp.get(key))
+                if x is not None:
+                    f.counter(f"lbproxy_compression_{key}", doc, ("vs",)).add_metric([vs], x)
+
     def _dataplane(self, f: _Families, stats: Mapping[str, Any]) -> None:
         for vs, node in sorted(_vs_map(stats).items()):
             if not isinstance(node, Mapping):
@@ -375,6 +413,7 @@ class MetricsCollector(Collector):
                         x = _num(v)
                         if x is not None:
                             c.add_metric([vs, str(name)], x)
+            self._rate_and_compression(f, vs, node)
             self._real_servers(f, vs, "", _servers(node))
             subs = node.get("subvs")
             if isinstance(subs, Mapping):

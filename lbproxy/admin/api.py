@@ -28,7 +28,10 @@ Later features add routes through `extra_routes` registrars (le_api.le_routes(ma
 /api/le/... and the certificate status source under CERT_STATUS_KEY; lbproxy.metrics adds
 /metrics); they find the shared objects under the AppKeys below. Every route needs the bearer
 token except the paths given in `open_paths` (e.g. ("/metrics",) for a Prometheus without the
-token). Request bodies may carry keys and passphrases: they are never logged. Bodies are JSON
+token). The web page (lbproxy.admin.web: /ui/...) is served to anyone; behind its login, a
+request without the bearer token is admitted by a live session cookie, plus the session's CSRF
+header for every method but GET/HEAD/OPTIONS (else 403); a wrong bearer token is never helped
+by a cookie. Request bodies may carry keys and passphrases: they are never logged. Bodies are JSON
 objects of at most MAX_BODY bytes with only the fields listed (an unknown field is refused).
 """
 
@@ -76,6 +79,7 @@ from .validate import (
     read_body,
     shown,
 )
+from .web import admit, has_session_cookie, is_public, web_routes
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +148,11 @@ def _auth_middleware(token: str, open_paths: Collection[str] = ()) -> Any:
         ok = scheme.lower() == "bearer" and hmac.compare_digest(given_raw, expected)
         if not ok and request.method == "GET" and request.path in open_paths:
             ok = True
+        if not ok and is_public(request):
+            ok = True  # the web page and its login form (lbproxy.admin.web)
+        if not ok and not header and has_session_cookie(request):
+            refused = admit(request)  # the page's session cookie, and CSRF header if it changes
+            return refused if refused is not None else await handler(request)
         if not ok:
             resp = web.json_response({"error": "missing or wrong bearer token" if header
                                       else "missing bearer token"}, status=401)
@@ -555,6 +564,7 @@ def create_app(*, runtime: RuntimeStore, dataplane_stats: DataplaneStats, store:
     app.router.add_post("/api/certs/{id}/unassign", unassign_cert)
     app.router.add_get("/api/vs", list_vs)
     app.router.add_get("/api/vs/{name}", show_vs)
+    web_routes(token)(app)
     for register in extra_routes:
         register(app)
     return app

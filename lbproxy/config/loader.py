@@ -4,6 +4,7 @@ except `load_file`)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import re
 import tomllib
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError, ConfigProblem
+from .headers import header_rules
 from .hints import closest, did_you_mean, table_header, unit_hint
 from .lint import names_of, routing_warnings
 from .locate import label_of, locate, syntax_line
@@ -30,17 +32,21 @@ from .model import (
     AdminSettings,
     CertificateRequest,
     ClusterSettings,
+    Compression,
     Config,
     ContentRule,
     EventSettings,
     HealthCheck,
     HealthCheckType,
+    HTTP2Limits,
     LetsEncryptSettings,
     Limits,
     MatchOn,
     MatchType,
     NotAvailable,
     Protocol,
+    ProxyProtocol,
+    RateLimit,
     RealServer,
     Scheduler,
     SubVS,
@@ -343,20 +349,38 @@ def _not_available(r: _Reader, default: NotAvailable) -> NotAvailable:
     return NotAvailable(status=status, body=body, content_type=ctype)
 
 
-def _real_servers(r: _Reader) -> tuple[RealServer, ...]:
+def _real_servers(r: _Reader, send_pp: ProxyProtocol = ProxyProtocol.OFF
+                  ) -> tuple[RealServer, ...]:
     out = []
     seen: set[Address] = set()
     for t in r.tables("real_servers"):
         addr = _address(t, "address")
         weight = t.integer("weight", 1, 0, 65535)
         enabled = t.flag("enabled", True)
+        pp = _send_proxy_protocol(t, send_pp)
         t.finish()
         if addr is None:
             continue
         if addr in seen:
             t.error(f"real server {addr} is listed twice", "address")
         seen.add(addr)
-        out.append(RealServer(addr, weight, enabled))
+        out.append(RealServer(addr, weight, enabled, pp))
+    return tuple(out)
+
+
+def _send_proxy_protocol(t: _Reader, default: ProxyProtocol) -> ProxyProtocol:
+    return t.enum("send_proxy_protocol", default, ProxyProtocol, _enum_names(ProxyProtocol))
+
+
+def _proxy_protocol_from(t: _Reader) -> tuple[str, ...]:
+    """[[vs]] proxy_protocol_from: addresses or networks, normalized ("10.0.0.0/8")."""
+    out = []
+    for i, text in enumerate(t.str_list("proxy_protocol_from")):
+        try:
+            out.append(str(ipaddress.ip_network(text)))
+        except ValueError as e:
+            t.error(f"{text!r} is not an IP address or network ({e})",
+                    f"proxy_protocol_from[{i}]")
     return tuple(out)
 
 
@@ -383,6 +407,86 @@ def _limits(r: _Reader, default: Limits) -> Limits:
         max_headers=t.integer("max_headers", default.max_headers, 1, 10_000),
         max_body=t.integer("max_body", default.max_body, 0, 1 << 62),
         max_connections=t.integer("max_connections", default.max_connections, 1, 1_000_000),
+    )
+    t.finish()
+    return out
+
+
+def _rate_limit(r: _Reader) -> RateLimit | None:
+    """[...rate_limit]: absent, no limit."""
+    if "rate_limit" not in r.data:
+        return None
+    t = r.table("rate_limit")
+    if "rate" not in t.data:
+        t.error("is required", "rate")
+    rate = t.number("rate", 1.0, 0.001, 1_000_000)
+    out = RateLimit(
+        rate=rate,
+        burst=t.integer("burst", 0, 0, 1_000_000),
+        table_size=t.integer("table_size", 65_536, 16, 10_000_000),
+        ipv6_prefix=t.integer("ipv6_prefix", 64, 16, 128),
+    )
+    t.finish()
+    return out
+
+
+# Media types already compressed: listing one in [vs.compression] types is refused.
+_COMPRESSED_TYPES = re.compile(
+    r"(image/(?!svg\+xml|bmp|x-icon|vnd\.microsoft\.icon).*|video/.*|audio/(?!wav).*"
+    r"|application/(zip|gzip|x-gzip|zstd|x-bzip2|x-xz|x-7z-compressed|x-rar-compressed|pdf"
+    r"|octet-stream|font-woff2?)|font/woff2?)")
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)")
+_ENCODINGS = ("gzip", "br")
+
+
+def _compression(r: _Reader) -> Compression | None:
+    """[vs.compression]: absent, no compression."""
+    if "compression" not in r.data:
+        return None
+    t = r.table("compression")
+    d = Compression()
+    encodings = t.str_list("encodings") if "encodings" in t.data else d.encodings
+    for i, e in enumerate(encodings):
+        if e not in _ENCODINGS:
+            t.error(f"unknown encoding {e!r}; expected one of {', '.join(_ENCODINGS)}",
+                    f"encodings[{i}]")
+        elif e == "br" and importlib.util.find_spec("brotli") is None:
+            t.error("'br' needs the brotli package, which is not installed", f"encodings[{i}]")
+    if not encodings:
+        t.error("must name at least one encoding", "encodings")
+    if len(set(encodings)) != len(encodings):
+        t.error("names an encoding twice", "encodings")
+    types = tuple(x.lower() for x in t.str_list("types")) if "types" in t.data else d.types
+    for i, mt in enumerate(types):
+        if not _MEDIA_TYPE.fullmatch(mt):
+            t.error(f"{mt!r} is not a media type (type/subtype or type/*)", f"types[{i}]")
+        elif _COMPRESSED_TYPES.fullmatch(mt):
+            t.error(f"{mt!r} is already compressed; compressing it again gains nothing",
+                    f"types[{i}]")
+    out = Compression(
+        encodings=encodings, types=types,
+        min_length=t.integer("min_length", d.min_length, 0, 1 << 30),
+        level=t.integer("level", d.level, 1, 9),
+        brotli_level=t.integer("brotli_level", d.brotli_level, 0, 11),
+    )
+    t.finish()
+    return out
+
+
+def _http2_limits(r: _Reader) -> HTTP2Limits:
+    t = r.table("http2_limits")
+    d = HTTP2Limits()
+    out = HTTP2Limits(
+        max_concurrent_streams=t.integer("max_concurrent_streams", d.max_concurrent_streams,
+                                         1, 10_000),
+        max_header_list_size=t.integer("max_header_list_size", d.max_header_list_size,
+                                       1024, 1 << 20),
+        max_header_block=t.integer("max_header_block", d.max_header_block, 1024, 1 << 20),
+        stream_window=t.integer("stream_window", d.stream_window, 65_535, (1 << 31) - 1),
+        connection_window=t.integer("connection_window", d.connection_window, 65_535,
+                                    (1 << 31) - 1),
+        max_resets=t.integer("max_resets", d.max_resets, 10, 1_000_000),
+        max_control_frames=t.integer("max_control_frames", d.max_control_frames, 10, 1_000_000),
     )
     t.finish()
     return out
@@ -433,13 +537,17 @@ def _rule(t: _Reader) -> ContentRule | None:
 
 def _subvs(t: _Reader, vs_defaults: VirtualService) -> SubVS:
     name = _name(t, "SubVS")
+    pp = _send_proxy_protocol(t, vs_defaults.send_proxy_protocol)
     s = SubVS(
         name=name,
-        real_servers=_real_servers(t),
+        real_servers=_real_servers(t, pp),
         scheduler=t.enum("scheduler", vs_defaults.scheduler, Scheduler, _enum_names(Scheduler)),
         rules=t.str_list("rules"),
         health_check=_health_check(t, vs_defaults.health_check),
         not_available=_not_available(t, vs_defaults.not_available),
+        rate_limit=_rate_limit(t),
+        send_proxy_protocol=pp,
+        headers=header_rules(t, vs_defaults.protocol),
     )
     t.finish()
     return s
@@ -453,10 +561,12 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
     scheduler = t.enum("scheduler", Scheduler.ROUND_ROBIN, Scheduler, _enum_names(Scheduler))
     hc = _health_check(t, HealthCheck())
     na = _not_available(t, NotAvailable())
+    pp = _send_proxy_protocol(t, ProxyProtocol.OFF)
     base = VirtualService(name=name, listen=listen or Address("0.0.0.0", 1), scheduler=scheduler,
-                          health_check=hc, not_available=na)
+                          health_check=hc, not_available=na, protocol=protocol,
+                          send_proxy_protocol=pp)
     subvs = tuple(_subvs(s, base) for s in t.tables("subvs"))
-    real_servers = _real_servers(t)
+    real_servers = _real_servers(t, pp)
     tls_t = t.table("tls")
     tls = TLSSettings(
         certificates=tls_t.str_list("certificates"),
@@ -485,6 +595,13 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
         redirect_status=t.integer("redirect_status", 301, 300, 399),
         redirect_to=t.text("redirect_to", _DEFAULT_REDIRECT),
         add_forwarded_headers=t.flag("add_forwarded_headers", True),
+        http2=t.flag("http2", True),
+        http2_limits=_http2_limits(t),
+        rate_limit=_rate_limit(t),
+        compression=_compression(t),
+        proxy_protocol_from=_proxy_protocol_from(t),
+        send_proxy_protocol=pp,
+        headers=header_rules(t, protocol),
     )
     t.finish()
     if vs.redirect_status not in (301, 302, 303, 307, 308):
@@ -492,6 +609,10 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
     if kind is VSKind.REDIRECT:
         if subvs or real_servers:
             t.error("a redirect VS answers every request itself; remove its real servers/SubVSs")
+        for key in ("rate_limit", "compression"):
+            if key in t.data:
+                t.error("a redirect VS sends no request to a real server: nothing to apply it to",
+                        key)
         try:
             vs.redirect_to.format(host="h", hostname="h", path="/", port="1")
         except (KeyError, IndexError, ValueError) as e:
@@ -525,6 +646,9 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
         if missing:
             t.error(f"precedence must list every rule of the VS; missing {missing}",
                     "precedence")
+    if protocol is Protocol.HTTPS and vs.proxy_protocol_from:
+        t.error("the PROXY protocol is not supported on HTTPS VSs yet (its header comes before "
+                "the TLS handshake); use it on an HTTP VS", "proxy_protocol_from")
     if protocol is Protocol.HTTPS and not tls.certificates:
         t.error("an https VS needs at least one certificate in tls.certificates")
     if protocol is Protocol.HTTP and tls.certificates:

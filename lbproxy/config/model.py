@@ -25,6 +25,14 @@ class VSKind(StrEnum):
     REDIRECT = "redirect"
 
 
+class ProxyProtocol(StrEnum):
+    """The PROXY protocol header (HAProxy's) sent first on each new connection to a real server."""
+
+    OFF = "off"
+    V1 = "v1"
+    V2 = "v2"
+
+
 class Scheduler(StrEnum):
     ROUND_ROBIN = "rr"
     WEIGHTED_ROUND_ROBIN = "wrr"
@@ -81,6 +89,8 @@ class RealServer:
     address: Address
     weight: int = 1
     enabled: bool = True
+    # Resolved by the loader: the server's own setting, else its SubVS's, else its VS's.
+    send_proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +159,92 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Requests per second per client address, with a burst (proxy/ratelimit.py): a VS's applies
+    to every request it sends to a pool, a SubVS's to those its rules send there. Addresses are
+    tracked in a table of at most `table_size` entries (IPv6 ones by their /`ipv6_prefix`)."""
+
+    rate: float
+    burst: int = 0  # 0: the rate rounded up (at least 1)
+    table_size: int = 65_536
+    ipv6_prefix: int = 64
+
+
+# What [vs.compression] compresses when it names no types (text and other formats that shrink).
+COMPRESS_TYPES = ("text/html", "text/plain", "text/css", "text/javascript", "text/xml",
+                  "application/javascript", "application/json", "application/xml",
+                  "application/xhtml+xml", "application/rss+xml", "application/atom+xml",
+                  "application/manifest+json", "application/wasm", "image/svg+xml")
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    """Response compression (proxy/compress.py): `encodings` in order of preference, for the
+    `types` given (exact, or "text/*"), bodies of at least `min_length` bytes when announced."""
+
+    encodings: tuple[str, ...] = ("gzip",)
+    types: tuple[str, ...] = COMPRESS_TYPES
+    min_length: int = 1024
+    level: int = 5  # gzip, 1-9
+    brotli_level: int = 4  # 0-11
+
+
+@dataclass(frozen=True, slots=True)
+class HTTP2Limits:
+    """HTTP/2 to clients (an HTTPS VS with `http2 = true`): what one connection may hold or do
+    (docs/config.md, "HTTP/2"). Rates are leaky buckets: `max_resets` / `max_control_frames` at
+    once, draining at a tenth of that per second."""
+
+    max_concurrent_streams: int = 100
+    # Decoded header list (HPACK: name + value + 32 per field), and the compressed header block
+    # across HEADERS and CONTINUATION frames.
+    max_header_list_size: int = 32 * 1024
+    max_header_block: int = 32 * 1024
+    stream_window: int = 256 * 1024
+    connection_window: int = 1024 * 1024
+    # Streams the client resets (RST_STREAM) before their response ended (CVE-2023-44487).
+    max_resets: int = 200
+    # SETTINGS, PING, PRIORITY, WINDOW_UPDATE and empty DATA frames.
+    max_control_frames: int = 1000
+
+
+# Header rules (proxy/headerrules.py): at most this many per list, names and values this long.
+MAX_HEADER_RULES = 64
+MAX_HEADER_NAME = 256
+MAX_HEADER_VALUE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Hsts:
+    """Strict-Transport-Security on every relayed response of an HTTPS VS (RFC 6797)."""
+
+    max_age: int = 31_536_000
+    include_subdomains: bool = False
+    preload: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """Header rules of a VS or SubVS ([vs.headers], [vs.subvs.headers]): names as written, values
+    as templates ($client_ip, $remote_addr, $scheme, $host, $server_port; $$ for a "$"). `set`
+    replaces every field of that name, `add` appends one, `remove` drops them; a SubVS's rules
+    apply after its VS's."""
+
+    request_add: tuple[tuple[str, str], ...] = ()
+    request_set: tuple[tuple[str, str], ...] = ()
+    request_remove: tuple[str, ...] = ()
+    response_add: tuple[tuple[str, str], ...] = ()
+    response_set: tuple[tuple[str, str], ...] = ()
+    response_remove: tuple[str, ...] = ()
+    hsts: Hsts | None = None
+    forwarded: bool = False
+    x_forwarded_proto: bool = False
+
+
+NO_HEADER_RULES = HeaderRules()
+
+
+@dataclass(frozen=True, slots=True)
 class SubVS:
     name: str
     real_servers: tuple[RealServer, ...] = ()
@@ -156,6 +252,9 @@ class SubVS:
     rules: tuple[str, ...] = ()
     health_check: HealthCheck = field(default_factory=HealthCheck)
     not_available: NotAvailable = field(default_factory=NotAvailable)
+    rate_limit: RateLimit | None = None
+    send_proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
+    headers: HeaderRules = NO_HEADER_RULES
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +286,16 @@ class VirtualService:
     # Placeholders: {host} (as sent, with port), {hostname}, {path} (with query).
     redirect_to: str = "https://{host}{path}"
     add_forwarded_headers: bool = True
+    # HTTP/2 offered by ALPN on an HTTPS VS (HTTP/1.1 stays the fallback); ignored for HTTP.
+    http2: bool = True
+    http2_limits: HTTP2Limits = field(default_factory=HTTP2Limits)
+    rate_limit: RateLimit | None = None
+    compression: Compression | None = None
+    # PROXY protocol (v1 or v2, told apart by the header) accepted from these addresses or
+    # networks only (normalized: "10.0.0.0/8", "192.0.2.7/32"); empty: none expected.
+    proxy_protocol_from: tuple[str, ...] = ()
+    send_proxy_protocol: ProxyProtocol = ProxyProtocol.OFF
+    headers: HeaderRules = NO_HEADER_RULES
 
     def subvs_by_name(self, name: str) -> SubVS | None:
         for s in self.subvs:

@@ -10,9 +10,9 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +69,10 @@ async def on_thread(fn: Callable[[], T], cpu: CpuWorkers | None = None) -> T:
     except asyncio.CancelledError:
         await asyncio.gather(fut, return_exceptions=True)
         raise
+
+
+class Offload(Protocol):
+    """How blocking work (certificate store writes, parsing) leaves the loop: `on_thread` in
+    production; a test on a fake clock may run it inline (nothing else waits on that loop)."""
+
+    def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...

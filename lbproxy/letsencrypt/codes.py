@@ -212,8 +212,11 @@ class AcmeLog:
         # second, unreported one: the line still reaches the process log.
         try:
             with self._lock:
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                except FileNotFoundError:   # the first line in a new state directory
+                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, (line + "\n").encode("utf-8", "replace"))
                 finally:

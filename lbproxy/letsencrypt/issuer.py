@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from acmeclient import AcmeClient, CsrSubject, KeyType, RenewalInfo
+from acmeclient import cert_id as ari_cert_id
 from acmeclient.crypto import PrivateKey, generate_key, private_key_to_pem
+from acmeclient.errors import AcmeError
 
+from ..certs.store import CertStore
 from .blocking import CpuWorkers, on_thread
 from .model import Account, Settings
 
@@ -87,6 +90,99 @@ async def close_client(client: AcmeClientLike) -> None:
                        CLOSE_TIMEOUT)
 
 
+T = TypeVar("T")
+
+
+class ServedCertIds:
+    """The ARI CertID (RFC 9773 §4.1) of the certificate a store serves under an id, or None
+    (none served, or it has no Authority Key Identifier): parsed once per certificate, not at
+    each renewalInfo fetch (every six hours per certificate) or each renewal (`replaces`)."""
+
+    def __init__(self, store: CertStore) -> None:
+        self.store = store
+        self._known: dict[str, tuple[int, str | None]] = {}   # id -> (serial, CertID)
+
+    def __call__(self, cert_id: str) -> str | None:
+        info = self.store.get(cert_id)
+        if info is None:
+            return None
+        known = self._known.get(cert_id)
+        if known is not None and known[0] == info.serial:
+            return known[1]
+        material = self.store.material(cert_id)
+        if material is None:
+            return None
+        try:
+            ident: str | None = ari_cert_id(material.chain_pem)
+        except (AcmeError, ValueError):
+            ident = None
+        self._known[cert_id] = (info.serial, ident)
+        return ident
+
+    def forget(self, cert_id: str) -> None:
+        self._known.pop(cert_id, None)
+
+
+class CallBound:
+    """Bounds each call awaited through `run` to `limit` seconds (TimeoutError past it), like
+    `asyncio.timeout(limit)` around each, but with one timer for a run of calls instead of one
+    armed and cancelled per call: a call only notes its deadline; the timer, when it fires,
+    cancels the call then running if it is past its own deadline, else waits for that one.
+    (asyncio.timeout costs ~6 us per call: 1.5 million renewalInfo fetches a year for 1,000
+    certificates.) One task at a time; a call from a second task while one runs gets its own
+    asyncio.timeout."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._task: asyncio.Task[Any] | None = None   # the task whose call runs
+        self._deadline = 0.0                           # of that call, loop time
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None   # the timer's
+        self._expired = False
+
+    async def run(self, call: Awaitable[T]) -> T:
+        task = asyncio.current_task()
+        if task is None or self._task is not None:
+            async with asyncio.timeout(self.limit):
+                return await call
+        self._task, self._expired = task, False
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.limit
+        if self._timer is None or self._loop is not loop:
+            self._loop = loop
+            self._timer = loop.call_at(self._deadline, self._check)
+        try:
+            result = await call
+        except asyncio.CancelledError:
+            # ours, and no other cancellation pending: a timeout (else the cancel goes on)
+            if self._expired and task.uncancel() == 0:
+                raise TimeoutError(f"no answer within {self.limit:.0f} s") from None
+            raise
+        finally:
+            self._task = None
+        if self._expired:   # the call swallowed our cancellation: take it back
+            task.uncancel()
+        return result
+
+    def _check(self) -> None:
+        self._timer = None
+        task = self._task
+        if task is None:
+            return   # no call runs: the next one arms the timer
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self._expired = True
+            task.cancel()
+        else:
+            self._timer = loop.call_at(self._deadline, self._check)
+
+    def close(self) -> None:
+        """Drop the timer when no call runs (one that runs keeps its bound)."""
+        if self._timer is not None and self._task is None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class Issuer:
     """Holds the one ACME client of the current (directory, CA bundle, account)."""
 
@@ -95,6 +191,7 @@ class Issuer:
         self._client: AcmeClientLike | None = None
         self._made_for: tuple[object, ...] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._ari_bound = CallBound(DIRECTORY_TIMEOUT)
 
     @property
     def factory(self) -> ClientFactory:
@@ -135,6 +232,7 @@ class Issuer:
     async def close(self) -> None:
         """Close the long-lived client (at stop, or when the directory changed)."""
         client, self._client, self._made_for = self._client, None, None
+        self._ari_bound.close()
         if client is not None:
             await close_client(client)
         if self._closing:
@@ -149,10 +247,13 @@ class Issuer:
         finally:
             await close_client(probe)
 
-    async def renewal_info(self, settings: Settings, account: Account,
-                           chain_pem: str) -> RenewalInfo | None:
-        async with asyncio.timeout(DIRECTORY_TIMEOUT):
-            return await self.client(settings, account).fetch_renewal_info(chain_pem)
+    def renewal_info(self, settings: Settings, account: Account,
+                     chain_pem: str) -> Awaitable[RenewalInfo | None]:
+        """The CA's renewalInfo for a certificate (PEM or CertID), to await; TimeoutError
+        after DIRECTORY_TIMEOUT (the scheduler's passes make these calls one after another, so
+        one timer bounds them all: see CallBound). Not a coroutine itself: one frame less on a
+        path taken 1.5 million times a year for 1,000 certificates."""
+        return self._ari_bound.run(self.client(settings, account).fetch_renewal_info(chain_pem))
 
     async def order(self, settings: Settings, account: Account, names: Sequence[str],
                     key: PrivateKey, responder: Any, *, subject: CsrSubject | None,
@@ -165,5 +266,5 @@ class Issuer:
 
 
 __all__ = ["CLOSE_TIMEOUT", "DIRECTORY_TIMEOUT", "ORDER_TIMEOUT", "AcmeClientLike",
-           "ClientFactory", "Issuer", "close_client", "default_client_factory",
-           "new_cert_key", "new_key"]
+           "CallBound", "ClientFactory", "Issuer", "ServedCertIds", "close_client",
+           "default_client_factory", "new_cert_key", "new_key"]

@@ -14,7 +14,8 @@ their keys go into the SSL certificate store (managed_by="letsencrypt"). The Sys
 and Audit LogFile are in `<state_dir>` (codes.py). `start()` never waits on the CA: it loads state
 and starts the scheduler, which sleeps until the next renewal is due. Every public coroutine
 raises LeError (a LoadMaster code) or StoreError; every LeError is also written to the System
-Message File. Clock, sleep and jitter are injected (defaults real) so a test can run a year.
+Message File. Clock, sleep and jitter are injected (defaults real) so a test can run a year;
+so is `offload`, how an order's certificate store work leaves the loop (a worker thread).
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ from ..runtime import RuntimeStore
 from . import policy
 from .account import Accounts
 from .backup import Backups
-from .blocking import on_thread
+from .blocking import Offload, on_thread
 from .challenge import ChallengeJournal, clear_leftovers
 from .checks import check_new_id, validate_template
 from .cluster import ClusterNode, Hooks
 from .codes import AcmeCode, AcmeLog, LeError
 from .convert import convert_vs, reload_from_file
 from .filestore import FileStorage
-from .issuer import ClientFactory, Issuer, default_client_factory
+from .issuer import ClientFactory, Issuer, ServedCertIds, default_client_factory
 from .model import Account, Clock, Entry, Jitter, Settings, Template, utcnow
 from .obtain import Obtainer
 from .redisstore import RedisStorage
@@ -88,7 +89,7 @@ class LEManager:
                  config_path: Path | None = None, hostname: str | None = None,
                  events: EventSink | None = None,
                  apply_config: Callable[[], Awaitable[object]] | None = None,
-                 cluster: ClusterSettings | None = None) -> None:
+                 cluster: ClusterSettings | None = None, offload: Offload = on_thread) -> None:
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / LE_DIR
         self.runtime = runtime
@@ -130,9 +131,10 @@ class LEManager:
                                        poll_interval=cluster.poll_interval)
         self.obtainer = Obtainer(self.state, self.accounts, self.issuer, locker, store, runtime,
                                  self.journal, self.events, clock=self._now, jitter=jitter,
-                                 fault_codes=lambda: self.fault_codes, share=self.cluster)
+                                 fault_codes=lambda: self.fault_codes, share=self.cluster,
+                                 offload=offload, cert_ids=ServedCertIds(store))
         self.scheduler = Scheduler(self.state, store, self.issuer, self._obtain, clock=self._now,
-                                   sleep=sleep)
+                                   sleep=sleep, cert_ids=self.obtainer.cert_ids)
         self.views = Views(self.state, store, runtime, self.scheduler.running)
         self.backups = Backups(self.state, self.accounts, store, runtime, clock=self._now,
                                config_path=config_path, wake=self.wake,

@@ -102,9 +102,12 @@ class Template:
                    r.city, r.company, r.unit, r.email)
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["sans"] = [{"name": n, "vs": v} for n, v in self.sans]
-        return d
+        # (field by field: dataclasses.asdict deep-copies, 4x slower; written at every order)
+        return {"common_name": self.common_name, "vs": self.vs,
+                "sans": [{"name": n, "vs": v} for n, v in self.sans],
+                "key_type": self.key_type, "key_size": self.key_size, "country": self.country,
+                "state": self.state, "city": self.city, "company": self.company,
+                "unit": self.unit, "email": self.email}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Template:
@@ -193,7 +196,10 @@ class Issued:
     key_pem: bytes
 
     def to_bytes(self) -> bytes:
-        return dump({"chain_pem": self.chain_pem.decode(), "key_pem": self.key_pem.decode()})
+        # Compact (json's C encoder; `dump`'s indented layout is 3x slower): escaped PEM is not
+        # for reading, and this is written at every order.
+        return json.dumps({"chain_pem": self.chain_pem.decode(),
+                           "key_pem": self.key_pem.decode()}, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Issued:

@@ -9,13 +9,9 @@ one place that decides whether an order is placed at all.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 from collections.abc import Callable, Container
-
-from acmeclient import cert_id as ari_cert_id
-from acmeclient.errors import AcmeError
 
 from ..certs.errors import CertInputError
 from ..certs.parse import parse_pem
@@ -25,11 +21,11 @@ from ..events import CertEvent, EventKind, EventSink
 from ..runtime import RuntimeStore
 from . import policy
 from .account import Accounts
-from .blocking import on_thread
+from .blocking import Offload, on_thread
 from .challenge import AnswerShare, ChallengeJournal, ObservedResponder
 from .checks import validate_template
 from .codes import AcmeCode, LeError, classify
-from .issuer import ORDER_TIMEOUT, Issuer, new_cert_key
+from .issuer import ORDER_TIMEOUT, Issuer, ServedCertIds, new_cert_key
 from .model import MANAGED_BY, Clock, Entry, Issued, Jitter
 from .state import LeState
 from .storage import LOCK_LEASE, Locker, issued_key, load_or_none, obtain_lock
@@ -48,8 +44,15 @@ class Obtainer:
                  store: CertStore, runtime: RuntimeStore, journal: ChallengeJournal,
                  events: EventSink, *, clock: Clock, jitter: Jitter,
                  fault_codes: Callable[[], Container[int]],
-                 share: AnswerShare | None = None) -> None:
+                 share: AnswerShare | None = None, offload: Offload = on_thread,
+                 cert_ids: ServedCertIds | None = None) -> None:
         self.state = state
+        self.cert_ids = cert_ids or ServedCertIds(store)   # `replaces` of a renewal
+        self.new_key = new_cert_key   # a certificate's fresh key and its PEM (tests: a pool)
+        # id -> (the stored blob last read or written, the chain in it): an unchanged blob
+        # holding the certificate served here is not parsed again (twice per order)
+        self._seen: dict[str, tuple[bytes, bytes]] = {}
+        self.offload = offload   # the certificate store's writes and parsing leave the loop
         self.share = share   # a cluster node's: every node answers this node's challenges
         self.accounts = accounts
         self.issuer = issuer
@@ -94,19 +97,14 @@ class Obtainer:
                 if await self._adopt(entry, old):                   # 3. check again
                     await self._succeeded(entry, old, manual, adopted=True)
                     return
-                replaces = None                                     # 4. order
-                if old is not None:
-                    chain = self.store.material(entry.id)
-                    if chain is not None:
-                        with contextlib.suppress(AcmeError, ValueError):
-                            replaces = ari_cert_id(chain.chain_pem)
+                replaces = self.cert_ids(entry.id) if old else None  # 4. order
                 responder = ObservedResponder(
                     self.runtime, entry.id, dict(entry.template.routes), self.journal,
                     fail_at=self.fault_codes(), share=self.share,
                     on_present=lambda domain, vs: self.emit(
                         EventKind.CHALLENGE_PRESENTED, entry.id,
                         f"http-01 answer for {domain} served by VS {vs}"))
-                key, key_pem = await new_cert_key(entry.template.acme_key_type,
+                key, key_pem = await self.new_key(entry.template.acme_key_type,
                                                     self.state.cpu)
                 self.state.orders_placed += 1
                 self.emit(EventKind.REQUESTED, entry.id,
@@ -177,12 +175,17 @@ class Obtainer:
             return False
         if data is None:
             return False
+        served = self.store.material(entry.id)
+        seen = self._seen.get(entry.id)
+        if (old is not None and served is not None and seen is not None
+                and seen[1] == served.chain_pem and (seen[0] is data or seen[0] == data)):
+            return False   # the one served here, as read (or written) last time
         try:
             issued = Issued.from_bytes(data)
-            served = self.store.material(entry.id)
             if old is not None and served is not None and served.chain_pem == issued.chain_pem:
+                self._seen[entry.id] = (data, issued.chain_pem)
                 return False   # the one served here (parsing it would say so, at a cost)
-            parsed = await on_thread(lambda: parse_pem(issued.chain_pem, issued.key_pem,
+            parsed = await self.offload(lambda: parse_pem(issued.chain_pem, issued.key_pem,
                                                        now=self.clock(), trusted_key=True))
         except (ValueError, KeyError, TypeError, CertInputError) as exc:
             logger.info("stored certificate %s not usable (%s); ordering", entry.id, exc)
@@ -202,7 +205,7 @@ class Obtainer:
                      old: CertInfo | None, action: str) -> None:
         """Into this holder's certificate store (its disk writes on a worker thread)."""
         try:
-            await on_thread(lambda: self.store.import_pem(
+            await self.offload(lambda: self.store.import_pem(
                 cert_id, chain_pem, key_pem, replace=old is not None, managed_by=MANAGED_BY,
                 override=True, trusted_key=True))
         except (CertInputError, ValueError) as exc:
@@ -215,8 +218,10 @@ class Obtainer:
     async def _share(self, cert_id: str, issued: Issued) -> None:
         """For every other holder of the storage; a failure costs them an order of their
         own, not this holder's certificate: reported, not fatal."""
+        blob = issued.to_bytes()
         try:
-            await self.state.storage.store(issued_key(cert_id), issued.to_bytes())
+            await self.state.storage.store(issued_key(cert_id), blob)
+            self._seen[cert_id] = (blob, issued.chain_pem)
         except OSError as exc:
             self.state.log.error(f"certificate {cert_id} is served here but not shared: "
                                  f"cannot write {exc.filename or issued_key(cert_id)}: "

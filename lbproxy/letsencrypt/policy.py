@@ -193,13 +193,22 @@ def next_attempt(
 def next_ari_check(now: datetime, ari: AriWindow | None, validity: Validity) -> datetime:
     """When renewalInfo should be fetched again: after Retry-After (clamped to a minute..a day)
     or six hours, and not after the certificate expires."""
-    wait = ARI_REFRESH
-    if ari is not None and ari.retry_after is not None:
-        # bounded as a number first: timedelta(seconds=) overflows on an absurd header
-        seconds = min(max(ari.retry_after, ARI_MIN_RETRY.total_seconds()),
-                      ARI_MAX_RETRY.total_seconds())
-        wait = timedelta(seconds=seconds)
+    wait = ARI_REFRESH if ari is None or ari.retry_after is None else _ari_wait(ari.retry_after)
     return min(now + wait, validity.not_after)
+
+
+_ARI_WAITS: dict[float, timedelta] = {}   # Retry-After -> its clamped wait (a CA sends few)
+
+
+def _ari_wait(retry_after: float) -> timedelta:
+    wait = _ARI_WAITS.get(retry_after)
+    if wait is None:
+        # bounded as a number first: timedelta(seconds=) overflows on an absurd header
+        wait = timedelta(seconds=min(max(retry_after, ARI_MIN_RETRY.total_seconds()),
+                                     ARI_MAX_RETRY.total_seconds()))
+        if len(_ARI_WAITS) < 256:
+            _ARI_WAITS[retry_after] = wait
+    return wait
 
 
 def state_at(

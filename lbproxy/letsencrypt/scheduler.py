@@ -12,13 +12,12 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from acmeclient import cert_id as ari_cert_id
 from acmeclient.errors import AcmeError, NetworkError
 
 from ..certs.store import CertStore
 from . import policy
 from .codes import classify
-from .issuer import Issuer
+from .issuer import Issuer, ServedCertIds
 from .model import Clock, Entry
 from .state import LeState
 
@@ -45,6 +44,8 @@ _EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 UNREACHABLE_AFTER = 3
 # "Due at once" in the heap (a certificate never issued): before any real instant.
 _AT_ONCE = dt.datetime.min.replace(tzinfo=dt.UTC)
+# LeState.count("renewal_info", None)'s key, counted inline on the fetch path.
+_ARI_SUCCESS = ("renewal_info", "success")
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -62,7 +63,8 @@ class Scheduler:
     """Starts due orders through `obtain(entry, manual)`; tracks them until they end."""
 
     def __init__(self, state: LeState, store: CertStore, issuer: Issuer, obtain: Obtain, *,
-                 clock: Clock, sleep: Sleep = asyncio.sleep) -> None:
+                 clock: Clock, sleep: Sleep = asyncio.sleep,
+                 cert_ids: ServedCertIds | None = None) -> None:
         self.state = state
         self.store = store
         self.issuer = issuer
@@ -70,7 +72,10 @@ class Scheduler:
         self.clock = clock
         self.sleep = sleep
         self.running: dict[str, asyncio.Task[None]] = {}
-        self._wake = asyncio.Event()
+        # wake(): look again at once. The flag is cleared before each look, so a wake-up that
+        # comes during one is not lost; a nap in progress is cancelled.
+        self._woken = False
+        self._napping: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # The plan: id -> next attempt / next renewalInfo fetch, and heaps of (time, id) over
         # them (an item whose time no longer matches the plan is stale and skipped).
@@ -80,9 +85,10 @@ class Scheduler:
         self._aris: list[tuple[dt.datetime, str]] = []
         self._stale: set[str] = set()
         self._replan_all_at: dt.datetime | None = None   # None: recompute every entry
-        # id -> (serial, ARI CertID) of the certificate served: parsed once per certificate,
-        # not at every renewalInfo fetch.
-        self._cert_ids: dict[str, tuple[int, str]] = {}
+        self.cert_ids = cert_ids or ServedCertIds(store)
+        # id -> (the store's CertInfo, its Validity): made once per certificate served.
+        self._validities: dict[str, tuple[object, policy.Validity]] = {}
+        self._planned_from: dict[str, tuple[object, ...]] = {}   # id -> _inputs() at _plan
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -102,7 +108,12 @@ class Scheduler:
     def wake(self) -> None:
         """Look at the schedule now (after a clock change in tests, or a settings change)."""
         self._replan_all_at = None
-        self._wake.set()
+        self._poke()
+
+    def _poke(self) -> None:
+        self._woken = True
+        if self._napping is not None:
+            self._napping.cancel()
 
     # -- orders ---------------------------------------------------------------------------------
 
@@ -120,7 +131,7 @@ class Scheduler:
         if self.running.get(cert_id) is task:
             del self.running[cert_id]
         self._stale.add(cert_id)   # only this certificate's plan changed
-        self._wake.set()
+        self._poke()
 
     async def cancel(self, cert_id: str) -> None:
         running = self.running.pop(cert_id, None)
@@ -138,7 +149,14 @@ class Scheduler:
 
     def validity(self, cert_id: str) -> policy.Validity | None:
         info = self.store.get(cert_id)
-        return policy.Validity(info.not_before, info.not_after) if info else None
+        if info is None:
+            return None
+        known = self._validities.get(cert_id)
+        if known is not None and known[0] is info:
+            return known[1]
+        validity = policy.Validity(info.not_before, info.not_after)
+        self._validities[cert_id] = (info, validity)
+        return validity
 
     def due(self, now: dt.datetime) -> list[tuple[dt.datetime, Entry]]:
         """(next attempt, entry) for every auto-renewing certificate, earliest first."""
@@ -160,24 +178,43 @@ class Scheduler:
 
     def _replan(self, now: dt.datetime) -> None:
         if self._replan_all_at is None or now >= self._replan_all_at:
-            ids: set[str] = set(self.state.entries) | set(self._attempt_at) | set(self._ari_at)
             self._replan_all_at = now + FULL_REPLAN
             self._stale.clear()
-            self._attempts.clear()   # rebuilt below, without the stale items
-            self._aris.clear()
-            self._attempt_at.clear()
-            self._ari_at.clear()
-        else:
-            ids, self._stale = self._stale, set()
+            entries = self.state.entries
+            for cid in set(entries) | set(self._attempt_at) | set(self._ari_at):
+                e = entries.get(cid)
+                if (e is None or cid not in self._attempt_at
+                        or self._planned_from.get(cid) != self._inputs(e)):
+                    self._plan(cid)
+            # the heaps again, without their stale items (in place: a pass may hold them)
+            self._attempts[:] = [(w, c) for c, w in self._attempt_at.items()]
+            heapq.heapify(self._attempts)
+            self._aris[:] = [(w, c) for c, w in self._ari_at.items()]
+            heapq.heapify(self._aris)
+            return
+        ids, self._stale = self._stale, set()
         for cid in ids:
             self._plan(cid)
+
+    def _inputs(self, e: Entry) -> tuple[object, ...]:
+        """What a certificate's plan is computed from (`_plan` is a pure function of it and
+        of `ari_checked`, which only a renewalInfo check moves, and the check replans its next
+        one itself): a full replan recomputes only the certificates where one of them changed."""
+        return (e, self.store.get(e.id), e.auto_renew, e.ari, e.failures, e.jitter,
+                self.state.settings.renew_period_days)
 
     def _plan(self, cid: str) -> None:
         """Recompute one certificate's next attempt and next renewalInfo fetch."""
         self._attempt_at.pop(cid, None)
         self._ari_at.pop(cid, None)
         e = self.state.entries.get(cid)
-        if e is None or not e.auto_renew:
+        if e is None:
+            self._validities.pop(cid, None)
+            self.cert_ids.forget(cid)
+            self._planned_from.pop(cid, None)
+            return
+        self._planned_from[cid] = self._inputs(e)
+        if not e.auto_renew:
             return
         validity = self.validity(cid)
         when = policy.planned_attempt(validity, self.state.settings.renew_period_days, e.ari,
@@ -239,11 +276,13 @@ class Scheduler:
         waits for the next grid point: a CA that is down costs a few timeouts per pass, not
         one per certificate (one reset connection alone postpones nothing)."""
         misses = 0
-        while (top := self._top(self._aris, self._ari_at)) is not None and top[0] <= now:
-            heapq.heappop(self._aris)
-            cid = top[1]
-            del self._ari_at[cid]
-            e = self.state.entries.get(cid)
+        aris, plan, entries = self._aris, self._ari_at, self.state.entries
+        while aris and aris[0][0] <= now:
+            when, cid = heapq.heappop(aris)
+            if plan.get(cid) != when:
+                continue   # stale
+            del plan[cid]
+            e = entries.get(cid)
             if e is None or cid in self.running:   # an ending order replans it
                 continue
             if misses >= UNREACHABLE_AFTER:
@@ -262,25 +301,6 @@ class Scheduler:
         self._ari_at[cid] = when
         heapq.heappush(self._aris, (when, cid))
 
-    def _cert_id(self, cid: str) -> str | None:
-        """The ARI CertID of the certificate served as `cid` (computed once per certificate);
-        None when it has none (no Authority Key Identifier) or none is served."""
-        info = self.store.get(cid)
-        if info is None:
-            return None
-        known = self._cert_ids.get(cid)
-        if known is not None and known[0] == info.serial:
-            return known[1]
-        material = self.store.material(cid)
-        if material is None:
-            return None
-        try:
-            ident = ari_cert_id(material.chain_pem)
-        except (AcmeError, ValueError):
-            return None
-        self._cert_ids[cid] = (info.serial, ident)
-        return ident
-
     async def _refresh_ari(self, e: Entry, now: dt.datetime) -> tuple[bool, bool]:
         """Fetch one certificate's renewalInfo: (the window changed, the CA was unreachable).
         Its entry is written only when the window changed (a fetch every six hours per
@@ -289,7 +309,7 @@ class Scheduler:
         e.ari_checked = now   # set first: a check that cannot run is not retried in a loop
         if s.account is None:
             return False, False
-        ident = self._cert_id(e.id)
+        ident = self.cert_ids(e.id)
         if ident is None:
             return False, False
         try:
@@ -298,18 +318,20 @@ class Scheduler:
             logger.info("renewalInfo for %s not available: %s", e.id, exc)
             s.count("renewal_info", classify(exc, action="renewalInfo").code)
             return False, isinstance(exc, NetworkError | TimeoutError)
-        s.count("renewal_info", None)
+        s.acme_requests[_ARI_SUCCESS] += 1
         if ri is None:
             return False, False
-        ari = policy.AriWindow(ri.start, ri.end, ri.retry_after)
-        if ari == e.ari:
+        old = e.ari
+        if old is not None and (old.start, old.end, old.retry_after) == (
+                ri.start, ri.end, ri.retry_after):
             return False, False
-        e.ari = ari
+        e.ari = policy.AriWindow(ri.start, ri.end, ri.retry_after)
         await s.save_entry(e)
         return True, False
 
     async def _loop(self) -> None:
         while True:
+            self._woken = False   # a wake() from here on makes the nap below return at once
             try:
                 await self._step(self.clock())
             except asyncio.CancelledError:
@@ -321,16 +343,18 @@ class Scheduler:
             delay = MAX_SLEEP
             if nxt is not None:
                 delay = min(MAX_SLEEP, max(MIN_SLEEP, (nxt - now).total_seconds()))
-            self._wake.clear()
             await self._nap(delay)
 
     async def _nap(self, delay: float) -> None:
-        """`sleep(delay)`, cut short by wake()."""
-        woken = asyncio.ensure_future(self._wake.wait())
-        napping = asyncio.ensure_future(self.sleep(delay))
+        """`sleep(delay)`, cut short by wake() (which cancels it)."""
+        if self._woken:
+            return
+        napping = self._napping = asyncio.ensure_future(self.sleep(delay))
         try:
-            await asyncio.wait((woken, napping), return_when=asyncio.FIRST_COMPLETED)
+            await napping
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._woken or (current is not None and current.cancelling()):
+                raise   # stop(), not wake()
         finally:
-            for f in (woken, napping):
-                f.cancel()
-            await asyncio.gather(woken, napping, return_exceptions=True)
+            self._napping = None

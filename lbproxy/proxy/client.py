@@ -78,6 +78,7 @@ from .clientstate import (
 )
 from .exchange import server_name
 from .http import CRLF, ERRORS
+from .proxyproto import Addresses, HeaderReader
 from .reqparse import LIMIT_OF, Rebody, RequestParsing, rebody_head
 from .upstream import HIGH_WATER, LOW_WATER
 
@@ -91,7 +92,7 @@ class ClientConnection(RequestParsing):
     """One accepted client connection: the asyncio protocol over the layers it is made of
     (clientstate.py, exchange.py, reqparse.py), its deadlines fired and its eviction."""
 
-    __slots__ = ()
+    __slots__ = ("addrs",)
 
     listener: Listener[ClientConnection]
 
@@ -123,7 +124,32 @@ class ClientConnection(RequestParsing):
         self.src_ip = peer[0] if peer else ""
         self.ip_b = self.src_ip.encode("latin-1")
         self.xff_b = b"X-Forwarded-For: " + self.ip_b + CRLF
+        self.addrs = None
         self._wait_head(self.loop.time())
+        sources = svc.pp_sources
+        if sources is not None:  # the PROXY protocol comes first (proxyproto.py)
+            ip = self.src_ip
+            if not ip:  # reset before its address could be read: no source to check
+                self._close()
+                return
+            transport.set_protocol(HeaderReader(self, transport, ip, ip in sources))
+
+    def proxied(self, addrs: Addresses | None) -> None:
+        """A PROXY header named the client: it is the one rules, logs and headers see."""
+        if addrs is not None:
+            self.addrs = addrs
+            self.src_ip = addrs[0]
+            self.ip_b = self.src_ip.encode("latin-1")
+            self.xff_b = b"X-Forwarded-For: " + self.ip_b + CRLF
+
+    def refuse_proxy(self, why: str) -> None:
+        """A PROXY header refused (or missing): logged, counted, closed."""
+        logger.warning("VS %s: %s; connection closed", self.listener.name, why)
+        self.listener.counters.limits["proxy_protocol"] += 1
+        self.closing = True
+        self.pause(P_STOP)
+        self._no_deadline()
+        self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed and self not in self.listener.conns:

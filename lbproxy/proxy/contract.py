@@ -11,7 +11,11 @@ called: a Protocol adds no indirection to the hot path.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from .compress import Offer
+    from .headerrules import ResponseEdit
 
 
 class RequestForUpstream(Protocol):
@@ -49,6 +53,14 @@ class RequestForUpstream(Protocol):
     @property
     def backend(self) -> object:
         """The real server it holds, if any (None once released)."""
+
+    @property
+    def compress(self) -> Offer | None:
+        """The coding its response may be compressed with (compress.py), if any."""
+
+    @property
+    def hresp(self) -> ResponseEdit | None:
+        """What header rules do to its response head (headerrules.py), if any."""
 
 
 # The upstream connection and the request handed back to the client (upstream.py's
@@ -107,6 +119,10 @@ class ClientForUpstream(Protocol[Upstream_contra, Request_contra]):
 
     def touch(self) -> None:
         """Bytes came through the tunnel: push the connection's idle deadline back."""
+
+    def proxy_header(self, version: int) -> bytes:
+        """The PROXY protocol header (`version` 1 or 2) that names this client to a real
+        server."""
 
 
 class ClientForListener(Protocol):

@@ -23,6 +23,7 @@ from .accesslog import AccessLog
 from .balancer import Balancer
 from .client import ClientConnection
 from .errors import ListenError
+from .h2conn import ALPNClientConnection
 from .health import HealthMonitor
 from .outbox import Outbox
 from .service import (
@@ -250,7 +251,11 @@ class DataPlane:
                 "real_servers": targets["-"]["real_servers"] if "-" in targets else [],
                 "rule_hits": c.rule_totals(),
                 "limit_rejections": dict(c.limits),
+                # Per limit ("-": the VS's, else a SubVS's): refused, table entries, evictions.
+                "rate_limits": {k: t.stats() for k, t in c.rate_tables.items()},
             }
+            if svc.vs.compression is not None or c.compressed.responses:
+                vs_entry["compression"] = c.compressed.stats()
             parts: list[Traffic] = [c]
             for tc in by_vs.get(lst.name, ()):
                 parts.append(tc)
@@ -450,9 +455,12 @@ class DataPlane:
         except OSError as e:
             raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
         try:
+            # An HTTPS VS chooses per connection, after ALPN (h2conn.py): a reload may turn
+            # `http2` on or off under a running listener (tls.py changes what ALPN offers).
+            conn_class = ALPNClientConnection if ctx is not None else ClientConnection
             for sock in socks:
                 lst.servers.append(await loop.create_server(
-                    lambda: ClientConnection(lst), sock=sock, ssl=ctx,
+                    lambda: conn_class(lst), sock=sock, ssl=ctx,
                     ssl_handshake_timeout=vs.timeouts.head if ctx is not None else None,
                     backlog=_BACKLOG, start_serving=False))
         except OSError as e:

@@ -25,6 +25,8 @@ from .clientstate import (
     logger,
 )
 from .http import CRLF, ERRORS, LocalResponse
+from .proxyproto import Addresses, connection_addresses
+from .proxyproto import build as build_proxy_header
 from .request import Request
 from .service import FAST_DIRECT, FAST_ROUTE, M_DIRECT, M_REDIRECT, M_SWITCH, ROUTE_MEMO_SIZE
 
@@ -40,6 +42,9 @@ class Exchange(ClientState):
     """The client connection's requests, from dispatch to the end of their answers."""
 
     __slots__ = ()
+
+    # The client as a PROXY protocol header named it, or None (client.py's slot).
+    addrs: Addresses | None
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -120,6 +125,14 @@ class Exchange(ClientState):
     def _serve(self, req: Request, target: Target, exclude: Backend | None) -> None:
         """Send `req` to a real server of `target` other than `exclude` (a retry's)."""
         req.target = target
+        gate = target.gate  # rate limits, compression (ratelimit.py): None unless configured
+        if gate is not None and exclude is None:
+            refused = gate.admit(self.src_ip, self.loop.time())
+            if refused is not None:
+                self._local(req, refused)
+                return
+            if not req.is_head and not req.v10:
+                req.compress = gate.offer(req.fwd)
         bal = target.balancer
         if bal is None:
             target.counters.not_available += 1
@@ -138,6 +151,11 @@ class Exchange(ClientState):
         srv = target.pools[backend]
         req.server = srv  # counts the request; its address, preformatted, names it in logs
         if not req.head:
+            edit = target.headers
+            if edit is not None:  # header rules (headerrules.py)
+                port = req.svc.port
+                req.fwd = edit.request(req.fwd, self.ip_b, req.host_b, port)
+                req.hresp = edit.response(self.ip_b, req.host_b, port)
             req.head = self._build_head(req)
         self._send(req, srv.cp, None)
 
@@ -169,7 +187,15 @@ class Exchange(ClientState):
             up.pool.release(up, self.loop.time())
             self._release(req, True)
             return
+        pp = up.pool.send_proxy
+        if pp and not up.pp_key:  # a new connection to a real server that wants the PROXY
+            up.pp_key = header = self.proxy_header(pp)  # protocol: its header first
+            up.write(header)
         self._send(req, up.pool, up)
+
+    def proxy_header(self, version: int) -> bytes:
+        """The PROXY header (proxyproto.py) that names this client to a real server."""
+        return build_proxy_header(version, self.addrs or connection_addresses(self.transport))
 
     def _send(self, req: Request, pool: ConnPool,
               up: UpstreamConnection[Request] | None) -> None:
@@ -346,7 +372,8 @@ class Exchange(ClientState):
         if "\r" in location or "\n" in location:
             self._local(req, ERRORS[400], close=True)
             return
-        resp = LocalResponse(svc.redirect_status, b"", "", (("Location", location),))
+        resp = LocalResponse(svc.redirect_status, b"", "", (("Location", location),
+                                                            *svc.local_extra))
         self._local(req, resp)
 
     def response_done(self, req: Request) -> None:

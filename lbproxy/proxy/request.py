@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .balancer import Backend
+    from .compress import Offer
+    from .headerrules import ResponseEdit
     from .service import ServerStats, Service, Target
     from .upstream import UpstreamConnection
 
@@ -27,8 +29,8 @@ class Request:
 
     __slots__ = (
         "_hmap", "attempts", "backend", "body", "body_bytes", "buffered", "chunked", "chunks",
-        "complete", "cut", "discard", "expect", "fwd", "has_body", "head", "hidden", "hidden_bytes",
-        "hlen", "host_b", "is_head",
+        "complete", "compress", "cut", "discard", "expect", "fwd", "has_body", "head", "hidden",
+        "hidden_bytes", "hlen", "host_b", "hresp", "is_head",
         "keep_alive", "method_b", "rebody", "resp_bytes", "resp_started", "sent_continue", "server",
         "src_ip", "started", "status", "svc", "t0", "t_conn", "t_hdr", "t_up", "target", "ts",
         "up", "upgrade", "upgrade_b",
@@ -83,6 +85,8 @@ class Request:
         self.server: ServerStats | None = None  # the real server's counters; names it in logs
         self.target: Target | None = None  # the pool (VS, SubVS) that took it
         self._hmap: dict[str, str] | None = None
+        self.compress: Offer | None = None  # the response coding it accepts (compress.py)
+        self.hresp: ResponseEdit | None = None  # header rules for its response (headerrules.py)
 
     @property
     def method(self) -> str:

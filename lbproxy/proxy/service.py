@@ -31,6 +31,7 @@ from ..config.model import (
     ContentRule,
     HealthCheck,
     NotAvailable,
+    ProxyProtocol,
     RealServer,
     Scheduler,
     VirtualService,
@@ -40,9 +41,13 @@ from ..routing import Router, compile_router
 from ..runtime import Injection
 from .accesslog import AccessLog
 from .balancer import Backend, Balancer
+from .compress import CompressStats, Policy
 from .contract import ClientForListener
+from .headerrules import HeaderEdit, compile_headers, local_fields
 from .http import LocalResponse
 from .outbox import Outbox
+from .proxyproto import ProxyConnPool, Sources
+from .ratelimit import PoolGate, RateTable, attach_gates
 from .upstream import ConnPool
 
 if TYPE_CHECKING:
@@ -73,7 +78,8 @@ RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # The limits a request or connection can hit (see client.py for each one's answer).
 LIMIT_KEYS = ("bad_request", "head_timeout", "idle_timeout", "header_too_large",
               "too_many_headers", "body_too_large", "max_connections", "request_timeout",
-              "upstream_timeout", "refused_by_rule", "body_timeout", "body_incomplete", "evicted")
+              "upstream_timeout", "refused_by_rule", "body_timeout", "body_incomplete", "evicted",
+              "rate_limited", "h2_protocol_error", "h2_rapid_reset", "h2_flood", "proxy_protocol")
 
 
 class Traffic:
@@ -101,7 +107,8 @@ class Counters(Traffic):
     Traffic here is what no SubVS took (bad requests, redirects, no rule matched, refused).
     """
 
-    __slots__ = ("connections", "limits", "refused", "requests", "rule_gens", "rule_hits")
+    __slots__ = ("compressed", "connections", "limits", "rate_tables", "refused", "requests",
+                 "rule_gens", "rule_hits")
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,6 +120,9 @@ class Counters(Traffic):
         # (rule names, hits by rule index; the last slot counts "no rule matched").
         self.rule_hits: dict[str, int] = {}
         self.rule_gens: list[tuple[tuple[str, ...], list[int]]] = []
+        # Rate limit tables by scope ("-": the VS's, else a SubVS's) and compression counters.
+        self.rate_tables: dict[str, RateTable] = {}
+        self.compressed = CompressStats()
 
     def new_rule_gen(self, names: tuple[str, ...]) -> list[int]:
         """A hit list for a new router; folds all but the two newest older lists into rule_hits
@@ -188,7 +198,8 @@ class Pool:
 class Target:
     """One place a request can be sent: a pool of real servers or only a "not available" answer."""
 
-    __slots__ = ("balancer", "counters", "na", "name", "needs_url", "pool", "pools")
+    __slots__ = ("balancer", "counters", "gate", "headers", "na", "name", "needs_url", "pool",
+                 "pools")
 
     def __init__(self, name: str, pool: Pool | None, pools: dict[Backend, ServerStats],
                  na: NotAvailable, counters: TargetCounters) -> None:
@@ -199,15 +210,17 @@ class Target:
         self.na = LocalResponse(na.status, na.body, na.content_type)
         self.counters = counters
         self.needs_url = pool is not None and pool.spec.scheduler is Scheduler.URL_HASH
+        self.gate: PoolGate | None = None  # rate limits, compression (ratelimit.py)
+        self.headers: HeaderEdit | None = None  # header rules (headerrules.py)
 
 
 class Service:
     """One VS for one generation; read per request by the client connections."""
 
     __slots__ = (
-        "add_forwarded", "counters", "direct", "fast", "log", "max_body", "max_connections",
-        "max_fwd", "max_header_bytes", "max_headers", "memo", "mode", "na", "name", "port",
-        "pre_router",
+        "add_forwarded", "counters", "direct", "fast", "local_extra", "log", "max_body",
+        "max_connections", "max_fwd", "max_header_bytes", "max_headers", "memo", "mode", "na",
+        "name", "port", "pp_sources", "pre_router",
         "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_body",
         "t_connect", "t_first_byte", "t_head", "t_idle", "t_request", "t_tunnel", "targets", "vs",
         "xfp_line")
@@ -230,9 +243,13 @@ class Service:
         self.direct: Target | None = None
         self.pre_router: Router | None = None
         self.pre_targets: tuple[Target, ...] = ()
+        # HSTS of an HTTPS VS, on its own answers too (headerrules.local_fields).
+        self.local_extra = local_fields(vs, None)
         self.na = LocalResponse(vs.not_available.status, vs.not_available.body,
-                                vs.not_available.content_type)
+                                vs.not_available.content_type, self.local_extra)
         self.add_forwarded = vs.add_forwarded_headers
+        # Where a PROXY protocol header is accepted from (proxyproto.py); None: it is not.
+        self.pp_sources = Sources(vs.proxy_protocol_from) if vs.proxy_protocol_from else None
         self.xfp_line = f"X-Forwarded-Proto: {vs.protocol.value}\r\n".encode()
         t = vs.timeouts
         self.t_head = t.head
@@ -277,8 +294,13 @@ class PoolFactory:
         if counters is None:
             counters = self.target_counters[key] = TargetCounters()
         name = subvs_name or "-"
+        subvs = vs.subvs_by_name(subvs_name) if subvs_name else None
+        extra = local_fields(vs, subvs)
         if not servers:
-            return Target(name, None, {}, na, counters)
+            target = Target(name, None, {}, na, counters)
+            if extra:
+                target.na = LocalResponse(na.status, na.body, na.content_type, extra)
+            return target
         spec = PoolSpec(servers, scheduler, check)
         pool = self.pools.get(key)
         if pool is None:
@@ -288,19 +310,37 @@ class PoolFactory:
                 self.new_pools.append(pool)
         conns: dict[Backend, ServerStats] = {}
         idle = vs.timeouts.upstream_idle
+        send_pp = {s.address: s.send_proxy_protocol for s in servers
+                   if s.send_proxy_protocol is not ProxyProtocol.OFF}
         for b in pool.balancer.backends:
             addr = (b.address.host, b.address.port)
-            cp = self.conn_pools.get(addr)
-            if cp is None:
-                cp = self.conn_pools[addr] = ConnPool(self.loop, addr[0], addr[1], idle,
-                                                      self.outbox)
+            pp = send_pp.get(b.address)
+            if pp is not None:
+                # Connections that begin with a PROXY header: a pool of their own, under a key
+                # no address has (ports are positive), kept and swept as the others.
+                version = 1 if pp is ProxyProtocol.V1 else 2
+                addr = (addr[0], -(addr[1] * 4 + version))
+                cp = self.conn_pools.get(addr)
+                if cp is None:
+                    cp = self.conn_pools[addr] = ProxyConnPool(
+                        self.loop, b.address.host, b.address.port, idle, self.outbox)
+                    cp.send_proxy = version
+            else:
+                cp = self.conn_pools.get(addr)
+                if cp is None:
+                    cp = self.conn_pools[addr] = ConnPool(self.loop, addr[0], addr[1], idle,
+                                                          self.outbox)
             st = counters.servers.get(cp.address)
             if st is None:
                 st = counters.servers[cp.address] = ServerStats(cp)
             st.cp = cp
             conns[b] = st
             self.addresses[addr] = min(idle, self.addresses.get(addr, idle))
-        return Target(name, pool, conns, na, counters)
+        target = Target(name, pool, conns, na, counters)
+        target.headers = compile_headers(vs, subvs)
+        if extra:
+            target.na = LocalResponse(na.status, na.body, na.content_type, extra)
+        return target
 
 
 MakeMonitor = Callable[[Balancer, HealthCheck, str], "HealthMonitor | None"]
@@ -373,6 +413,12 @@ def build_service(vs: VirtualService, rules: dict[str, ContentRule],
         svc.mode = M_DIRECT
         svc.direct = factory.target(vs, "", (), vs.scheduler, vs.health_check,
                                     vs.not_available)
+    if vs.rate_limit is not None or vs.compression is not None or counters.rate_tables or any(
+            s.rate_limit is not None for s in vs.subvs):
+        attach_gates((*svc.targets, *((svc.direct,) if svc.direct is not None else ())),
+                     vs.rate_limit, {s.name: s.rate_limit for s in vs.subvs},
+                     Policy(vs.compression, counters.compressed) if vs.compression else None,
+                     counters.rate_tables, counters.limits)
     # Injected SubVSs (ACME HTTP-01 challenges) are answered ahead of everything else, whatever the
     # kind of VS: a redirect VS (where challenges usually arrive), a VS with real servers, a VS
     # balancing over its SubVSs in order (which keeps doing so for every other request).

@@ -27,8 +27,13 @@ from .tickets import set_ticket_keys
 
 logger = logging.getLogger(__name__)
 
-# The only application protocol we speak on TLS (RFC 7301 ALPN identifier).
+# A context's key in the cache: certificate id, fingerprint, cipher policy, ALPN protocols.
+_Key = tuple[str, str, str, tuple[str, ...]]
+
+# The application protocols we speak on TLS (RFC 7301 ALPN identifiers): HTTP/1.1 always, and
+# HTTP/2 first on a VS with `http2 = true` (h2conn.py).
 ALPN_PROTOCOLS = ("http/1.1",)
+ALPN_H2 = ("h2", "http/1.1")
 
 
 class TLSSetupError(LBProxyError):
@@ -163,7 +168,11 @@ def default_certificate(vs: VirtualService, assigned: VSCertificates) -> str | N
     return assigned.certificates[0] if assigned.certificates else None
 
 
-def _base_context(ciphers: str) -> ssl.SSLContext:
+def _alpn(vs: VirtualService) -> tuple[str, ...]:
+    return ALPN_H2 if vs.http2 else ALPN_PROTOCOLS
+
+
+def _base_context(ciphers: str, alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -174,17 +183,18 @@ def _base_context(ciphers: str) -> ssl.SSLContext:
         ctx.set_ciphers(ciphers)
     except ssl.SSLError:
         raise TLSSetupError(f"cipher policy {ciphers!r} selects no cipher") from None
-    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
-def build_context(material: CertMaterial, ciphers: str) -> ssl.SSLContext:
+def build_context(material: CertMaterial, ciphers: str,
+                  alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
     """A server context holding one certificate chain and its key.
 
     `ssl` loads keys from files only, so the key passes through a private temporary directory
     (0700, file 0600) that is removed at once.
     """
-    ctx = _base_context(ciphers)
+    ctx = _base_context(ciphers, alpn)
     with tempfile.TemporaryDirectory(prefix="lbproxy-tls-") as tmp:
         chain = Path(tmp) / "chain.pem"
         key = Path(tmp) / "key.pem"
@@ -214,8 +224,9 @@ class TLSContexts:
         self._services: dict[str, VirtualService] = {
             vs.name: vs for vs in services if vs.protocol is VSProtocol.HTTPS}
         self._listeners: dict[str, ssl.SSLContext] = {}
-        # (cert id, fingerprint, ciphers) -> context; contexts are shared between VSs.
-        self._cache: dict[tuple[str, str, str], ssl.SSLContext] = {}
+        # (cert id, fingerprint, ciphers, ALPN) -> context; contexts are shared between VSs (the
+        # one SNI picks answers ALPN too: a VS's own protocols are in its key).
+        self._cache: dict[_Key, ssl.SSLContext] = {}
         self._selections: dict[str, Selection] = {}
         self._built_version = -1
         self.rebuilds = 0
@@ -242,6 +253,8 @@ class TLSContexts:
             if listener is not None and old is not None and old.tls.ciphers != vs.tls.ciphers:
                 # Applies to new handshakes on the running listener; no restart needed.
                 listener.set_ciphers(vs.tls.ciphers)
+            if listener is not None and old is not None and old.http2 != vs.http2:
+                listener.set_alpn_protocols(list(_alpn(vs)))
         self._services = new
         self.refresh(force=True)
 
@@ -261,7 +274,7 @@ class TLSContexts:
         version = self._lookup.version
         if not force and version == self._built_version:
             return
-        used: set[tuple[str, str, str]] = set()
+        used: set[_Key] = set()
         selections: dict[str, Selection] = {}
         for vs in self._services.values():
             selections[vs.name] = self._select(vs, used)
@@ -270,13 +283,13 @@ class TLSContexts:
         self._built_version = version
         self.rebuilds += 1
 
-    def _context(self, material: CertMaterial, ciphers: str,
-                 used: set[tuple[str, str, str]]) -> ssl.SSLContext | None:
-        key = (material.cert_id, material.fingerprint, ciphers)
+    def _context(self, material: CertMaterial, ciphers: str, used: set[_Key],
+                 alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext | None:
+        key = (material.cert_id, material.fingerprint, ciphers, alpn)
         ctx = self._cache.get(key)
         if ctx is None:
             try:
-                ctx = build_context(material, ciphers)
+                ctx = build_context(material, ciphers, alpn)
             except TLSSetupError as e:
                 logger.error("%s", e)
                 return None
@@ -286,7 +299,7 @@ class TLSContexts:
         used.add(key)
         return ctx
 
-    def _select(self, vs: VirtualService, used: set[tuple[str, str, str]]) -> Selection:
+    def _select(self, vs: VirtualService, used: set[_Key]) -> Selection:
         assigned = self._lookup.assignment(vs.name)
         sel = Selection()
         for cid in certificate_order(vs, assigned):
@@ -294,7 +307,7 @@ class TLSContexts:
             if material is None:
                 logger.warning("VS %r: certificate %r is not in the store; skipped", vs.name, cid)
                 continue
-            ctx = self._context(material, vs.tls.ciphers, used)
+            ctx = self._context(material, vs.tls.ciphers, used, _alpn(vs))
             if ctx is None:
                 continue
             for name in material.names:
@@ -306,7 +319,7 @@ class TLSContexts:
         if default_id is not None:
             material = self._lookup.material(default_id)
             if material is not None:
-                ctx = self._context(material, vs.tls.ciphers, used)
+                ctx = self._context(material, vs.tls.ciphers, used, _alpn(vs))
                 if ctx is not None:
                     return Selection(sel.exact, sel.wildcard, (default_id, ctx))
         # The named default is missing: fall back to any certificate rather than fail every
@@ -348,7 +361,7 @@ class TLSContexts:
         if known is None or known.tls != vs.tls:
             self._services = {**self._services, vs.name: vs}
             self.refresh(force=True)
-        listener = _base_context(vs.tls.ciphers)
+        listener = _base_context(vs.tls.ciphers, _alpn(vs))
         if self._ticket_keys:
             set_ticket_keys(listener, self._ticket_keys)
         name = vs.name

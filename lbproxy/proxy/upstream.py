@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 import httptools
 
 from .contract import RequestForUpstream
+from .headerrules import edit_response
 from .http import CRLF, connection_names
 from .outbox import Outbox
 
@@ -23,6 +24,7 @@ from .outbox import Outbox
 Req = TypeVar("Req", bound=RequestForUpstream)
 
 if TYPE_CHECKING:
+    from .compress import Encoder
     from .contract import ClientForUpstream
 
     # The client connection of an exchange, as this side sees it (client.py's ClientConnection).
@@ -53,7 +55,7 @@ class ConnPool:
     """Idle keep-alive connections to one real server (shared by every VS that uses it)."""
 
     __slots__ = ("address", "connects", "host", "idle", "idle_timeout", "loop", "outbox", "port",
-                 "retired")
+                 "retired", "send_proxy")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
                  idle_timeout: float, outbox: Outbox) -> None:
@@ -67,6 +69,8 @@ class ConnPool:
         self.idle_timeout = idle_timeout
         self.connects = 0
         self.retired = False
+        # PROXY protocol version written first on each new connection (0: none; Exchange.attach).
+        self.send_proxy = 0
 
     def acquire(self, now: float) -> UpstreamConnection[Any] | None:
         """The most recently used idle connection still fresh at `now`, or None (the one way a
@@ -221,9 +225,9 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
     """One keep-alive connection to a real server, serving one exchange at a time."""
 
     __slots__ = (
-        "client", "close_delim", "cout", "ctransport", "hbuf", "head_body", "head_done", "heads",
-        "idle_since", "interim", "out_chunked", "outbox", "parser", "pending_head", "pool",
-        "read_paused", "req", "reused", "status",
+        "client", "close_delim", "cout", "ctransport", "enc", "hbuf", "head_body", "head_done",
+        "heads", "idle_since", "interim", "out_chunked", "outbox", "parser", "pending_head", "pool",
+        "pp_key", "read_paused", "req", "reused", "status",
         "transport", "tunnel", "validator", "vframe", "vhead", "want_head")
 
     def __init__(self, pool: ConnPool) -> None:
@@ -245,6 +249,7 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
         self.hbuf = b""
         self.status = 0
         self.idle_since = 0.0
+        self.pp_key = b""  # the PROXY header it began with (proxyproto.ProxyConnPool), if any
         self.want_head = True
         self.out_chunked = False
         self.close_delim = False
@@ -255,6 +260,7 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
         self.reused = False
         self.read_paused = False
         self.tunnel = False
+        self.enc: Encoder | None = None  # the body being compressed (compress.py)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -323,7 +329,8 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
         """
         req = self.req
         client = self.client
-        if req is None or client is None or req.is_head:
+        if (req is None or client is None or req.is_head or req.compress is not None
+                or req.hresp is not None):
             return False
         vhead = self.vhead
         if vhead and data.startswith(vhead):
@@ -527,6 +534,16 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
             head = _without_hop_fields(head, matches, named)
         # else the server's "Connection: keep-alive", its only hop-by-hop field, holds for the
         # client's hop too: the head goes as it came, as _fast_response relays it.
+        hresp = req.hresp
+        if hresp is not None and status != 101:
+            head = edit_response(head, hresp)  # header rules (headerrules.py)
+        if req.compress is not None and not self.close_delim and status != 101:
+            started = req.compress.start(head, status)
+            if started is not None:  # compressed: sent chunked (the client speaks HTTP/1.1)
+                head, self.enc = started
+                if not self.out_chunked:
+                    self.out_chunked = True
+                    extra = b"Transfer-Encoding: chunked\r\n" + extra
         self.cout += (head, extra, CRLF) if extra else (head, CRLF)
         req.hlen = len(head) + len(extra) + 2
         self.pending_head = True
@@ -543,11 +560,16 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
     def on_body(self, data: bytes) -> None:
         req = self.req
         assert req is not None
-        req.resp_bytes += len(data)
         if self.out_chunked:
+            enc = self.enc
+            if enc is not None:
+                data = enc.feed(data)
+                if not data:
+                    return
             self.cout += (b"%x\r\n" % len(data), data, CRLF)
         else:
             self.cout.append(data)
+        req.resp_bytes += len(data)
         if len(self.cout) > 64:
             self._flush()
 
@@ -561,6 +583,14 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
         self.pending_head = False
         if self.out_chunked:
             self.out_chunked = False
+            enc = self.enc
+            if enc is not None:
+                self.enc = None
+                tail = enc.finish()
+                if tail:
+                    cout += (b"%x\r\n" % len(tail), tail, CRLF)
+                    if self.req is not None:
+                        self.req.resp_bytes += len(tail)
             cout.append(b"0\r\n\r\n")
         client = self.client
         req = self.req

@@ -41,7 +41,8 @@ DOCS = ROOT / "docs"
 SECTIONS = ("Config", "VirtualService", "RealServer", "HealthCheck", "NotAvailable",
             "ContentRule", "SubVS", "Timeouts", "Limits", "TLSSettings", "AdminSettings",
             "AccessLogSettings", "LetsEncryptSettings", "CertificateRequest", "EventSettings",
-            "ClusterSettings")
+            "ClusterSettings", "RateLimit", "Compression", "HeaderRules", "Hsts",
+            "HTTP2Limits")
 # Fields whose TOML key has another name.
 TOML_KEY = {("Config", "virtual_services"): "vs", ("Config", "rules"): "rule",
             ("Config", "certificates"): "certificate", ("ContentRule", "match_type"): "match"}
@@ -214,7 +215,9 @@ async def test_every_metric_is_documented() -> None:
             name="web", listen=M.Address("127.0.0.1", 0), content_switching=True,
             subvs=(M.SubVS("api", real_servers=servers(up.port), rules=("default",),
                            health_check=NO_CHECK),))
-        ports = await serve(dp, vs, make_vs("plain", ports=(up.port,)))
+        ports = await serve(dp, vs, make_vs("plain", ports=(up.port,),
+                                            rate_limit=M.RateLimit(100, 100),
+                                            compression=M.Compression()))
         for port in ports.values():
             c = await asyncio.wait_for(Client.connect(port), 10)
             assert (await asyncio.wait_for(c.request(), 10)).status == 200

@@ -16,6 +16,7 @@ from lbproxy.config.model import (
     Timeouts,
 )
 from lbproxy.proxy import DataPlane
+from lbproxy.proxy.service import LIMIT_KEYS
 
 from .conftest import NO_CHECK, Client, Upstream, build, make_vs, serve, servers
 
@@ -122,11 +123,15 @@ async def test_limit_counters(dataplane: DataPlane, upstream: Upstream) -> None:
             assert (await b.response()).status == 200
             b.close()
     limits = dataplane.stats()["virtual_services"]["web"]["limit_rejections"]
-    assert limits == {"bad_request": 1, "head_timeout": 1, "idle_timeout": 1,
+    # Every limit key is there; those not hit here (the ones listed at 0, and any added later:
+    # rate_limited, HTTP/2's) are 0.
+    assert limits == {**dict.fromkeys(limits, 0),
+                      "bad_request": 1, "head_timeout": 1, "idle_timeout": 1,
                       "header_too_large": 0, "too_many_headers": 0, "body_too_large": 1,
                       "max_connections": 1, "request_timeout": 0, "upstream_timeout": 1,
                       "refused_by_rule": 0, "body_timeout": 0, "body_incomplete": 0,
                       "evicted": 0}
+    assert set(LIMIT_KEYS) <= set(limits)
 
 
 async def test_connect_timeout_counts_as_upstream_timeout(dataplane: DataPlane) -> None:

@@ -1,0 +1,450 @@
+// lbproxy admin page, the Let's Encrypt Certs screen: directory, account, renew period, the
+// Request New Certificate form (the API's checks mirrored, its errors shown at their field),
+// the order's progress (polled), and the certificate table with Renew, Delete and Assign.
+import { $, $$, api, busy, clearErrors, daysLeft, formError, h, notice, setFieldError,
+  state, when } from "./core.js";
+import { loadVs, renderVs } from "./vs.js";
+
+const MAX_SANS = 10;                       // lbproxy.config.model.MAX_SANS
+const ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;   // lbproxy.certs.store.ID_RE
+const FQDN_RE = /^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$/;
+const POLL_MS = 250;                       // while an order runs
+const ORDER_LIMIT_MS = 360000;             // give up watching after this (the order keeps going)
+const SUBJECT = ["country", "state", "city", "company", "unit", "email"];
+
+// -- account and settings ----------------------------------------------------------------------
+
+async function loadAccount() {
+  const a = await api("GET", "/api/le/account");
+  const s = a.settings || {};
+  $("#acct-id").textContent = a.account_id || "(not registered)";
+  $("#acct-email").textContent = a.email || s.email || "-";
+  $("#acct-period").textContent = `${s.renew_period_days} days`;
+  if (document.activeElement !== $("#dir-url")) $("#dir-url").value = s.directory_url || "";
+  if (document.activeElement !== $("#dir-ca")) $("#dir-ca").value = s.ca_bundle || "";
+  if (document.activeElement !== $("#period-days")) $("#period-days").value = s.renew_period_days;
+}
+
+export async function setDirectory(ev) {
+  ev.preventDefault();
+  const form = ev.target, url = $("#dir-url");
+  clearErrors(form);
+  if (!/^https:\/\/\S+$/.test(url.value.trim())) {
+    setFieldError(url, "The directory URL must be an https:// URL.").focus();
+    return;
+  }
+  await busy(form.querySelector("button"), async () => {
+    try {
+      await api("PUT", "/api/le/settings",
+        { directory_url: url.value.trim(), ca_bundle: $("#dir-ca").value.trim() });
+      notice("Directory set.");
+      await loadAccount();
+    } catch (e) { formError(form, e, url); }
+  });
+}
+
+export async function register(ev) {
+  ev.preventDefault();
+  const form = ev.target, email = $("#reg-email");
+  clearErrors(form);
+  const body = email.value.trim() ? { email: email.value.trim() } : {};
+  await busy(form.querySelector("button"), async () => {
+    try {
+      const a = await api("POST", "/api/le/account", body);
+      clearErrors($("#key-form"));
+      notice(`Account registered: ${a.account_id}`);
+      await loadAccount();
+    } catch (e) { formError(form, e, email); }
+  });
+}
+
+export async function uploadKey(ev) {
+  ev.preventDefault();
+  const form = ev.target, file = $("#key-file");
+  clearErrors(form);
+  if (!file.files.length) { setFieldError(file, "Choose the account key file.").focus(); return; }
+  const body = { key: await file.files[0].text(), replace: $("#key-replace").checked };
+  if ($("#key-pass").value) body.passphrase = $("#key-pass").value;
+  await busy(form.querySelector("button[type=submit]"), async () => {
+    try {
+      const a = await api("POST", "/api/le/account/key", body);
+      $("#key-pass").value = "";
+      clearErrors($("#reg-form"));
+      notice(`Account linked: ${a.account_id}`);
+      await loadAccount();
+    } catch (e) { formError(form, e, file); }
+  });
+}
+
+export async function setPeriod(ev) {
+  ev.preventDefault();
+  const form = ev.target, days = $("#period-days");
+  clearErrors(form);
+  const n = Number(days.value);
+  if (!Number.isInteger(n) || n < 1 || n > 60) {
+    setFieldError(days, "The renew period is a whole number of days from 1 to 60.").focus();
+    return;
+  }
+  await busy(form.querySelector("button"), async () => {
+    try {
+      await api("PUT", "/api/le/settings", { renew_period_days: n });
+      notice(`Renew period set to ${n} days.`);
+      await loadAccount();
+      await loadCerts();
+    } catch (e) { formError(form, e, days); }
+  });
+}
+
+// -- request form ------------------------------------------------------------------------------
+
+function fillVsSelect(sel) {
+  const keep = sel.value;
+  sel.replaceChildren(h("option", { value: "", text: "choose a Virtual Service" }),
+    ...state.eligible.map(v => h("option", { value: v.name,
+      text: `${v.name} (${v.protocol} ${v.listen})` })));
+  if (state.eligible.some(v => v.name === keep)) sel.value = keep;
+}
+
+async function loadEligible() {
+  state.eligible = await api("GET", "/api/le/eligible-vs");
+  for (const sel of $$(".vs-select")) fillVsSelect(sel);
+}
+
+export function renumberSans() {
+  $$("#sans li").forEach((li, i) => {
+    const n = i + 1;
+    const [name, vs] = [li.querySelector("input"), li.querySelector("select")];
+    name.id = `san-${n}-name`; vs.id = `san-${n}-vs`;
+    const labels = li.querySelectorAll("label");
+    labels[0].htmlFor = name.id; labels[0].textContent = `SAN ${n} name`;
+    labels[1].htmlFor = vs.id; labels[1].textContent = `SAN ${n} Virtual Service`;
+    const errs = li.querySelectorAll(".field-error");
+    errs[0].id = `err-san-${n}-name`; errs[1].id = `err-san-${n}-vs`;
+    name.setAttribute("aria-describedby", errs[0].id);
+    vs.setAttribute("aria-describedby", errs[1].id);
+    li.querySelector("button").setAttribute("aria-label", `Remove SAN ${n}`);
+  });
+  $("#san-add").textContent = `Add SAN (${$$("#sans li").length} of ${MAX_SANS})`;
+}
+
+export function addSan(name = "", vs = "") {
+  const sel = h("select", { class: "vs-select", name: "san-vs" });
+  fillVsSelect(sel);
+  const input = h("input", { name: "san-name", value: name, autocomplete: "off" });
+  const li = h("li", {},
+    h("div", { class: "field" }, h("label"), input, h("p", { class: "field-error", hidden: true })),
+    h("div", { class: "field" }, h("label"), sel, h("p", { class: "field-error", hidden: true })),
+    h("button", { type: "button", class: "secondary", text: "Remove",
+      onclick: () => { li.remove(); renumberSans(); } }));
+  $("#sans").append(li);
+  if (vs) sel.value = vs;
+  renumberSans();
+  return input;
+}
+
+function readRequest() {
+  const v = id => $(id).value.trim();
+  const body = { id: v("#req-id"), common_name: v("#req-cn").toLowerCase(), vs: v("#req-vs"),
+    sans: $$("#sans li").map(li => ({ name: li.querySelector("input").value.trim().toLowerCase(),
+                                       vs: li.querySelector("select").value })),
+    key_type: $("#req-ec").checked ? "ec" : "rsa", wait: false };
+  if (body.key_type === "rsa") body.key_size = Number($("#req-size").value);
+  for (const k of SUBJECT) if (v(`#req-${k}`)) body[k] = v(`#req-${k}`);
+  return body;
+}
+
+// The API's checks, mirrored: [element, message] for each problem.
+function checkRequest(b) {
+  const out = [];
+  if (!ID_RE.test(b.id)) out.push([$("#req-id"),
+    "The identifier is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."]);
+  if (!b.common_name) out.push([$("#req-cn"), "No domain to sign: enter the Common Name (code 18)."]);
+  else if (!FQDN_RE.test(b.common_name)) out.push([$("#req-cn"),
+    `'${b.common_name}' is not a fully qualified domain name (no wildcards: HTTP-01 only).`]);
+  if (!b.vs) out.push([$("#req-vs"), "Choose the Virtual Service that answers the challenge."]);
+  const rows = $$("#sans li");
+  if (b.sans.length > MAX_SANS) out.push([$("#sans-box"),
+    `'sans' has ${b.sans.length} items; at most ${MAX_SANS} are allowed.`]);
+  const seen = new Set([b.common_name]);
+  b.sans.forEach((s, i) => {
+    const [name, vs] = [rows[i].querySelector("input"), rows[i].querySelector("select")];
+    if (!s.name) out.push([name, "Enter the name, or remove this SAN."]);
+    else if (!FQDN_RE.test(s.name)) out.push([name, `'${s.name}' is not a fully qualified domain name.`]);
+    else if (seen.has(s.name)) out.push([name, `'${s.name}' is listed twice.`]);
+    seen.add(s.name);
+    if (!s.vs) out.push([vs, "Choose the Virtual Service that answers this name's challenge."]);
+  });
+  if (b.country && !/^[A-Za-z]{2}$/.test(b.country)) out.push([$("#req-country"),
+    "The country is a 2 letter code (e.g. DE)."]);
+  if (b.email && !/^[^@\s]+@[^@\s]+$/.test(b.email)) out.push([$("#req-email"),
+    "Not an email address."]);
+  if (b.key_type === "rsa" && ![2048, 3072, 4096].includes(b.key_size)) out.push([$("#req-size"),
+    "The RSA key size is 2048, 3072 or 4096."]);
+  return out;
+}
+
+// Where an API error about a request belongs: the field it names, the VS or name it quotes.
+function requestErrorTarget(e) {
+  const d = e.data || {}, msg = d.error || "";
+  const rows = $$("#sans li");
+  if (d.field) {
+    const m = /^sans\[(\d+)\]\.(name|vs)$/.exec(d.field);
+    if (m && rows[Number(m[1])]) return rows[Number(m[1])].querySelector(m[2] === "name" ? "input" : "select");
+    if (d.field === "sans") return $("#sans-box");
+    const byName = { id: "#req-id", common_name: "#req-cn", vs: "#req-vs", key_size: "#req-size",
+                     key_type: "#req-size" };
+    const sel = byName[d.field] || (SUBJECT.includes(d.field) ? `#req-${d.field}` : null);
+    if (sel) return $(sel);
+  }
+  const vsName = /VS '([^']*)'/.exec(msg);
+  if (vsName) {
+    const sels = [$("#req-vs"), ...rows.map(r => r.querySelector("select"))];
+    const hit = sels.find(s => s.value === vsName[1]);
+    if (hit) return hit;
+  }
+  if (d.code === 18) return $("#req-cn");
+  if (d.code === 16 || /certificate id .* already exists/.test(msg)) return $("#req-id");
+  const q = /^'([^']+)' is not a fully qualified/.exec(msg);
+  if (q) {
+    if ($("#req-cn").value.trim().toLowerCase() === q[1]) return $("#req-cn");
+    const r = rows.find(li => li.querySelector("input").value.trim().toLowerCase() === q[1]);
+    if (r) return r.querySelector("input");
+  }
+  if (/SANs|listed twice/.test(msg)) return $("#sans-box");
+  if (/^key /.test(msg)) return $("#req-size");
+  return $("#req-submit");
+}
+
+export async function requestCert(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  clearErrors(form);
+  const body = readRequest();
+  const problems = checkRequest(body);
+  if (problems.length) {
+    for (const [el, msg] of problems) setFieldError(el, msg);
+    (problems[0][0].matches("fieldset") ? $("#san-add") : problems[0][0]).focus();
+    return;
+  }
+  await busy($("#req-submit"), async () => {
+    try {
+      const view = await api("POST", "/api/le/certs", body);
+      notice(`Order placed for ${view.id}.`);
+      watchOrder(view.id, "");
+    } catch (e) {
+      const el = requestErrorTarget(e);
+      setFieldError(el, e.text);
+      (el.matches("fieldset") ? $("#san-add") : el).focus();
+      await loadEligible();   // the list may have changed under the form
+    }
+  });
+}
+
+// -- order progress ----------------------------------------------------------------------------
+
+export function stopWatching() {
+  if (state.watching) { clearTimeout(state.watching.timer); state.watching = null; }
+}
+
+function setPhase(phase, text) {
+  const box = $("#progress");
+  const order = ["pending", "validating", "issued"];
+  box.dataset.phase = phase;
+  const seen = (box.dataset.seen || "").split(" ").filter(Boolean);
+  if (!seen.includes(phase)) seen.push(phase);
+  box.dataset.seen = seen.join(" ");
+  // failed: the steps reached are done, the last one reads "failed"
+  const at = phase === "failed" ? order.length - 1 : order.indexOf(phase);
+  const reached = phase === "failed" ? order.indexOf(box.dataset.last || "pending") : at;
+  order.forEach((p, i) => {
+    const li = $(`#step-${p}`);
+    li.className = phase === "failed" ? (i === at ? "failed" : i <= reached ? "done" : "") :
+      i < at || (phase === "issued" && i === at) ? "done" : i === at ? "current" : "";
+  });
+  if (phase !== "failed") box.dataset.last = phase;
+  $("#step-issued").textContent = phase === "failed" ? "failed" : "issued";
+  $("#progress-text").textContent = text;
+}
+
+function challengeSubvs(vsList) {
+  const out = [];
+  for (const vs of vsList) for (const r of vs.rules) if (r.injected) out.push(`${r.subvs} on ${vs.name}`);
+  return out;
+}
+
+function watchOrder(id, beforeSerial) {
+  stopWatching();
+  const box = $("#progress");
+  box.hidden = false;
+  box.dataset.seen = "";
+  box.dataset.last = "pending";
+  box.dataset.cert = id;
+  $("#progress-id").textContent = id;
+  setPhase("pending", "Order placed; waiting for the CA's challenges.");
+  const started = Date.now();
+  const w = { id, timer: 0 };
+  state.watching = w;
+  const tick = async () => {
+    if (state.watching !== w) return;
+    try {
+      const [view, vsList] = await Promise.all([
+        api("GET", `/api/le/certs/${encodeURIComponent(id)}`), api("GET", "/api/vs")]);
+      if (state.watching !== w) return;
+      state.vs = vsList.virtual_services;
+      const i = state.certs.findIndex(c => c.id === id);
+      if (i >= 0) state.certs[i] = view; else state.certs.push(view);
+      renderVs();
+      renderCerts();
+      const challenges = challengeSubvs(state.vs);
+      if (view.serial && view.serial !== beforeSerial && ["valid", "due"].includes(view.status)) {
+        setPhase("issued", `Issued: serial ${view.serial}, expires ${when(view.not_after)}.`);
+        notice(`Certificate ${id} issued.`);
+        stopWatching();
+        await refreshLe();
+        return;
+      }
+      if (view.status === "backoff" || (view.status !== "renewing" && view.last_code)) {
+        setPhase("failed", `Failed: ${view.last_error} (code ${view.last_code}` +
+          (view.last_subcode ? `, sub-code ${view.last_subcode}` : "") + ")");
+        notice(`Certificate ${id}: the order failed (code ${view.last_code}).`, true);
+        stopWatching();
+        await loadCerts();
+        return;
+      }
+      if (challenges.length) {
+        setPhase("validating", `Validating: challenge SubVS ${challenges.join(", ")} answers the CA.`);
+      }
+    } catch (e) {
+      if (e.status === 404) {
+        setPhase("failed", `Failed: ${e.text}`);
+        stopWatching();
+        return;
+      }
+      if (e.status === 401) return;
+    }
+    if (Date.now() - started > ORDER_LIMIT_MS) {
+      $("#progress-text").textContent = "Still running; see the certificate table.";
+      stopWatching();
+      return;
+    }
+    w.timer = setTimeout(tick, POLL_MS);
+  };
+  w.timer = setTimeout(tick, 0);
+}
+
+// -- certificate table -------------------------------------------------------------------------
+
+function httpsVs() {
+  return state.vs.filter(v => v.protocol === "https").map(v => v.name);
+}
+
+export async function loadCerts() {
+  state.certs = await api("GET", "/api/le/certs");
+  renderCerts();
+}
+
+function cell(label, ...content) {
+  return h("td", { "data-label": label }, ...content);
+}
+
+let shownCerts = "";
+
+// Re-rendered only when what it shows changed (polling must not reset a half-made choice).
+export function renderCerts() {
+  const key = JSON.stringify([state.certs, httpsVs(), new Date().toISOString().slice(0, 10)]);
+  if (key === shownCerts) return;
+  shownCerts = key;
+  const body = $("#certs tbody");
+  body.replaceChildren(...state.certs.map(certRow));
+  $("#certs-empty").hidden = state.certs.length > 0;
+}
+
+function certRow(c) {
+  const safe = c.id.replace(/[^A-Za-z0-9_-]/g, "_");
+  const users = c.in_use_by || [];
+  const targets = httpsVs().filter(v => !users.includes(v));
+  const reasonId = `del-reason-${safe}`;
+  const renew = h("button", { type: "button", class: "secondary", text: "Renew",
+    "data-action": "renew", onclick: ev => renewCert(c, ev.target) });
+  const del = h("button", { type: "button", class: "danger", text: "Delete", "data-action": "delete",
+    disabled: users.length > 0, "aria-describedby": users.length ? reasonId : null,
+    onclick: ev => deleteCert(c, ev.target) });
+  const reason = users.length ? h("span", { class: "reason", id: reasonId,
+    text: `In use by ${users.join(", ")}: unassign it first.` }) : null;
+  const sel = h("select", { id: `assign-${safe}`, "aria-label": `HTTPS Virtual Service for ${c.id}` },
+    h("option", { value: "", text: targets.length ? "HTTPS VS..." : "no other HTTPS VS" }),
+    ...targets.map(v => h("option", { value: v, text: v })));
+  const assign = h("button", { type: "button", class: "secondary", text: "Assign",
+    "data-action": "assign", disabled: !targets.length || !c.serial,
+    onclick: ev => assignCert(c, sel, ev.target) });
+  const status = h("span", { class: `state-${c.status}`, text: c.status });
+  const error = c.last_error ? h("div", { class: "last-error",
+    text: `${c.last_error} (code ${c.last_code}${c.last_subcode ? `, sub-code ${c.last_subcode}` : ""})` }) : null;
+  return h("tr", { "data-id": c.id },
+    cell("Identifier", h("strong", { text: c.id })),
+    cell("Names", c.names.join(", ")),
+    cell("Key", c.key_type === "ec" ? "EC P-256" : `RSA ${c.key_size}`),
+    cell("Expires", h("span", { class: "expires", text: when(c.not_after) })),
+    cell("Days left", h("span", { class: "days-left", text: daysLeft(c.not_after) })),
+    cell("Next renewal", when(c.next_attempt)),
+    cell("HTTP challenge VS(s)", c.http_challenge_vs.join("; ")),
+    cell("Assigned to", h("span", { class: "assigned", text: users.length ? users.join(", ") : "-" })),
+    cell("Status", status, error),
+    cell("Actions", h("div", { class: "actions" }, renew, h("div", {}, del, " ", reason),
+      ...users.map(u => h("button", { type: "button", class: "secondary", "data-action": "unassign",
+        text: `Unassign from ${u}`, onclick: ev => unassignCert(c, u, ev.target) })),
+      h("div", { class: "assign" }, sel, assign))));
+}
+
+async function renewCert(c, button) {
+  await busy(button, async () => {
+    try {
+      await api("POST", `/api/le/certs/${encodeURIComponent(c.id)}/renew`, { wait: false });
+      notice(`Renewing ${c.id}.`);
+      watchOrder(c.id, c.serial);
+      $("#progress").scrollIntoView({ block: "nearest" });
+    } catch (e) { notice(`Renew ${c.id}: ${e.text}`, true); }
+  });
+}
+
+async function deleteCert(c, button) {
+  if (button.dataset.armed !== "1") {
+    button.dataset.armed = "1";
+    button.textContent = "Confirm delete";
+    return;
+  }
+  await busy(button, async () => {
+    try {
+      await api("DELETE", `/api/le/certs/${encodeURIComponent(c.id)}`);
+      notice(`Deleted ${c.id}.`);
+      await refreshLe();
+    } catch (e) { notice(`Delete ${c.id}: ${e.text}`, true); }
+  });
+}
+
+async function unassignCert(c, target, button) {
+  await busy(button, async () => {
+    try {
+      await api("POST", `/api/certs/${encodeURIComponent(c.id)}/unassign`, { target });
+      notice(`${c.id} no longer assigned to ${target}.`);
+      await refreshLe();
+    } catch (e) { notice(`Unassign ${c.id}: ${e.text}`, true); }
+  });
+}
+
+async function assignCert(c, sel, button) {
+  if (!sel.value) { notice(`Choose the HTTPS Virtual Service for ${c.id}.`, true); sel.focus(); return; }
+  await busy(button, async () => {
+    try {
+      await api("POST", `/api/certs/${encodeURIComponent(c.id)}/assign`, { target: sel.value });
+      notice(`${c.id} assigned to ${sel.value}.`);
+      await refreshLe();
+    } catch (e) { notice(`Assign ${c.id}: ${e.text}`, true); }
+  });
+}
+
+// Everything the screen shows, fetched again.
+export async function refreshLe() {
+  await Promise.all([loadAccount(), loadEligible(), loadVs()]);
+  await loadCerts();
+}

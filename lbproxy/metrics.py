@@ -167,6 +167,19 @@ class _Families:
         assert isinstance(m, GaugeMetricFamily)
         return m
 
+    def numbers(self, prefix: str, label_names: tuple[str, ...], labels: list[str],
+                node: Mapping[str, Any], table: tuple[tuple[str, str, str, str], ...]) -> None:
+        """One sample per (stats key, "c" counter | "g" gauge, metric suffix, help) of `table`
+        whose key `node` holds as a number, named `prefix` + suffix."""
+        for key, kind, metric, doc in table:
+            v = _num(node.get(key))
+            if v is None:
+                continue
+            name = prefix + metric
+            fam = (self.counter(name, doc, label_names) if kind == "c"
+                   else self.gauge(name, doc, label_names))
+            fam.add_metric(labels, v)
+
     def histogram(self, name: str, doc: str, labels: tuple[str, ...]) -> HistogramMetricFamily:
         m = self.items.get(name)
         if m is None:
@@ -323,19 +336,14 @@ class MetricsCollector(Collector):
         names = _LEVEL_LABELS["real_server"]
         for r in servers:
             labels = [vs, subvs, str(r["address"])]
-            for key, kind, metric, doc in (
-                    ("requests", "c", "requests", "Requests sent to the real server."),
-                    ("failures", "c", "failures", "Failed attempts to reach the real server."),
-                    ("active", "g", "active", "Requests in flight to the real server."),
-                    ("healthy", "g", "up", "1 when the health check says up, else 0."),
-                    ("enabled", "g", "enabled", "1 when enabled in the config."),
-                    ("weight", "g", "weight", "Scheduling weight.")):
-                n = _num(r.get(key))
-                if n is None:
-                    continue
-                name = f"lbproxy_real_server_{metric}"
-                fam = f.counter(name, doc, names) if kind == "c" else f.gauge(name, doc, names)
-                fam.add_metric(labels, n)
+            f.numbers("lbproxy_real_server_", names, labels, r, (
+                ("requests", "c", "requests", "Requests sent to the real server."),
+                ("failures", "c", "failures", "Failed attempts to reach the real server."),
+                ("active", "g", "active", "Requests in flight to the real server."),
+                ("healthy", "g", "up", "1 when the health check says up, else 0."),
+                ("enabled", "g", "enabled", "1 when the real server takes new requests: enabled "
+                 "in the config and not disabled or drained at run time."),
+                ("weight", "g", "weight", "Scheduling weight (the run-time one).")))
             self._traffic(f, "real_server", labels, r)
 
     def _rate_and_compression(self, f: _Families, vs: str, node: Mapping[str, Any]) -> None:
@@ -345,19 +353,11 @@ class MetricsCollector(Collector):
             for scope, t in sorted(limits.items()):
                 if not isinstance(t, Mapping):
                     continue
-                for key, kind, metric, doc in (
-                        ("limited", "c", "limited", "Requests answered 429 by a rate limit."),
-                        ("entries", "g", "entries", "Client addresses a rate limit tracks."),
-                        ("evictions", "c", "evictions",
-                         "Client entries a full rate-limit table forgot before they refilled.")):
-                    v = _num(t.get(key))
-                    if v is None:
-                        continue
-                    name = f"lbproxy_rate_limit_{metric}"
-                    labels = ("vs", "scope")
-                    fam = (f.counter(name, doc, labels) if kind == "c"
-                           else f.gauge(name, doc, labels))
-                    fam.add_metric([vs, str(scope)], v)
+                f.numbers("lbproxy_rate_limit_", ("vs", "scope"), [vs, str(scope)], t, (
+                    ("limited", "c", "limited", "Requests answered 429 by a rate limit."),
+                    ("entries", "g", "entries", "Client addresses a rate limit tracks."),
+                    ("evictions", "c", "evictions",
+                     "Client entries a full rate-limit table forgot before they refilled.")))
         comp = node.get("compression")
         if isinstance(comp, Mapping):
             by_enc = comp.get("responses")
@@ -388,18 +388,11 @@ class MetricsCollector(Collector):
                     [vs], n)
             conns = node.get("connections")
             if isinstance(conns, Mapping):
-                for key, kind, metric, doc in (
-                        ("active", "g", "connections_active", "Open client connections."),
-                        ("total", "c", "connections", "Client connections accepted."),
-                        ("refused", "c", "connections_refused",
-                         "Client connections refused at the max_connections limit.")):
-                    v = _num(conns.get(key))
-                    if v is None:
-                        continue
-                    name = f"lbproxy_vs_{metric}"
-                    fam = (f.counter(name, doc, ("vs",)) if kind == "c"
-                           else f.gauge(name, doc, ("vs",)))
-                    fam.add_metric([vs], v)
+                f.numbers("lbproxy_vs_", ("vs",), [vs], conns, (
+                    ("active", "g", "connections_active", "Open client connections."),
+                    ("total", "c", "connections", "Client connections accepted."),
+                    ("refused", "c", "connections_refused",
+                     "Client connections refused at the max_connections limit.")))
             self._traffic(f, "vs", [vs], node)
             for key, metric, label, doc in (
                     ("rule_hits", "lbproxy_rule_hits", "rule", "Requests matched by each "
@@ -421,19 +414,12 @@ class MetricsCollector(Collector):
                     if not isinstance(snode, Mapping):
                         continue
                     labels = [vs, str(sub)]
-                    for key, kind, metric, doc in (
-                            ("requests", "c", "requests", "Requests routed to the SubVS."),
-                            ("not_available", "c", "not_available",
-                             "Requests answered with the SubVS's not-available response."),
-                            ("available", "g", "available",
-                             "1 when at least one real server can take a request.")):
-                        v = _num(snode.get(key))
-                        if v is None:
-                            continue
-                        name = f"lbproxy_subvs_{metric}"
-                        fam = (f.counter(name, doc, ("vs", "subvs")) if kind == "c"
-                               else f.gauge(name, doc, ("vs", "subvs")))
-                        fam.add_metric(labels, v)
+                    f.numbers("lbproxy_subvs_", ("vs", "subvs"), labels, snode, (
+                        ("requests", "c", "requests", "Requests routed to the SubVS."),
+                        ("not_available", "c", "not_available",
+                         "Requests answered with the SubVS's not-available response."),
+                        ("available", "g", "available",
+                         "1 when at least one real server can take a request.")))
                     self._traffic(f, "subvs", labels, snode)
                     self._real_servers(f, vs, str(sub), _servers(snode))
         draining = _num(stats.get("draining_listeners"))

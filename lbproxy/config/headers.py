@@ -54,17 +54,11 @@ FORBIDDEN_REQUEST = {
     "x-forwarded-proto": "is written by add_forwarded_headers or headers.x_forwarded_proto",
     "forwarded": "is written by headers.forwarded",
 }
-FORBIDDEN_RESPONSE = {
-    "content-length": "frames the message",
-    "transfer-encoding": "frames the message",
-    "connection": "is hop-by-hop (the proxy manages the connection)",
-    "keep-alive": "is hop-by-hop",
-    "proxy-connection": "is hop-by-hop",
-    "te": "is hop-by-hop",
-    "trailer": "is hop-by-hop",
-    "upgrade": "is hop-by-hop (the proxy relays upgrades itself)",
-    "proxy-authenticate": "is hop-by-hop",
-}
+# In responses, the same minus what only a request carries (routing, Expect, the proxy's own
+# forwarding fields, the client's hop-by-hop credentials and HTTP/2 settings).
+FORBIDDEN_RESPONSE = {k: why for k, why in FORBIDDEN_REQUEST.items()
+                      if k not in ("host", "expect", "http2-settings", "proxy-authorization")
+                      and not k.startswith(("x-forwarded-", "forwarded"))}
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Visible ASCII, space and horizontal tab: nothing else may reach a field value.

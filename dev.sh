@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_TEST_PACKAGES="pebble nginx-light haproxy wrk certbot openssl redis-server chromium nghttp2-client"
+APT_TEST_PACKAGES="pebble nginx-light haproxy wrk certbot openssl redis-server chromium nghttp2-client knot"
 
 apt_install() {
     local missing=()

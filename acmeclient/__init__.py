@@ -1,6 +1,7 @@
 """acmeclient: an asyncio ACME client (RFC 8555, RFC 9773 ARI, profiles, EAB); the public names."""
 
 from acmeclient.ari import RenewalInfo, cert_id
+from acmeclient.challenges import ChallengeResponder, tls_alpn01_certificate
 from acmeclient.client import (
     AccountResource,
     AcmeClient,
@@ -32,6 +33,7 @@ __all__ = [
     "AccountResource",
     "AcmeClient",
     "CertificateChain",
+    "ChallengeResponder",
     "CsrSubject",
     "Directory",
     "ExternalAccountBinding",
@@ -56,4 +58,5 @@ __all__ = [
     "load_private_key",
     "make_csr",
     "private_key_to_pem",
+    "tls_alpn01_certificate",
 ]

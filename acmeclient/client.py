@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from acmeclient.ari import RenewalInfo, cert_id
+from acmeclient.challenges import ChallengeResponder, responder_type
 from acmeclient.crypto import (
     CsrSubject,
     KeyType,
@@ -32,7 +33,6 @@ from acmeclient.errors import (
     RateLimitedError,
     ResponderError,
 )
-from acmeclient.http01 import Http01Responder
 from acmeclient.jws import JwsKey, b64url, external_account_binding
 from acmeclient.messages import (
     Account,
@@ -326,13 +326,20 @@ class AcmeClient:
         return [first.pem, *(c.pem for c in others)]
 
     async def run_order(
-        self, order: OrderResource, csr_der: bytes, responder: Http01Responder
+        self, order: OrderResource, csr_der: bytes, responder: ChallengeResponder
     ) -> Order:
-        """Authorize (http-01) and finalize an order; returns it valid, with a certificate URL."""
-        machine = OrderMachine(order.url, order.order, self.thumbprint, csr_der, self._poll)
+        """Authorize and finalize an order, answering each authorization's challenge of the
+        responder's type (its `challenge_type`, http-01 without one); returns the order valid,
+        with a certificate URL."""
+        try:
+            kind = responder_type(responder)
+        except ValueError as exc:
+            raise ClientStateError(str(exc)) from None
+        machine = OrderMachine(order.url, order.order, self.thumbprint, csr_der, self._poll,
+                               challenge_type=kind)
         return await self._drive(machine, responder)
 
-    async def _drive(self, machine: OrderMachine, responder: Http01Responder) -> Order:
+    async def _drive(self, machine: OrderMachine, responder: ChallengeResponder) -> Order:
         loop = asyncio.get_running_loop()
         shell = _Shell()
         cleanups: list[CleanupChallenge] = []
@@ -386,15 +393,17 @@ class AcmeClient:
             await stop_tasks()
             await self._cleanup(responder, cleanups)
 
-    async def _cleanup(self, responder: Http01Responder, cmds: list[CleanupChallenge]) -> None:
+    async def _cleanup(self, responder: ChallengeResponder,
+                       cmds: list[CleanupChallenge]) -> None:
         for cmd in cmds:
             try:
                 await responder.cleanup(cmd.domain, cmd.token)
             except Exception:  # cleanup is best effort; the order's outcome matters more
-                logger.exception("http-01 cleanup failed for %s", cmd.domain)
+                logger.exception("%s cleanup failed for %s", responder_type(responder),
+                                 cmd.domain)
         cmds.clear()
 
-    async def _execute(self, cmd: Command, responder: Http01Responder) -> Event:
+    async def _execute(self, cmd: Command, responder: ChallengeResponder) -> Event:
         if isinstance(cmd, FetchAuthorization):
             resp = await self._post_as_get(cmd.url)
             return AuthorizationFetched(
@@ -406,7 +415,9 @@ class AcmeClient:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                raise ResponderError(f"http-01 responder failed for {cmd.domain}: {exc}") from exc
+                raise ResponderError(
+                    f"{cmd.challenge_type} responder failed for {cmd.domain}: {exc}"
+                ) from exc
             return ChallengePresented(cmd.authz_url, cmd.challenge_url)
         if isinstance(cmd, RespondChallenge):
             resp = await self._post(cmd.challenge_url, {})
@@ -427,7 +438,7 @@ class AcmeClient:
         self,
         names: Sequence[str],
         cert_key: PrivateKey,
-        responder: Http01Responder,
+        responder: ChallengeResponder,
         *,
         subject: CsrSubject | None = None,
         profile: str | None = None,
@@ -521,7 +532,7 @@ def choose_chain(chains: Sequence[str], preferred_issuer: str) -> str:
 async def issue(
     directory_url: str,
     names: Sequence[str],
-    responder: Http01Responder,
+    responder: ChallengeResponder,
     *,
     account_key: PrivateKey | None = None,
     account_url: str | None = None,

@@ -38,7 +38,7 @@ AcmeError
 ├── ResponderError                the HTTP-01 responder failed to present or clean up
 ├── ClientStateError              asked for something out of order (no account yet,
 │   │                             unsupported profile, an event the order machine cannot take)
-│   └── NoSupportedChallengeError an authorization offers no challenge type this client solves
+│   └── NoSupportedChallengeError an authorization offers no challenge of the responder's type
 └── CryptoError                   bad key/CSR/certificate input: unreadable PEM or JWK, wrong
                                   passphrase, unsupported key type, invalid subject field
 
@@ -291,14 +291,16 @@ class ClientStateError(AcmeError):
 
 
 class NoSupportedChallengeError(ClientStateError):
-    """The CA offered no challenge this client can solve (http-01) for `identifier`;
-    `offered` lists the challenge types it did offer."""
+    """The CA offered no challenge of the type the responder answers (`wanted`, http-01 by
+    default) for `identifier`; `offered` lists the challenge types it did offer."""
 
-    def __init__(self, identifier: str, offered: tuple[str, ...] = ()) -> None:
+    def __init__(self, identifier: str, offered: tuple[str, ...] = (),
+                 wanted: str = "http-01") -> None:
         self.identifier = identifier
         self.offered = offered
+        self.wanted = wanted
         listed = ", ".join(offered) if offered else "none"
-        super().__init__(f"the CA offers no http-01 challenge for {identifier} "
+        super().__init__(f"the CA offers no {wanted} challenge for {identifier} "
                          f"(offered: {listed})")
 
 

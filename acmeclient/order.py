@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from acmeclient.challenges import HTTP01
 from acmeclient.errors import (
     AcmeError,
     AcmeTimeoutError,
@@ -21,8 +22,6 @@ from acmeclient.errors import (
 )
 from acmeclient.jws import key_authorization
 from acmeclient.messages import Authorization, Challenge, Order, Status
-
-HTTP01 = "http-01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +50,16 @@ class FetchAuthorization:
 
 @dataclass(frozen=True, slots=True)
 class PresentChallenge:
+    """Answer one challenge of `challenge_type`. `domain` is the authorization's identifier:
+    for a wildcard name (`wildcard`), the name without its "*." (RFC 8555 §7.1.4)."""
+
     authz_url: str
     challenge_url: str
     domain: str
     token: str
     key_authorization: str
+    challenge_type: str = HTTP01
+    wildcard: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +177,15 @@ class _Authz:
 
 @dataclass(slots=True)
 class OrderMachine:
-    """Drives one order; see the module docstring for the shell contract."""
+    """Drives one order; see the module docstring for the shell contract. Every authorization
+    is answered with its challenge of `challenge_type` (http-01 unless told otherwise)."""
 
     order_url: str
     order: Order
     thumbprint: str
     csr_der: bytes
     policy: PollPolicy = field(default_factory=PollPolicy)
+    challenge_type: str = HTTP01
     state: OrderState = OrderState.NEW
     _authzs: dict[str, _Authz] = field(default_factory=dict)
     _timers: dict[str, float] = field(default_factory=dict)  # authz url or order url -> due
@@ -284,7 +290,7 @@ class OrderMachine:
                 return self._finalize()
             return []
         if authz.status is not Status.PENDING:
-            chal = authz.challenge(HTTP01)
+            chal = authz.challenge(self.challenge_type)
             problem = chal.error if chal is not None else None
             return self._fail(
                 ValidationError(
@@ -294,11 +300,12 @@ class OrderMachine:
                 )
             )
         if slot.challenge_url is None:
-            chal = authz.challenge(HTTP01)
+            chal = authz.challenge(self.challenge_type)
             if chal is None:
                 return self._fail(
                     NoSupportedChallengeError(
-                        slot.domain, tuple(c.type for c in authz.challenges)
+                        slot.domain, tuple(c.type for c in authz.challenges),
+                        self.challenge_type,
                     )
                 )
             slot.challenge_url = chal.url
@@ -311,6 +318,8 @@ class OrderMachine:
                     slot.domain,
                     chal.token,
                     key_authorization(chal.token, self.thumbprint),
+                    self.challenge_type,
+                    authz.wildcard,
                 )
             ]
         return self._schedule_authz_poll(slot, retry_after, now)

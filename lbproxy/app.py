@@ -30,6 +30,7 @@ from .config.model import AccessLogSettings, Config
 from .errors import CannotListen, ConfigError, ConfigProblem, LBProxyError
 from .events import Events
 from .letsencrypt import LEManager
+from .letsencrypt.dns01 import Rfc2136Factory
 from .metrics import METRICS_PATH, MetricsCollector, metrics_routes
 from .proxy import DataPlane, ListenError
 from .proxy.tls import TLSContexts
@@ -109,9 +110,13 @@ class App:
         else:
             self.dataplane = DataPlane(tls_factory=self.tls.factory)
         self.events = Events(config.events)
+        # dns-01: a responder per order from the running config's [letsencrypt.dns] (a reload
+        # that changes it is used by the next order; the TSIG secret is read then).
         self.manager = LEManager(self.state_dir, self.runtime, self.store,
                                  config_path=config_path, events=self.events,
-                                 apply_config=self.apply_file, cluster=config.cluster)
+                                 apply_config=self.apply_file, cluster=config.cluster,
+                                 dns01=Rfc2136Factory(
+                                     lambda: self.runtime.current.config.letsencrypt.dns))
         self._cluster_settings = config.cluster
         self.events.watch(self.manager.cert_statuses)
         sup = self.supervisor

@@ -3,11 +3,12 @@ how the next one is built without stalling the event loop.
 
 A reload or an injection builds a new `Runtime` and swaps one reference in `RuntimeStore`;
 listeners (the data plane, the admin API) are told and rebuild what they derive from it. Objects
-injected at run time (the ACME HTTP-01 challenge SubVS and its rule) live beside the config, so a
-reload of the file never drops them. The heavy, pure parts of a new generation stay off the
-event loop's turns: the file is parsed in a child process (`parse_apart`), the rules are compiled
-(10,000: over half a second of CPU) in a worker thread that paces itself (`off_loop`, `pace`),
-and the garbage collector's full walks wait until the generation serves (`new_generation`).
+injected at run time (the ACME HTTP-01 challenge SubVS and its rule, the tls-alpn-01 validation
+certificates) live beside the config, so a reload of the file never drops them. The heavy, pure
+parts of a new generation stay off the event loop's turns: the file is parsed in a child process
+(`parse_apart`), the rules are compiled (10,000: over half a second of CPU) in a worker thread
+that paces itself (`off_loop`, `pace`), and the garbage collector's full walks wait until the
+generation serves (`new_generation`).
 """
 
 from __future__ import annotations
@@ -219,10 +220,27 @@ class Injection:
 
 
 @dataclass(frozen=True, slots=True)
+class AlpnValidation:
+    """A tls-alpn-01 validation in progress (RFC 8737): the HTTPS VS `vs` answers a handshake
+    for `host` offering ALPN "acme-tls/1" alone with this self-signed certificate (PEM) and
+    key; every other handshake of the name gets the normal certificate (proxy/tls.py)."""
+
+    vs: str
+    host: str  # lower case, no trailing dot
+    token: str
+    cert_pem: bytes
+    key_pem: bytes
+
+    def __repr__(self) -> str:  # never show the key
+        return f"AlpnValidation(vs={self.vs!r}, host={self.host!r}, token={self.token!r})"
+
+
+@dataclass(frozen=True, slots=True)
 class Runtime:
     generation: int
     config: Config
     injections: tuple[Injection, ...] = ()
+    validations: tuple[AlpnValidation, ...] = ()
 
     def effective_vs(self, vs: VirtualService) -> VirtualService:
         """The VS as shown to operators: injected SubVSs first, their rules first in precedence.
@@ -290,16 +308,31 @@ class RuntimeStore:
 
     async def set_config(self, config: Config) -> Runtime:
         return await self._publish(
-            lambda rt: Runtime(rt.generation + 1, config, rt.injections))
+            lambda rt: Runtime(rt.generation + 1, config, rt.injections, rt.validations))
 
     async def inject(self, injection: Injection) -> Runtime:
         def make(rt: Runtime) -> Runtime:
             rest = tuple(i for i in rt.injections
                          if not (i.vs == injection.vs and i.subvs.name == injection.subvs.name))
-            return Runtime(rt.generation + 1, rt.config, (*rest, injection))
+            return Runtime(rt.generation + 1, rt.config, (*rest, injection), rt.validations)
         return await self._publish(make)
 
     async def remove(self, vs: str, subvs: str) -> Runtime:
         return await self._publish(lambda rt: Runtime(
             rt.generation + 1, rt.config,
-            tuple(i for i in rt.injections if not (i.vs == vs and i.subvs.name == subvs))))
+            tuple(i for i in rt.injections if not (i.vs == vs and i.subvs.name == subvs)),
+            rt.validations))
+
+    async def add_validation(self, validation: AlpnValidation) -> Runtime:
+        """Serve a tls-alpn-01 validation certificate (replacing one for the same VS, host and
+        token); every listener (each worker too) has it when this returns."""
+        def make(rt: Runtime) -> Runtime:
+            rest = tuple(v for v in rt.validations if (v.vs, v.host, v.token) !=
+                         (validation.vs, validation.host, validation.token))
+            return Runtime(rt.generation + 1, rt.config, rt.injections, (*rest, validation))
+        return await self._publish(make)
+
+    async def remove_validation(self, vs: str, host: str, token: str) -> Runtime:
+        return await self._publish(lambda rt: Runtime(
+            rt.generation + 1, rt.config, rt.injections,
+            tuple(v for v in rt.validations if (v.vs, v.host, v.token) != (vs, host, token))))

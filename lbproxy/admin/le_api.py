@@ -10,6 +10,7 @@
     GET  /api/le/eligible-vs             VSs that can answer HTTP-01 challenges
     GET  /api/le/certs                   every managed certificate with its status
     POST /api/le/certs                   request {id, common_name, vs, sans: [{name, vs}], ...,
+                                         challenge?: "http-01" | "tls-alpn-01" | "dns-01",
                                          wait?: true}
     GET  /api/le/certs/{id}              one certificate
     POST /api/le/certs/{id}/renew        renew now {wait?: true}
@@ -29,6 +30,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from acmeclient.challenges import CHALLENGE_TYPES
 
 from ..config.model import MAX_SANS
 from ..errors import StoreError
@@ -57,6 +60,8 @@ REQUEST_SCHEMA: Schema = {
     "key_type": Text(choices=("ec", "rsa")),
     # The RSA sizes the manager accepts are 2048, 3072 and 4096; it names the exact ones.
     "key_size": Integer(2048, 4096),
+    # How the names are proved (kept for renewals); a wildcard name needs dns-01.
+    "challenge": Text(choices=CHALLENGE_TYPES),
     "wait": Flag(), **{k: Text() for k in _SUBJECT}}
 RENEW_SCHEMA: Schema = {"wait": Flag()}
 BACKUP_SCHEMA: Schema = {"passphrase": Text(required=True, max_len=None), "vs": Flag(),
@@ -128,6 +133,7 @@ def add_routes(app: web.Application, manager: LEManager) -> None:
             common_name=data.text("common_name"), vs=data.text("vs"),
             sans=tuple((s.text("name"), s.text("vs")) for s in data.objects("sans")),
             key_type=data.text("key_type", "ec"), key_size=data.integer("key_size", 2048),
+            challenge=data.text("challenge", "http-01"),
             **{k: data.text(k) for k in _SUBJECT})
         view = await m.request(data.text("id"), t, wait=data.flag("wait", True))
         return web.json_response(view, status=201)

@@ -5,6 +5,7 @@
     lbproxy le renew-period DAYS
     lbproxy le request --id ID --cn NAME --vs VS [--san NAME=VS]... [--country C] [--state S]
         [--city C] [--company O] [--unit U] [--email E] [--ec | --key-size N] [--no-wait]
+        [--challenge http-01|tls-alpn-01|dns-01]
     lbproxy le list [--json] | account | eligible-vs | renew ID | delete ID
     lbproxy backup [-o FILE] [--passphrase-file F] [--vs] [--certs]
     lbproxy restore FILE [--passphrase-file F] [--vs] [--certs]
@@ -43,6 +44,9 @@ from .client import (
 # An order (validation, finalize, download) may take minutes; the CLI waits a bit longer than
 # the manager's own order deadline.
 ORDER_WAIT = 330.0
+# The challenge types a certificate may be proved by (acmeclient.challenges.CHALLENGE_TYPES,
+# repeated: the CLI imports nothing of the domain).
+CHALLENGES = ("http-01", "tls-alpn-01", "dns-01")
 PASSPHRASE_ENV = "LBPROXY_BACKUP_PASSPHRASE"
 
 Command = Callable[[AdminClient, argparse.Namespace], Any]
@@ -110,7 +114,7 @@ def request(c: AdminClient, a: argparse.Namespace) -> Any:
     body: dict[str, Any] = {
         "id": a.id, "common_name": a.cn, "vs": a.vs, "sans": sans,
         "key_type": "rsa" if a.key_size else "ec", "key_size": a.key_size or 2048,
-        "wait": not a.no_wait,
+        "challenge": a.challenge, "wait": not a.no_wait,
     }
     for k in ("country", "state", "city", "company", "unit", "email"):
         if getattr(a, k):
@@ -178,6 +182,8 @@ def show_cert(d: Any, out: TextIO) -> None:
                      ("next_attempt", "Next attempt"), ("last_error", "Last error")):
         if d.get(k):
             print(f"{label + ':':15}{d[k]}", file=out)
+    if d.get("challenge", "http-01") != "http-01":   # LoadMaster's output stays as it was
+        print(f"{'Challenge:':15}{d['challenge']}", file=out)
     print(f"{'HTTP Challenge VS(s):':15} {', '.join(d.get('http_challenge_vs', []))}", file=out)
 
 
@@ -190,10 +196,17 @@ def show_list(rows: Any, out: TextIO) -> None:
           [[r["id"], r["common_name"], r["status"] + (f" (code {r['last_code']})"
                                                       if r.get("last_code") else ""),
             r["not_after"][:16], r["next_attempt"][:16], ",".join(r["in_use_by"]) or "-",
-            "; ".join(r["http_challenge_vs"])] for r in rows], out)
+            _challenge_column(r)] for r in rows], out)
     for r in rows:
         if r.get("last_error"):
             print(f"{r['id']}: last error: {r['last_error']}", file=out)
+
+
+def _challenge_column(r: Any) -> str:
+    """The names' VSs, after the challenge type when it is not LoadMaster's http-01."""
+    vss = "; ".join(r["http_challenge_vs"])
+    kind = r.get("challenge") or "http-01"
+    return vss if kind == "http-01" else f"{kind}: {vss}"
 
 
 def show_eligible(rows: Any, out: TextIO) -> None:
@@ -276,6 +289,10 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--key-size", type=int, choices=[2048, 3072, 4096], default=None,
                    help="RSA key of this size")
     p.add_argument("--no-wait", action="store_true", help="return once the order is placed")
+    p.add_argument("--challenge", choices=CHALLENGES, default="http-01",
+                   help="how the names are proved, kept for renewals (default http-01; "
+                        "tls-alpn-01: on the HTTPS VS named by --vs/--san, port 443; dns-01: "
+                        "the only one for a wildcard name)")
     cmd(le, "list", list_certs, show_list, "list Let's Encrypt certificates")
     cmd(le, "eligible-vs", eligible, show_eligible, "VSs that can answer challenges")
     p = cmd(le, "renew", renew, show_cert, "renew a certificate now")

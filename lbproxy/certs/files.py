@@ -5,10 +5,12 @@ input (a certificate id, a backup's entry) inside its storage root."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,8 +34,8 @@ def safe_path(root: Path, *parts: str) -> Path:
     """`root / part / ...`, refused (UnsafePathError) unless it stays inside `root`.
 
     Each part must be one plain file name: not empty, not "." or "..", without "/", "\\" or NUL
-    (so not absolute either). The joined path is then resolved, symbolic links included, and
-    must lie strictly below the resolved root: a symlink inside the root that points out of it
+    (so not absolute either). If any part is a symbolic link, the joined path is then resolved
+    and must lie strictly below the resolved root: a symlink inside the root that points out of it
     is refused too. The path returned is the unresolved join (the root may itself be a link).
     """
     if not parts:
@@ -44,7 +46,9 @@ def safe_path(root: Path, *parts: str) -> Path:
         if part in ("", ".", "..") or any(c in part for c in ("/", "\\", "\0")):
             raise UnsafePathError(f"{part!r} is not a plain file name (under {root})")
     path = root.joinpath(*parts)
-    real_root = root.resolve()
+    if not _any_link(root, parts):
+        return path   # plain names, no link among them: below the root by construction
+    real_root = _resolved_root(root)
     try:
         real = path.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before 3.13
@@ -52,6 +56,31 @@ def safe_path(root: Path, *parts: str) -> Path:
     if real == real_root or not real.is_relative_to(real_root):
         raise UnsafePathError(f"{path} resolves to {real}, outside {real_root}")
     return path
+
+
+def _any_link(root: Path, parts: tuple[str, ...]) -> bool:
+    """Whether a prefix of `parts` under `root` is a symbolic link (a missing one is not: nothing
+    below it exists either). One lstat per part instead of one per component of the whole path
+    (what resolve() costs: it is called at every store of a certificate)."""
+    where = os.fspath(root)
+    for part in parts:
+        where = os.path.join(where, part)
+        try:
+            if stat.S_ISLNK(os.lstat(where).st_mode):
+                return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True   # cannot tell: take the full check, which reports it
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved_root(root: Path) -> Path:
+    """A storage root, resolved once per process (it is resolved at every store of a
+    certificate otherwise). If the root is re-pointed later, a path through a link under it is
+    checked against the old target and refused: stale means safe, never wider."""
+    return root.resolve()
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,8 +91,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same directory (created with `mode`), fsync, rename, fsync directory."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, sync_dir: bool = True) -> None:
+    """Temp file in the same directory (created with `mode`), fsync, rename, fsync directory
+    (`sync_dir=False` leaves that to the caller's next write_atomic or fsync_dir of it)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -76,7 +106,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def mkdir_private(path: Path) -> None:

@@ -373,10 +373,12 @@ class CertStore:
     @staticmethod
     def _write_files(directory: Path, info: CertInfo, parsed: ParsedCertificate) -> None:
         g = info.generation
-        write_atomic(directory / f"fullchain-{g}.pem", parsed.chain_pem)
+        # The two PEM files durable (one directory fsync for both) before meta.json, the commit
+        # point of a generation, is renamed in. Compact JSON: the C encoder (indent is not).
+        write_atomic(directory / f"fullchain-{g}.pem", parsed.chain_pem, sync_dir=False)
         write_atomic(directory / f"key-{g}.pem", parsed.key_pem)
-        # meta.json last: it is the commit point of a generation.
-        write_atomic(directory / _META, json.dumps(info.to_json(), indent=2).encode())
+        write_atomic(directory / _META,
+                     json.dumps(info.to_json(), separators=(", ", ": ")).encode() + b"\n")
 
     def _write_new(self, info: CertInfo, parsed: ParsedCertificate) -> None:
         final = safe_path(self.root, info.id)

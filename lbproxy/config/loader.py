@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from acmeclient.challenges import CHALLENGE_TYPES, DNS01, HTTP01, TLS_ALPN01
+
 from ..errors import ConfigError, ConfigProblem
+from .dnsconfig import dns_settings_problems, read_tsig_secret
 from .headers import header_rules
 from .hints import closest, did_you_mean, table_header, unit_hint
 from .lint import names_of, routing_warnings
@@ -260,6 +263,13 @@ def config_warnings(cfg: Config, path: str | Path | None = None) -> list[ConfigP
                                      f"{admin.listen}, a non-loopback address: the bearer token "
                                      "and uploaded keys cross the network in clear"))
     out += routing_warnings(cfg)
+    if cfg.letsencrypt.dns is not None:
+        # A warning, not an error: `check` may run as another user than lbproxy's.
+        try:
+            read_tsig_secret(cfg.letsencrypt.dns.tsig_secret_file)
+        except ConfigError as exc:
+            out += [dataclasses.replace(p, message=f"{p.message} (dns-01 orders will fail with "
+                                        "code 104 until it can be read)") for p in exc.problems]
     text = ""
     if path is not None:
         try:
@@ -646,9 +656,6 @@ def _vs(t: _Reader, rule_names: set[str]) -> VirtualService | None:
         if missing:
             t.error(f"precedence must list every rule of the VS; missing {missing}",
                     "precedence")
-    if protocol is Protocol.HTTPS and vs.proxy_protocol_from:
-        t.error("the PROXY protocol is not supported on HTTPS VSs yet (its header comes before "
-                "the TLS handshake); use it on an HTTP VS", "proxy_protocol_from")
     if protocol is Protocol.HTTPS and not tls.certificates:
         t.error("an https VS needs at least one certificate in tls.certificates")
     if protocol is Protocol.HTTP and tls.certificates:
@@ -663,13 +670,30 @@ def is_fqdn(name: str) -> bool:
     return _FQDN_RE.fullmatch(name.lower()) is not None
 
 
+def _cert_name(t: _Reader, key: str, name: str, challenge: str) -> None:
+    """A certificate name: an FQDN, or a wildcard (`*.example.com`) proved by dns-01 (no check
+    of that when `challenge` is "": unknown, already reported)."""
+    if name.startswith("*.") and is_fqdn(name[2:]):
+        if challenge and challenge != DNS01:
+            t.error(f"the wildcard name {name!r} can only be proved by dns-01: set challenge = "
+                    f"\"dns-01\" (and a [letsencrypt.dns] section), not {challenge!r}", key)
+    elif name and not is_fqdn(name):
+        t.error(f"{name!r} is not a fully qualified domain name", key)
+
+
 def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | None:
     cid = t.text("id", required=True)
     if cid and not _NAME_RE.fullmatch(cid):
         t.error(f"certificate id {cid!r} must be 1-64 letters, digits, '.', '_' or '-'", "id")
+    challenge = t.text("challenge", HTTP01).lower()
+    if challenge not in CHALLENGE_TYPES:
+        known = ", ".join(repr(c) for c in CHALLENGE_TYPES)
+        hint = did_you_mean(challenge, CHALLENGE_TYPES)
+        t.error(f"unknown challenge type {challenge!r}; expected one of {known}{hint}",
+                "challenge")
+        challenge = ""   # no second problem about the names: this one says it
     cn = t.text("common_name", required=True).lower()
-    if cn and not is_fqdn(cn):
-        t.error(f"{cn!r} is not a fully qualified domain name", "common_name")
+    _cert_name(t, "common_name", cn, challenge)
     vs = t.text("vs", required=True)
     if vs and vs not in vs_names:
         t.error(f"unknown virtual service {vs!r}{did_you_mean(vs, vs_names)}", "vs")
@@ -677,8 +701,7 @@ def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | 
     for s in t.tables("sans"):
         name = s.text("name", required=True).lower()
         svs = s.text("vs", required=True)
-        if name and not is_fqdn(name):
-            s.error(f"{name!r} is not a fully qualified domain name", "name")
+        _cert_name(s, "name", name, challenge)
         if svs and svs not in vs_names:
             s.error(f"unknown virtual service {svs!r}{did_you_mean(svs, vs_names)}", "vs")
         if name == cn or any(name == n for n, _ in sans):
@@ -699,9 +722,25 @@ def _cert_request(t: _Reader, vs_names: dict[str, str]) -> CertificateRequest | 
     req = CertificateRequest(
         id=cid, common_name=cn, vs=vs, sans=tuple(sans), key_type=key_type, key_size=key_size,
         country=country.upper(), state=t.text("state", ""), city=t.text("city", ""),
-        company=t.text("company", ""), unit=t.text("unit", ""), email=t.text("email", ""))
+        company=t.text("company", ""), unit=t.text("unit", ""), email=t.text("email", ""),
+        challenge=challenge or HTTP01)
     t.finish()
     return req if cid and cn and vs else None
+
+
+def _challenge_needs(t: _Reader, req: CertificateRequest, le: LetsEncryptSettings,
+                     vss: dict[str, VirtualService], *, dns_table: bool) -> None:
+    """What the certificate's challenge type needs: dns-01 a `[letsencrypt.dns]` section,
+    tls-alpn-01 HTTPS VSs (the CA's TLS handshake on port 443 is the proof)."""
+    if req.challenge == DNS01 and le.dns is None and not dns_table:
+        t.error('"dns-01" needs a [letsencrypt.dns] section (the DNS server lbproxy updates '
+                "with a TSIG key: docs/config.md); there is none", "challenge")
+    if req.challenge == TLS_ALPN01:
+        for name, vs_name in ((req.common_name, req.vs), *req.sans):
+            vs = vss.get(vs_name)
+            if vs is not None and vs.protocol is not Protocol.HTTPS:
+                t.error(f'"tls-alpn-01" is answered by an HTTPS VS on port 443, and {name!r} '
+                        f"names VS {vs_name!r}, an {vs.protocol.value.upper()} VS", "challenge")
 
 
 _DEFAULT_EVENTS = EventSettings()
@@ -874,14 +913,22 @@ def parse_config(text: str, *, base: Path | None = None, source: str = "<config>
         le_t.error(f"{le.directory_url!r} is not an http(s) URL", "directory_url")
     if le.ca_bundle and not Path(le.ca_bundle).is_absolute():
         le = dataclasses.replace(le, ca_bundle=str(r.base / le.ca_bundle))
+    if "dns" in le_t.data:   # [letsencrypt.dns]: dnsconfig.py reads it, names its problems
+        le_t.used.add("dns")
+        dns, dns_problems = dns_settings_problems(le_t.data["dns"], where=le_t.at("dns"),
+                                                  base=r.base)
+        problems.extend(dns_problems)
+        le = dataclasses.replace(le, dns=dns)
     le_t.finish()
     certs: list[CertificateRequest] = []
+    by_name = {vs.name: vs for vs in vss}
     for t in r.tables("certificate"):
         req = _cert_request(t, names)
         if req is None:
             continue
         if any(c.id == req.id for c in certs):
             t.error(f"certificate {req.id!r} is declared twice", "id")
+        _challenge_needs(t, req, le, by_name, dns_table="dns" in le_t.data)
         certs.append(req)
     events = _events(r)
     cfg = Config(

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from .dnsconfig import Rfc2136Settings
+
 
 class Protocol(StrEnum):
     HTTP = "http"
@@ -341,6 +343,9 @@ class LetsEncryptSettings:
     # Renew this many days before expiry (LoadMaster: 1-60, default 30), clamped to 1/3 of the
     # certificate's lifetime so short-lived certificates do not renew forever.
     renew_period_days: int = 30
+    # `[letsencrypt.dns]`: the dns-01 provider (RFC 2136), read at each dns-01 order; None: no
+    # dns-01 (a `[[certificate]]` with challenge = "dns-01" is refused at load).
+    dns: Rfc2136Settings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +365,9 @@ class CertificateRequest:
     company: str = ""
     unit: str = ""
     email: str = ""
+    # How the CA checks the names: "http-01" (the VSs above, port 80), "tls-alpn-01" (HTTPS VSs,
+    # port 443) or "dns-01" (`[letsencrypt.dns]`; the only one for a wildcard name).
+    challenge: str = "http-01"
 
 
 MAX_SANS = 10

@@ -105,10 +105,9 @@ def build_injection(
                                          f"{MAX_PATTERN_LENGTH} characters")
     if runtime.config.rule_by_name(name) is not None:
         raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name}: the name is taken")
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise LeError(AcmeCode.ADD_RULE, f"cannot add content rule {name}: {exc}") from None
+    # (no trial re.compile: the host is escaped and the token checked above, so the pattern is
+    # valid by construction; the router compiles it once, and a year's 37,000 orders with a
+    # pattern each overflow re's cache: a compile per order here was 4% of a simulated year.)
     # include_query: a token followed by any query is not the token (the regex ends at it).
     rule = ContentRule(name=name, match_type=MatchType.REGEX, pattern=pattern, include_host=True,
                        include_query=True)
@@ -262,10 +261,13 @@ async def clear_leftovers(journal: ChallengeJournal, runtime: RuntimeStore, log:
 # -- the responder --------------------------------------------------------------------------------
 
 class AnswerShare(typing.Protocol):
-    """Where a cluster node shares its challenge answers (cluster.ClusterNode)."""
+    """Where a cluster node shares its challenge answers (cluster.ClusterNode): http-01's,
+    and tls-alpn-01's (`challenge`; its key authorization, from which each node makes its own
+    validation certificate)."""
 
     async def share(self, cert_id: str, vs: str, host: str, token: str,
-                    key_authorization: str, ttl: float) -> list[str]: ...
+                    key_authorization: str, ttl: float, *,
+                    challenge: str = "http-01") -> list[str]: ...
 
     async def withdraw(self, token: str) -> None: ...
 
@@ -280,6 +282,8 @@ class RuntimeHttp01Responder:
     `routes` maps each requested name (lower case) to the VS answering its challenge; a name not
     in it is code 12. `fail_at` holds codes to provoke (fault injection in tests).
     """
+
+    challenge_type = "http-01"
 
     def __init__(self, runtime: RuntimeStore, cert_id: str, routes: Mapping[str, str],
                  journal: ChallengeJournal, *, fail_at: Container[int] = (),

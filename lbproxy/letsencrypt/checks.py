@@ -14,9 +14,9 @@ from ..certs.store import CertStore, check_id
 from ..config.loader import is_fqdn
 from ..config.model import MAX_SANS, Config
 from ..errors import AdminError, StoreError
-from .challenge import verify_vs
 from .codes import AcmeCode, LeError
 from .model import MANAGED_BY, Template
+from .solvers import check_challenge, verify_routes
 from .state import LeState
 from .storage import STATE_FILES
 
@@ -34,8 +34,12 @@ def validate_template(state: LeState, config: Config, cert_id: str, t: Template,
                                     f"certificate {cert_id}: no domain to sign"))
     names = [n.lower() for n in t.names]
     for n in names:
-        if not is_fqdn(n):
+        if not is_fqdn(n.removeprefix("*.")):
             raise AdminError(f"{n!r} is not a fully qualified domain name")
+    try:
+        check_challenge(cert_id, t)   # a wildcard only with dns-01 (solvers.py)
+    except LeError as err:
+        raise state.problem(err) from None
     if len(set(names)) != len(names):
         raise AdminError(f"certificate {cert_id}: a name is listed twice")
     if len(t.sans) > MAX_SANS:
@@ -49,13 +53,10 @@ def validate_template(state: LeState, config: Config, cert_id: str, t: Template,
     problem = csr_problem(t)
     if problem is not None:
         raise AdminError(f"certificate {cert_id}: {problem}")
-    seen = set(known)
-    for _, vs in t.routes:
-        try:
-            verify_vs(config, vs, known_before=vs in seen)
-        except LeError as err:
-            err.text = f"certificate {cert_id}: {err.text}"
-            raise state.problem(err) from None
+    try:
+        verify_routes(config, cert_id, t, known)   # each name's VS, by challenge type
+    except LeError as err:
+        raise state.problem(err) from None
 
 
 @functools.lru_cache(maxsize=4096)

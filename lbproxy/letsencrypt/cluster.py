@@ -1,7 +1,9 @@
 """One node of a cluster sharing a Let's Encrypt account through Redis: keeps this node's view of
 the shared state current (settings, account, certificates' entries, issued certificates) from
 the change channel with polling as the bounded fallback, answers challenges other nodes placed
-(the same SubVS + first-precedence rule, mirrored here), and says whether Redis is reachable.
+(http-01: the same SubVS + first-precedence rule; tls-alpn-01: a validation certificate this node
+makes from the shared key authorization, so no private key goes through Redis), each until its
+node withdraws it or it expires, and says whether Redis is reachable.
 
 The data plane never waits on Redis: a node that loses it keeps serving what it has, places no
 order (the lock cannot be taken), and catches up once Redis is back. What an order stores and
@@ -22,9 +24,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from acmeclient.challenges import HTTP01, TLS_ALPN01, tls_alpn01_certificate
+
 from ..config.model import Config, Protocol, VirtualService
-from ..runtime import Injection, RuntimeStore
-from .challenge import build_injection, eligible_services
+from ..runtime import AlpnValidation, Injection, RuntimeStore
+from .challenge import ANSWER_TTL, build_injection, eligible_services
 from .codes import AcmeLog, LeError
 from .redisstore import HEARTBEAT, RedisStorage
 from .sealing import UnsealableValue
@@ -36,6 +40,11 @@ logger = logging.getLogger(__name__)
 # answers the challenge too, before telling the CA to validate.
 ACK_WAIT = 5.0
 RETRY_MIN, RETRY_MAX = 0.5, 5.0   # reconnecting to Redis
+# The challenge types whose answers are mirrored (dns-01 needs none: the DNS answers for all).
+MIRRORED = (HTTP01, TLS_ALPN01)
+# The longest a mirrored answer stays, from when this node took it, whatever its `expires` says
+# (another host's clock may be ahead): no order runs longer (challenge.ANSWER_TTL).
+MIRROR_MAX = ANSWER_TTL
 
 
 @dataclass(slots=True)
@@ -49,6 +58,8 @@ class Answer:
     key_authorization: str
     node: str
     expires: float   # wall time; a dead node's answers are dropped after it
+    # http-01 or tls-alpn-01 (absent in what older nodes stored: http-01)
+    challenge: str = HTTP01
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -56,8 +67,21 @@ class Answer:
     @classmethod
     def from_bytes(cls, data: bytes) -> Answer:
         d = json.loads(data)
+        challenge = str(d.get("challenge", HTTP01))
+        if challenge not in MIRRORED:
+            raise ValueError(f"challenge type {challenge!r} is not one a node mirrors")
         return cls(str(d["cert"]), str(d["vs"]), str(d["host"]), str(d["token"]),
-                   str(d["key_authorization"]), str(d["node"]), float(d["expires"]))
+                   str(d["key_authorization"]), str(d["node"]), float(d["expires"]),
+                   challenge)
+
+
+@dataclass(slots=True)
+class _Mirror:
+    """What answers another node's challenge here, and the timer that takes it away."""
+
+    injections: list[Injection] = field(default_factory=list)       # http-01
+    validations: list[AlpnValidation] = field(default_factory=list)  # tls-alpn-01
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(slots=True)
@@ -96,7 +120,9 @@ class ClusterNode:
         self.link = _Link()
         self.loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._mirrored: dict[str, list[Injection]] = {}   # token -> what answers it here
+        self._mirrored: dict[str, _Mirror] = {}   # token -> what answers it here
+        self._expired: set[str] = set()   # tokens dropped at their bound, while still in Redis
+        self._tasks: set[asyncio.Task[None]] = set()   # expiries under way
         self._acks: dict[str, set[str]] = {}             # token (ours) -> nodes that answer it
         self._acked = asyncio.Condition()
         self._modified: dict[str, dt.datetime | None] = {}   # key -> last modified seen
@@ -114,6 +140,10 @@ class ClusterNode:
                 await self._task
         for token in list(self._mirrored):
             await self._unmirror(token)
+        for task in list(self._tasks):   # expiries under way: what they remove is gone now
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.storage.close()
 
     async def _run(self) -> None:
@@ -213,6 +243,7 @@ class ClusterNode:
             if key.startswith(f"{ENTRIES}/") and key.endswith(".json"):
                 await self.hooks.entry_deleted(_stem(key))
             elif key.startswith(f"{ANSWERS}/"):
+                self._expired.discard(_stem(key))
                 await self._unmirror(_stem(key))
 
     async def catch_up(self) -> None:
@@ -234,6 +265,7 @@ class ClusterNode:
             await self._mirror_key(key)
         for token in set(self._mirrored) - present:
             await self._unmirror(token)
+        self._expired &= present
 
     async def _changed(self, key: str, *, first: bool = False) -> bool:
         """Whether `key` changed since the last look; the first look says `first` (settings and
@@ -252,11 +284,17 @@ class ClusterNode:
     # -- challenges: ours, shared; theirs, mirrored -----------------------------------------------
 
     async def share(self, cert_id: str, vs: str, host: str, token: str,
-                    key_authorization: str, ttl: float) -> list[str]:
-        """Put an answer of this node's order into the shared store and wait (ACK_WAIT at
-        most) until every node seen recently answers it too; the nodes that did not."""
+                    key_authorization: str, ttl: float, *,
+                    challenge: str = HTTP01) -> list[str]:
+        """Put an answer of this node's order into the shared store (sealed, as every value)
+        and wait (ACK_WAIT at most) until every node seen recently answers it too; the nodes
+        that did not. For tls-alpn-01 the key authorization is shared, not the validation
+        certificate: each node makes its own, so no private key goes through Redis."""
+        if challenge not in MIRRORED:
+            raise ValueError(f"cannot share a {challenge} answer: only "
+                             f"{' and '.join(MIRRORED)} are mirrored")
         answer = Answer(cert_id, vs, host, token, key_authorization, self.node,
-                        time.time() + ttl)
+                        time.time() + ttl, challenge)
         async with self._acked:
             self._acks.setdefault(token, set())
         await self.storage.store(answer_key(token), answer.to_bytes())
@@ -299,43 +337,117 @@ class ClusterNode:
             return
         if answer.node == self.node:
             return
-        if answer.expires < time.time():   # its node died mid-order
+        if answer.expires < time.time() or token in self._expired:   # its node died mid-order
             await self._unmirror(token)
             with contextlib.suppress(OSError):
                 await self.storage.delete(key)
             return
         if token not in self._mirrored:
-            injections = []
-            for vs in self._answering(self.runtime.current.config, answer.vs):
-                try:
-                    injection = build_injection(self.runtime.current, vs.name, answer.host,
-                                                answer.token, answer.key_authorization)
-                    await self.runtime.inject(injection)
-                except Exception as exc:
-                    logger.warning("cluster: cannot answer %s's challenge for %s in VS %s: %s",
-                                   answer.node, answer.host, vs.name, exc)
-                    continue
-                injections.append(injection)
-            if not injections:
-                self.log.error(f"cluster: no VS here can answer {answer.node}'s challenge for "
-                               f"{answer.host} (VS {answer.vs!r} is not here or not eligible)")
+            if answer.challenge == TLS_ALPN01:
+                mirror = await self._mirror_alpn(answer)
+                where = ", ".join(v.vs for v in mirror.validations)
+            else:
+                mirror = await self._mirror_http(answer)
+                where = ", ".join(i.vs for i in mirror.injections)
+            if not where:
+                kind = "HTTPS VS" if answer.challenge == TLS_ALPN01 else "VS"
+                self.log.error(f"cluster: no {kind} here can answer {answer.node}'s "
+                               f"{answer.challenge} challenge for {answer.host} (VS "
+                               f"{answer.vs!r} is not here or not eligible)")
                 return
-            self._mirrored[token] = injections
-            logger.info("cluster: answering %s's challenge for %s in %s", answer.node,
-                        answer.host, ", ".join(i.vs for i in injections))
+            delay = max(0.0, min(answer.expires - time.time(), MIRROR_MAX))
+            mirror.timer = asyncio.get_running_loop().call_later(delay, self._expire, token)
+            self._mirrored[token] = mirror
+            logger.info("cluster: answering %s's %s challenge for %s in %s", answer.node,
+                        answer.challenge, answer.host, where)
         await self.storage.announce("ack", token)
+
+    async def _mirror_http(self, answer: Answer) -> _Mirror:
+        mirror = _Mirror()
+        for vs in self._answering(self.runtime.current.config, answer.vs):
+            try:
+                injection = build_injection(self.runtime.current, vs.name, answer.host,
+                                            answer.token, answer.key_authorization)
+                await self.runtime.inject(injection)
+            except Exception as exc:
+                logger.warning("cluster: cannot answer %s's challenge for %s in VS %s: %s",
+                               answer.node, answer.host, vs.name, exc)
+                continue
+            mirror.injections.append(injection)
+        return mirror
+
+    async def _mirror_alpn(self, answer: Answer) -> _Mirror:
+        """The validation certificate made here from the key authorization (a fresh key that
+        never leaves this node), served by each answering HTTPS VS."""
+        mirror = _Mirror()
+        try:
+            cert_pem, key_pem = tls_alpn01_certificate(answer.host, answer.key_authorization)
+        except ValueError as exc:
+            logger.warning("cluster: cannot make the tls-alpn-01 certificate of %s's challenge "
+                           "for %s: %s", answer.node, answer.host, exc)
+            return mirror
+        host = answer.host.lower().rstrip(".")
+        for vs in self._answering_alpn(self.runtime.current.config, answer.vs, answer.cert):
+            validation = AlpnValidation(vs.name, host, answer.token, cert_pem, key_pem)
+            try:
+                await self.runtime.add_validation(validation)
+            except Exception as exc:
+                logger.warning("cluster: cannot answer %s's tls-alpn-01 challenge for %s in "
+                               "VS %s: %s", answer.node, answer.host, vs.name, exc)
+                continue
+            mirror.validations.append(validation)
+        return mirror
 
     @staticmethod
     def _answering(config: Config, vs_name: str) -> list[VirtualService]:
-        """The VS of the same name if it is eligible here, else every eligible HTTP VS."""
+        """http-01: the VS of the same name if it is eligible here, else every eligible HTTP
+        VS."""
         eligible = eligible_services(config)
         same = [vs for vs in eligible if vs.name == vs_name]
         return same or [vs for vs in eligible if vs.protocol is Protocol.HTTP]
 
+    @staticmethod
+    def _answering_alpn(config: Config, vs_name: str, cert_id: str) -> list[VirtualService]:
+        """tls-alpn-01: the HTTPS VS of the same name if there is one here, else every HTTPS
+        VS that serves the certificate (lists it among its certificates), else every HTTPS VS.
+        Only a handshake for the name offering acme-tls/1 alone ever gets the validation
+        certificate, so answering on more VSs than needed costs no client anything."""
+        https = [vs for vs in config.virtual_services if vs.protocol is Protocol.HTTPS]
+        same = [vs for vs in https if vs.name == vs_name]
+        serving = [vs for vs in https if cert_id in vs.tls.certificates]
+        return same or serving or https
+
+    def _expire(self, token: str) -> None:
+        """The bound of a mirrored answer: its node did not withdraw it in time (it died, or
+        lost Redis). Taken away here, and from Redis (the others then take it away too)."""
+        if token not in self._mirrored:
+            return
+        task = asyncio.create_task(self._expire_now(token), name=f"cluster-expire-{token[:12]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _expire_now(self, token: str) -> None:
+        self._expired.add(token)
+        await self._unmirror(token)
+        logger.warning("cluster: the challenge answer %s expired before its node withdrew it; "
+                       "no longer answered here", token[:12])
+        try:
+            await self.storage.delete(answer_key(token))
+        except OSError as exc:   # Redis away: the next catch-up deletes it (self._expired)
+            logger.info("cluster: cannot remove the expired answer %s: %s", token[:12], exc)
+
     async def _unmirror(self, token: str) -> None:
-        for injection in self._mirrored.pop(token, []):
+        mirror = self._mirrored.pop(token, None)
+        if mirror is None:
+            return
+        if mirror.timer is not None:
+            mirror.timer.cancel()
+        for injection in mirror.injections:
             with contextlib.suppress(Exception):
                 await self.runtime.remove(injection.vs, injection.subvs.name)
+        for v in mirror.validations:
+            with contextlib.suppress(Exception):
+                await self.runtime.remove_validation(v.vs, v.host, v.token)
 
     # -- what status shows ------------------------------------------------------------------------
 

@@ -56,7 +56,8 @@ class AcmeCode(enum.IntEnum):
     NOT_REGISTERED = 8          # no account registered (or the CA does not know it)
     INVALID_STORED_KEY = 9      # the stored account key cannot be read
     ACCOUNT_WITHOUT_URL = 10    # an account ID without URL
-    NO_HTTP01 = 11              # the CA offered no http-01 challenge
+    NO_HTTP01 = 11              # the CA offered no http-01 challenge (no challenge of the
+                                # certificate's type; a wildcard without dns-01, before ordering)
     UNREQUESTED_NAME = 12       # an authorization for a name that was not requested
     VALIDATION_FAILED = 13      # validation failed (with the CA's challenge JSON)
     UNKNOWN_CERT_STATUS = 14    # a certificate/order status that is not understood
@@ -73,6 +74,13 @@ class AcmeCode(enum.IntEnum):
     # lbproxy's own, numbered from 101 so that they never clash with LoadMaster's table:
     RESTORE_FAILED = 101        # a backup was not restored (passphrase, damaged, crafted entry)
     NOT_RESTORED = 102          # a part of a restored backup could not be restored here
+    CHALLENGE_PUBLISH = 103     # a tls-alpn-01 certificate or dns-01 record was not put in place
+    CHALLENGE_UNAVAILABLE = 104  # the certificate's challenge type has no solver here (dns-01)
+    # dns-01 by RFC 2136 (dns01.py): each needs another fix, so each has its code.
+    DNS_UPDATE_REFUSED = 105    # the DNS server refused the update or the TSIG key (its rcode)
+    DNS_UNREACHABLE = 106       # the DNS server did not answer (refused, timeout, bad answer)
+    DNS_NOT_PROPAGATED = 107    # a checked server did not show the record in time
+    DNS_NO_ZONE = 108           # no zone holds the name on the server (or not inside `zone`)
 
 
 class VSSubCode(enum.IntEnum):
@@ -81,6 +89,7 @@ class VSSubCode(enum.IntEnum):
     MISSING = 1          # the VS named in the order does not exist
     DELETED = 2          # the VS existed when the certificate was requested and is gone
     NOT_ELIGIBLE = 3     # the VS exists but can no longer take a challenge SubVS
+    NOT_HTTPS = 4        # tls-alpn-01: the VS is not an HTTPS VS (no TLS handshake to answer)
 
 
 # Which HTTP status an admin API answer should carry for each code.
@@ -91,7 +100,9 @@ _STATUS: dict[int, int] = {
     AcmeCode.ACCOUNT_WITHOUT_URL: 409, AcmeCode.NO_HTTP01: 502, AcmeCode.UNREQUESTED_NAME: 502,
     AcmeCode.VALIDATION_FAILED: 502, AcmeCode.UNKNOWN_CERT_STATUS: 502,
     AcmeCode.UNPARSABLE_CERT: 502, AcmeCode.NAMES_VS_MISMATCH: 400, AcmeCode.VS_VERIFY: 400,
-    AcmeCode.NO_DOMAIN: 400,
+    AcmeCode.NO_DOMAIN: 400, AcmeCode.CHALLENGE_PUBLISH: 500,
+    AcmeCode.CHALLENGE_UNAVAILABLE: 400, AcmeCode.DNS_UPDATE_REFUSED: 502,
+    AcmeCode.DNS_UNREACHABLE: 502, AcmeCode.DNS_NOT_PROPAGATED: 502, AcmeCode.DNS_NO_ZONE: 502,
 }
 
 

@@ -55,6 +55,7 @@ from .obtain import Obtainer
 from .redisstore import RedisStorage
 from .scheduler import Scheduler
 from .sealing import Sealer, SealError
+from .solvers import Dns01Factory, Solvers
 from .state import LeState
 from .storage import SETTINGS, Locker, Storage, entry_key, issued_key, journal_key
 from .views import Views
@@ -89,7 +90,8 @@ class LEManager:
                  config_path: Path | None = None, hostname: str | None = None,
                  events: EventSink | None = None,
                  apply_config: Callable[[], Awaitable[object]] | None = None,
-                 cluster: ClusterSettings | None = None, offload: Offload = on_thread) -> None:
+                 cluster: ClusterSettings | None = None, offload: Offload = on_thread,
+                 dns01: Dns01Factory | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / LE_DIR
         self.runtime = runtime
@@ -129,10 +131,14 @@ class LEManager:
         if redis is not None and cluster is not None:
             self.cluster = ClusterNode(redis, runtime, self.log, self._cluster_hooks(),
                                        poll_interval=cluster.poll_interval)
+        # Each order's solver by challenge type; `dns01` is where a dns-01 provider plugs in.
+        self.solvers = Solvers(runtime, self.journal, fault_codes=lambda: self.fault_codes,
+                               share=self.cluster, dns01=dns01)
         self.obtainer = Obtainer(self.state, self.accounts, self.issuer, locker, store, runtime,
                                  self.journal, self.events, clock=self._now, jitter=jitter,
                                  fault_codes=lambda: self.fault_codes, share=self.cluster,
-                                 offload=offload, cert_ids=ServedCertIds(store))
+                                 offload=offload, cert_ids=ServedCertIds(store),
+                                 solvers=self.solvers)
         self.scheduler = Scheduler(self.state, store, self.issuer, self._obtain, clock=self._now,
                                    sleep=sleep, cert_ids=self.obtainer.cert_ids)
         self.views = Views(self.state, store, runtime, self.scheduler.running)
@@ -350,6 +356,10 @@ class LEManager:
         if entry is None or not joining:
             check_new_id(self.state, self.store, cert_id)
             self.validate_template(cert_id, template)
+            try:
+                self.solvers.check_available(cert_id, template)
+            except LeError as err:
+                raise self.state.problem(err) from None
             self.accounts.require()
             entry = Entry(cert_id, template, source=source, jitter=self.jitter())
             entry.see_vs(self.runtime.current.config)
@@ -441,11 +451,13 @@ class LEManager:
         """Adopt [letsencrypt] when it changed; request declared certificates; stop renewing
         the ones removed from the file; a changed template is re-ordered."""
         s = self.state
-        if config.letsencrypt != self._config_le:
+        # [letsencrypt.dns] is read at each dns-01 order: a change there is no settings change.
+        le = dataclasses.replace(config.letsencrypt, dns=None)
+        if le != self._config_le:
             if self._config_le is not None or not await self.storage.exists(SETTINGS):
-                s.settings = Settings.from_config(config.letsencrypt)
+                s.settings = Settings.from_config(le)
                 await s.save_settings()
-            self._config_le = config.letsencrypt
+            self._config_le = le
         declared = {r.id: r for r in config.certificates}
         for cid, req in declared.items():
             t = Template.from_request(req)

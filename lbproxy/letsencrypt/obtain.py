@@ -22,11 +22,12 @@ from ..runtime import RuntimeStore
 from . import policy
 from .account import Accounts
 from .blocking import Offload, on_thread
-from .challenge import AnswerShare, ChallengeJournal, ObservedResponder
+from .challenge import AnswerShare, ChallengeJournal
 from .checks import validate_template
 from .codes import AcmeCode, LeError, classify
 from .issuer import ORDER_TIMEOUT, Issuer, ServedCertIds, new_cert_key
 from .model import MANAGED_BY, Clock, Entry, Issued, Jitter
+from .solvers import Solver, Solvers
 from .state import LeState
 from .storage import LOCK_LEASE, Locker, issued_key, load_or_none, obtain_lock
 
@@ -45,8 +46,11 @@ class Obtainer:
                  events: EventSink, *, clock: Clock, jitter: Jitter,
                  fault_codes: Callable[[], Container[int]],
                  share: AnswerShare | None = None, offload: Offload = on_thread,
-                 cert_ids: ServedCertIds | None = None) -> None:
+                 cert_ids: ServedCertIds | None = None, solvers: Solvers | None = None) -> None:
         self.state = state
+        # Each order's solver, by its template's challenge type (dns-01 plugs in there)
+        self.solvers = solvers or Solvers(runtime, journal, fault_codes=fault_codes,
+                                          share=share)
         self.cert_ids = cert_ids or ServedCertIds(store)   # `replaces` of a renewal
         self.new_key = new_cert_key   # a certificate's fresh key and its PEM (tests: a pool)
         # id -> (the stored blob last read or written, the chain in it): an unchanged blob
@@ -79,10 +83,11 @@ class Obtainer:
         """One order for a certificate (or none, if storage already holds a newer one)."""
         old = self.store.get(entry.id)
         action = f"{'renew' if old else 'request'} certificate {entry.id}"
-        responder: ObservedResponder | None = None
+        responder: Solver | None = None
         try:
             validate_template(self.state, self.runtime.current.config, entry.id,
                               entry.template, known=entry.vs_seen)
+            self.solvers.check_available(entry.id, entry.template)
             if entry.id in self.store.problems:
                 # Ordering would only burn a rate limit: the result could not be stored.
                 raise LeError(AcmeCode.UNPARSABLE_CERT, f"{action}: the stored certificate is "
@@ -98,12 +103,9 @@ class Obtainer:
                     await self._succeeded(entry, old, manual, adopted=True)
                     return
                 replaces = self.cert_ids(entry.id) if old else None  # 4. order
-                responder = ObservedResponder(
-                    self.runtime, entry.id, dict(entry.template.routes), self.journal,
-                    fail_at=self.fault_codes(), share=self.share,
-                    on_present=lambda domain, vs: self.emit(
-                        EventKind.CHALLENGE_PRESENTED, entry.id,
-                        f"http-01 answer for {domain} served by VS {vs}"))
+                responder = self.solvers.make(entry, lambda text: self.emit(
+                    EventKind.CHALLENGE_PRESENTED, entry.id, text))
+                await self.solvers.preflight(responder, entry.template.names)
                 key, key_pem = await self.new_key(entry.template.acme_key_type,
                                                     self.state.cpu)
                 self.state.orders_placed += 1

@@ -13,7 +13,9 @@ from ..events import CertStatus
 from ..runtime import RuntimeStore
 from . import policy
 from .challenge import eligible_services, ineligibility
+from .codes import LeError
 from .model import MANAGED_BY, Entry
+from .solvers import verify_alpn_vs
 from .state import LeState
 from .storage import STATE_FILES
 
@@ -28,8 +30,17 @@ class Views:
         self.runtime = runtime
         self.running = running
 
-    def _vs_label(self, vs: str) -> str:
-        vs_obj = self.runtime.current.config.vs_by_name(vs)
+    def _vs_label(self, vs: str, challenge: str = "http-01") -> str:
+        config = self.runtime.current.config
+        if challenge == "tls-alpn-01":
+            try:
+                verify_alpn_vs(config, vs, known_before=False)
+            except LeError:
+                return "Unknown VS"
+            return vs
+        if challenge == "dns-01":
+            return "(dns-01: none)"
+        vs_obj = config.vs_by_name(vs)
         return vs if vs_obj is not None and ineligibility(vs_obj) is None else "Unknown VS"
 
     def _schedule(self, e: Entry, validity: policy.Validity | None,
@@ -50,7 +61,9 @@ class Views:
             "common_name": e.template.common_name,
             "names": e.template.names,
             "sans": [{"name": n, "vs": v} for n, v in e.template.sans],
-            "http_challenge_vs": [f"{n}: {self._vs_label(v)}" for n, v in e.template.routes],
+            "challenge": e.template.challenge,
+            "http_challenge_vs": [f"{n}: {self._vs_label(v, e.template.challenge)}"
+                                  for n, v in e.template.routes],
             "key_type": e.template.key_type,
             "key_size": e.template.key_size if e.template.key_type == "rsa" else 256,
             "status": state.value,

@@ -18,7 +18,9 @@ is formatted, at the end of the loop iteration in which the requests finished:
 - ``combined``: Apache/nginx combined, strictly (standard parsers read it): ``<client ip> - -
   [31/Jan/2026:12:00:00 +0000] "<method> <url> <protocol>" <status> <response body bytes>
   "<referer>" "<user agent>"``; `"`, `\\` and bytes outside printable ASCII inside the quotes
-  are written \\xNN, as nginx does; a missing header is "-".
+  are written \\xNN, as nginx does; a missing header is "-". `<protocol>` (and json's
+  `protocol`) is the client's: HTTP/1.0, HTTP/1.1, or HTTP/2.0 for a request that came over
+  HTTP/2 (relayed as HTTP/1.1).
 - ``json``: one object per line, every field always present (`JSON_FIELDS`): strings, integers
   (durations in microseconds), null for what does not apply, and `cut` a boolean.
 
@@ -55,6 +57,8 @@ class LoggedRequest(Protocol):
     def host_b(self) -> bytes: ...
     @property
     def v10(self) -> bool: ...
+    @property
+    def h2(self) -> bool: ...
     @property
     def status(self) -> int: ...
     @property
@@ -236,7 +240,7 @@ class AccessLog:
         """A `combined` or `json` line for `req`, which ended at `end` (monotonic clock)."""
         ua, ref = request_headers(req.fwd)
         method = req.method_b
-        proto = b"HTTP/1.0" if req.v10 else b"HTTP/1.1"
+        proto = b"HTTP/2.0" if req.h2 else b"HTTP/1.0" if req.v10 else b"HTTP/1.1"
         fields = self._fields
         if self.format == "combined":
             if method and method != b"-":

@@ -13,7 +13,7 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..config.model import ContentRule, HealthCheck, Protocol, VirtualService, rule_order
 from ..routing import Router, compile_router
@@ -26,6 +26,7 @@ from .errors import ListenError
 from .h2conn import ALPNClientConnection
 from .health import HealthMonitor
 from .outbox import Outbox
+from .pptls import ProxyTLSServer
 from .service import (
     LATENCY_BUCKETS,
     RESPONSE_CLASSES,
@@ -39,7 +40,7 @@ from .service import (
     build_service,
     needs_router,
 )
-from .upstream import ConnPool
+from .upstream import ConnPool, PoolKey
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,12 @@ def _dup_sockets(originals: list[Any]) -> list[socket.socket]:
     return socks
 
 
+def _proxied_tls(vs: VirtualService) -> bool:
+    """Whether `vs` reads a PROXY header before TLS (its listener is pptls.ProxyTLSServer's, not
+    the event loop's TLS server: turning it on or off by a reload replaces the listener)."""
+    return vs.protocol is Protocol.HTTPS and bool(vs.proxy_protocol_from)
+
+
 def _listener_key(vs: VirtualService) -> tuple[Any, ...]:
     # Port 0 (ephemeral, tests) cannot identify a listener across reloads: use the VS name too.
     a = vs.listen
@@ -135,7 +142,7 @@ class DataPlane:
         self._draining: set[ClientListener] = set()
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._pools: dict[tuple[str, str], Pool] = {}
-        self._conn_pools: dict[tuple[str, int], ConnPool] = {}
+        self._conn_pools: dict[PoolKey, ConnPool] = {}
         self._counters: dict[str, Counters] = {}
         self._target_counters: dict[tuple[str, str], TargetCounters] = {}
         self._lock: asyncio.Lock | None = None
@@ -262,10 +269,14 @@ class DataPlane:
                 parts.extend(tc.servers.values())
             vs_entry.update(_traffic(parts))
             out[lst.name] = vs_entry
+        pools: dict[str, dict[str, int]] = {}
+        for cp in self._conn_pools.values():  # a server's plain and PROXY-protocol pools: one
+            p = pools.setdefault(cp.address, {"idle": 0, "connects": 0})
+            p["idle"] += len(cp.idle)
+            p["connects"] += cp.connects
         return {"virtual_services": out,
                 "draining_listeners": len(self._draining),
-                "upstream_pools": {cp.address: {"idle": len(cp.idle), "connects": cp.connects}
-                                   for cp in self._conn_pools.values()}}
+                "upstream_pools": pools}
 
     # -- apply --------------------------------------------------------------------------------
 
@@ -338,7 +349,8 @@ class DataPlane:
             pool.balancer.administer(pool.spec.servers, self._servers.get(key, {}))
             for b in pool.balancer.backends:
                 (enabled if b.enabled else held).add((b.address.host, b.address.port))
-        for addr, cp in self._conn_pools.items():
+        for pkey, cp in self._conn_pools.items():
+            addr = (pkey.host, pkey.port)  # a server's PROXY-protocol pool too
             hold = addr in held and addr not in enabled
             if hold and not cp.retired:
                 cp.close_idle()
@@ -366,7 +378,8 @@ class DataPlane:
             counters = self._counters.get(vs.name) or Counters()
             old = self._listeners.get(key)
             # A listener that stopped accepting (whatever closed it) is replaced, not kept.
-            keep = old is not None and old.protocol is vs.protocol and old.listening
+            keep = (old is not None and old.protocol is vs.protocol and old.listening
+                    and _proxied_tls(old.service.vs) == _proxied_tls(vs))
             port = old.sockname[1] if keep and old is not None else vs.listen.port
             svc = build_service(vs, rules, runtime.injections, factory, counters, log, port,
                                 routers.get(vs.name))
@@ -459,6 +472,12 @@ class DataPlane:
             # `http2` on or off under a running listener (tls.py changes what ALPN offers).
             conn_class = ALPNClientConnection if ctx is not None else ClientConnection
             for sock in socks:
+                if ctx is not None and _proxied_tls(vs):
+                    # The PROXY header comes before the handshake: read by pptls.py, then TLS.
+                    lst.servers.append(cast(asyncio.Server, ProxyTLSServer(
+                        loop, sock, lst, ctx, vs.timeouts.head,
+                        lambda addrs: ALPNClientConnection(lst, addrs))))
+                    continue
                 lst.servers.append(await loop.create_server(
                     lambda: conn_class(lst), sock=sock, ssl=ctx,
                     ssl_handshake_timeout=vs.timeouts.head if ctx is not None else None,

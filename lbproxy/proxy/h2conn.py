@@ -17,6 +17,12 @@ Limits (per VS, [vs.http2_limits]; counted in `limit_rejections` under the key g
   still held to max_header_bytes/max_headers (431 on the stream).
 - compressed header block over HEADERS + CONTINUATION: max_header_block (32 KiB; CONTINUATION
   flood; h2 also stops at 64 CONTINUATION frames): GOAWAY ENHANCE_YOUR_CALM; h2_flood
+- a malformed request (RFC 9113 §8.1.1, h2stream.malformed: upper case or invalid names, bad
+  values, connection-specific fields, pseudo-headers missing, unknown, repeated, after a regular
+  field or in trailers): RST_STREAM PROTOCOL_ERROR on its stream, the others go on;
+  h2_protocol_error. Those resets count toward max_resets with the client's own (MadeYouReset).
+  A Content-Length that is invalid, repeated with another value or unlike the DATA received is
+  h2's stream-state check and stays a connection error (GOAWAY PROTOCOL_ERROR).
 - streams reset by the client before their response ended: max_resets at once, draining at
   max_resets/10 per second (rapid reset, CVE-2023-44487): GOAWAY ENHANCE_YOUR_CALM; h2_rapid_reset
 - SETTINGS, PING, PRIORITY, small WINDOW_UPDATE and empty DATA frames: max_control_frames at once,
@@ -41,14 +47,16 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-import h2.frame_buffer
 import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from .client import ClientConnection
-from .h2stream import HIGH_WATER, LOW_WATER, BadRequest, H2Stream, request_head
+from .clienthello import ACME_TLS_ALPN
+from .h2frames import BoundedFrameBuffer, Calm, Decoder
+from .h2stream import HIGH_WATER, LOW_WATER, BadRequest, H2Stream, malformed, request_head
 from .http import error_response
+from .proxyproto import Addresses
 
 if TYPE_CHECKING:
     from ..config.model import HTTP2Limits
@@ -57,26 +65,6 @@ logger = logging.getLogger(__name__)
 
 # Unsent bytes to a client above which it is taken for one that reads nothing (abort).
 MAX_UNSENT = 4 * 1024 * 1024
-
-
-class _Calm(h2.exceptions.ProtocolError):
-    """A header block over our size limit (CONTINUATION flood)."""
-
-    error_code = ErrorCodes.ENHANCE_YOUR_CALM
-
-
-class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer, with the header block held across CONTINUATION frames bounded in bytes
-    (h2 bounds it at 64 frames only). Reads h2's `_headers_buffer` (h2 is pinned)."""
-
-    max_block = 32 * 1024
-
-    def _update_header_buffer(self, f: Any) -> Any:
-        out = super()._update_header_buffer(f)
-        held = self._headers_buffer
-        if held and sum(len(x.data) for x in held) > self.max_block:
-            raise _Calm("header block too large")
-        return out
 
 
 class _Leaky:
@@ -100,16 +88,25 @@ class ALPNClientConnection(ClientConnection):
     chose "h2"; then its `H2Session` is the transport's protocol and this object its handle in
     the listener (deadlines, eviction, drain)."""
 
-    __slots__ = ("h2",)
+    __slots__ = ("h2", "pp_addrs")
 
-    def __init__(self, listener: Any) -> None:
+    def __init__(self, listener: Any, pp_addrs: Addresses | None = None) -> None:
+        """`pp_addrs`: what the PROXY header read before TLS named (pptls.py), if any."""
         super().__init__(listener)
         self.h2: H2Session | None = None
+        self.pp_addrs = pp_addrs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
         super().connection_made(transport)
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2" or self.closed:
+        if self.pp_addrs is not None and not self.closed:
+            self.proxied(self.pp_addrs)
+        if ssl_object is None or self.closed:
+            return
+        alpn = ssl_object.selected_alpn_protocol()
+        if alpn != "h2":
+            if alpn == ACME_TLS_ALPN:   # a tls-alpn-01 validator (tls.py): nothing follows
+                self._close()
             return
         session = H2Session(self, cast(asyncio.Transport, transport))
         self.h2 = session
@@ -142,6 +139,20 @@ class ALPNClientConnection(ClientConnection):
             super().evict()
 
 
+class StreamConnection(ClientConnection):
+    """The HTTP/1.1 side of one HTTP/2 stream (h2stream.py): a ClientConnection whose requests
+    say they came over HTTP/2 (the access log shows HTTP/2.0)."""
+
+    __slots__ = ()
+
+    def on_url(self, url: bytes) -> None:
+        first = self.req is None
+        super().on_url(url)
+        req = self.req
+        if first and req is not None:
+            req.h2 = True
+
+
 class H2Session(asyncio.Protocol):
     """One HTTP/2 connection: frames in and out through h2, its streams (H2Stream) and limits."""
 
@@ -152,7 +163,9 @@ class H2Session(asyncio.Protocol):
         self.listener = owner.listener
         self.limits: HTTP2Limits = owner.listener.service.vs.http2_limits
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True,
+            # Header lists are checked by h2stream.malformed: a stream error, not h2's
+            # connection error (RFC 9113 §8.1.1).
+            client_side=False, header_encoding=None, validate_inbound_headers=False,
             normalize_inbound_headers=True, validate_outbound_headers=False,
             normalize_outbound_headers=False))
         self.streams: dict[int, H2Stream] = {}
@@ -170,7 +183,7 @@ class H2Session(asyncio.Protocol):
     def start(self) -> None:
         lim = self.limits
         conn = self.conn
-        buf = _BoundedFrameBuffer(server=True)
+        buf = BoundedFrameBuffer(server=True)
         buf.max_block = lim.max_header_block
         conn.incoming_buffer = buf
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -178,6 +191,7 @@ class H2Session(asyncio.Protocol):
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: lim.stream_window,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
         })
+        conn.decoder = Decoder()
         conn.decoder.max_header_list_size = lim.max_header_list_size
         conn.initiate_connection()
         if lim.connection_window > 65_535:
@@ -273,7 +287,7 @@ class H2Session(asyncio.Protocol):
             return
         try:
             events = self.conn.receive_data(data)
-        except _Calm as e:
+        except Calm as e:
             self._fail("h2_flood", ErrorCodes.ENHANCE_YOUR_CALM, str(e))
             return
         except h2.exceptions.ProtocolError as e:
@@ -297,7 +311,11 @@ class H2Session(asyncio.Protocol):
                 else:
                     s.feed(ev.data, ev.flow_controlled_length)
             elif isinstance(ev, h2.events.RequestReceived):
-                self._request(ev.stream_id, ev.headers or [], ev.stream_ended is not None)
+                self._request(ev.stream_id, ev.headers or [], ev.stream_ended is not None, now)
+            elif isinstance(ev, h2.events.TrailersReceived):
+                why = malformed(ev.headers or [], trailers=True)
+                if why is not None:  # (valid trailers are not relayed: HTTP/1.1 side, chunked)
+                    self._malformed(ev.stream_id, why, now)
             elif isinstance(ev, h2.events.StreamEnded):
                 s = self.streams.get(ev.stream_id)
                 if s is not None and not s.req_done:
@@ -334,10 +352,15 @@ class H2Session(asyncio.Protocol):
                 return
         self.flush()
 
-    def _request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def _request(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool,
+                 now: float) -> None:
         self.last_sid = max(self.last_sid, sid)
         if self.closing:
             self._send_reset(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        why = malformed(headers)
+        if why is not None:
+            self._malformed(sid, why, now)
             return
         try:
             head, chunked, length = request_head(headers, end)
@@ -352,14 +375,32 @@ class H2Session(asyncio.Protocol):
         if not self.streams:
             self.owner._no_deadline()
         self.streams[sid] = s
-        conn = ClientConnection(self.listener)
+        conn = StreamConnection(self.listener)
         s.conn = conn
         conn.connection_made(cast(asyncio.Transport, s))
         if s.closed:
             return
+        if self.owner.addrs is not None:  # a PROXY header named the client (pptls.py)
+            conn.proxied(self.owner.addrs)
         # Its own connection's count is this one's (an HTTP/2 connection counts once).
         self.listener.counters.connections -= 1
         conn.data_received(head)
+
+    def _malformed(self, sid: int, why: str, now: float) -> None:
+        """A malformed request (RFC 9113 §8.1.1): RST_STREAM PROTOCOL_ERROR on its stream, the
+        others go on. Resets we are made to send count with the client's own (MadeYouReset)."""
+        self.listener.counters.limits["h2_protocol_error"] += 1
+        logger.debug("HTTP/2 malformed request from %s on stream %d: %s", self.owner.src_ip, sid,
+                     why)
+        if self.resets.hit(now, self.limits.max_resets):
+            self._fail("h2_rapid_reset", ErrorCodes.ENHANCE_YOUR_CALM,
+                       "too many malformed requests")
+            return
+        s = self.streams.get(sid)
+        if s is not None:
+            self.reset(s, ErrorCodes.PROTOCOL_ERROR)
+        else:
+            self._send_reset(sid, ErrorCodes.PROTOCOL_ERROR)
 
     def _answer(self, sid: int, status: int) -> None:
         """A response of our own on a stream that never reached the HTTP/1.1 side."""
@@ -437,17 +478,21 @@ class H2Session(asyncio.Protocol):
         if s.ended or self.dead:
             return
         conn = self.conn
+        ended = False
         if s.out and not self.write_paused:
             data = s.out[0] if len(s.out) == 1 else b"".join(s.out)
             pos = 0
             size = len(data)
+            done = s.msg_done
             try:
                 window = conn.local_flow_control_window(s.sid)
                 frame = conn.max_outbound_frame_size
                 while pos < size and window > 0:
                     n = min(window, frame, size - pos)
-                    conn.send_data(s.sid, data[pos:pos + n])
                     pos += n
+                    # The last DATA of a whole response carries END_STREAM (no empty frame more).
+                    ended = done and pos == size
+                    conn.send_data(s.sid, data[pos - n:pos], end_stream=ended)
                     window -= n
             except h2.exceptions.H2Error:
                 self.reset(s, ErrorCodes.INTERNAL_ERROR)
@@ -455,10 +500,11 @@ class H2Session(asyncio.Protocol):
             s.out = [data[pos:]] if pos < size else []
             s.out_size = size - pos
         if not s.out and s.msg_done:
-            try:
-                conn.end_stream(s.sid)
-            except h2.exceptions.H2Error:
-                pass
+            if not ended:
+                try:
+                    conn.end_stream(s.sid)
+                except h2.exceptions.H2Error:
+                    pass
             self._ended(s)
         else:
             c = s.conn

@@ -61,6 +61,77 @@ class Session(Protocol):
                      end: bool) -> None: ...
 
 
+# RFC 9113 §8.2.1: a field name is lower case, of visible ASCII, with a colon only as the first
+# byte of a pseudo-header; a value holds no NUL, CR or LF and neither starts nor ends with SP/HTAB.
+_H2_NAME = re.compile(rb":?[\x21-\x39\x3b-\x40\x5b-\x7e]+\Z")
+_H2_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+# §8.2.2 (TE is allowed with "trailers" only, below).
+_H2_CONNECTION = frozenset((b"connection", b"proxy-connection", b"keep-alive",
+                            b"transfer-encoding", b"upgrade"))
+# §8.3.1 (and :protocol, RFC 8441, with CONNECT only).
+_H2_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
+
+
+def malformed(headers: list[tuple[bytes, bytes]], trailers: bool = False) -> str | None:
+    """Why a request's decoded header list (or its trailers) is malformed by RFC 9113 §8.1.1,
+    or None: an invalid or upper-case name, a value with NUL/CR/LF or surrounding spaces, a
+    connection-specific field, TE other than "trailers", a pseudo-header unknown, repeated,
+    after a regular field or in trailers, :method/:scheme/:path missing (CONNECT: :scheme and
+    :path present without :protocol), an empty :path, no :authority nor Host, two Host fields,
+    :authority and Host differing. The verdicts of h2's own `validate_headers` (which makes them
+    a connection error; this is a stream error), in one pass rather than six chained generators
+    (tests/proxy/test_h2_conformance.py compares the two on mutated header lists)."""
+    pseudo: set[bytes] = set()
+    regular = False
+    method = authority = host = None
+    for name, value in headers:
+        if not _H2_NAME.match(name):
+            return f"invalid field name {name[:40]!r}"
+        if value and _H2_BAD_VALUE.search(value):
+            return f"invalid value of {name[:40]!r}"
+        if name[0] == 0x3A:  # ':'
+            if name in pseudo:
+                return f"repeated {name!r}"
+            if regular:
+                return f"{name[:40]!r} after a regular field"
+            if name not in _H2_PSEUDO:
+                return f"pseudo-header {name[:40]!r} in a request"
+            pseudo.add(name)
+            if name == b":method":
+                method = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":path" and not value:
+                return "empty :path"
+        else:
+            regular = True
+            if name in _H2_CONNECTION:
+                return f"connection-specific field {name!r}"
+            if name == b"te" and value.lower() != b"trailers":
+                return "TE other than trailers"
+            if name == b"host":
+                if host is not None and not trailers:
+                    return "two Host fields"
+                host = value
+    if trailers:
+        return f"pseudo-header in trailers: {sorted(pseudo)}" if pseudo else None
+    if method is None:
+        return "no :method"
+    connect = method == b"CONNECT"
+    if connect and b":protocol" not in pseudo:
+        if b":scheme" in pseudo or b":path" in pseudo:
+            return "CONNECT with :scheme or :path"
+    elif b":scheme" not in pseudo or b":path" not in pseudo:
+        return "no :scheme or :path"
+    elif not connect and b":protocol" in pseudo:
+        return ":protocol without CONNECT"
+    if authority is None and host is None:
+        return "no :authority nor Host"
+    if authority is not None and host is not None and authority != host:
+        return ":authority and Host differ"
+    return None
+
+
 class BadRequest(Exception):
     """A request HTTP/2 itself allows through but HTTP/1.1 could not carry as sent (answered 400
     on its stream)."""
@@ -71,8 +142,8 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool
     """The HTTP/1.1 head (`Connection: close`) for a request's decoded header list, whether its
     body goes chunked, and its Content-Length (-1: none). Raises BadRequest.
 
-    h2 already refused what RFC 9113 calls malformed at the frame level (pseudo-fields out of
-    place, upper case names, connection-specific fields, a missing :method/:path/:scheme).
+    `malformed` already refused what RFC 9113 calls malformed (pseudo-fields out of place,
+    upper case names, connection-specific fields, a missing :method/:path/:scheme).
     Here: control bytes in names or values (a CR LF would start a field of its own on the HTTP/1.1
     side), one Host (from :authority, or the host field when there is none; both must agree),
     one Content-Length, TE other than "trailers", cookies joined (§8.2.3)."""

@@ -29,7 +29,8 @@ class Request:
 
     __slots__ = (
         "_hmap", "attempts", "backend", "body", "body_bytes", "buffered", "chunked", "chunks",
-        "complete", "compress", "cut", "discard", "expect", "fwd", "has_body", "head", "hidden",
+        "complete", "compress", "cut", "discard", "expect", "fwd", "h2", "has_body", "head",
+        "hidden",
         "hidden_bytes", "hlen", "host_b", "hresp", "is_head",
         "keep_alive", "method_b", "rebody", "resp_bytes", "resp_started", "sent_continue", "server",
         "src_ip", "started", "status", "svc", "t0", "t_conn", "t_hdr", "t_up", "target", "ts",
@@ -79,6 +80,7 @@ class Request:
         self.started = False
         self.upgrade = False
         self.v10 = False
+        self.h2 = False  # it came over HTTP/2 (h2conn.py), relayed as HTTP/1.1: logged as HTTP/2.0
         self.waiting_route = False
         self.up: UpstreamConnection[Request] | None = None  # the connection of its exchange
         self.backend: Backend | None = None  # picked from target's balancer, until released

@@ -31,6 +31,7 @@ from ..config.model import (
     ContentRule,
     HealthCheck,
     NotAvailable,
+    Protocol,
     ProxyProtocol,
     RealServer,
     Scheduler,
@@ -48,7 +49,7 @@ from .http import LocalResponse
 from .outbox import Outbox
 from .proxyproto import ProxyConnPool, Sources
 from .ratelimit import PoolGate, RateTable, attach_gates
-from .upstream import ConnPool
+from .upstream import ConnPool, PoolKey
 
 if TYPE_CHECKING:
     from .health import HealthMonitor
@@ -220,7 +221,7 @@ class Service:
     __slots__ = (
         "add_forwarded", "counters", "direct", "fast", "local_extra", "log", "max_body",
         "max_connections", "max_fwd", "max_header_bytes", "max_headers", "memo", "mode", "na",
-        "name", "port", "pp_sources", "pre_router",
+        "name", "port", "pp_sources", "pp_tls_sources", "pre_router",
         "pre_targets", "redirect_status", "redirect_to", "router", "rule_hits", "t_body",
         "t_connect", "t_first_byte", "t_head", "t_idle", "t_request", "t_tunnel", "targets", "vs",
         "xfp_line")
@@ -248,8 +249,13 @@ class Service:
         self.na = LocalResponse(vs.not_available.status, vs.not_available.body,
                                 vs.not_available.content_type, self.local_extra)
         self.add_forwarded = vs.add_forwarded_headers
-        # Where a PROXY protocol header is accepted from (proxyproto.py); None: it is not.
-        self.pp_sources = Sources(vs.proxy_protocol_from) if vs.proxy_protocol_from else None
+        # Where a PROXY protocol header is accepted from (proxyproto.py); None: it is not. An
+        # HTTP VS's connection reads it (HeaderReader); an HTTPS VS's listener reads it off the
+        # socket before the TLS handshake (pptls.py).
+        sources = Sources(vs.proxy_protocol_from) if vs.proxy_protocol_from else None
+        https = vs.protocol is Protocol.HTTPS
+        self.pp_sources = None if https else sources
+        self.pp_tls_sources = sources if https else None
         self.xfp_line = f"X-Forwarded-Proto: {vs.protocol.value}\r\n".encode()
         t = vs.timeouts
         self.t_head = t.head
@@ -273,7 +279,7 @@ class PoolFactory:
     """Builds Targets, reusing the Pool of an unchanged spec and the ConnPool of each address."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, old_pools: dict[tuple[str, str], Pool],
-                 conn_pools: dict[tuple[str, int], ConnPool],
+                 conn_pools: dict[PoolKey, ConnPool],
                  target_counters: dict[tuple[str, str], TargetCounters],
                  make_monitor: MakeMonitor,
                  outbox: Outbox) -> None:
@@ -285,7 +291,7 @@ class PoolFactory:
         self.make_monitor = make_monitor
         self.pools: dict[tuple[str, str], Pool] = {}
         self.new_pools: list[Pool] = []
-        self.addresses: dict[tuple[str, int], float] = {}
+        self.addresses: dict[PoolKey, float] = {}
 
     def target(self, vs: VirtualService, subvs_name: str, servers: tuple[RealServer, ...],
                scheduler: Scheduler, check: HealthCheck, na: NotAvailable) -> Target:
@@ -313,23 +319,19 @@ class PoolFactory:
         send_pp = {s.address: s.send_proxy_protocol for s in servers
                    if s.send_proxy_protocol is not ProxyProtocol.OFF}
         for b in pool.balancer.backends:
-            addr = (b.address.host, b.address.port)
             pp = send_pp.get(b.address)
-            if pp is not None:
-                # Connections that begin with a PROXY header: a pool of their own, under a key
-                # no address has (ports are positive), kept and swept as the others.
-                version = 1 if pp is ProxyProtocol.V1 else 2
-                addr = (addr[0], -(addr[1] * 4 + version))
-                cp = self.conn_pools.get(addr)
-                if cp is None:
-                    cp = self.conn_pools[addr] = ProxyConnPool(
-                        self.loop, b.address.host, b.address.port, idle, self.outbox)
+            # Connections that begin with a PROXY header: a pool of their own, kept and swept
+            # as the others.
+            version = 0 if pp is None else 1 if pp is ProxyProtocol.V1 else 2
+            addr = PoolKey(b.address.host, b.address.port, version)
+            cp = self.conn_pools.get(addr)
+            if cp is None:
+                if version:
+                    cp = ProxyConnPool(self.loop, addr.host, addr.port, idle, self.outbox)
                     cp.send_proxy = version
-            else:
-                cp = self.conn_pools.get(addr)
-                if cp is None:
-                    cp = self.conn_pools[addr] = ConnPool(self.loop, addr[0], addr[1], idle,
-                                                          self.outbox)
+                else:
+                    cp = ConnPool(self.loop, addr.host, addr.port, idle, self.outbox)
+                self.conn_pools[addr] = cp
             st = counters.servers.get(cp.address)
             if st is None:
                 st = counters.servers[cp.address] = ServerStats(cp)

@@ -6,6 +6,13 @@ The data plane never imports the certificate store; it reads certificates throug
 certificate change or a new assignment rebuilds the mappings and swaps one dict reference: new
 handshakes see it at once, established connections keep the context they shook hands with, and no
 listener restarts.
+
+tls-alpn-01 (RFC 8737) is answered here too: while a validation runs on a VS (`Runtime.
+validations`), its listener context reads each ClientHello's ALPN list through OpenSSL's message
+callback (`SSLContext._msg_callback`, the one hook that sees the ClientHello before the servername
+callback; `ssl` exposes the client's ALPN list nowhere else), and the servername callback gives a
+handshake for the name that offers "acme-tls/1" alone the validation certificate. Every other
+handshake is chosen as ever, and without a validation the callback is off: no cost.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from typing import Protocol
 from ..config.model import Protocol as VSProtocol
 from ..config.model import VirtualService
 from ..errors import LBProxyError
-from ..runtime import Runtime
+from ..runtime import AlpnValidation, Runtime
+from .clienthello import ACME_TLS_ALPN, alpn_offered, remember_alpn
 from .tickets import set_ticket_keys
+
+_ONLY_ACME = (ACME_TLS_ALPN,)
 
 logger = logging.getLogger(__name__)
 
@@ -232,13 +242,61 @@ class TLSContexts:
         self.rebuilds = 0
         # Session ticket keys shared with other processes (workers); () = OpenSSL's own.
         self._ticket_keys: tuple[bytes, ...] = ()
+        # tls-alpn-01: VS name -> host -> the validation context; empty when none runs (the
+        # servername callback then costs one truth test more).
+        self._validations: dict[str, dict[str, ssl.SSLContext]] = {}
+        self._validation_cache: dict[tuple[str, str, str, bytes], ssl.SSLContext] = {}
         self.refresh(force=True)
 
     # -- inputs ---------------------------------------------------------------------------------
 
     async def on_runtime(self, rt: Runtime) -> None:
         """RuntimeStore listener: a reload may change a VS's certificates or cipher policy."""
+        self.use(rt)
+
+    def use(self, rt: Runtime) -> None:
+        """What a generation says about TLS: its HTTPS VSs and its tls-alpn-01 validations."""
         self.set_services(rt.effective_services())
+        self.set_validations(rt.validations)
+
+    def set_validations(self, validations: Iterable[AlpnValidation]) -> None:
+        """The tls-alpn-01 validations to answer now (RFC 8737). A validation certificate that
+        cannot be loaded is logged and skipped (the CA's validation of that name fails)."""
+        found: dict[str, dict[str, ssl.SSLContext]] = {}
+        cache: dict[tuple[str, str, str, bytes], ssl.SSLContext] = {}
+        for v in validations:
+            vs = self._services.get(v.vs)
+            if vs is None:
+                logger.warning("tls-alpn-01 for %s: VS %r is not an HTTPS VS here; not served",
+                               v.host, v.vs)
+                continue
+            key = (v.vs, v.host, v.token, v.cert_pem)
+            ctx = self._validation_cache.get(key)
+            if ctx is None:
+                material = CertMaterial(f"tls-alpn-01 {v.host}", v.cert_pem, v.key_pem,
+                                        (v.host,), 0, "")
+                try:
+                    ctx = build_context(material, vs.tls.ciphers, _ONLY_ACME)
+                except TLSSetupError as e:
+                    logger.error("%s", e)
+                    continue
+                ctx.options |= ssl.OP_NO_TICKET
+            cache[key] = ctx
+            found.setdefault(v.vs, {})[v.host] = ctx
+        self._validation_cache = cache
+        self._validations = found
+        for name, listener in self._listeners.items():
+            self._watch_hellos(name, listener)
+
+    def _watch_hellos(self, name: str, listener: ssl.SSLContext) -> None:
+        # A new connection takes the callback its listener context has when it is accepted.
+        want = remember_alpn if name in self._validations else None
+        if getattr(listener, "_msg_callback", None) is not want:
+            listener._msg_callback = want  # type: ignore[attr-defined]
+
+    def validating(self, vs_name: str) -> tuple[str, ...]:
+        """The names a VS answers tls-alpn-01 for right now."""
+        return tuple(sorted(self._validations.get(vs_name, ())))
 
     def set_services(self, services: Iterable[VirtualService]) -> None:
         new = {vs.name: vs for vs in services if vs.protocol is VSProtocol.HTTPS}
@@ -369,6 +427,11 @@ class TLSContexts:
         def sni_callback(ssl_obj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
                          _ctx: ssl.SSLContext) -> int | None:
             try:
+                if self._validations and server_name:
+                    ctx = self._validations.get(name, {}).get(server_name.lower().rstrip("."))
+                    if ctx is not None and alpn_offered(ssl_obj) == _ONLY_ACME:
+                        ssl_obj.context = ctx   # RFC 8737: the validator, and only it
+                        return None
                 if self._lookup.version != self._built_version:
                     self.refresh()
                 sel = self._selections.get(name)
@@ -384,4 +447,5 @@ class TLSContexts:
 
         listener.sni_callback = sni_callback
         self._listeners[name] = listener
+        self._watch_hellos(name, listener)
         return listener

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeAlias, TypeVar, cast
 
 import httptools
 
@@ -41,6 +41,16 @@ LOW_WATER = 64 * 1024
 # An idle pool bigger than this closes the extra connections instead of keeping them: bounds the
 # file descriptors one real server can hold while idle (wrk-style load uses far fewer).
 MAX_IDLE_PER_SERVER = 512
+
+
+class PoolKey(NamedTuple):
+    """What a `ConnPool` is found by: its real server's address, and the PROXY protocol version
+    its connections begin with (0: none). A server that is sent the PROXY protocol by one VS and
+    not by another has two pools (proxyproto.ProxyConnPool beside a plain one)."""
+
+    host: str
+    port: int
+    send_proxy: int = 0
 
 
 class _HeadDone(Exception):

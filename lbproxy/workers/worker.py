@@ -74,7 +74,7 @@ class Worker:
         rt = msg.runtime
         cfg = rt.config
         try:
-            self.tls.set_services(rt.effective_services())
+            self.tls.use(rt)   # its HTTPS VSs and tls-alpn-01 validations
             if cfg.access_log != self.access_log:
                 configure_access_log(cfg.access_log, self.base)
                 self.access_log = cfg.access_log

@@ -42,7 +42,7 @@ SECTIONS = ("Config", "VirtualService", "RealServer", "HealthCheck", "NotAvailab
             "ContentRule", "SubVS", "Timeouts", "Limits", "TLSSettings", "AdminSettings",
             "AccessLogSettings", "LetsEncryptSettings", "CertificateRequest", "EventSettings",
             "ClusterSettings", "RateLimit", "Compression", "HeaderRules", "Hsts",
-            "HTTP2Limits")
+            "HTTP2Limits", "Rfc2136Settings")
 # Fields whose TOML key has another name.
 TOML_KEY = {("Config", "virtual_services"): "vs", ("Config", "rules"): "rule",
             ("Config", "certificates"): "certificate", ("ContentRule", "match_type"): "match"}

@@ -100,7 +100,8 @@ class Node:
         self.runtime.subscribe(self.dataplane.apply)
         self.runtime.subscribe(self._record)
         self.manager = LEManager(self.state, self.runtime, self.store, hostname="lbtest",
-                                 client_factory=self.client_factory, config_path=cfg_path)
+                                 client_factory=self.client_factory, config_path=cfg_path,
+                                 cluster=config.cluster)   # a [cluster] table: a cluster node
         await self.dataplane.apply(self.runtime.current)
         await self.manager.start()
         self.token = load_or_create_token(self.state)

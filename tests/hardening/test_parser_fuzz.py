@@ -19,7 +19,7 @@ from lbproxy.config.model import Address, Limits, RealServer
 from lbproxy.proxy.client import ClientConnection
 from lbproxy.proxy.outbox import Outbox
 from lbproxy.proxy.service import Counters, Listener, PoolFactory, build_service
-from lbproxy.proxy.upstream import UpstreamConnection
+from lbproxy.proxy.upstream import PoolKey, UpstreamConnection
 
 from ..proxy.conftest import NO_CHECK, make_vs
 
@@ -70,7 +70,7 @@ class Rig:
         self.client = ClientConnection(self.listener)
         self.ct = FakeTransport()
         self.client.connection_made(self.ct)  # type: ignore[arg-type]
-        self.cp = factory.conn_pools[("127.0.0.1", 9)]
+        self.cp = factory.conn_pools[PoolKey("127.0.0.1", 9)]
         self.ups: list[tuple[UpstreamConnection, FakeTransport]] = []
         self.add_upstream()
 

@@ -28,12 +28,13 @@ import trustme
 
 from lbproxy.certs import CertStore, config_usage
 from lbproxy.config import parse_config
-from lbproxy.config.model import Address, RealServer
+from lbproxy.config.model import AccessLogFormat, AccessLogSettings, Address, RealServer
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import RuntimeStore
 from tests.certs.helpers import issue
 from tests.proxy.conftest import Upstream
+from tests.proxy.test_access_log_formats import access_file, read_lines  # noqa: F401 - fixture
 
 NAME = "h2.example.com"
 DEADLINE = 20.0
@@ -350,32 +351,30 @@ async def test_stream_reset_mid_body_leaves_the_connection_serving(
 @pytest.mark.parametrize(("headers", "why"), [
     ((("host", "other.example"),), ":authority and host differ"),
     ((("x-bad", "a\r\nx-injected: 1"),), "CR LF in a value"),
-    ((("content-length", "5"), ("content-length", "6")), "two Content-Lengths"),
+    ((("connection", "keep-alive"),), "a connection-specific field"),
 ])
 async def test_malformed_requests_never_reach_the_real_server(
         client: H2Client, headers: Any, why: str, upstream: Upstream, site: Site) -> None:
+    """Malformed (RFC 9113 §8.1.1): RST_STREAM PROTOCOL_ERROR on that stream, and the
+    connection goes on serving."""
+    client.conn.config.normalize_outbound_headers = False  # (h2 would drop "connection")
     r = await client.request("POST", "/echo", b"hello", headers=headers)
-    # h2 refuses these itself, as a connection error (RFC 9113 allows a stream error too).
-    assert r.status == 0 and client.goaway == 1, why
+    assert r.status == 0 and r.reset == 1 and client.goaway is None, why
     assert upstream.requests == 0
     assert limits(site)["h2_protocol_error"] == 1
+    r = await client.request("GET", "/after")
+    assert r.status == 200 and upstream.requests == 1
 
 
-async def test_connection_specific_field_is_refused(site: Site) -> None:
-    c = await H2Client.connect(site)
-    try:
-        sid = c.conn.get_next_available_stream_id()
-        c.responses[sid] = Response()
-        # h2's own client refuses to send it: encode the block by hand.
-        block = c.conn.encoder.encode([(b":method", b"GET"), (b":path", b"/"),
-                                       (b":scheme", b"https"), (b":authority", NAME.encode()),
-                                       (b"connection", b"keep-alive")])
-        c.raw(_frame(0x5, 0x1, sid, block))  # HEADERS, END_STREAM + END_HEADERS
-        await asyncio.wait_for(c.closed.wait(), DEADLINE)
-        assert c.responses[sid].status == 0  # never answered as a request
-        assert c.goaway == 1  # PROTOCOL_ERROR
-    finally:
-        await c.close()
+async def test_conflicting_content_lengths_are_a_connection_error(
+        client: H2Client, upstream: Upstream, site: Site) -> None:
+    """h2 checks Content-Length in its stream state and makes it a connection error (RFC 9113
+    allows it: §5.4.1); it never reaches the real server."""
+    r = await client.request("POST", "/echo", b"hello",
+                             headers=(("content-length", "5"), ("content-length", "6")))
+    assert r.status == 0 and client.goaway == 1
+    assert upstream.requests == 0
+    assert limits(site)["h2_protocol_error"] == 1
 
 
 async def test_content_length_must_match_data(site: Site) -> None:
@@ -434,6 +433,36 @@ async def test_reload_turns_http2_on_under_the_running_listener(
             await c.close()
     finally:
         await s.dataplane.shutdown(1.0)
+
+
+async def test_access_log_shows_the_client_protocol(
+        tmp_path: Path, upstream: Upstream, upstream2: Upstream,
+        access_file: Path) -> None:  # noqa: F811 - the fixture
+    """A request that came over HTTP/2 is logged as HTTP/2.0 (it went upstream as HTTP/1.1);
+    one over HTTP/1.1 on the same VS as HTTP/1.1."""
+    s = await make_site(tmp_path, upstream, upstream2)
+    try:
+        assert s.runtime is not None
+        cfg = s.runtime.current.config
+        await s.runtime.set_config(dataclasses.replace(cfg, access_log=AccessLogSettings(
+            enabled=True, path=str(access_file), format=AccessLogFormat.JSON)))
+        c = await H2Client.connect(s)
+        assert (await c.request("GET", "/logged-h2")).status == 200
+        await c.close()
+        ctx = ssl.create_default_context()
+        s.ca.configure_trust(ctx)
+        ctx.set_alpn_protocols(["http/1.1"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port, ssl=ctx,
+                                                       server_hostname=NAME)
+        writer.write(f"GET /logged-h1 HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        assert (await asyncio.wait_for(reader.read(), DEADLINE)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    finally:
+        await s.dataplane.shutdown(1.0)
+    lines = [json.loads(ln) for ln in read_lines(access_file)]
+    assert {ln["uri"]: ln["protocol"] for ln in lines} == {"/logged-h2": "HTTP/2.0",
+                                                           "/logged-h1": "HTTP/1.1"}
 
 
 # -- curl --------------------------------------------------------------------------------------

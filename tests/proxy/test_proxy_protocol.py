@@ -482,6 +482,28 @@ async def test_send_proxy_pool_is_swept_and_bounded_by_its_idle_timeout(
     assert len(backend.seen) == 2
 
 
+async def test_send_proxy_pool_is_keyed_by_server_and_version_and_drained_with_the_server(
+        dataplane: DataPlane, proxy_backend: tuple[ProxyBackend, int]) -> None:
+    """Two VSs send v1 and v2 to the same real server: two pools (their connections never mix),
+    one entry in the stats; disabling the server closes the idle connections of both."""
+    backend, port = proxy_backend
+    vss = [make_vs(name=f"v{v.value}", real_servers=(RealServer(
+        Address("127.0.0.1", port), send_proxy_protocol=v),)) for v in (ProxyProtocol.V1,
+                                                                       ProxyProtocol.V2)]
+    ports = await serve(dataplane, *vss)
+    async with asyncio.timeout(T):
+        for name in ("vv1", "vv2"):
+            c = await Client.connect(ports[name])
+            r = await c.request(path="/")
+            assert r.status == 200 and json.loads(r.body)["version"] == int(name[-1])
+            c.close()
+        address = f"127.0.0.1:{port}"
+        assert dataplane.stats()["upstream_pools"][address] == {"idle": 2, "connects": 2}
+        dataplane.set_servers({(vs.name, ""): {address: ("disabled", 1)} for vs in vss})
+        assert dataplane.stats()["upstream_pools"][address]["idle"] == 0
+    assert sorted(s[4] for s in backend.seen) == [1, 2]
+
+
 @needs_haproxy
 async def test_haproxy_to_lbproxy_to_a_proxy_protocol_server(
         dataplane: DataPlane, proxy_backend: tuple[ProxyBackend, int], tmp_path: Path) -> None:
@@ -546,14 +568,20 @@ def test_config_inherits_send_proxy_protocol_and_normalizes_sources() -> None:
     ('"10.0.0.0/8"', '"lb.example"', "vs[0].proxy_protocol_from[1]", "not an IP address"),
     ('send_proxy_protocol = "v2"', 'send_proxy_protocol = "v3"',
      "vs[0].subvs[1].send_proxy_protocol", "expected one of 'off', 'v1', 'v2'"),
-    ('listen = "127.0.0.1:18080"', 'listen = "127.0.0.1:18080"\nprotocol = "https"\n'
-     'tls = { certificates = ["c"] }', "vs[0].proxy_protocol_from", "not supported on HTTPS"),
 ])
 def test_config_refuses(old: str, new: str, where: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(PP_CONFIG.replace(old, new, 1))
     found = [(p.where, p.message) for p in e.value.problems]
     assert [1 for w, m in found if w == where and fragment in m], found
+
+
+def test_config_accepts_it_on_an_https_vs() -> None:
+    """Read before the TLS handshake (pptls.py; tests in test_proxyproto_tls.py)."""
+    cfg = parse_config(PP_CONFIG.replace(
+        'listen = "127.0.0.1:18080"', 'listen = "127.0.0.1:18080"\nprotocol = "https"\n'
+        'tls = { certificates = ["c"] }', 1))
+    assert cfg.virtual_services[0].proxy_protocol_from[0] == "127.0.0.1/32"
 
 
 async def test_a_reload_turns_it_on_for_new_connections(dataplane: DataPlane,

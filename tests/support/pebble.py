@@ -43,6 +43,8 @@ class PebbleInstance:
     http_port: int  # the port Pebble's VA connects to on 127.0.0.1 for http-01
     challtestsrv_url: str
     workdir: Path
+    tls_port: int = 0  # the port Pebble's VA connects to on 127.0.0.1 for tls-alpn-01
+    dns_server: str = ""  # host:port Pebble's VA resolves names through
 
     def _get(self, path: str) -> bytes:
         ctx = ssl.create_default_context(cafile=self.ca_bundle)
@@ -182,10 +184,16 @@ def start_pebble(
     workdir: Path,
     *,
     http_port: int | None = None,
+    tls_port: int | None = None,
+    dns_server: str | None = None,
     env: Mapping[str, str] | None = None,
     eab_keys: Mapping[str, str] | None = None,
 ) -> Iterator[PebbleInstance]:
     """Run challtestsrv + pebble until the block exits.
+
+    tls_port: where the VA dials for tls-alpn-01 (default: a free port nobody listens on).
+    dns_server: "host:port" of the DNS server Pebble's VA resolves through (an authoritative
+    server a dns-01 test updates) instead of challtestsrv's; challtestsrv still runs.
 
     env: PEBBLE_* knobs; defaults here are PEBBLE_VA_NOSLEEP=1, PEBBLE_WFE_NONCEREJECT=0 and
     PEBBLE_AUTHZREUSE=0 (deterministic), each overridable. eab_keys (kid -> base64url HMAC key)
@@ -194,6 +202,7 @@ def start_pebble(
     workdir.mkdir(parents=True, exist_ok=True)
     ca_path, cert_path, key_path = _write_tls(workdir)
     http_port = http_port if http_port is not None else free_port()
+    tls_port = tls_port if tls_port is not None else free_port()
     acme_port, mgmt_port, cts_port = free_port(), free_port(), free_port()
     dns_port = free_port(udp_too=True)
     config: dict[str, object] = {
@@ -202,7 +211,7 @@ def start_pebble(
         "certificate": str(cert_path),
         "privateKey": str(key_path),
         "httpPort": http_port,
-        "tlsPort": free_port(),
+        "tlsPort": tls_port,
         "ocspResponderURL": "",
         "externalAccountBindingRequired": bool(eab_keys),
     }
@@ -241,9 +250,10 @@ def start_pebble(
                 pass  # any HTTP answer means it is up
 
         _wait_ready(probe_cts, cts, "pebble-challtestsrv", cts_log)
+        resolver = dns_server or f"127.0.0.1:{dns_port}"
         with pebble_log.open("wb") as out:
             peb = subprocess.Popen(
-                ["pebble", "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"],
+                ["pebble", "-config", str(config_path), "-dnsserver", resolver],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=proc_env,
             )  # fmt: skip
@@ -262,6 +272,8 @@ def start_pebble(
             http_port=http_port,
             challtestsrv_url=cts_url,
             workdir=workdir,
+            tls_port=tls_port,
+            dns_server=resolver,
         )
     finally:
         for proc in reversed(procs):

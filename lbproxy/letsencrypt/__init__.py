@@ -1,6 +1,7 @@
 """The Let's Encrypt Certs feature: an ACME account, certificates ordered by HTTP-01 through
-challenge SubVSs (or tls-alpn-01, or dns-01 by RFC 2136: solvers.py), renewed on schedule, kept in a `Storage` (the state directory by default) and
-served from the SSL certificate store (lbproxy.certs). `LEManager` is its one entry point."""
+challenge SubVSs (or tls-alpn-01, or dns-01 by RFC 2136: solvers.py), renewed on schedule, kept
+in a `Storage` (the state directory by default) and served from the SSL certificate store
+(lbproxy.certs). `LEManager` is its one entry point."""
 
 from .backup import BackupError, backup_from_text, backup_to_text
 from .codes import AcmeCode, LeError, VSSubCode

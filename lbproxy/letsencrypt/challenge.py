@@ -2,7 +2,9 @@
 injection into the runtime of a SubVS without real servers answering 200 text/plain with the key
 authorization plus a first-precedence content rule matching the name's host and the token's path
 (codes 20-25), and the journal of challenges in progress, kept in `Storage`: a restart clears
-leftovers from it, and any holder of the storage can look an answer up in it.
+leftovers from it, and any holder of the storage can look an answer up in it. Also the per-name
+skeleton of every solver served through the runtime (`RuntimeSolver`; tls-alpn-01's is in
+solvers.py).
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ def eligible_services(config: Config) -> list[VirtualService]:
     return [vs for vs in config.virtual_services if ineligibility(vs) is None]
 
 
-def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualService:
-    """The VS if it can answer challenges; else LeError code 17 with sub-code 1 (missing),
-    2 (deleted since the certificate was requested) or 3 (no longer eligible)."""
+def existing_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualService:
+    """The VS named; else LeError code 17 with sub-code 1 (missing) or 2 (deleted since the
+    certificate was requested)."""
     if not vs_name:
         raise LeError(AcmeCode.VS_VERIFY, "no VS stored for a name: Unknown VS",
                       subcode=VSSubCode.MISSING)
@@ -71,6 +73,13 @@ def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualSer
                           subcode=VSSubCode.DELETED)
         raise LeError(AcmeCode.VS_VERIFY, f"VS {vs_name!r} does not exist: Unknown VS",
                       subcode=VSSubCode.MISSING)
+    return vs
+
+
+def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualService:
+    """The VS if it can answer challenges; else LeError code 17 with sub-code 1 (missing),
+    2 (deleted since the certificate was requested) or 3 (no longer eligible)."""
+    vs = existing_vs(config, vs_name, known_before=known_before)
     why = ineligibility(vs)
     if why is not None:
         # The VS is known (not 17.1/17.2's "Unknown VS"): it cannot take a challenge SubVS.
@@ -276,80 +285,119 @@ class AnswerShare(typing.Protocol):
 ANSWER_TTL = 330.0
 
 
-class RuntimeHttp01Responder:
-    """acmeclient's Http01Responder for one order: injects into the RuntimeStore.
+Live = typing.TypeVar("Live")
 
-    `routes` maps each requested name (lower case) to the VS answering its challenge; a name not
-    in it is code 12. `fail_at` holds codes to provoke (fault injection in tests).
-    """
 
-    challenge_type = "http-01"
+class RuntimeSolver(typing.Generic[Live]):
+    """The per-name skeleton every solver served through the runtime shares (http-01 here,
+    tls-alpn-01 in solvers.py): `routes` maps each requested name (lower case) to the VS
+    answering its challenge, a name not in it is code 12; what `_serve` put in place is kept
+    per (name, token) until `cleanup`/`cleanup_all`; in a cluster (`share`) the answer goes to
+    the other nodes before `present` returns, or what was served is taken away again."""
 
-    def __init__(self, runtime: RuntimeStore, cert_id: str, routes: Mapping[str, str],
-                 journal: ChallengeJournal, *, fail_at: Container[int] = (),
-                 share: AnswerShare | None = None) -> None:
+    challenge_type: str
+    share_failure_code: AcmeCode
+
+    def __init__(self, runtime: RuntimeStore, cert_id: str, routes: Mapping[str, str], *,
+                 fail_at: Container[int] = (), share: AnswerShare | None = None) -> None:
         self._runtime = runtime
         self._share = share
         self._cert_id = cert_id
         self._routes = {k.lower().rstrip("."): v for k, v in routes.items()}
-        self._journal = journal
         self._fail_at = fail_at
-        self._live: dict[tuple[str, str], Injection] = {}  # (domain, token) -> injection
+        self._live: dict[tuple[str, str], Live] = {}  # (domain, token) -> what is served
 
     @property
-    def live(self) -> tuple[Injection, ...]:
+    def live(self) -> tuple[Live, ...]:
         return tuple(self._live.values())
+
+    async def _serve(self, host: str, vs: str, token: str, key_authorization: str) -> Live:
+        """Put the answer in place on `vs` (every worker has it on return)."""
+        raise NotImplementedError
+
+    async def _unserve(self, served: Live) -> None:
+        """Take one served answer away."""
+        raise NotImplementedError
+
+    def _serving(self, host: str, vs: str, served: Live) -> str:
+        """What failed when the other nodes cannot be given the answer ("cannot ...")."""
+        raise NotImplementedError
 
     async def present(self, domain: str, token: str, key_authorization: str) -> None:
         host = domain.lower().rstrip(".")
-        vs_name = self._routes.get(host)
-        if vs_name is None:
+        vs = self._routes.get(host)
+        if vs is None:
             raise LeError(AcmeCode.UNREQUESTED_NAME,
                           f"the CA sent an authorization for {host!r}, which was not requested")
-        verify_vs(self._runtime.current.config, vs_name, known_before=True)
-        injection = build_injection(self._runtime.current, vs_name, host, token,
+        served = await self._serve(host, vs, token, key_authorization)
+        self._live[(host, token)] = served
+        if self._share is not None:
+            # Any node may receive the CA's request: told before the CA is, or no order.
+            try:
+                await self._share.share(self._cert_id, vs, host, token, key_authorization,
+                                        ANSWER_TTL, challenge=self.challenge_type)
+            except OSError as exc:
+                await self.cleanup(host, token)
+                raise LeError(self.share_failure_code,
+                              f"cannot {self._serving(host, vs, served)}: the other nodes "
+                              f"cannot be given the answer: {exc.strerror or exc}") from None
+
+    async def cleanup(self, domain: str, token: str) -> None:
+        served = self._live.pop((domain.lower().rstrip("."), token), None)
+        if served is not None:
+            await self._remove(served, token)
+
+    async def cleanup_all(self) -> None:
+        """Remove whatever is still served (the order ended in any way)."""
+        for key in list(self._live):
+            await self._remove(self._live.pop(key), key[1])
+
+    async def _remove(self, served: Live, token: str) -> None:
+        try:
+            await self._unserve(served)
+        finally:
+            if self._share is not None:
+                await self._share.withdraw(token)
+
+
+class RuntimeHttp01Responder(RuntimeSolver[Injection]):
+    """acmeclient's Http01Responder for one order: injects into the RuntimeStore a SubVS and
+    rule per name, journaled. `fail_at` holds codes to provoke (fault injection in tests).
+    """
+
+    challenge_type = "http-01"
+    share_failure_code = AcmeCode.ADD_SUBVS
+
+    def __init__(self, runtime: RuntimeStore, cert_id: str, routes: Mapping[str, str],
+                 journal: ChallengeJournal, *, fail_at: Container[int] = (),
+                 share: AnswerShare | None = None) -> None:
+        super().__init__(runtime, cert_id, routes, fail_at=fail_at, share=share)
+        self._journal = journal
+
+    async def _serve(self, host: str, vs: str, token: str, key_authorization: str) -> Injection:
+        verify_vs(self._runtime.current.config, vs, known_before=True)
+        injection = build_injection(self._runtime.current, vs, host, token,
                                     key_authorization, self._fail_at)
-        await self._journal.add(self._cert_id, vs_name, injection.subvs.name, host=host,
+        await self._journal.add(self._cert_id, vs, injection.subvs.name, host=host,
                                 token=token, key_authorization=key_authorization)
         try:
             await self._runtime.inject(injection)
         except Exception as exc:
-            await self._journal.remove(vs_name, injection.subvs.name)
+            await self._journal.remove(vs, injection.subvs.name)
             raise LeError(AcmeCode.ADD_SUBVS,
-                          f"cannot inject SubVS {injection.subvs.name} into {vs_name}: "
+                          f"cannot inject SubVS {injection.subvs.name} into {vs}: "
                           f"{exc}") from exc
-        self._live[(host, token)] = injection
-        logger.info("http-01 for %s: SubVS %s and rule in VS %s", host, injection.subvs.name,
-                    vs_name)
-        if self._share is not None:
-            # Any node may receive the CA's request: told before the CA is, or no order.
-            try:
-                await self._share.share(self._cert_id, vs_name, host, token, key_authorization,
-                                        ANSWER_TTL)
-            except OSError as exc:
-                await self.cleanup(host, token)
-                raise LeError(AcmeCode.ADD_SUBVS,
-                              f"cannot add SubVS {injection.subvs.name} to {vs_name}: the other "
-                              f"nodes cannot be given the answer: {exc.strerror or exc}"
-                              ) from None
+        logger.info("http-01 for %s: SubVS %s and rule in VS %s", host, injection.subvs.name, vs)
+        return injection
 
-    async def cleanup(self, domain: str, token: str) -> None:
-        injection = self._live.pop((domain.lower().rstrip("."), token), None)
-        if injection is not None:
-            await self._remove(injection, token)
+    def _serving(self, host: str, vs: str, served: Injection) -> str:
+        return f"add SubVS {served.subvs.name} to {vs}"
 
-    async def cleanup_all(self) -> None:
-        """Remove whatever is still injected (the order ended in any way)."""
-        for key in list(self._live):
-            await self._remove(self._live.pop(key), key[1])
-
-    async def _remove(self, injection: Injection, token: str) -> None:
+    async def _unserve(self, injection: Injection) -> None:
         try:
             await self._runtime.remove(injection.vs, injection.subvs.name)
         finally:
             await self._journal.remove(injection.vs, injection.subvs.name)
-            if self._share is not None:
-                await self._share.withdraw(token)
         logger.info("http-01 SubVS %s removed from %s", injection.subvs.name, injection.vs)
 
 

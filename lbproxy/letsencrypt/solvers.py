@@ -22,7 +22,14 @@ from ..config.model import Config
 from ..config.model import Protocol as VSProtocol
 from ..errors import AdminError
 from ..runtime import AlpnValidation, RuntimeStore
-from .challenge import ANSWER_TTL, AnswerShare, ChallengeJournal, ObservedResponder, verify_vs
+from .challenge import (
+    AnswerShare,
+    ChallengeJournal,
+    ObservedResponder,
+    RuntimeSolver,
+    existing_vs,
+    verify_vs,
+)
 from .codes import AcmeCode, LeError, VSSubCode
 from .model import Entry, Template
 
@@ -92,16 +99,7 @@ def verify_alpn_vs(config: Config, vs_name: str, *, known_before: bool) -> None:
     """tls-alpn-01 is answered by the TLS handshake of an HTTPS VS: the VS must exist (17.1,
     17.2) and be HTTPS (17.4). The CA dials the name on port 443: the VS must be what the
     name's port 443 reaches."""
-    if not vs_name:
-        raise LeError(AcmeCode.VS_VERIFY, "no VS stored for a name: Unknown VS",
-                      subcode=VSSubCode.MISSING)
-    vs = config.vs_by_name(vs_name)
-    if vs is None:
-        if known_before:
-            raise LeError(AcmeCode.VS_VERIFY, f"VS {vs_name!r} has been deleted: Unknown VS",
-                          subcode=VSSubCode.DELETED)
-        raise LeError(AcmeCode.VS_VERIFY, f"VS {vs_name!r} does not exist: Unknown VS",
-                      subcode=VSSubCode.MISSING)
+    vs = existing_vs(config, vs_name, known_before=known_before)
     if vs.protocol is not VSProtocol.HTTPS:
         raise LeError(AcmeCode.VS_VERIFY,
                       f"VS {vs_name!r} cannot answer tls-alpn-01: it is a "
@@ -125,35 +123,29 @@ def verify_routes(config: Config, cert_id: str, t: Template, known: Iterable[str
 
 # -- the solvers ----------------------------------------------------------------------------------
 
-class TlsAlpnSolver:
+class TlsAlpnSolver(RuntimeSolver[AlpnValidation]):
     """tls-alpn-01 for one order: a validation certificate per name, served by the name's HTTPS
     VS through the runtime (every worker has it when `present` returns). In a cluster (`share`)
     the key authorization goes to the other nodes too, and `present` returns once they serve
     their own validation certificate (or ACK_WAIT passed); withdrawn when the order ends."""
 
     challenge_type = TLS_ALPN01
+    share_failure_code = AcmeCode.CHALLENGE_PUBLISH
 
     def __init__(self, runtime: RuntimeStore, cert_id: str, routes: dict[str, str], *,
                  announce: Announce | None = None, fail_at: Container[int] = (),
                  share: AnswerShare | None = None) -> None:
-        self._runtime = runtime
-        self._share = share
-        self._cert_id = cert_id
-        self._routes = {k.lower().rstrip("."): v for k, v in routes.items()}
+        super().__init__(runtime, cert_id, routes, fail_at=fail_at, share=share)
         self._announce = announce
-        self._fail_at = fail_at
-        self._live: dict[tuple[str, str], AlpnValidation] = {}
-
-    @property
-    def live(self) -> tuple[AlpnValidation, ...]:
-        return tuple(self._live.values())
 
     async def present(self, domain: str, token: str, key_authorization: str) -> None:
-        host = domain.lower().rstrip(".")
-        vs = self._routes.get(host)
-        if vs is None:
-            raise LeError(AcmeCode.UNREQUESTED_NAME,
-                          f"the CA sent an authorization for {host!r}, which was not requested")
+        await super().present(domain, token, key_authorization)
+        if self._announce is not None:
+            host = domain.lower().rstrip(".")
+            self._announce(f"tls-alpn-01 answer for {host} served by VS {self._routes[host]}")
+
+    async def _serve(self, host: str, vs: str, token: str,
+                     key_authorization: str) -> AlpnValidation:
         verify_alpn_vs(self._runtime.current.config, vs, known_before=True)
         if AcmeCode.CHALLENGE_PUBLISH in self._fail_at:
             raise LeError(AcmeCode.CHALLENGE_PUBLISH, f"cannot serve the tls-alpn-01 "
@@ -170,37 +162,14 @@ class TlsAlpnSolver:
             raise LeError(AcmeCode.CHALLENGE_PUBLISH,
                           f"cannot serve the tls-alpn-01 certificate of {host} on VS {vs}: "
                           f"{exc}") from exc
-        self._live[(host, token)] = validation
         logger.info("tls-alpn-01 for %s: validation certificate on VS %s", host, vs)
-        if self._share is not None:
-            # Any node may receive the CA's handshake: told before the CA is, or no order.
-            try:
-                await self._share.share(self._cert_id, vs, host, token, key_authorization,
-                                        ANSWER_TTL, challenge=TLS_ALPN01)
-            except OSError as exc:
-                await self.cleanup(host, token)
-                raise LeError(AcmeCode.CHALLENGE_PUBLISH,
-                              f"cannot serve the tls-alpn-01 certificate of {host}: the other "
-                              f"nodes cannot be given the answer: {exc.strerror or exc}"
-                              ) from None
-        if self._announce is not None:
-            self._announce(f"tls-alpn-01 answer for {host} served by VS {vs}")
+        return validation
 
-    async def cleanup(self, domain: str, token: str) -> None:
-        validation = self._live.pop((domain.lower().rstrip("."), token), None)
-        if validation is not None:
-            await self._remove(validation)
+    def _serving(self, host: str, vs: str, served: AlpnValidation) -> str:
+        return f"serve the tls-alpn-01 certificate of {host}"
 
-    async def cleanup_all(self) -> None:
-        for key in list(self._live):
-            await self._remove(self._live.pop(key))
-
-    async def _remove(self, v: AlpnValidation) -> None:
-        try:
-            await self._runtime.remove_validation(v.vs, v.host, v.token)
-        finally:
-            if self._share is not None:
-                await self._share.withdraw(v.token)
+    async def _unserve(self, v: AlpnValidation) -> None:
+        await self._runtime.remove_validation(v.vs, v.host, v.token)
         logger.info("tls-alpn-01 certificate of %s removed from VS %s", v.host, v.vs)
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import trustme
 
 from tests.e2e.le_node import add_a_record, start_upstream
 from tests.support.pebble import PebbleInstance, pebble_or_skip, start_pebble
+from tests.support.tlsclient import bootstrap_certificate
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,7 @@ def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]
         yield p
 
 
-@pytest.fixture(scope="module")
-def boot() -> tuple[bytes, bytes]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("boot.invalid")
-    return (b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes())
+boot = pytest.fixture(scope="module")(bootstrap_certificate)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from lbproxy.proxy import DataPlane
 from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import Runtime, RuntimeStore
 from lbproxy.workers import Supervisor
+from tests.support.lbconfig import config_head
 from tests.support.pebble import PebbleInstance, free_port
 
 STEP = 10.0  # seconds any single network step may take on a loaded 2-core CI machine
@@ -227,17 +228,8 @@ def monotonic_deadline(seconds: float) -> float:
 
 def config(pebble: PebbleInstance, upstream: int, https_port: int, admin_port: int = 0) -> str:
     p = pebble.http_port
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:{admin_port or 1}"
-[access_log]
-enabled = false
-[letsencrypt]
-directory_url = "{pebble.directory_url}"
-ca_bundle = "{pebble.ca_bundle}"
-renew_period_days = 30
-
+    return config_head(admin_port=admin_port or 1, pebble=pebble,
+                       letsencrypt="renew_period_days = 30\n") + f"""
 [[vs]]
 name = "web"
 listen = "127.0.0.1:{p}"

@@ -11,18 +11,14 @@ import pytest
 
 from lbproxy.letsencrypt.challenge import RuntimeHttp01Responder
 from tests.e2e.le_node import Node, http_get
+from tests.support.lbconfig import config_head
 from tests.support.pebble import free_port
 
 NORMAL = b"hello from the real server"
 
 
 def _config(port: int, upstream: int) -> str:
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
+    return config_head() + f"""
 [[vs]]
 name = "web"
 listen = "127.0.0.1:{port}"

@@ -28,3 +28,16 @@ async def test_other_work_keeps_the_process_priority() -> None:
     own = os.getpriority(os.PRIO_PROCESS, 0)
     nice = await on_thread(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
     assert nice == own
+
+
+async def test_cpu_work_yields_the_core_to_the_loop_at_once() -> None:
+    """SCHED_IDLE (Linux): the loop, woken, preempts key generation instead of waiting for the
+    rest of a nice-19 thread's time slice (bench/README.md, the single-process case)."""
+    cpu = CpuWorkers()
+    try:
+        policy = await on_thread(lambda: os.sched_getscheduler(threading.get_native_id()), cpu)
+    finally:
+        cpu.close()
+    assert policy == os.SCHED_IDLE
+    assert await on_thread(lambda: os.sched_getscheduler(threading.get_native_id())) \
+        == os.sched_getscheduler(0)

@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from lbproxy.admin import le_cli
 from lbproxy.certs import CertStore
-from lbproxy.letsencrypt import default_client_factory
-from lbproxy.letsencrypt.issuer import AcmeClientLike
 from tests.e2e.le_node import https_get, trust
+from tests.support.acme_counting import CountingFactory
 from tests.support.knot import KnotInstance, knot_or_skip, start_knot
+from tests.support.lbconfig import config_head, https_vs
 from tests.support.opsapp import Running, running
 from tests.support.pebble import PebbleInstance, free_port, pebble_or_skip, start_pebble
+from tests.support.tlsclient import bootstrap_certificate
 
 knot_or_skip()
 
@@ -63,27 +63,13 @@ def pebble(knot: KnotInstance, tmp_path_factory: pytest.TempPathFactory
         yield p
 
 
-@pytest.fixture(scope="module")
-def boot() -> tuple[bytes, bytes]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("boot.invalid")
-    return (b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes())
+boot = pytest.fixture(scope="module")(bootstrap_certificate)
 
 
 def config(pebble: PebbleInstance, knot: KnotInstance, *, admin_port: int, https_port: int,
            secret_file: Path | None, dns_extra: str = "", more: str = "") -> str:
     """The App's config; `secret_file` None: no [letsencrypt.dns] section."""
-    text = f"""
-state_dir = "state"
-drain_timeout = 1
-[admin]
-listen = "127.0.0.1:{admin_port}"
-[access_log]
-enabled = false
-[letsencrypt]
-directory_url = "{pebble.directory_url}"
-ca_bundle = "{pebble.ca_bundle}"
-[letsencrypt.dns]
+    dns = f"""[letsencrypt.dns]
 server = "127.0.0.1"
 port = {knot.port}
 tsig_key_name = "{knot.update_key.name}"
@@ -91,17 +77,10 @@ tsig_secret_file = "{secret_file}"
 timeout = 2
 propagation_timeout = 10
 poll_interval = 0.05
-{dns_extra}
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{https_port}"
-protocol = "https"
-tls = {{ certificates = ["wild", "decl", "boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-  not_available = {{ status = 404, body = "nothing here" }}
-{more}"""
+{dns_extra}"""
+    text = (config_head(admin_port=admin_port, pebble=pebble, top="drain_timeout = 1\n",
+                        letsencrypt=dns)
+            + https_vs("secure", f"127.0.0.1:{https_port}", ["wild", "decl", "boot"]) + more)
     if secret_file is None:
         text = re.sub(r"\[letsencrypt\.dns\].*?\n\n", "", text, flags=re.S)
         assert "tsig" not in text
@@ -115,26 +94,6 @@ common_name = "*.example.test"
 vs = "secure"
 challenge = "dns-01"
 """
-
-
-class CountingFactory:
-    """The real client factory, counting the newOrder requests its clients send to Pebble."""
-
-    def __init__(self) -> None:
-        self.new_orders = 0
-
-    def __call__(self, url: str, key: Any, account_url: str | None,
-                 ca_bundle: str | None) -> AcmeClientLike:
-        client = default_client_factory(url, key, account_url, ca_bundle)
-        real = client.new_order  # type: ignore[attr-defined]
-        outer = self
-
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            outer.new_orders += 1
-            return await real(*args, **kwargs)
-
-        client.new_order = counted  # type: ignore[attr-defined]
-        return client
 
 
 async def cli(r: Running, *argv: str) -> tuple[int, str]:
@@ -157,6 +116,16 @@ def coded_lines(r: Running, code: int) -> list[str]:
     path = r.app.state_dir / "system-messages.log"
     text = path.read_text() if path.exists() else ""
     return [line for line in text.splitlines() if line.endswith(f"(code: {code})")]
+
+
+async def logged(r: Running, code: int, text: str) -> list[str]:
+    """`coded_lines` holding `text`, once there is one (or [] after 5 s): the order's task
+    writes its line when it ends, which may be just after the API has answered."""
+    for _ in range(250):   # 250 x 20 ms
+        if lines := [ln for ln in coded_lines(r, code) if text in ln]:
+            return lines
+        await asyncio.sleep(0.02)
+    return []
 
 
 def updates(knot: KnotInstance) -> int:
@@ -207,7 +176,7 @@ async def test_a_wildcard_by_dns01_is_issued_served_and_renewed_the_same_way(
                   secret_file=knot.secret_file)
     before = updates(knot)
     async with start(tmp_path, boot, text, admin_port) as r:
-        factory = CountingFactory()
+        factory = CountingFactory("new_order")
         r.app.manager.client_factory = factory
         assert (await cli(r, "le", "register", "--email", "ops@example.test"))[0] == 0
         code, out = await cli(r, "le", "renew-period", "20")
@@ -218,12 +187,13 @@ async def test_a_wildcard_by_dns01_is_issued_served_and_renewed_the_same_way(
                               "--challenge", "dns-01")
         assert code == 0, out
         assert "Challenge:     dns-01" in out
-        assert factory.new_orders == 1
+        assert factory.calls == 1
         info = r.app.store.require("wild")
         assert names(r, "wild") == ["*.example.test", "example.test"]
         # lbproxy put the two TXT values in knot and took them away (add + delete, twice, and
-        # the no-change check before the order)
-        assert await logged_updates(knot, before + 5) - before >= 5
+        # the no-change check before the order: five updates, which knot may apply, and log,
+        # in fewer batches when they come close together; at least an add and a delete)
+        assert await logged_updates(knot, before + 2) - before >= 2
         assert knot.txt(RECORD) == set()
         # served on the HTTPS VS for a name under the wildcard
         status, body, serial = await https_get("127.0.0.1", https_port, "foo.example.test",
@@ -242,7 +212,7 @@ async def test_a_wildcard_by_dns01_is_issued_served_and_renewed_the_same_way(
         assert names(r, "decl") == ["*.example.test"]
         assert r.app.manager.entries["decl"].template.challenge == "dns-01"
         assert r.app.manager.settings.renew_period_days == 20
-        assert factory.new_orders == 2
+        assert factory.calls == 2
         assert knot.txt(RECORD) == set()
         first_serial = info.serial
 
@@ -261,7 +231,7 @@ async def test_a_wildcard_by_dns01_is_issued_served_and_renewed_the_same_way(
         assert "Challenge:     dns-01" in out
         renewed = r.app.store.require("wild")
         assert renewed.serial != first_serial
-        assert await logged_updates(knot, before + 5) - before >= 5
+        assert await logged_updates(knot, before + 2) - before >= 2
         assert knot.txt(RECORD) == set()
         _, _, serial = await https_get("127.0.0.1", https_port, "bar.example.test",
                                        trust(pebble))
@@ -284,7 +254,7 @@ async def test_a_key_the_server_rejects_places_no_order(
     request = ("le", "request", "--id", "wild", "--cn", "*.example.test", "--vs", "secure",
                "--challenge", "dns-01")
     async with start(tmp_path, boot, text(None), admin_port) as r:
-        factory = CountingFactory()
+        factory = CountingFactory("new_order")
         r.app.manager.client_factory = factory
         assert (await cli(r, "le", "register"))[0] == 0
 
@@ -300,14 +270,14 @@ async def test_a_key_the_server_rejects_places_no_order(
         assert code != 0
         assert "(code: 104)" in out and str(missing) in out, out
         assert "cannot read the TSIG secret" in out
-        assert any(str(missing) in line for line in coded_lines(r, 104))
+        assert await logged(r, 104, str(missing))
 
         # 2. a secret the server rejects (reloaded: the next order reads the new section): 105
         await reload(r, text(wrong))
         code, out = await cli(r, *request)
         assert code != 0
         assert "(code: 105)" in out and "BADSIG" in out, out
-        (line,) = [ln for ln in coded_lines(r, 105) if "BADSIG" in ln]
+        (line,) = await logged(r, 105, "BADSIG")
         assert f"TSIG key {knot.update_key.name}" in line and str(knot.port) in line
         secret = wrong.read_text().strip().encode()
         assert secret not in (r.app.state_dir / "system-messages.log").read_bytes()  # never
@@ -318,7 +288,7 @@ async def test_a_key_the_server_rejects_places_no_order(
         assert (status, body["code"]) == (502, 105), body
         assert re.search(r"answered BADSIG", body["error"])
 
-        assert factory.new_orders == 0 and r.app.manager.orders_placed == 0
+        assert factory.calls == 0 and r.app.manager.orders_placed == 0
         assert "wild" not in r.app.manager.entries and r.app.store.get("wild") is None
         assert knot.txt(RECORD) == set()
 
@@ -326,5 +296,5 @@ async def test_a_key_the_server_rejects_places_no_order(
         await reload(r, text(knot.secret_file))
         code, out = await cli(r, *request)
         assert code == 0, out
-        assert factory.new_orders == 1
+        assert factory.calls == 1
         assert knot.txt(RECORD) == set()

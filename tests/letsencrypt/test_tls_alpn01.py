@@ -10,61 +10,37 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from cryptography import x509
 
 from acmeclient.challenges import ACME_IDENTIFIER_OID, ACME_TLS_ALPN
-from lbproxy.letsencrypt import default_client_factory
-from lbproxy.letsencrypt.issuer import AcmeClientLike
 from lbproxy.runtime import Runtime
 from tests.e2e.le_node import STEP, Node, cli, https_get, trust
-from tests.support.pebble import PebbleInstance, free_port, pebble_or_skip, start_pebble
+from tests.support.acme_counting import CountingFactory
+from tests.support.lbconfig import config_head, https_vs
+from tests.support.pebble import (
+    PebbleInstance,
+    free_port,
+    tls_alpn_pebble,
+)
+from tests.support.tlsclient import bootstrap_certificate, handshake, unverified_context
 
 NAME = "alpn.le.test"
 
 
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
-    """Pebble whose tls-alpn-01 validator dials the HTTPS VS; its HTTP port stays closed."""
-    pebble_or_skip()
-    with start_pebble(tmp_path_factory.mktemp("pebble"), tls_port=free_port()) as p:
-        yield p
+pebble = pytest.fixture(scope="module")(tls_alpn_pebble)   # the HTTPS VS on its tls_port
 
 
-@pytest.fixture(scope="module")
-def boot() -> tuple[bytes, bytes]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("boot.invalid")
-    return (b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes())
+boot = pytest.fixture(scope="module")(bootstrap_certificate)
 
 
 def config(pebble: PebbleInstance, http_port: int) -> str:
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-[letsencrypt]
-directory_url = "{pebble.directory_url}"
-ca_bundle = "{pebble.ca_bundle}"
-
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{pebble.tls_port}"
-protocol = "https"
-http2 = true
-tls = {{ certificates = ["alpn", "boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-  not_available = {{ status = 404, body = "nothing here" }}
-
+    return (config_head(pebble=pebble)
+            + https_vs("secure", f"127.0.0.1:{pebble.tls_port}", ["alpn", "boot"],
+                       more="http2 = true\n") + f"""
 [[vs]]
 name = "plain"
 listen = "127.0.0.1:{http_port}"
@@ -72,6 +48,7 @@ listen = "127.0.0.1:{http_port}"
   name = "rest"
   rules = ["default"]
 """
+)
 
 
 def closed(port: int) -> bool:
@@ -79,31 +56,6 @@ def closed(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(STEP)
         return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-async def handshake(port: int, name: str, alpn: list[str] | None) -> tuple[x509.Certificate,
-                                                                           str | None]:
-    """The leaf a server shows a client offering `alpn` (None: no ALPN extension), and the
-    protocol it chose. The client checks nothing: what is served is the question."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if alpn is not None:
-        ctx.set_alpn_protocols(alpn)
-    async with asyncio.timeout(STEP):
-        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                                  server_hostname=name)
-    try:
-        obj = writer.get_extra_info("ssl_object")
-        der = obj.getpeercert(binary_form=True)
-        return x509.load_der_x509_certificate(der), obj.selected_alpn_protocol()
-    finally:
-        writer.close()
-        try:
-            async with asyncio.timeout(STEP):
-                await writer.wait_closed()
-        except (ssl.SSLError, ConnectionError, TimeoutError):
-            pass
 
 
 def is_validation_cert(cert: x509.Certificate, name: str) -> bool:
@@ -215,29 +167,9 @@ async def test_tls_alpn01_certificate_with_port_80_closed(
         await node.stop()
 
 
-class CountingFactory:
-    """The real client factory, counting the orders its clients place."""
-
-    def __init__(self) -> None:
-        self.orders = 0
-
-    def __call__(self, url: str, key: Any, account_url: str | None,
-                 ca_bundle: str | None) -> AcmeClientLike:
-        client = default_client_factory(url, key, account_url, ca_bundle)
-        real = client.obtain_certificate
-        outer = self
-
-        async def counted(*args: Any, **kwargs: Any) -> str:
-            outer.orders += 1
-            return await real(*args, **kwargs)
-
-        client.obtain_certificate = counted  # type: ignore[method-assign]
-        return client
-
-
 async def test_refused_before_any_order(pebble: PebbleInstance, tmp_path: Path,
                                         boot: tuple[bytes, bytes]) -> None:
-    factory = CountingFactory()
+    factory = CountingFactory("obtain_certificate")
     node = Node(tmp_path / "node", config(pebble, free_port()), bootstrap=boot,
                 client_factory=factory)
     await node.start()
@@ -268,14 +200,14 @@ async def test_refused_before_any_order(pebble: PebbleInstance, tmp_path: Path,
         code, out = await cli(node, "le", "request", "--id", "bad", "--cn", "*.*.le.test",
                               "--vs", "plain", "--challenge", "dns-01")
         assert code != 0 and "not a fully qualified domain name" in out
-        assert factory.orders == 0 and node.manager.orders_placed == placed
+        assert factory.calls == 0 and node.manager.orders_placed == placed
         log = node.manager.log.codes()
         assert (11, None) in log and (104, None) in log and (17, 4) in log
         # the API refuses an unknown type by its field
         st, ans = await node.api("POST", "/api/le/certs", {
             "id": "x", "common_name": "www.le.test", "vs": "plain", "challenge": "dns-02"})
         assert st == 400 and "challenge" in str(ans)
-        assert factory.orders == 0
+        assert factory.calls == 0
     finally:
         await node.stop()
 
@@ -292,11 +224,7 @@ def test_the_client_hello_reader_never_raises() -> None:
             hellos.append(bytes(data))
 
     for alpn in (["acme-tls/1"], ["h2", "http/1.1"], None):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        if alpn:
-            ctx.set_alpn_protocols(alpn)
+        ctx = unverified_context(alpn)
         ctx._msg_callback = grab  # type: ignore[attr-defined]
         obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="x.le.test")
         with pytest.raises(ssl.SSLWantReadError):
@@ -322,21 +250,7 @@ async def test_the_hello_is_read_only_while_a_validation_runs(tmp_path: Path,
     from lbproxy.runtime import AlpnValidation
 
     port = free_port()
-    text = f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{port}"
-protocol = "https"
-tls = {{ certificates = ["boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-"""
+    text = config_head() + https_vs("secure", f"127.0.0.1:{port}", ["boot"])
     node = Node(tmp_path / "node", text, bootstrap=boot)
     await node.start()
     try:
@@ -370,34 +284,15 @@ async def test_an_acme_tls_connection_is_closed_after_the_handshake(
     from lbproxy.runtime import AlpnValidation
 
     port = free_port()
-    text = f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{port}"
-protocol = "https"
-tls = {{ certificates = ["boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-  not_available = {{ status = 404, body = "nothing here" }}
-"""
+    text = config_head() + https_vs("secure", f"127.0.0.1:{port}", ["boot"])
     node = Node(tmp_path / "node", text, bootstrap=boot)
     await node.start()
     try:
         cert_pem, key_pem = tls_alpn01_certificate(NAME, "tok.thumb")
         await node.runtime.add_validation(AlpnValidation("secure", NAME, "tok", cert_pem,
                                                          key_pem))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols([ACME_TLS_ALPN])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                                       server_hostname=NAME)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=unverified_context([ACME_TLS_ALPN]), server_hostname=NAME)
         try:
             # a client that goes on as if it were HTTP is not served: the server closes
             writer.write(f"GET / HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode())

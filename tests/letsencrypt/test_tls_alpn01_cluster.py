@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
@@ -33,19 +31,21 @@ from lbproxy.letsencrypt.sealing import Sealer, new_key
 from lbproxy.letsencrypt.storage import ANSWERS, answer_key
 from lbproxy.runtime import Runtime
 from tests.e2e.le_node import STEP, Node, add_a_record, cli
-from tests.support.pebble import PebbleInstance, free_port, pebble_or_skip, start_pebble
+from tests.support.lbconfig import config_head, https_vs
+from tests.support.pebble import (
+    PebbleInstance,
+    free_port,
+    tls_alpn_pebble,
+)
 from tests.support.redis import RedisInstance, redis_or_skip, start_redis
+from tests.support.tlsclient import bootstrap_certificate, handshake
 
 NAME = "alpn.cluster.test"
 A_IP, B_IP = "127.0.0.1", "127.0.0.2"   # one port (Pebble's tlsPort), two addresses
 PREFIX = "lbproxy"
 
 
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
-    pebble_or_skip()
-    with start_pebble(tmp_path_factory.mktemp("pebble"), tls_port=free_port()) as p:
-        yield p
+pebble = pytest.fixture(scope="module")(tls_alpn_pebble)   # the HTTPS VS on its tls_port
 
 
 @pytest.fixture
@@ -55,11 +55,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisInstance]:
         yield r
 
 
-@pytest.fixture(scope="module")
-def boot() -> tuple[bytes, bytes]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("boot.invalid")
-    return (b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes())
+boot = pytest.fixture(scope="module")(bootstrap_certificate)
 
 
 @pytest.fixture
@@ -71,56 +67,13 @@ def key_file(tmp_path: Path) -> Path:
 
 def node_config(ip: str, port: int, node: str, redis: RedisInstance, key_file: Path,
                 pebble: PebbleInstance | None = None, more: str = "", poll: int = 5) -> str:
-    le = (f'[letsencrypt]\ndirectory_url = "{pebble.directory_url}"\n'
-          f'ca_bundle = "{pebble.ca_bundle}"\n') if pebble is not None else ""
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:1"
-[access_log]
-enabled = false
-{le}
-[cluster]
+    return config_head(pebble=pebble) + f"""[cluster]
 redis_url = "{redis.url}"
 encryption_key_file = "{key_file}"
 node_name = "{node}"
 lock_lease = 4
 poll_interval = {poll}
-
-[[vs]]
-name = "secure"
-listen = "{ip}:{port}"
-protocol = "https"
-tls = {{ certificates = ["alpn", "boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-  not_available = {{ status = 404, body = "nothing here" }}
-{more}"""
-
-
-async def handshake(host: str, port: int, name: str, alpn: list[str] | None
-                    ) -> tuple[x509.Certificate, str | None]:
-    """The leaf `host:port` shows a client offering `alpn` (None: no ALPN), and the protocol
-    chosen. Nothing is verified: what is served is the question."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if alpn is not None:
-        ctx.set_alpn_protocols(alpn)
-    async with asyncio.timeout(STEP):
-        _, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=name)
-    try:
-        obj = writer.get_extra_info("ssl_object")
-        return (x509.load_der_x509_certificate(obj.getpeercert(binary_form=True)),
-                obj.selected_alpn_protocol())
-    finally:
-        writer.close()
-        try:
-            async with asyncio.timeout(STEP):
-                await writer.wait_closed()
-        except (ssl.SSLError, ConnectionError, TimeoutError):
-            pass
+""" + https_vs("secure", f"{ip}:{port}", ["alpn", "boot"]) + more
 
 
 def acme_identifier(cert: x509.Certificate) -> bytes | None:
@@ -209,10 +162,10 @@ async def test_the_other_node_answers_the_tls_alpn01_validation(
         if not rt.validations:
             return
         v = rt.validations[-1]
-        acme, acme_proto = await handshake(B_IP, port, v.host, [ACME_TLS_ALPN])
-        normal = [await handshake(B_IP, port, v.host, alpn)
+        acme, acme_proto = await handshake(port, v.host, [ACME_TLS_ALPN], host=B_IP)
+        normal = [await handshake(port, v.host, alpn, host=B_IP)
                   for alpn in (["h2", "http/1.1"], ["http/1.1"], None)]
-        other, _ = await handshake(B_IP, port, "other.cluster.test", [ACME_TLS_ALPN])
+        other, _ = await handshake(port, "other.cluster.test", [ACME_TLS_ALPN], host=B_IP)
         ours = [w for w in a.runtime.current.validations if w.host == v.host]
         keys = await ghost.list(ANSWERS)
         shared = [json.loads(await ghost.load(k)) for k in keys]
@@ -273,7 +226,7 @@ async def test_the_other_node_answers_the_tls_alpn01_validation(
             await b_certs.wait()
             b_certs.clear()
     for alpn in ([ACME_TLS_ALPN], ["h2", "http/1.1"], None):
-        cert, _ = await handshake(B_IP, port, NAME, alpn)
+        cert, _ = await handshake(port, NAME, alpn, host=B_IP)
         assert cert.serial_number == issued and acme_identifier(cert) is None
     assert f"cluster: answering nodeA's tls-alpn-01 challenge for {NAME} in secure" in \
         caplog.text
@@ -356,17 +309,17 @@ async def test_an_answer_never_withdrawn_goes_at_its_expiry(
         await ghost.store(answer_key("tokH"), ghost_answer("tokH", 3.0, HTTP01).to_bytes())
         rt = await until.wait(lambda rt: bool(rt.validations) and bool(rt.injections))
         assert answered(rt) == ({("secure", "tokA")}, {"web"})
-        cert, proto = await handshake(B_IP, port, NAME, [ACME_TLS_ALPN])
+        cert, proto = await handshake(port, NAME, [ACME_TLS_ALPN], host=B_IP)
         assert acme_identifier(cert) is not None and proto == ACME_TLS_ALPN
-        cert, _ = await handshake(B_IP, port, NAME, ["h2", "http/1.1"])
+        cert, _ = await handshake(port, NAME, ["h2", "http/1.1"], host=B_IP)
         assert acme_identifier(cert) is None
         # nothing on the VS that neither has the ghost's VS name nor the certificate
-        cert, _ = await handshake(B_IP, listen_port(b, "other"), NAME, [ACME_TLS_ALPN])
+        cert, _ = await handshake(listen_port(b, "other"), NAME, [ACME_TLS_ALPN], host=B_IP)
         assert acme_identifier(cert) is None
 
         rt = await until.wait(lambda rt: answered(rt) == (set(), set()), within=3.0 + STEP)
         assert 3.0 - 0.5 <= time.monotonic() - stored <= 3.0 + 2.0, "not at its expiry"
-        cert, _ = await handshake(B_IP, port, NAME, [ACME_TLS_ALPN])
+        cert, _ = await handshake(port, NAME, [ACME_TLS_ALPN], host=B_IP)
         assert acme_identifier(cert) is None
         # B removed them from Redis as well (announced: the other nodes drop them too)
         await deleted_by_b(ghost, events, {answer_key("tokA"), answer_key("tokH")})

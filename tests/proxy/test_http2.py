@@ -26,15 +26,13 @@ import h2.settings
 import pytest
 import trustme
 
-from lbproxy.certs import CertStore, config_usage
 from lbproxy.config import parse_config
 from lbproxy.config.model import AccessLogFormat, AccessLogSettings, Address, RealServer
 from lbproxy.proxy import DataPlane
-from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import RuntimeStore
-from tests.certs.helpers import issue
 from tests.proxy.conftest import Upstream
 from tests.proxy.test_access_log_formats import access_file, read_lines  # noqa: F401 - fixture
+from tests.support.https_site import serve_https
 
 NAME = "h2.example.com"
 DEADLINE = 20.0
@@ -83,19 +81,12 @@ async def make_site(tmp_path: Path, web: Upstream, api: Upstream, extra: str = "
                                                                            api.port)),)),
              dataclasses.replace(web_sub, real_servers=(RealServer(Address("127.0.0.1",
                                                                            web.port)),)))
-    vs = dataclasses.replace(vs, listen=Address("127.0.0.1", 0), subvs=subvs)
-    runtime = RuntimeStore(dataclasses.replace(cfg, virtual_services=(vs,)))
-    store = CertStore(tmp_path / "state", usage=config_usage(lambda: runtime.current.config))
-    chain, key = issue(ca, NAME)
-    store.import_pem("site", chain, key)
-    tls = TLSContexts(store, runtime.current.effective_services())
-    dataplane = DataPlane(tls_factory=tls.factory)
-    runtime.subscribe(tls.on_runtime)
-    runtime.subscribe(dataplane.apply)
-    await dataplane.apply(runtime.current)
+    vs = dataclasses.replace(vs, subvs=subvs)
+    runtime, dataplane, port = await serve_https(
+        tmp_path, dataclasses.replace(cfg, virtual_services=(vs,)), ca, NAME)
     cafile = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(cafile))
-    return Site(ca, dataplane.listening_ports()["h2site"][1], dataplane, cafile, runtime)
+    return Site(ca, port, dataplane, cafile, runtime)
 
 
 @pytest.fixture

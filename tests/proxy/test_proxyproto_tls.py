@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import trustme
 
-from lbproxy.certs import CertStore, config_usage
 from lbproxy.config import parse_config
 from lbproxy.config.model import (
     AccessLogFormat,
@@ -29,14 +28,13 @@ from lbproxy.config.model import (
 )
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.proxyproto import build
-from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import RuntimeStore
-from tests.certs.helpers import issue
 from tests.proxy.conftest import Upstream
 from tests.proxy.test_access_log_formats import access_file, read_lines  # noqa: F401 - fixture
 from tests.proxy.test_http2 import H2Client
 from tests.proxy.test_proxy_protocol import HAProxy, ProxyBackend, needs_haproxy
 from tests.proxy.test_proxy_protocol import proxy_backend as proxy_backend  # the fixture
+from tests.support.https_site import serve_https
 
 NAME = "pp.example.com"
 T = 20.0
@@ -101,20 +99,11 @@ async def make_site(tmp_path: Path, proxied: Upstream | RealServer, other: Upstr
     subvs = tuple(dataclasses.replace(s, real_servers=(
         up if isinstance(up, RealServer) else RealServer(Address("127.0.0.1", up.port)),))
         for s, up in zip(vs.subvs, (proxied, other), strict=True))
-    vs = dataclasses.replace(vs, listen=Address("127.0.0.1", 0), subvs=subvs)
-    cfg = dataclasses.replace(cfg, virtual_services=(vs,))
+    cfg = dataclasses.replace(cfg, virtual_services=(dataclasses.replace(vs, subvs=subvs),))
     if log is not None:
         cfg = dataclasses.replace(cfg, access_log=log)
-    runtime = RuntimeStore(cfg)
-    store = CertStore(tmp_path / "state", usage=config_usage(lambda: runtime.current.config))
-    chain, key = issue(ca, NAME)
-    store.import_pem("site", chain, key)
-    tls = TLSContexts(store, runtime.current.effective_services())
-    dataplane = DataPlane(tls_factory=tls.factory)
-    runtime.subscribe(tls.on_runtime)
-    runtime.subscribe(dataplane.apply)
-    await dataplane.apply(runtime.current)
-    return Site(ca, dataplane.listening_ports()["ppsite"][1], dataplane, runtime)
+    runtime, dataplane, port = await serve_https(tmp_path, cfg, ca, NAME)
+    return Site(ca, port, dataplane, runtime)
 
 
 @pytest.fixture

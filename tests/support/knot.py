@@ -37,13 +37,13 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tests.support.pebble import free_port
+from tests.support.process import kill, wait_ready
 
 if TYPE_CHECKING:
     import dns.message
@@ -238,24 +238,16 @@ class KnotInstance:
         import dns.query
         import dns.rcode
 
+        def serving() -> bool:   # over TCP: refused at once until knotd listens (UDP would wait)
+            q = dns.query.tcp(dns.message.make_query(self.zone, "SOA"), self.host,
+                              port=self.port, timeout=QUERY_TIMEOUT)
+            return q.rcode() == dns.rcode.NOERROR and bool(q.answer)
+
         assert self.proc is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise RuntimeError(f"knotd exited at start-up:\n{self.log_tail()}")
-            try:  # over TCP: refused at once until knotd listens (a UDP query would wait)
-                q = dns.query.tcp(dns.message.make_query(self.zone, "SOA"), self.host,
-                                  port=self.port, timeout=QUERY_TIMEOUT)
-                if q.rcode() == dns.rcode.NOERROR and q.answer:
-                    return
-            except (dns.exception.DNSException, OSError, EOFError):
-                pass
-            if time.monotonic() > deadline:
-                self._kill()
-                raise RuntimeError(f"knotd not serving {self.zone} within {READY_TIMEOUT} s:\n"
-                                   f"{self.log_tail()}")
-            time.sleep(POLL_INTERVAL)
+        wait_ready(self.proc, "knotd", serving, self.log_tail, timeout=READY_TIMEOUT,
+                   interval=POLL_INTERVAL, not_ready=f"not serving {self.zone}",
+                   not_yet=(dns.exception.DNSException, OSError, EOFError),
+                   stop_timeout=STOP_TIMEOUT)
 
     def stop(self) -> None:
         """SIGTERM and wait for knotd to exit (killed after STOP_TIMEOUT, then an error)."""
@@ -271,9 +263,7 @@ class KnotInstance:
         self.proc = None
 
     def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT)
+        kill(self.proc, STOP_TIMEOUT)
         self.proc = None
 
     def log_tail(self, chars: int = 4000) -> str:

@@ -19,17 +19,22 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.process import wait_ready
+
+if TYPE_CHECKING:
+    import pytest
 
 READY_TIMEOUT = 15.0  # seconds for both daemons to answer; they start in ~100 ms here
 POLL_INTERVAL = 0.05  # readiness polling step (bounded by READY_TIMEOUT)
@@ -74,6 +79,15 @@ def pebble_or_skip() -> None:
 
     if not pebble_available():
         pytest.skip("pebble / pebble-challtestsrv not installed (apt-get install -y pebble)")
+
+
+def tls_alpn_pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
+    """A module's Pebble whose tls-alpn-01 validator dials `tls_port` (free: for the test's
+    HTTPS VS) and whose HTTP port nothing listens on; skipped when Pebble is absent. A fixture
+    as `pebble = pytest.fixture(scope="module")(tls_alpn_pebble)`."""
+    pebble_or_skip()
+    with start_pebble(tmp_path_factory.mktemp("pebble"), tls_port=free_port()) as p:
+        yield p
 
 
 def free_port(udp_too: bool = False) -> int:
@@ -151,22 +165,14 @@ def _write_tls(workdir: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
-def _wait_ready(probe: object, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited at start-up:\n{log.read_text()[-2000:]}")
-        try:
-            assert callable(probe)
-            probe()
-            return
-        except (OSError, urllib.error.URLError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{what} not ready within {READY_TIMEOUT} s:\n{log.read_text()[-2000:]}"
-            )
-        time.sleep(POLL_INTERVAL)
+def _wait_ready(probe: Callable[[], None], proc: subprocess.Popen[bytes], what: str,
+                log: Path) -> None:
+    def answered() -> bool:
+        probe()
+        return True
+
+    wait_ready(proc, what, answered, lambda: log.read_text()[-2000:], timeout=READY_TIMEOUT,
+               interval=POLL_INTERVAL, not_yet=(OSError, urllib.error.URLError))
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from tests.support.pebble import free_port
+from tests.support.process import kill, wait_ready
 
 if TYPE_CHECKING:
     import redis
@@ -112,26 +112,18 @@ class RedisInstance:
     def _wait_ready(self) -> None:
         import redis
 
-        assert self.proc is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start-up:\n{self._tail()}")
+        def pong() -> bool:
             c = self.client(timeout=1.0)
             try:
-                if c.ping():
-                    return
-            except redis.exceptions.BusyLoadingError:
-                pass  # loading the dump: up soon
-            except redis.exceptions.ConnectionError:
-                pass
+                return bool(c.ping())
             finally:
                 c.close()
-            if time.monotonic() > deadline:
-                self._kill()
-                raise RuntimeError(f"redis-server not ready within {READY_TIMEOUT} s:\n"
-                                   f"{self._tail()}")
-            time.sleep(POLL_INTERVAL)
+
+        assert self.proc is not None
+        # BusyLoadingError: loading the dump, up soon
+        wait_ready(self.proc, "redis-server", pong, self._tail, timeout=READY_TIMEOUT,
+                   interval=POLL_INTERVAL, stop_timeout=STOP_TIMEOUT,
+                   not_yet=(redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError))
 
     def stop(self, *, save: bool = True) -> None:
         """SHUTDOWN SAVE (or NOSAVE) and wait for the process to exit."""
@@ -156,9 +148,7 @@ class RedisInstance:
         self.proc = None
 
     def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT)
+        kill(self.proc, STOP_TIMEOUT)
         self.proc = None
 
     def _tail(self) -> str:

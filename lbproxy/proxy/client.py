@@ -121,9 +121,7 @@ class ClientConnection(RequestParsing):
         listener.counters.connections += 1
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         peer = transport.get_extra_info("peername")
-        self.src_ip = peer[0] if peer else ""
-        self.ip_b = self.src_ip.encode("latin-1")
-        self.xff_b = b"X-Forwarded-For: " + self.ip_b + CRLF
+        self._name_client(peer[0] if peer else "")
         self.addrs = None
         self._wait_head(self.loop.time())
         sources = svc.pp_sources
@@ -138,9 +136,13 @@ class ClientConnection(RequestParsing):
         """A PROXY header named the client: it is the one rules, logs and headers see."""
         if addrs is not None:
             self.addrs = addrs
-            self.src_ip = addrs[0]
-            self.ip_b = self.src_ip.encode("latin-1")
-            self.xff_b = b"X-Forwarded-For: " + self.ip_b + CRLF
+            self._name_client(addrs[0])
+
+    def _name_client(self, ip: str) -> None:
+        """The client's address as rules (src_ip), logs and X-Forwarded-For see it."""
+        self.src_ip = ip
+        self.ip_b = ip.encode("latin-1")
+        self.xff_b = b"X-Forwarded-For: " + self.ip_b + CRLF
 
     def refuse_proxy(self, why: str) -> None:
         """A PROXY header refused (or missing): logged, counted, closed."""

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.le_node import add_a_record
+from tests.support.lbconfig import app_vs, config_head, rest_vs
 from tests.support.pebble import PebbleInstance, free_port, pebble_or_skip, start_pebble
 
 CHROMIUM = os.environ.get("LBPROXY_CHROMIUM", "/usr/bin/chromium")
@@ -76,41 +77,17 @@ def config_text(p: PebbleInstance, admin_port: int, https_port: int, upstream: i
     """web and web2: challenge VSs on Pebble's HTTP port (127.0.0.1 and 127.0.0.2; every name
     resolves to 127.0.0.1); secure: an HTTPS VS. With `web2_parent_servers`, web2 has its real
     server on the parent, which makes it ineligible for challenges."""
-    web2 = (f'real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]\n'
-            'health_check = { type = "none" }\n' if web2_parent_servers else
-            '  [[vs.subvs]]\n  name = "rest"\n  rules = ["default"]\n'
-            '  not_available = { status = 404, body = "nothing here" }\n')
-    return f"""
-state_dir = "state"
-[admin]
-listen = "127.0.0.1:{admin_port}"
-[access_log]
-enabled = false
-
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{p.http_port}"
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
-
+    web2 = (f"""
 [[vs]]
 name = "web2"
 listen = "127.0.0.2:{p.http_port}"
-{web2}
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{https_port}"
-protocol = "https"
-tls = {{ certificates = ["boot"] }}
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
-"""
+real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
+health_check = {{ type = "none" }}
+""" if web2_parent_servers else rest_vs("web2", f"127.0.0.2:{p.http_port}"))
+    return (config_head(admin_port=admin_port)
+            + app_vs("web", f"127.0.0.1:{p.http_port}", upstream) + web2
+            + app_vs("secure", f"127.0.0.1:{https_port}", upstream,
+                     more='protocol = "https"\ntls = { certificates = ["boot"] }\n'))
 
 
 @dataclass

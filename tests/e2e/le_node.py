@@ -28,7 +28,7 @@ from lbproxy.proxy import DataPlane
 from lbproxy.proxy.tls import TLSContexts
 from lbproxy.runtime import Runtime, RuntimeStore
 from lbproxy.workers import Supervisor
-from tests.support.lbconfig import config_head
+from tests.support.lbconfig import app_vs, config_head, rest_vs
 from tests.support.pebble import PebbleInstance, free_port
 
 STEP = 10.0  # seconds any single network step may take on a loaded 2-core CI machine
@@ -228,53 +228,23 @@ def monotonic_deadline(seconds: float) -> float:
 
 def config(pebble: PebbleInstance, upstream: int, https_port: int, admin_port: int = 0) -> str:
     p = pebble.http_port
-    return config_head(admin_port=admin_port or 1, pebble=pebble,
-                       letsencrypt="renew_period_days = 30\n") + f"""
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{p}"
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
-
-[[vs]]
-name = "web2"
-listen = "127.0.0.2:{p}"
-  [[vs.subvs]]
-  name = "rest"
-  rules = ["default"]
-  not_available = {{ status = 404, body = "nothing here" }}
-
-[[vs]]
-name = "secure"
-listen = "127.0.0.1:{https_port}"
-protocol = "https"
-tls = {{ certificates = ["site", "boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
-
+    return (config_head(admin_port=admin_port or 1, pebble=pebble,
+                        letsencrypt="renew_period_days = 30\n")
+            + app_vs("web", f"127.0.0.1:{p}", upstream)
+            + rest_vs("web2", f"127.0.0.2:{p}")
+            + app_vs("secure", f"127.0.0.1:{https_port}", upstream, more=(
+                'protocol = "https"\n'
+                'tls = { certificates = ["site", "boot"], default_certificate = "boot" }\n'))
+            + f"""
 [[vs]]
 name = "redir"
 listen = "127.0.0.3:{p}"
 kind = "redirect"
 redirect_to = "https://{{hostname}}:{https_port}{{path}}"
-
-[[vs]]
-name = "secure3"
-listen = "127.0.0.3:{https_port}"
-protocol = "https"
-tls = {{ certificates = ["rcert", "boot"], default_certificate = "boot" }}
-  [[vs.subvs]]
-  name = "app"
-  rules = ["default"]
-  health_check = {{ type = "none" }}
-  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
 """
+            + app_vs("secure3", f"127.0.0.3:{https_port}", upstream, more=(
+                'protocol = "https"\n'
+                'tls = { certificates = ["rcert", "boot"], default_certificate = "boot" }\n')))
 
 
 async def cli(node: Node, *argv: str) -> tuple[int, str]:

@@ -1,6 +1,7 @@
 """Pieces of lbproxy config text the end-to-end tests share: the top every test node has (state
 directory, admin API, no access log, the Let's Encrypt section ordering from a test Pebble) and
-an HTTPS VS that serves only certificates (its one SubVS has no real server)."""
+an HTTPS VS that serves only certificates (its one SubVS has no real server), and the VSs the
+LoadMaster walk-throughs use (`app_vs`, `rest_vs`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,35 @@ name = "{name}"
 listen = "{listen}"
 protocol = "https"
 {more}tls = {{ certificates = [{certs}], default_certificate = "{default}" }}
+  [[vs.subvs]]
+  name = "rest"
+  rules = ["default"]
+  not_available = {{ status = 404, body = "nothing here" }}
+"""
+
+
+def app_vs(name: str, listen: str, upstream: int, *, more: str = "") -> str:
+    """A VS on `listen` whose one SubVS "app" relays every request to 127.0.0.1:`upstream`
+    (no health checks); `more`: more lines of the VS (protocol, tls) before its SubVS."""
+    return f"""
+[[vs]]
+name = "{name}"
+listen = "{listen}"
+{more}  [[vs.subvs]]
+  name = "app"
+  rules = ["default"]
+  health_check = {{ type = "none" }}
+  real_servers = [ {{ address = "127.0.0.1:{upstream}" }} ]
+"""
+
+
+def rest_vs(name: str, listen: str) -> str:
+    """A VS on `listen` whose one SubVS "rest" takes every request and, having no real server,
+    answers 404 "nothing here" (eligible for HTTP-01 challenges)."""
+    return f"""
+[[vs]]
+name = "{name}"
+listen = "{listen}"
   [[vs.subvs]]
   name = "rest"
   rules = ["default"]

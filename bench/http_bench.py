@@ -5,8 +5,9 @@ Rig: the proxy under test on core 0 (`taskset -c 0`); wrk and one nginx backend 
 100 content rules (99 that do not match the benchmark URL, then the one that does) and an access
 log written to a file. For every (body size x connection count) cell wrk measures requests/s and
 p99 latency, and /proc gives the proxy's CPU time per request (user+sys). Prints a table with
-lbproxy/nginx ratios and PASS/FAIL against the bar (>= 0.8x nginx req/s, p99 <= 1.5x nginx), and
-writes JSON to bench/results/.
+lbproxy/nginx ratios and PASS/FAIL against the bars (>= 0.8x nginx req/s, p99 <= 1.5x nginx;
+CPU per request <= 1.1x nginx's, issue 17), lbproxy's CPU per request against `nginx-bare` (the
+same nginx without rules and access log) as a reading, and writes JSON to bench/results/.
 
     .venv/bin/python bench/http_bench.py [--duration S] [--quick] [--rounds N] [--only a,b]
 """
@@ -49,11 +50,14 @@ RIG_CORE = 1  # wrk and the backend share the other core
 # The bar of issue 2.
 MIN_RPS_RATIO = 0.8
 MAX_P99_RATIO = 1.5
+# Issue 17: lbproxy's CPU per request against nginx's, same config, same cell.
+MAX_CPU_RATIO = 1.1
 
 SIZES = {"100B": ("/bench/100", 100), "4KiB": ("/bench/4k", 4096)}
 CONNECTIONS = (64, 256)
 # "lean" is a calibration floor (bench/peers/lean_proxy.py: no rules, no log), not a peer.
-PROXIES = ("nginx", "haproxy", "lbproxy", "lean")
+# nginx-bare: the same nginx without the rules and the access log (a floor for nginx itself).
+PROXIES = ("nginx", "nginx-bare", "haproxy", "lbproxy", "lean")
 
 # Deadlines (seconds). A proxy that does not answer within READY_TIMEOUT is reported as failed.
 READY_TIMEOUT = 20.0
@@ -440,7 +444,9 @@ def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
     d = workdir / name
     d.mkdir()
     log = d / "access.log"
-    if name == "nginx":
+    if name in ("nginx", "nginx-bare"):
+        if name == "nginx-bare":
+            rules, access_log = (), False
         conf = d / "nginx.conf"
         conf.write_text(render("nginx_proxy.conf", DIR=str(d), PORT=str(port),
                                BACKEND_PORT=str(backend_port), USER=_nginx_user(),
@@ -480,7 +486,7 @@ def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
     try:
         wait_ready(proc, port, "/bench/100", 100)
         wait_ready(proc, port, "/bench/4k", 4096)
-        pid = (find_worker(proc, time.monotonic() + READY_TIMEOUT) if name == "nginx"
+        pid = (find_worker(proc, time.monotonic() + READY_TIMEOUT) if name.startswith("nginx")
                else proc.pid)
         return Running(proc, pid, log)
     except BaseException:
@@ -490,8 +496,9 @@ def start_proxy(name: str, workdir: Path, port: int, backend_port: int,
 
 def peer_available(name: str) -> str | None:
     """None if the proxy can run, else why not."""
-    if name in ("nginx", "haproxy"):
-        return None if shutil.which(name) else f"{name} binary not found (apt-get install)"
+    if name in ("nginx", "nginx-bare", "haproxy"):
+        binary = name.split("-")[0]
+        return None if shutil.which(binary) else f"{name} binary not found (apt-get install)"
     if name == "lean":
         return None
     if not LBPROXY.exists():
@@ -641,7 +648,7 @@ def measure_round(started: Sequence[Started], backend: Running,
             except (RuntimeError, ValueError, subprocess.TimeoutExpired, OSError) as e:
                 cell = failed_cell(st.proxy, size, conns, rnd, str(e))
             results.append(cell)
-            print(f"  {st.proxy:8} {size:5} c={conns:<4} {fmt_cell(cell)}", flush=True)
+            print(f"  {st.proxy:10} {size:5} c={conns:<4} {fmt_cell(cell)}", flush=True)
             if not st.run.proc.alive():
                 st.error = f"{st.proxy} died during the run\n{st.run.proc.stderr_tail()}"
                 print(f"  {st.proxy}: FAILED: {st.error}")
@@ -696,6 +703,30 @@ def verdict(table: dict[tuple[str, str, int], Cell], size: str, conns: int
     return rps_ratio, p99_ratio, "PASS" if ok else "FAIL"
 
 
+def cpu_verdict(table: dict[tuple[str, str, int], Cell], size: str, conns: int, peer: str
+                ) -> float | None:
+    """lbproxy's CPU per request over `peer`'s in one cell (None if either is missing)."""
+    lb, ng = table.get(("lbproxy", size, conns)), table.get((peer, size, conns))
+    if not lb or not ng or lb.error or ng.error or not ng.cpu_us_per_req:
+        return None
+    return lb.cpu_us_per_req / ng.cpu_us_per_req
+
+
+def round_cpu_ratios(all_cells: Sequence[Cell], size: str, conns: int, peer: str
+                     ) -> list[float]:
+    """lbproxy/`peer` CPU per request of each round (side-by-side measurements)."""
+    by_round: dict[int, dict[str, Cell]] = {}
+    for c in all_cells:
+        if (c.size, c.conns) == (size, conns) and not c.error:
+            by_round.setdefault(c.round, {})[c.proxy] = c
+    out = []
+    for rnd in sorted(by_round):
+        lb, ng = by_round[rnd].get("lbproxy"), by_round[rnd].get(peer)
+        if lb and ng and ng.cpu_us_per_req:
+            out.append(lb.cpu_us_per_req / ng.cpu_us_per_req)
+    return out
+
+
 def round_ratios(all_cells: Sequence[Cell], size: str, conns: int) -> list[tuple[float, float]]:
     """lbproxy/nginx (req/s, p99) of each round, from the two measurements made next to each
     other in it (the verdict uses the ratio of the medians; these show how much it moved)."""
@@ -715,7 +746,7 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
                 cells: Sequence[tuple[str, int]], all_cells: Sequence[Cell] = ()
                 ) -> list[dict[str, object]]:
     verdicts: list[dict[str, object]] = []
-    hdr = (f"{'cell':12} {'proxy':8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us CPU/req':>10} "
+    hdr = (f"{'cell':12} {'proxy':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'us CPU/req':>10} "
            f"{'proxy CPU':>9} {'noise0':>6} {'si0':>5} {'core1':>6} {'noise1':>6} {'errors':>6}")
     print("\n" + hdr)
     print("-" * len(hdr))
@@ -726,9 +757,9 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
             if c is None:
                 continue
             if c.error:
-                print(f"{label:12} {p:8} ERROR {c.error.splitlines()[0][:70]}")
+                print(f"{label:12} {p:10} ERROR {c.error.splitlines()[0][:70]}")
             else:
-                print(f"{label:12} {p:8} {c.rps:9.0f} {c.p50_us / 1e3:7.2f} {c.p99_us / 1e3:7.2f} "
+                print(f"{label:12} {p:10} {c.rps:9.0f} {c.p50_us / 1e3:7.2f} {c.p99_us / 1e3:7.2f} "
                       f"{c.cpu_us_per_req:10.1f} {c.proxy_cpu:9.0%} {c.noise:6.0%} "
                       f"{c.core0_softirq:5.0%} {c.core1_busy:6.0%} {c.noise1:6.0%} "
                       f"{c.errors:6d}")
@@ -743,8 +774,22 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
                       + ", p99 " + " ".join(f"x{b:.2f}" for _, b in per_round))
         else:
             print(f"{'':12} lbproxy/nginx: {v}")
+        cr = cpu_verdict(table, size, conns, "nginx")
+        cv = "n/a" if cr is None else "PASS" if cr <= MAX_CPU_RATIO else "FAIL"
+        if cr is not None:
+            rounds = round_cpu_ratios(all_cells, size, conns, "nginx")
+            print(f"{'':12} lbproxy/nginx CPU per request: x{cr:.2f} (bar <= {MAX_CPU_RATIO}) "
+                  f"-> {cv}" + (" (rounds " + " ".join(f"x{a:.2f}" for a in rounds) + ")"
+                                if len(rounds) > 1 else ""))
+        crb = cpu_verdict(table, size, conns, "nginx-bare")
+        if crb is not None:
+            rounds = round_cpu_ratios(all_cells, size, conns, "nginx-bare")
+            print(f"{'':12} lbproxy/nginx-bare CPU per request: x{crb:.2f} (a reading: nginx "
+                  "without rules and log)" + (" (rounds " + " ".join(f"x{a:.2f}" for a in rounds)
+                                               + ")" if len(rounds) > 1 else ""))
         verdicts.append({"size": size, "conns": conns, "rps_ratio": rr, "p99_ratio": pr,
-                         "verdict": v})
+                         "verdict": v, "cpu_ratio": cr, "cpu_verdict": cv,
+                         "cpu_ratio_bare": crb})
     return verdicts
 
 
@@ -933,7 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg": {"before": load_before, "after": load_after},
     }, indent=2, default=str))
     print(f"results: {out.relative_to(REPO)}")
-    all_pass = all(v["verdict"] == "PASS" for v in verdicts)
+    all_pass = all(v["verdict"] == "PASS" and v["cpu_verdict"] != "FAIL" for v in verdicts)
     return 0 if all_pass else 1
 
 

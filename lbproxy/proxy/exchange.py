@@ -387,8 +387,10 @@ class Exchange(ClientState):
         self._record(req)
         if req is self.cur:
             self.cur = None
-        if (self.paused or not req.keep_alive or self.closing or not req.complete or self.queue
-                or self.in_head):
+        # A request without a body answered from its head (a local answer) is not `complete`
+        # yet, but llhttp ends it in this same callback chain: nothing of it is left to discard.
+        if (self.paused or not req.keep_alive or self.closing or self.queue or self.in_head
+                or not (req.complete or not (req.has_body or req.rebody))):
             self._finish_slow(req)
             return
         self._wait_idle(now)

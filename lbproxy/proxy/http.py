@@ -40,6 +40,22 @@ SPECIAL: dict[bytes, int] = {
     b"content-length": H_CLEN,
 }
 
+# Field names as they came (any case) -> their SPECIAL code, 0 for none: what a request's fields
+# are looked up in first, sparing the lower-cased copy of every name. Bounded: names a client
+# makes up cannot grow it past FIELD_CODES_MAX (it is emptied then and refilled).
+FIELD_CODES: dict[bytes, int] = {}
+FIELD_CODES_MAX = 2048
+
+
+def field_code(name: bytes) -> int:
+    """The SPECIAL code of a field name in any case (0: none), remembered in FIELD_CODES."""
+    code = SPECIAL.get(name.lower(), 0)
+    if len(FIELD_CODES) >= FIELD_CODES_MAX:
+        FIELD_CODES.clear()
+    FIELD_CODES[name] = code
+    return code
+
+
 # Connection tokens that are not header names to remove.
 CONNECTION_KEYWORDS = frozenset((b"close", b"keep-alive", b"upgrade"))
 # Fields that frame or route a message: a peer's Connection header may name them, but they are

@@ -14,6 +14,7 @@ from .clientstate import D_BODY, D_REQUEST, P_BUFFER, P_PIPELINE, P_STOP
 from .exchange import Exchange
 from .http import (
     CRLF,
+    FIELD_CODES,
     H_CLEN,
     H_CONNECTION,
     H_EXPECT,
@@ -24,7 +25,7 @@ from .http import (
     H_XFH,
     H_XFP,
     HOST_CHARS,
-    SPECIAL,
+    field_code,
 )
 from .request import Request
 from .upstream import HIGH_WATER
@@ -59,8 +60,10 @@ class RequestParsing(Exchange):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
-        code = SPECIAL.get(name.lower())
+        code = FIELD_CODES.get(name)
         if code is None:
+            code = field_code(name)
+        if not code:
             req.fwd += (name, b": ", value, CRLF)
             return
         if code == H_HOST:

@@ -380,10 +380,12 @@ def parse_wrk(text: str) -> WrkResult:
 
 
 def run_wrk(port: int, path: str, conns: int, threads: int, seconds: int,
-            nice: int = 0) -> WrkResult:
+            nice: int = 0, script: Sequence[str] = ()) -> WrkResult:
+    """wrk against 127.0.0.1:port; `script`: a Lua script and its arguments (`-s S URL -- A`)."""
+    lua = ["-s", script[0]] if script else []
     argv = [*_nice(nice), "taskset", "-c", str(RIG_CORE), "wrk", "--latency", f"-t{threads}",
-            f"-c{conns}",
-            f"-d{seconds}s", f"--timeout={WRK_REQUEST_TIMEOUT}", f"http://127.0.0.1:{port}{path}"]
+            f"-c{conns}", f"-d{seconds}s", f"--timeout={WRK_REQUEST_TIMEOUT}", *lua,
+            f"http://127.0.0.1:{port}{path}", *(["--", *script[1:]] if script else [])]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -3,7 +3,11 @@
 For each server and worker count, wrk (`-t1 -c64`, keep-alive HTTP/1.1) sends requests through
 the proxy to one nginx backend serving a fixed 100-byte file (the rig and the realistic config of
 bench/http_bench.py: 99 non-matching content rules, access log on); a short HTTPS variant has
-each server terminate TLS and answer itself (the configs of bench/tls_bench.py). The figures are
+each server terminate TLS and answer itself (the configs of bench/tls_bench.py); a `pipelined`
+variant has each server answer a 3-byte page itself over plain HTTP to a wrk that pipelines
+PIPELINE_DEPTH requests per write (bench/peers/pipeline.lua): a load generator that light leaves
+most of core 1 free, so it is the one rig here where a second worker has a core to scale onto
+(browsers do not pipeline; this variant measures scaling, not a realistic client). The figures are
 req/s and CPU per request, the latter summed over the server's whole process tree (nginx master
 + workers, lbproxy's control process + workers) from /proc/<pid>/stat.
 
@@ -54,6 +58,50 @@ WORKERS = (1, 2)
 PROXIES = ("nginx", "lbproxy")
 RIGS = {"pinned": str(hb.PROXY_CORE), "shared": f"{hb.PROXY_CORE},{hb.RIG_CORE}"}
 PATH, SIZE = hb.SIZES["100B"]
+PIPELINE_DEPTH = 64  # requests per wrk write in the pipelined variant
+PIPELINE_SCRIPT = BENCH_DIR / "peers" / "pipeline.lua"
+PIPELINE_BODY = b"ok\n"
+# The pipelined variant's servers: a 3-byte answer of their own, no backend, no log.
+NGINX_LOCAL = """worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 60s;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    server {{
+        listen 127.0.0.1:{port};
+        default_type text/plain;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+LBPROXY_LOCAL = """state_dir = "{d}/state"
+[admin]
+enabled = false
+[access_log]
+enabled = false
+
+[[vs]]
+name = "local"
+listen = "127.0.0.1:{port}"
+content_switching = true
+timeouts = {{ idle = 60.0 }}
+limits = {{ max_connections = 100000 }}
+[vs.health_check]
+type = "none"
+  [[vs.subvs]]
+  name = "fixed"
+  rules = ["default"]
+  not_available = {{ status = 200, body = "ok\\n", content_type = "text/plain" }}
+"""
 CONNECTIONS = 64  # tls_bench.run_wrk_https has the same fixed 64
 THREADS = 1
 MIN_PEER_RATIO = 0.9  # lbproxy/nginx req/s at equal worker counts
@@ -203,11 +251,35 @@ def start_https(proxy: str, workers: int, cores: str, d: Path, args: argparse.Na
     return replace(server, port=port)
 
 
+def start_local(proxy: str, workers: int, cores: str, d: Path, args: argparse.Namespace
+                ) -> Server:
+    """The pipelined variant's servers: plain HTTP, a 3-byte page of their own."""
+    (d / "tmp").mkdir(parents=True)
+    port = hb.free_port()
+    if proxy == "nginx":
+        text = NGINX_LOCAL.format(d=d, port=port)
+        text = _replace_once(text, "worker_processes 1;", f"worker_processes {workers};")
+        if workers > 1 and not args.nginx_shared_socket:
+            text = _replace_once(text, f"{port};", f"{port} reuseport;")
+        conf = d / "nginx.conf"
+        argv = ["nginx", "-c", str(conf), "-p", str(d)]
+    else:
+        text = f"workers = {workers}\n" + LBPROXY_LOCAL.format(d=d, port=port)
+        conf = d / "lbproxy.toml"
+        argv = [str(hb.LBPROXY), "run", "-c", str(conf), "--log-level", "warning"]
+    conf.write_text(text)
+    server = _launch(proxy, argv, cores, d, args, _expected(proxy, workers),
+                     lambda p: hb.wait_ready(p, port, "/", len(PIPELINE_BODY)), None)
+    return replace(server, port=port)
+
+
 # -- measurement ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    variant: str  # "http" (through the proxy to the backend) | "https" (TLS, own answer)
+    # "http" (through the proxy to the backend) | "https" (TLS, own answer) | "pipelined"
+    # (plain HTTP, own answer, PIPELINE_DEPTH requests per wrk write)
+    variant: str
     rig: str
     proxy: str
     workers: int
@@ -233,6 +305,9 @@ def measure(server: Server, key: Sample, seconds: int, warmup: int, backend: hb.
     def load(s: int) -> hb.WrkResult:
         if key.variant == "https":
             return tb.run_wrk_https(server.port, s, nice)
+        if key.variant == "pipelined":
+            return hb.run_wrk(server.port, "/", CONNECTIONS, THREADS, s, nice,
+                              (str(PIPELINE_SCRIPT), str(PIPELINE_DEPTH)))
         return hb.run_wrk(server.port, PATH, CONNECTIONS, THREADS, s, nice)
 
     warm = load(warmup)
@@ -283,6 +358,8 @@ def plan(args: argparse.Namespace) -> list[Key]:
     keys: list[Key] = [("http", rig, p, w) for rig in args.rigs for w in WORKERS for p in PROXIES]
     if not args.no_https:
         keys += [("https", rig, p, w) for rig in args.rigs for w in WORKERS for p in PROXIES]
+    if not args.no_pipelined:
+        keys += [("pipelined", rig, p, w) for rig in args.rigs for w in WORKERS for p in PROXIES]
     return keys
 
 
@@ -306,16 +383,18 @@ def run_all(args: argparse.Namespace, workdir: Path) -> list[Sample]:
             for key in keys if run % 2 == 0 else keys[::-1]:
                 variant, rig, proxy, workers = key
                 base = Sample(variant, rig, proxy, workers, run)
-                label = f"  {variant:5} {rig:6} {proxy:7} w{workers}"
+                label = f"  {variant:9} {rig:6} {proxy:7} w{workers}"
                 if key in skip:
                     samples.append(replace(base, error=skip[key]))
                     continue
+                d = workdir / f"{variant}-{rig}-{proxy}-w{workers}-r{run}"
                 try:
-                    server = (start_http(proxy, workers, RIGS[rig],
-                                         workdir / f"{rig}-{proxy}-w{workers}-r{run}",
-                                         backend_port, args)
-                              if variant == "http"
-                              else start_https(proxy, workers, RIGS[rig], tls_dir, args))
+                    if variant == "http":
+                        server = start_http(proxy, workers, RIGS[rig], d, backend_port, args)
+                    elif variant == "pipelined":
+                        server = start_local(proxy, workers, RIGS[rig], d, args)
+                    else:
+                        server = start_https(proxy, workers, RIGS[rig], tls_dir, args)
                 except RuntimeError as e:
                     why = str(e)[:2000]
                     if proxy == "lbproxy" and workers > 1:  # not landed or rejected: once
@@ -325,7 +404,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> list[Sample]:
                     print(f"{label}  FAILED to start: {why.splitlines()[0][:100]}", flush=True)
                     continue
                 try:
-                    seconds = args.duration if variant == "http" else args.https_duration
+                    seconds = args.https_duration if variant == "https" else args.duration
                     s = measure(server, base, seconds, args.warmup,
                                 backend if variant == "http" else None, args.nice)
                 except (RuntimeError, ValueError, OSError) as e:
@@ -427,14 +506,14 @@ def verdicts(med: dict[Key, Sample | None], samples: Sequence[Sample], args: arg
 def print_summary(med: dict[Key, Sample | None], vs: Sequence[Verdict]) -> None:
     print(f"\nmedians ({'variant':7} rig, server, workers):")
     for (variant, rig, proxy, w), s in med.items():
-        print(f"  {variant:5} {rig:6} {proxy:7} w{w}  " + (fmt(s) if s else "no measurement"))
+        print(f"  {variant:9} {rig:6} {proxy:7} w{w}  " + (fmt(s) if s else "no measurement"))
     print()
     for v in vs:
         value = f"x{v.value:.2f}" if v.value is not None else "n/a"
         bar = f" (bar >= {v.bar})" if v.bar is not None else ""
         tag = "" if v.verdict == "info" else f" -> {v.verdict}"
         detail = f"  ({v.detail})" if v.detail else ""
-        print(f"  {v.variant:5} {v.rig:6} {v.what}: {value}{bar}{tag}{detail}")
+        print(f"  {v.variant:9} {v.rig:6} {v.what}: {value}{bar}{tag}{detail}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -445,6 +524,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="1 run, 2 s measurements (smoke run)")
     ap.add_argument("--rigs", default="pinned,shared", help="subset of " + ",".join(RIGS))
     ap.add_argument("--no-https", action="store_true", help="skip the HTTPS variant")
+    ap.add_argument("--no-pipelined", action="store_true", help="skip the pipelined variant")
     ap.add_argument("--rules", type=int, default=99, help="non-matching content rules "
                     "(http_bench's realistic config has 99)")
     ap.add_argument("--no-access-log", action="store_true", help="servers log nothing")

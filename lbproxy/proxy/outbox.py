@@ -31,11 +31,20 @@ class Outbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.items: list[Any] = []  # transport, data, transport, data, ...
+        # transport, data, transport, data, ...; data is bytes, or a list of them when one
+        # transport was handed several in a row (pipelined answers): they go out in one write.
+        self.items: list[Any] = []
         self.scheduled = False
 
     def add(self, transport: asyncio.WriteTransport, data: bytes) -> None:
         items = self.items
+        if items and items[-2] is transport:
+            last = items[-1]
+            if type(last) is list:
+                last.append(data)
+            else:
+                items[-1] = [last, data]
+            return
         items.append(transport)
         items.append(data)
         if not self.scheduled:
@@ -65,7 +74,11 @@ class Outbox:
             t = items[i]
             if t.is_closing():
                 continue
+            data = items[i + 1]
             try:
-                t.write(items[i + 1])
+                if type(data) is list:
+                    t.writelines(data)  # one write (uvloop: one writev; TLS: one send)
+                else:
+                    t.write(data)
             except Exception:  # a transport's own failure reaches its protocol; keep going
                 logger.exception("write of a held response or request failed")

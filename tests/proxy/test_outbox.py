@@ -27,6 +27,9 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.log.append((self.name, data))
 
+    def writelines(self, data: list[bytes]) -> None:
+        self.log.append((self.name + "*", b"".join(data)))  # one write of several pieces
+
 
 async def test_held_writes_go_out_in_order_at_the_end_of_the_iteration() -> None:
     loop = asyncio.get_running_loop()
@@ -51,6 +54,22 @@ async def test_held_writes_go_out_in_order_at_the_end_of_the_iteration() -> None
     box.add(b, b"6")  # type: ignore[arg-type]
     await asyncio.sleep(0)
     assert log[-1] == ("b", b"6") and len(log) == 5
+
+
+async def test_pieces_for_one_transport_in_a_row_go_out_in_one_write() -> None:
+    """Pipelined answers to one client: one write of them all (not a send() each); the order
+    across transports is kept (a piece for `a` after one for `b` is a write of its own)."""
+    loop = asyncio.get_running_loop()
+    box = Outbox(loop)
+    log: list[tuple[str, bytes]] = []
+    a, b = FakeTransport(log, "a"), FakeTransport(log, "b")
+    for data in (b"1", b"2", b"3"):
+        box.add(a, data)  # type: ignore[arg-type]
+    box.add(b, b"4")  # type: ignore[arg-type]
+    box.add(a, b"5")  # type: ignore[arg-type]
+    box.add(a, b"6")  # type: ignore[arg-type]
+    box.flush()
+    assert log == [("a*", b"123"), ("b", b"4"), ("a*", b"56")]
 
 
 async def test_close_after_a_held_response_delivers_it(dataplane: DataPlane) -> None:

@@ -11,7 +11,8 @@
     GET  /api/le/certs                   every managed certificate with its status
     POST /api/le/certs                   request {id, common_name, vs, sans: [{name, vs}], ...,
                                          challenge?: "http-01" | "tls-alpn-01" | "dns-01",
-                                         wait?: true}
+                                         wait?: true}; each name's vs is required (code 16
+                                         without) except with dns-01, which uses none
     GET  /api/le/certs/{id}              one certificate
     POST /api/le/certs/{id}/renew        renew now {wait?: true}
     DELETE /api/le/certs/{id}            refused (409) while in use
@@ -54,6 +55,8 @@ SETTINGS_SCHEMA: Schema = {
     "directory_url": Text(), "ca_bundle": Text(), "email": Text(),
     "renew_period_days": Integer(MIN_RENEW_PERIOD_DAYS, MAX_RENEW_PERIOD_DAYS)}
 _SUBJECT = ("country", "state", "city", "company", "unit", "email")
+# The VSs are optional here: whether a name needs one depends on the challenge type (dns-01
+# uses none), and a missing one is the manager's code 16 (letsencrypt/checks.py).
 REQUEST_SCHEMA: Schema = {
     "id": Text(required=True), "common_name": Text(), "vs": Text(),
     "sans": Objects({"name": Text(required=True), "vs": Text()}, max_items=MAX_SANS),

@@ -6,6 +6,7 @@
     lbproxy le request --id ID --cn NAME --vs VS [--san NAME=VS]... [--country C] [--state S]
         [--city C] [--company O] [--unit U] [--email E] [--ec | --key-size N] [--no-wait]
         [--challenge http-01|tls-alpn-01|dns-01]
+        (dns-01 needs no VS: --vs may be left out and --san given as NAME)
     lbproxy le list [--json] | account | eligible-vs | renew ID | delete ID
     lbproxy backup [-o FILE] [--passphrase-file F] [--vs] [--certs]
     lbproxy restore FILE [--passphrase-file F] [--vs] [--certs]
@@ -47,6 +48,8 @@ ORDER_WAIT = 330.0
 # The challenge types a certificate may be proved by (acmeclient.challenges.CHALLENGE_TYPES,
 # repeated: the CLI imports nothing of the domain).
 CHALLENGES = ("http-01", "tls-alpn-01", "dns-01")
+# The one proved by DNS alone: its names need no VS (lbproxy.letsencrypt.solvers.needs_vs).
+NO_VS_CHALLENGE = "dns-01"
 PASSPHRASE_ENV = "LBPROXY_BACKUP_PASSPHRASE"
 
 Command = Callable[[AdminClient, argparse.Namespace], Any]
@@ -103,16 +106,21 @@ def account(c: AdminClient, a: argparse.Namespace) -> Any:
 
 
 def request(c: AdminClient, a: argparse.Namespace) -> Any:
+    vs_free = a.challenge == NO_VS_CHALLENGE
     sans = []
     for s in a.san:
         name, sep, vs = s.partition("=")
-        if not sep or not name or not vs:
-            raise UsageError(f"--san takes NAME=VS, got {s!r}")
+        if not name or (not vs_free and (not sep or not vs)):
+            raise UsageError(f"--san takes NAME=VS{' or NAME' if vs_free else ''}, got {s!r}")
         sans.append({"name": name, "vs": vs})
+    if a.vs is None and not vs_free:
+        # (argparse's words, as when --vs was required of every request)
+        raise UsageError(f"the following arguments are required: --vs (the VS answering "
+                         f"{a.challenge}; only {NO_VS_CHALLENGE} needs none)")
     if a.ec and a.key_size:
         raise UsageError("give either --ec or --key-size")
     body: dict[str, Any] = {
-        "id": a.id, "common_name": a.cn, "vs": a.vs, "sans": sans,
+        "id": a.id, "common_name": a.cn, "vs": a.vs or "", "sans": sans,
         "key_type": "rsa" if a.key_size else "ec", "key_size": a.key_size or 2048,
         "challenge": a.challenge, "wait": not a.no_wait,
     }
@@ -281,8 +289,12 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
     p = cmd(le, "request", request, show_cert, "request a certificate")
     p.add_argument("--id", required=True)
     p.add_argument("--cn", required=True)
-    p.add_argument("--vs", required=True)
-    p.add_argument("--san", action="append", default=[], metavar="NAME=VS")
+    p.add_argument("--vs", default=None,
+                   help="the VS answering the common name's challenge (required, except with "
+                        "dns-01, which uses no VS)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME=VS",
+                   help="a SAN and the VS answering its challenge, repeated (up to 10); with "
+                        "dns-01 NAME alone")
     for k in ("country", "state", "city", "company", "unit", "email"):
         p.add_argument(f"--{k}", default="")
     p.add_argument("--ec", action="store_true", help="EC P-256 key (the default)")
@@ -292,7 +304,8 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--challenge", choices=CHALLENGES, default="http-01",
                    help="how the names are proved, kept for renewals (default http-01; "
                         "tls-alpn-01: on the HTTPS VS named by --vs/--san, port 443; dns-01: "
-                        "the only one for a wildcard name)")
+                        "TXT records through [letsencrypt.dns], no VS needed, the only one "
+                        "for a wildcard name)")
     cmd(le, "list", list_certs, show_list, "list Let's Encrypt certificates")
     cmd(le, "eligible-vs", eligible, show_eligible, "VSs that can answer challenges")
     p = cmd(le, "renew", renew, show_cert, "renew a certificate now")

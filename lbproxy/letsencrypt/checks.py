@@ -1,5 +1,6 @@
 """Every check of a certificate request before anything is written or sent to the CA: the id
-(valid, not taken), the names, the VSs (codes 16, 17, 18), the key and the subject."""
+(valid, not taken), the names, the VSs (codes 16, 17, 18; none for dns-01), the key and the
+subject."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..config.model import MAX_SANS, Config
 from ..errors import AdminError, StoreError
 from .codes import AcmeCode, LeError
 from .model import MANAGED_BY, Template
-from .solvers import check_challenge, verify_routes
+from .solvers import check_challenge, needs_vs, verify_routes
 from .state import LeState
 from .storage import STATE_FILES
 
@@ -44,7 +45,9 @@ def validate_template(state: LeState, config: Config, cert_id: str, t: Template,
         raise AdminError(f"certificate {cert_id}: a name is listed twice")
     if len(t.sans) > MAX_SANS:
         raise AdminError(f"at most {MAX_SANS} SANs, got {len(t.sans)}")
-    if any(not vs for _, vs in t.routes) or any(not n for n, _ in t.routes):
+    # Every name needs its VS, except with dns-01 (solvers.needs_vs): no VS answers it.
+    if any(not n for n, _ in t.routes) or (
+            needs_vs(t.challenge) and any(not vs for _, vs in t.routes)):
         raise state.problem(LeError(AcmeCode.NAMES_VS_MISMATCH,
                                     f"certificate {cert_id}: names and VSs do not match"))
     if t.key_type not in ("ec", "rsa") or (t.key_type == "rsa" and t.key_size not in RSA_SIZES):

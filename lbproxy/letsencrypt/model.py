@@ -57,10 +57,11 @@ class Settings:
 @dataclass(frozen=True, slots=True)
 class Template:
     """A certificate's order template: reused by every renewal, the challenge type included
-    (http-01, tls-alpn-01 or dns-01: solvers.py)."""
+    (http-01, tls-alpn-01 or dns-01: solvers.py). A name's VS is "" when none is named, which
+    only dns-01 allows (solvers.needs_vs); the JSON keeps it as "vs": ""."""
 
     common_name: str
-    vs: str
+    vs: str = ""
     sans: tuple[tuple[str, str], ...] = ()
     key_type: str = "ec"
     key_size: int = 2048
@@ -74,7 +75,7 @@ class Template:
 
     @property
     def routes(self) -> tuple[tuple[str, str], ...]:
-        """(name, VS) for the common name and every SAN, in order."""
+        """(name, VS) for the common name and every SAN, in order (VS "": none, dns-01)."""
         return ((self.common_name, self.vs), *self.sans)
 
     @property

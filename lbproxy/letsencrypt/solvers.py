@@ -95,6 +95,13 @@ def check_challenge(cert_id: str, t: Template) -> None:
                       "(refused before ordering)", status=400)
 
 
+def needs_vs(challenge: str) -> bool:
+    """Whether each name of a certificate proved by `challenge` must name a VS: http-01 and
+    tls-alpn-01 are answered through one; dns-01 writes TXT records and needs none (a VS named
+    anyway is kept in the template and not checked)."""
+    return challenge != DNS01
+
+
 def verify_alpn_vs(config: Config, vs_name: str, *, known_before: bool) -> None:
     """tls-alpn-01 is answered by the TLS handshake of an HTTPS VS: the VS must exist (17.1,
     17.2) and be HTTPS (17.4). The CA dials the name on port 443: the VS must be what the
@@ -277,5 +284,5 @@ class Solvers:
 
 
 __all__ = ["DEFAULT_CHALLENGE", "Announce", "Dns01Factory", "Dns01Provider", "Solver",
-           "Solvers", "TlsAlpnSolver", "TrackedSolver", "check_challenge", "verify_alpn_vs",
-           "verify_routes"]
+           "Solvers", "TlsAlpnSolver", "TrackedSolver", "check_challenge", "needs_vs",
+           "verify_alpn_vs", "verify_routes"]

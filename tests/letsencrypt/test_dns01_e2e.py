@@ -11,7 +11,8 @@ resolves every name through a real Knot DNS server that lbproxy updates with a T
   that the server rejects (105, BADSIG) fails `le request` with its code in the CLI, the API
   answer and the System Message File, before any order reaches Pebble (new-order requests
   counted on the real client); the next order after a reload that fixes the section uses the
-  new one.
+  new one. These requests name no VS (`--vs` left out, no `vs` in the API body): dns-01 needs
+  none, and the certificate is issued and stored without one.
 
 A wildcard asked with http-01 or tls-alpn-01 is refused before ordering in
 tests/letsencrypt/test_tls_alpn01.py (test_refused_before_any_order); the loader's side of
@@ -251,8 +252,8 @@ async def test_a_key_the_server_rejects_places_no_order(
         return config(pebble, knot, admin_port=admin_port, https_port=https_port,
                       secret_file=secret_file)
 
-    request = ("le", "request", "--id", "wild", "--cn", "*.example.test", "--vs", "secure",
-               "--challenge", "dns-01")
+    # no --vs: dns-01 uses no VS
+    request = ("le", "request", "--id", "wild", "--cn", "*.example.test", "--challenge", "dns-01")
     async with start(tmp_path, boot, text(None), admin_port) as r:
         factory = CountingFactory("new_order")
         r.app.manager.client_factory = factory
@@ -283,8 +284,7 @@ async def test_a_key_the_server_rejects_places_no_order(
         assert secret not in (r.app.state_dir / "system-messages.log").read_bytes()  # never
         # the API answers the same, with the code as a field
         status, body = await r.api("POST", "/api/le/certs", {
-            "id": "wild", "common_name": "*.example.test", "vs": "secure",
-            "challenge": "dns-01"})
+            "id": "wild", "common_name": "*.example.test", "challenge": "dns-01"})
         assert (status, body["code"]) == (502, 105), body
         assert re.search(r"answered BADSIG", body["error"])
 
@@ -296,5 +296,8 @@ async def test_a_key_the_server_rejects_places_no_order(
         await reload(r, text(knot.secret_file))
         code, out = await cli(r, *request)
         assert code == 0, out
+        assert "*.example.test: (dns-01: none)" in out
         assert factory.calls == 1
+        assert names(r, "wild") == ["*.example.test"]
+        assert r.app.manager.entries["wild"].template.vs == ""
         assert knot.txt(RECORD) == set()

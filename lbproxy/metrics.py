@@ -6,33 +6,7 @@ requests-per-second meter behind `lbproxy status`.
 are present into metric families. The data plane keeps plain integer counters; nothing here runs
 per request. On a node of a cluster, the /metrics route first reads the cluster's view (an
 awaitable, bounded by CLUSTER_VIEW_WAIT) so that the synchronous collection never waits on Redis.
-
-The stats shape read (every key optional; unknown keys are ignored):
-
-    {"virtual_services": {VS: {
-        "listen", "protocol", "kind",
-        "connections": {"active", "total", "refused"}, "requests",
-        "bytes_in", "bytes_out",                         # client side, bytes
-        "responses": {"1xx": n, "2xx": n, ..., "5xx": n},
-        "codes": {"200": n, "404": n, ...},             # by status code (optional)
-        "latency_buckets": {upper_bound_seconds: n, ..., "+Inf": n},  # per bucket, NOT cumulative
-        "latency_sum", "latency_count",                  # seconds, requests
-        "rule_hits": {rule: n}, "limit_rejections": {limit: n},
-        "rate_limits": {scope: {"limited", "entries", "evictions"}},  # scope "-": the VS's
-        "compression": {"responses": {coding: n}, "bytes_in", "bytes_out"},
-        "real_servers": [RS, ...],                       # a VS without SubVSs
-        "subvs": {SubVS: {"requests", "not_available", "available", "bytes_in", "bytes_out",
-                          "responses", "latency_buckets", "latency_sum", "latency_count",
-                          "real_servers": [RS, ...]}}}},
-     "draining_listeners": n, "upstream_pools": {address: {"idle", "connects"}}}
-    RS = {"address", "weight", "enabled", "healthy", "active", "requests", "failures",
-          "bytes_in", "bytes_out", "responses", "codes", "latency_buckets", "latency_sum",
-          "latency_count"}
-
-`latency_buckets` counts each request once, in the first bucket whose upper bound is at least its
-latency (one increment per request on the hot path); the collector makes them cumulative as
-Prometheus wants. A bucket "+Inf" (or float("inf")) holds the rest; without it, latency_count
-minus the other buckets is used.
+The stats keys read, and the metrics they become: `metrics_dataplane.py`.
 
 Besides the data plane: a build-info gauge, the reload counters (`reloads`, App's), with worker
 processes each worker's CPU time and resident memory (read from /proc at scrape time), and on the
@@ -44,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import platform
 import ssl
@@ -61,16 +34,22 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
 from .events import CertStatus, Events
+from .metrics_dataplane import (
+    RESPONSE_CLASSES,
+    Families,
+    cumulative_buckets,
+    dataplane_families,
+    request_counters,
+)
+
+__all__ = ["CLUSTER_VIEW_WAIT", "METRICS_PATH", "RESPONSE_CLASSES", "AcmeSource", "CertSource",
+           "ClusterSource", "MetricsCollector", "RateMeter", "ReloadSource", "StatsSource",
+           "cumulative_buckets", "make_registry", "metrics_routes", "request_counters"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,108 +63,10 @@ ReloadSource = Callable[[], Mapping[str, int]]
 CLUSTER_VIEW_WAIT = 2.0   # seconds a scrape waits for it (it reads Redis); then: not connected
 
 METRICS_PATH = "/metrics"
-RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-_LEVEL_LABELS: dict[str, tuple[str, ...]] = {
-    "vs": ("vs",), "subvs": ("vs", "subvs"), "real_server": ("vs", "subvs", "real_server")}
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v)):
-        return float(v)
-    return None
 
 
 def _ts(v: Any) -> float | None:
     return v.timestamp() if v is not None else None
-
-
-def _bound(key: Any) -> float | None:
-    if isinstance(key, str) and key.strip().lower() in ("+inf", "inf"):
-        return math.inf
-    try:
-        return float(key)
-    except (TypeError, ValueError):
-        return None
-
-
-def cumulative_buckets(per_bucket: Mapping[Any, Any],
-                       count: float | None) -> list[tuple[str, float]] | None:
-    """Per-bucket counts -> Prometheus cumulative buckets ending with +Inf (None if unusable)."""
-    bounds: list[tuple[float, float]] = []
-    for k, v in per_bucket.items():
-        b, n = _bound(k), _num(v)
-        if b is None or n is None:
-            return None
-        bounds.append((b, n))
-    bounds.sort()
-    out: list[tuple[str, float]] = []
-    total = 0.0
-    for b, n in bounds:
-        total += n
-        if math.isinf(b):
-            break
-        out.append((repr(b), total))
-    else:
-        total = max(total, count or 0.0)
-    out.append(("+Inf", total))
-    return out
-
-
-def _servers(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    rs = node.get("real_servers")
-    if isinstance(rs, Mapping):
-        return [{"address": k, **v} for k, v in rs.items() if isinstance(v, Mapping)]
-    if isinstance(rs, list):
-        return [r for r in rs if isinstance(r, Mapping) and "address" in r]
-    return []
-
-
-def _vs_map(stats: Mapping[str, Any]) -> Mapping[str, Any]:
-    vss = stats.get("virtual_services")
-    return vss if isinstance(vss, Mapping) else {}
-
-
-class _Families:
-    """Metric families created on first use, so only present stats keys are exported."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, Metric] = {}
-
-    def counter(self, name: str, doc: str, labels: tuple[str, ...]) -> CounterMetricFamily:
-        m = self.items.get(name)
-        if m is None:
-            m = self.items[name] = CounterMetricFamily(name, doc, labels=labels)
-        assert isinstance(m, CounterMetricFamily)
-        return m
-
-    def gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> GaugeMetricFamily:
-        m = self.items.get(name)
-        if m is None:
-            m = self.items[name] = GaugeMetricFamily(name, doc, labels=labels)
-        assert isinstance(m, GaugeMetricFamily)
-        return m
-
-    def numbers(self, prefix: str, label_names: tuple[str, ...], labels: list[str],
-                node: Mapping[str, Any], table: tuple[tuple[str, str, str, str], ...]) -> None:
-        """One sample per (stats key, "c" counter | "g" gauge, metric suffix, help) of `table`
-        whose key `node` holds as a number, named `prefix` + suffix."""
-        for key, kind, metric, doc in table:
-            v = _num(node.get(key))
-            if v is None:
-                continue
-            name = prefix + metric
-            fam = (self.counter(name, doc, label_names) if kind == "c"
-                   else self.gauge(name, doc, label_names))
-            fam.add_metric(labels, v)
-
-    def histogram(self, name: str, doc: str, labels: tuple[str, ...]) -> HistogramMetricFamily:
-        m = self.items.get(name)
-        if m is None:
-            m = self.items[name] = HistogramMetricFamily(name, doc, labels=labels)
-        assert isinstance(m, HistogramMetricFamily)
-        return m
 
 
 class MetricsCollector(Collector):
@@ -217,7 +98,7 @@ class MetricsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         self.scrapes += 1
-        f = _Families()
+        f = Families()
         f.gauge("lbproxy_build_info", "Always 1: the lbproxy version and what it runs on.",
                 ("version", "python", "implementation", "openssl")).add_metric(
             [__version__, platform.python_version(), platform.python_implementation(),
@@ -229,7 +110,7 @@ class MetricsCollector(Collector):
             for result, n in sorted(self.reloads().items()):
                 c.add_metric([result], n)
         try:
-            self._dataplane(f, self.stats())
+            dataplane_families(f, self.stats())
         except Exception:  # a stats shape we do not understand must not break the scrape
             logger.exception("metrics: data plane stats could not be read")
         if self.certs is not None:
@@ -262,7 +143,7 @@ class MetricsCollector(Collector):
         self.cluster_view = {"connected": False, "nodes": None}   # only a cluster node gets here
 
     @staticmethod
-    def _cluster(f: _Families, view: Mapping[str, Any]) -> None:
+    def _cluster(f: Families, view: Mapping[str, Any]) -> None:
         connected = bool(view.get("connected"))
         f.gauge("lbproxy_cluster_connected", "1 while this node reaches the cluster's Redis, "
                 "else 0.", ()).add_metric([], 1 if connected else 0)
@@ -273,7 +154,7 @@ class MetricsCollector(Collector):
                     "not yet expired), this one included.", ()).add_metric([], len(nodes))
 
     @staticmethod
-    def _workers(f: _Families, workers: list[dict[str, Any]]) -> None:
+    def _workers(f: Families, workers: list[dict[str, Any]]) -> None:
         names = ("worker",)
         for w in workers:
             label = [str(w["id"])]
@@ -293,157 +174,9 @@ class MetricsCollector(Collector):
                 f.gauge("lbproxy_worker_resident_memory_bytes", "Resident memory of the "
                         "worker process.", names).add_metric(label, usage[1])
 
-    # -- data plane ---------------------------------------------------------------------------
-
-    def _traffic(self, f: _Families, level: str, labels: list[str],
-                 node: Mapping[str, Any]) -> None:
-        """The optional per-level keys: bytes, response classes, latency."""
-        names = _LEVEL_LABELS[level]
-        for key, metric, doc in (
-                ("bytes_in", "bytes_received", "Bytes received from clients."),
-                ("bytes_out", "bytes_sent", "Bytes sent to clients.")):
-            n = _num(node.get(key))
-            if n is not None:
-                f.counter(f"lbproxy_{level}_{metric}", doc, names).add_metric(labels, n)
-        responses = node.get("responses")
-        if isinstance(responses, Mapping):
-            c = f.counter(f"lbproxy_{level}_responses", "Responses by status class.",
-                          (*names, "class"))
-            for cls, v in sorted(responses.items()):
-                n = _num(v)
-                if n is not None:
-                    c.add_metric([*labels, str(cls)], n)
-        codes = node.get("codes")
-        if isinstance(codes, Mapping):
-            c = f.counter(f"lbproxy_{level}_responses_by_code", "Responses by status code.",
-                          (*names, "code"))
-            for code, v in sorted(codes.items(), key=lambda kv: str(kv[0])):
-                n = _num(v)
-                if n is not None:
-                    c.add_metric([*labels, str(code)], n)
-        buckets = node.get("latency_buckets")
-        if isinstance(buckets, Mapping):
-            count = _num(node.get("latency_count"))
-            cum = cumulative_buckets(buckets, count)
-            if cum is not None:
-                f.histogram(f"lbproxy_{level}_request_duration_seconds",
-                            "Request duration from the request head to the end of the "
-                            "response.", names).add_metric(
-                    labels, cum, _num(node.get("latency_sum")) or 0.0)
-
-    def _real_servers(self, f: _Families, vs: str, subvs: str,
-                      servers: list[Mapping[str, Any]]) -> None:
-        names = _LEVEL_LABELS["real_server"]
-        for r in servers:
-            labels = [vs, subvs, str(r["address"])]
-            f.numbers("lbproxy_real_server_", names, labels, r, (
-                ("requests", "c", "requests", "Requests sent to the real server."),
-                ("failures", "c", "failures", "Failed attempts to reach the real server."),
-                ("active", "g", "active", "Requests in flight to the real server."),
-                ("healthy", "g", "up", "1 when the health check says up, else 0."),
-                ("enabled", "g", "enabled", "1 when the real server takes new requests: enabled "
-                 "in the config and not disabled or drained at run time."),
-                ("weight", "g", "weight", "Scheduling weight (the run-time one).")))
-            self._traffic(f, "real_server", labels, r)
-
-    def _rate_and_compression(self, f: _Families, vs: str, node: Mapping[str, Any]) -> None:
-        """Rate limits by scope ("-": the VS's own) and compression of a VS."""
-        limits = node.get("rate_limits")
-        if isinstance(limits, Mapping):
-            for scope, t in sorted(limits.items()):
-                if not isinstance(t, Mapping):
-                    continue
-                f.numbers("lbproxy_rate_limit_", ("vs", "scope"), [vs, str(scope)], t, (
-                    ("limited", "c", "limited", "Requests answered 429 by a rate limit."),
-                    ("entries", "g", "entries", "Client addresses a rate limit tracks."),
-                    ("evictions", "c", "evictions",
-                     "Client entries a full rate-limit table forgot before they refilled.")))
-        comp = node.get("compression")
-        if isinstance(comp, Mapping):
-            by_enc = comp.get("responses")
-            if isinstance(by_enc, Mapping):
-                c = f.counter("lbproxy_compressed_responses", "Responses compressed, by coding.",
-                              ("vs", "encoding"))
-                for enc, v in sorted(by_enc.items()):
-                    x = _num(v)
-                    if x is not None:
-                        c.add_metric([vs, str(enc)], x)
-            for key, doc in (("bytes_in", "Response body bytes before compression."),
-                             ("bytes_out", "Response body bytes after compression.")):
-                x = _num(comp.get(key))
-                if x is not None:
-                    f.counter(f"lbproxy_compression_{key}", doc, ("vs",)).add_metric([vs], x)
-
-    def _dataplane(self, f: _Families, stats: Mapping[str, Any]) -> None:
-        for vs, node in sorted(_vs_map(stats).items()):
-            if not isinstance(node, Mapping):
-                continue
-            f.gauge("lbproxy_vs_info", "A virtual service and its listener.",
-                    ("vs", "listen", "protocol", "kind")).add_metric(
-                [vs, str(node.get("listen", "")), str(node.get("protocol", "")),
-                 str(node.get("kind", ""))], 1)
-            n = _num(node.get("requests"))
-            if n is not None:
-                f.counter("lbproxy_vs_requests", "Requests received.", ("vs",)).add_metric(
-                    [vs], n)
-            conns = node.get("connections")
-            if isinstance(conns, Mapping):
-                f.numbers("lbproxy_vs_", ("vs",), [vs], conns, (
-                    ("active", "g", "connections_active", "Open client connections."),
-                    ("total", "c", "connections", "Client connections accepted."),
-                    ("refused", "c", "connections_refused",
-                     "Client connections refused at the max_connections limit.")))
-            self._traffic(f, "vs", [vs], node)
-            for key, metric, label, doc in (
-                    ("rule_hits", "lbproxy_rule_hits", "rule", "Requests matched by each "
-                     "content rule."),
-                    ("limit_rejections", "lbproxy_limit_rejections", "limit",
-                     "Requests or connections refused by each limit.")):
-                table = node.get(key)
-                if isinstance(table, Mapping):
-                    c = f.counter(metric, doc, ("vs", label))
-                    for name, v in sorted(table.items()):
-                        x = _num(v)
-                        if x is not None:
-                            c.add_metric([vs, str(name)], x)
-            self._rate_and_compression(f, vs, node)
-            self._real_servers(f, vs, "", _servers(node))
-            subs = node.get("subvs")
-            if isinstance(subs, Mapping):
-                for sub, snode in sorted(subs.items()):
-                    if not isinstance(snode, Mapping):
-                        continue
-                    labels = [vs, str(sub)]
-                    f.numbers("lbproxy_subvs_", ("vs", "subvs"), labels, snode, (
-                        ("requests", "c", "requests", "Requests routed to the SubVS."),
-                        ("not_available", "c", "not_available",
-                         "Requests answered with the SubVS's not-available response."),
-                        ("available", "g", "available",
-                         "1 when at least one real server can take a request.")))
-                    self._traffic(f, "subvs", labels, snode)
-                    self._real_servers(f, vs, str(sub), _servers(snode))
-        draining = _num(stats.get("draining_listeners"))
-        if draining is not None:
-            f.gauge("lbproxy_draining_listeners", "Listeners of removed VSs still draining.",
-                    ()).add_metric([], draining)
-        pools = stats.get("upstream_pools")
-        if isinstance(pools, Mapping):
-            for addr, p in sorted(pools.items()):
-                if not isinstance(p, Mapping):
-                    continue
-                idle, connects = _num(p.get("idle")), _num(p.get("connects"))
-                if idle is not None:
-                    f.gauge("lbproxy_upstream_idle_connections",
-                            "Pooled keep-alive connections to a real server.",
-                            ("real_server",)).add_metric([str(addr)], idle)
-                if connects is not None:
-                    f.counter("lbproxy_upstream_connects",
-                              "Upstream connections opened to a real server.",
-                              ("real_server",)).add_metric([str(addr)], connects)
-
     # -- certificates -------------------------------------------------------------------------
 
-    def _certs(self, f: _Families, certs: list[CertStatus]) -> None:
+    def _certs(self, f: Families, certs: list[CertStatus]) -> None:
         lab = ("certificate",)
         info = f.gauge("lbproxy_certificate_info", "One per certificate: names, issuer side, "
                        "renewal state and serial (the serial changes at renewal; the "
@@ -478,7 +211,7 @@ class MetricsCollector(Collector):
                           "Renewals since the certificate was first issued.",
                           lab).add_metric([c.id], c.renewals)
 
-    def _events(self, f: _Families, events: Events) -> None:
+    def _events(self, f: Families, events: Events) -> None:
         c = f.counter("lbproxy_certificate_events", "Certificate events by kind.", ("kind",))
         for kind, n in sorted(events.counts.items()):
             c.add_metric([kind], n)
@@ -556,37 +289,6 @@ def metrics_routes(collector: MetricsCollector) -> Callable[[web.Application], N
         app.router.add_get(METRICS_PATH, metrics)
 
     return register
-
-
-# -- requests per second --------------------------------------------------------------------------
-
-def request_counters(stats: Mapping[str, Any]) -> dict[str, float]:
-    """Every request counter of the stats, keyed "vs", "vs/subvs" and "vs/subvs/address"
-    (subvs "" for the real servers of a VS without SubVSs)."""
-    out: dict[str, float] = {}
-    for vs, node in _vs_map(stats).items():
-        if not isinstance(node, Mapping):
-            continue
-        n = _num(node.get("requests"))
-        if n is not None:
-            out[vs] = n
-        for r in _servers(node):
-            v = _num(r.get("requests"))
-            if v is not None:
-                out[f"{vs}//{r['address']}"] = v
-        subs = node.get("subvs")
-        if isinstance(subs, Mapping):
-            for sub, snode in subs.items():
-                if not isinstance(snode, Mapping):
-                    continue
-                v = _num(snode.get("requests"))
-                if v is not None:
-                    out[f"{vs}/{sub}"] = v
-                for r in _servers(snode):
-                    x = _num(r.get("requests"))
-                    if x is not None:
-                        out[f"{vs}/{sub}/{r['address']}"] = x
-    return out
 
 
 class RateMeter:

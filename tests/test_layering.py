@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("workers", ("lbproxy.workers",)),
     ("certs", ("lbproxy.certs", "lbproxy.events")),
     ("letsencrypt", ("lbproxy.letsencrypt",)),
-    ("admin", ("lbproxy.admin", "lbproxy.metrics")),
+    ("admin", ("lbproxy.admin", "lbproxy.metrics", "lbproxy.metrics_dataplane")),
     ("app", ("lbproxy.app", "lbproxy.__main__", "lbproxy.demo", "lbproxy.sdnotify")),
 )
 # Names in LAYERS that place only the module of that name (the package's face), not all under it.

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from ..config.model import DEFAULT_RULE, ContentRule, MatchOn, VirtualService, rule_order
 from ..errors import ConfigError, ConfigProblem
 from ..runtime import pace
-from .compiler import DEFAULT_TUNING, Tuning, compile_rules, needs_body
+from .compiler import compile_rules, needs_body
 from .subjects import RequestInfo
+from .tables import DEFAULT_TUNING, Tuning
 
 logger = logging.getLogger(__name__)
 

@@ -379,12 +379,12 @@ def test_a_combination_that_fails_runs_its_regexes_one_by_one(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import re
 
-    from lbproxy.routing import compiler
+    from lbproxy.routing import tables
 
     def broken(entries: object) -> object:
         raise re.error("no")
 
-    monkeypatch.setattr(compiler, "_combo", broken)
+    monkeypatch.setattr(tables, "_combo", broken)
     rules = [rule(f"r{i}", REGEX, rf"^/api/v\d+/x{i}/") for i in range(4)]
     assert route(rules, FakeRequest(path="/api/v1/x2/")) == 2
     assert "one by one" in caplog.text

@@ -139,7 +139,7 @@ def _short(text: str) -> str:
 
 
 class _Table(Protocol):
-    """The loader's table reader (loader._Reader), as read here (no import: it imports us)."""
+    """The loader's table reader (reader._Reader), as read here (no import: it imports us)."""
 
     data: dict[str, Any]
     used: set[str]

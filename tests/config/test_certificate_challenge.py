@@ -69,6 +69,25 @@ def test_dns01_wildcard_is_accepted_and_carried_into_the_template(tmp_path: Path
     assert dns.tsig_secret_file == str(tmp_path / "keys/acme.key")  # relative to the file
 
 
+def test_dns01_names_no_vs_where_the_others_must(tmp_path: Path) -> None:
+    """dns-01 writes TXT records, so its [[certificate]] and SANs may leave out `vs`; http-01
+    (and tls-alpn-01) still name the VS that answers, each missing one reported where it is."""
+    text = ('\n[[certificate]]\nid = "c"\ncommon_name = "*.example.test"\nchallenge = "dns-01"\n'
+            '  [[certificate.sans]]\n  name = "example.test"\n')
+    (req,) = parse_config(HEAD + DNS + text, base=tmp_path).certificates
+    assert (req.vs, req.sans) == ("", (("example.test", ""),))
+    t = Template.from_request(req)
+    assert t.names == ["*.example.test", "example.test"] and t.challenge == "dns-01"
+    bad = problems(HEAD + text.replace('"dns-01"', '"http-01"').replace("*.example.test",
+                                                                         "www.example.test"))
+    assert [w for w, _ in bad] == ["certificate[0].vs", "certificate[0].sans[0].vs"], bad
+    # An empty VS is no VS: said so, not a certificate silently left out.
+    empty = problems(HEAD + cert(None, cn="www.example.test", vs="",
+                                 sans=(("api.example.test", ""),)))
+    assert [(w, m.startswith("is empty; http-01 needs")) for w, m in empty] == [
+        ("certificate[0].vs", True), ("certificate[0].sans[0].vs", True)], empty
+
+
 def test_the_default_is_http01_and_no_dns_section_is_none() -> None:
     cfg = parse_config(HEAD + cert(None, cn="www.example.test"))
     assert cfg.certificates[0].challenge == "http-01"

@@ -11,11 +11,24 @@ called: a Protocol adds no indirection to the hot path.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .compress import Offer
     from .headerrules import ResponseEdit
+    from .outbox import Outbox
+
+
+class PoolForUpstream(Protocol):
+    """What an upstream connection needs of the keep-alive pool it belongs to (connpool.py's
+    `ConnPool`, which creates it): the loop's outbox, and taking it back or forgetting it."""
+
+    outbox: Outbox
+    send_proxy: int  # the PROXY protocol version its connections begin with (0: none)
+
+    def release(self, up: Any, now: float) -> None: ...
+
+    def discard(self, up: Any) -> None: ...
 
 
 class RequestForUpstream(Protocol):

@@ -22,6 +22,7 @@ from ..servercontrol import ServerTable
 from .accesslog import AccessLog
 from .balancer import Balancer
 from .client import ClientConnection
+from .connpool import ConnPool, PoolKey
 from .errors import ListenError
 from .h2conn import ALPNClientConnection
 from .health import HealthMonitor
@@ -40,7 +41,6 @@ from .service import (
     build_service,
     needs_router,
 )
-from .upstream import ConnPool, PoolKey
 
 logger = logging.getLogger(__name__)
 

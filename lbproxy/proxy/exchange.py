@@ -10,7 +10,7 @@ to it) and sends its head, and `response_done` ends every answered request, rela
 from __future__ import annotations
 
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..config.model import BODY_MATCH_LIMIT
 from ..routing import MEMO_URL, REFUSE
@@ -32,8 +32,9 @@ from .service import FAST_DIRECT, FAST_ROUTE, M_DIRECT, M_REDIRECT, M_SWITCH, RO
 
 if TYPE_CHECKING:
     from .balancer import Backend
+    from .connpool import ConnPool
     from .service import Service, Target
-    from .upstream import ConnPool, UpstreamConnection
+    from .upstream import UpstreamConnection
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -191,7 +192,7 @@ class Exchange(ClientState):
         if pp and not up.pp_key:  # a new connection to a real server that wants the PROXY
             up.pp_key = header = self.proxy_header(pp)  # protocol: its header first
             up.write(header)
-        self._send(req, up.pool, up)
+        self._send(req, cast("ConnPool", up.pool), up)  # the pool that opened it
 
     def proxy_header(self, version: int) -> bytes:
         """The PROXY header (proxyproto.py) that names this client to a real server."""

@@ -23,8 +23,9 @@ import ipaddress
 import struct
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
+from .connpool import ConnPool
 from .contract import RequestForUpstream
-from .upstream import ConnPool, UpstreamConnection
+from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .contract import ClientForUpstream

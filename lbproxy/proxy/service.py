@@ -43,13 +43,13 @@ from ..runtime import Injection
 from .accesslog import AccessLog
 from .balancer import Backend, Balancer
 from .compress import CompressStats, Policy
+from .connpool import ConnPool, PoolKey
 from .contract import ClientForListener
 from .headerrules import HeaderEdit, compile_headers, local_fields
 from .http import LocalResponse
 from .outbox import Outbox
 from .proxyproto import ProxyConnPool, Sources
 from .ratelimit import PoolGate, RateTable, attach_gates
-from .upstream import ConnPool, PoolKey
 
 if TYPE_CHECKING:
     from .health import HealthMonitor

@@ -1,24 +1,31 @@
-"""The real-server side of the relay: one protocol per upstream connection and the keep-alive pools.
+"""The real-server side of the relay: one protocol per upstream connection.
 
 An `UpstreamConnection` parses responses with httptools and writes them straight into the client
-transport of the exchange it serves (one coalesced write per read). A `ConnPool` per real-server
-address keeps idle keep-alive connections in a LIFO list (the most recently used is the warmest and
-the least likely to have been closed by the server); expired ones are closed by `sweep()`.
+transport of the exchange it serves (one coalesced write per read); the keep-alive pools it comes
+from and returns to are connpool.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 import httptools
 
-from .contract import RequestForUpstream
+from .contract import PoolForUpstream, RequestForUpstream
 from .headerrules import edit_response
 from .http import CRLF, connection_names
-from .outbox import Outbox
+from .resphead import (
+    _CONTENT_LENGTH,
+    _HOP_FIELD,
+    _NO_BODY,
+    MAX_RESPONSE_HEAD,
+    Validator,
+    _announces_body,
+    _is_keep_alive,
+    _without_hop_fields,
+)
 
 # The request an upstream connection serves (request.py's Request), as this side sees it.
 Req = TypeVar("Req", bound=RequestForUpstream)
@@ -38,20 +45,6 @@ logger = logging.getLogger(__name__)
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
-# An idle pool bigger than this closes the extra connections instead of keeping them: bounds the
-# file descriptors one real server can hold while idle (wrk-style load uses far fewer).
-MAX_IDLE_PER_SERVER = 512
-
-
-class PoolKey(NamedTuple):
-    """What a `ConnPool` is found by: its real server's address, and the PROXY protocol version
-    its connections begin with (0: none). A server that is sent the PROXY protocol by one VS and
-    not by another has two pools (proxyproto.ProxyConnPool beside a plain one)."""
-
-    host: str
-    port: int
-    send_proxy: int = 0
-
 
 class _HeadDone(Exception):
     """Raised from on_headers_complete to stop the parser after a response to HEAD.
@@ -61,174 +54,10 @@ class _HeadDone(Exception):
     """
 
 
-class ConnPool:
-    """Idle keep-alive connections to one real server (shared by every VS that uses it)."""
-
-    __slots__ = ("address", "connects", "host", "idle", "idle_timeout", "loop", "outbox", "port",
-                 "retired", "send_proxy")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
-                 idle_timeout: float, outbox: Outbox) -> None:
-        self.loop = loop
-        self.outbox = outbox
-        self.host = host
-        self.port = port
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        # Idle connections serve whatever request comes next: of any request type.
-        self.idle: list[UpstreamConnection[Any]] = []
-        self.idle_timeout = idle_timeout
-        self.connects = 0
-        self.retired = False
-        # PROXY protocol version written first on each new connection (0: none; Exchange.attach).
-        self.send_proxy = 0
-
-    def acquire(self, now: float) -> UpstreamConnection[Any] | None:
-        """The most recently used idle connection still fresh at `now`, or None (the one way a
-        pooled connection is taken; those found expired or closing are closed on the way)."""
-        idle = self.idle
-        limit = now - self.idle_timeout
-        while idle:
-            up = idle.pop()
-            if up.idle_since < limit or up.transport is None or up.transport.is_closing():
-                up.close()
-                continue
-            up.reused = True
-            return up
-        return None
-
-    def release(self, up: UpstreamConnection[Any], now: float) -> None:
-        """Keep `up`, idle since `now`, for the next request (the one way a connection returns to
-        the pool), or close it: the pool is retired or full, or the connection is gone."""
-        if self.retired or len(self.idle) >= MAX_IDLE_PER_SERVER or up.transport is None:
-            up.close()
-            return
-        up.idle_since = now
-        self.idle.append(up)
-
-    def discard(self, up: UpstreamConnection[Any]) -> None:
-        try:
-            self.idle.remove(up)
-        except ValueError:
-            pass
-
-    def sweep(self, now: float) -> None:
-        """Close connections idle for longer than the idle timeout (oldest are first)."""
-        idle = self.idle
-        limit = now - self.idle_timeout
-        n = 0
-        while n < len(idle) and idle[n].idle_since < limit:
-            n += 1
-        if n:
-            expired, self.idle = idle[:n], idle[n:]
-            for up in expired:
-                up.close()
-
-    def close_idle(self) -> None:
-        idle, self.idle = self.idle, []
-        for up in idle:
-            up.close()
-
-    def connect(self, client: Client[Req], req: Req, timeout: float) -> None:
-        """Open a connection for `req`; calls back client.attach() or client.connect_failed()."""
-        self.connects += 1
-        task = self.loop.create_task(self._connect(self.loop.time() + timeout))
-
-        def done(t: asyncio.Task[UpstreamConnection[Any]]) -> None:
-            if t.cancelled():
-                return
-            exc = t.exception()
-            if exc is not None:
-                client.connect_failed(req, f"connect to {self.address}: {_describe(exc)}",
-                                      timed_out=isinstance(exc, TimeoutError))
-                return
-            up = t.result()
-            if client.closed or req.up is not None or req.backend is None:
-                # The client went away while we connected: keep the connection for the next one.
-                self.release(up, self.loop.time())
-                return
-            client.attach(req, up)
-
-        task.add_done_callback(done)
-
-    async def _connect(self, deadline: float) -> UpstreamConnection[Any]:
-        proto: UpstreamConnection[Any]
-        async with asyncio.timeout_at(deadline):
-            _, proto = await self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port)
-        return proto
-
-
-def _drop_fields(head: bytes, names: list[bytes]) -> bytes:
-    """`head` without the fields called `names` (lower case)."""
-    lines = head.split(CRLF)
-    drop = set(names)
-    kept = [lines[0]]
-    for line in lines[1:]:
-        colon = line.find(b":")
-        if colon < 0 or line[:colon].lower() not in drop:
-            kept.append(line)
-    return CRLF.join(kept)
-
-
-def _without_hop_fields(head: bytes, matches: list[re.Match[bytes]], named: list[bytes]) -> bytes:
-    """`head` without its hop-by-hop fields (`matches`, from _HOP_FIELD) and the fields its
-    Connection fields `named`."""
-    if not matches:
-        return head
-    pieces = []
-    pos = 0
-    for m in matches:
-        pieces.append(head[pos:m.start()])
-        pos = m.end()
-    pieces.append(head[pos:])
-    head = b"".join(pieces)  # as _HOP_FIELD.sub(b"", head), without a second scan
-    return _drop_fields(head, named) if named else head
-
-
-def _is_keep_alive(m: re.Match[bytes]) -> bool:
-    """A _HOP_FIELD match that is "Connection: keep-alive" (any case, any spacing)."""
-    return m.group(1).lower() == b"connection" and m.group(2).strip().lower() == b"keep-alive"
-
-
-def _announces_body(head: bytes) -> bool:
-    """A response head (to HEAD) that gives a non-zero Content-Length."""
-    m = _CONTENT_LENGTH.search(head)
-    return m is not None and int(m.group(1)) != 0
-
-
 def _describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
     return str(e) or type(e).__name__
-
-
-# The response head is forwarded as the server wrote it, minus the hop-by-hop fields (RFC 9110
-# §7.6.1), found by one case-insensitive scan; but a server's "Connection: keep-alive" that is its
-# only one goes as it came to a client kept alive over HTTP/1.1 (it holds for that hop too), on
-# both paths: the head relayed unparsed (_fast_response) and the parser's.
-_HOP_FIELD = re.compile(
-    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|proxy-authenticate)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*(?=\r)", re.IGNORECASE)
-# Final statuses without a body (RFC 9110 §6.4.1): left to the parser.
-_NO_BODY = frozenset((b"204", b"304"))
-# A response head larger than this is refused (502): bounds what one upstream read buffers.
-MAX_RESPONSE_HEAD = 64 * 1024
-
-
-class _Validator:
-    """llhttp with no callback but the end of a message: checks a response the fast path relays
-    unparsed (RFC 9112 syntax: CRLF only, no obs-fold, no space before a colon, no control
-    bytes, one framing) for the cost of llhttp's C scan, ~0.5 us."""
-
-    __slots__ = ("done", "parser")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.parser: Any = httptools.HttpResponseParser(self)
-
-    def on_message_complete(self) -> None:
-        self.done = True
 
 
 class UpstreamConnection(asyncio.Protocol, Generic[Req]):
@@ -240,12 +69,12 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
         "pp_key", "read_paused", "req", "reused", "status",
         "transport", "tunnel", "validator", "vframe", "vhead", "want_head")
 
-    def __init__(self, pool: ConnPool) -> None:
+    def __init__(self, pool: PoolForUpstream) -> None:
         self.pool = pool
         self.outbox = pool.outbox
         self.transport: asyncio.Transport | None = None
         self.parser: Any = httptools.HttpResponseParser(self)
-        self.validator = _Validator()
+        self.validator = Validator()
         self.vhead = b""  # the last response head (with its blank line) the validator passed
         # What the fast path derived from `vhead`: its Content-Length, the hop-by-hop spans to cut,
         # whether the only one is "Connection: keep-alive", and the status. A function of the
@@ -390,7 +219,7 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
             except httptools.HttpParserError:
                 v.done = False
             if not v.done:
-                self.validator = _Validator()  # the parser's path answers (502) or relays it
+                self.validator = Validator()  # the parser's path answers (502) or relays it
                 return False
             self.vhead = data[:end + 4]
             self.vframe = (clen, cuts, ka_only, code)

@@ -714,34 +714,29 @@ def cpu_verdict(table: dict[tuple[str, str, int], Cell], size: str, conns: int, 
     return lb.cpu_us_per_req / ng.cpu_us_per_req
 
 
-def round_cpu_ratios(all_cells: Sequence[Cell], size: str, conns: int, peer: str
-                     ) -> list[float]:
-    """lbproxy/`peer` CPU per request of each round (side-by-side measurements)."""
+def round_pairs(all_cells: Sequence[Cell], size: str, conns: int, peer: str = "nginx"
+                ) -> list[tuple[Cell, Cell]]:
+    """(lbproxy, `peer`) of each round in one cell: the two measurements made next to each other
+    (the verdicts use the ratio of the medians; these show how much it moved)."""
     by_round: dict[int, dict[str, Cell]] = {}
     for c in all_cells:
         if (c.size, c.conns) == (size, conns) and not c.error:
             by_round.setdefault(c.round, {})[c.proxy] = c
-    out = []
-    for rnd in sorted(by_round):
-        lb, ng = by_round[rnd].get("lbproxy"), by_round[rnd].get(peer)
-        if lb and ng and ng.cpu_us_per_req:
-            out.append(lb.cpu_us_per_req / ng.cpu_us_per_req)
-    return out
+    pairs = [(r.get("lbproxy"), r.get(peer)) for _, r in sorted(by_round.items())]
+    return [(lb, ng) for lb, ng in pairs if lb is not None and ng is not None]
+
+
+def round_cpu_ratios(all_cells: Sequence[Cell], size: str, conns: int, peer: str
+                     ) -> list[float]:
+    """lbproxy/`peer` CPU per request of each round."""
+    return [lb.cpu_us_per_req / ng.cpu_us_per_req
+            for lb, ng in round_pairs(all_cells, size, conns, peer) if ng.cpu_us_per_req]
 
 
 def round_ratios(all_cells: Sequence[Cell], size: str, conns: int) -> list[tuple[float, float]]:
-    """lbproxy/nginx (req/s, p99) of each round, from the two measurements made next to each
-    other in it (the verdict uses the ratio of the medians; these show how much it moved)."""
-    by_round: dict[int, dict[str, Cell]] = {}
-    for c in all_cells:
-        if (c.size, c.conns) == (size, conns) and not c.error:
-            by_round.setdefault(c.round, {})[c.proxy] = c
-    out = []
-    for rnd in sorted(by_round):
-        lb, ng = by_round[rnd].get("lbproxy"), by_round[rnd].get("nginx")
-        if lb and ng and ng.rps and ng.p99_us:
-            out.append((lb.rps / ng.rps, lb.p99_us / ng.p99_us))
-    return out
+    """lbproxy/nginx (req/s, p99) of each round."""
+    return [(lb.rps / ng.rps, lb.p99_us / ng.p99_us)
+            for lb, ng in round_pairs(all_cells, size, conns) if ng.rps and ng.p99_us]
 
 
 def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
@@ -776,19 +771,19 @@ def print_table(table: dict[tuple[str, str, int], Cell], proxies: Sequence[str],
                       + ", p99 " + " ".join(f"x{b:.2f}" for _, b in per_round))
         else:
             print(f"{'':12} lbproxy/nginx: {v}")
-        cr = cpu_verdict(table, size, conns, "nginx")
+        cpu: dict[str, float | None] = {}
+        for peer, what in (("nginx", f"(bar <= {MAX_CPU_RATIO})"),
+                           ("nginx-bare", "(a reading: nginx without rules and log)")):
+            cpu[peer] = r = cpu_verdict(table, size, conns, peer)
+            if r is None:
+                continue
+            tag = f" -> {'PASS' if r <= MAX_CPU_RATIO else 'FAIL'}" if peer == "nginx" else ""
+            rounds = round_cpu_ratios(all_cells, size, conns, peer)
+            each = (" (rounds " + " ".join(f"x{a:.2f}" for a in rounds) + ")"
+                    if len(rounds) > 1 else "")
+            print(f"{'':12} lbproxy/{peer} CPU per request: x{r:.2f} {what}{tag}{each}")
+        cr, crb = cpu["nginx"], cpu["nginx-bare"]
         cv = "n/a" if cr is None else "PASS" if cr <= MAX_CPU_RATIO else "FAIL"
-        if cr is not None:
-            rounds = round_cpu_ratios(all_cells, size, conns, "nginx")
-            print(f"{'':12} lbproxy/nginx CPU per request: x{cr:.2f} (bar <= {MAX_CPU_RATIO}) "
-                  f"-> {cv}" + (" (rounds " + " ".join(f"x{a:.2f}" for a in rounds) + ")"
-                                if len(rounds) > 1 else ""))
-        crb = cpu_verdict(table, size, conns, "nginx-bare")
-        if crb is not None:
-            rounds = round_cpu_ratios(all_cells, size, conns, "nginx-bare")
-            print(f"{'':12} lbproxy/nginx-bare CPU per request: x{crb:.2f} (a reading: nginx "
-                  "without rules and log)" + (" (rounds " + " ".join(f"x{a:.2f}" for a in rounds)
-                                               + ")" if len(rounds) > 1 else ""))
         verdicts.append({"size": size, "conns": conns, "rps_ratio": rr, "p99_ratio": pr,
                          "verdict": v, "cpu_ratio": cr, "cpu_verdict": cv,
                          "cpu_ratio_bare": crb})

@@ -60,48 +60,7 @@ RIGS = {"pinned": str(hb.PROXY_CORE), "shared": f"{hb.PROXY_CORE},{hb.RIG_CORE}"
 PATH, SIZE = hb.SIZES["100B"]
 PIPELINE_DEPTH = 64  # requests per wrk write in the pipelined variant
 PIPELINE_SCRIPT = BENCH_DIR / "peers" / "pipeline.lua"
-PIPELINE_BODY = b"ok\n"
-# The pipelined variant's servers: a 3-byte answer of their own, no backend, no log.
-NGINX_LOCAL = """worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 60s;
-    client_body_temp_path {d}/tmp;
-    proxy_temp_path {d}/tmp;
-    fastcgi_temp_path {d}/tmp;
-    uwsgi_temp_path {d}/tmp;
-    scgi_temp_path {d}/tmp;
-    server {{
-        listen 127.0.0.1:{port};
-        default_type text/plain;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
-LBPROXY_LOCAL = """state_dir = "{d}/state"
-[admin]
-enabled = false
-[access_log]
-enabled = false
-
-[[vs]]
-name = "local"
-listen = "127.0.0.1:{port}"
-content_switching = true
-timeouts = {{ idle = 60.0 }}
-limits = {{ max_connections = 100000 }}
-[vs.health_check]
-type = "none"
-  [[vs.subvs]]
-  name = "fixed"
-  rules = ["default"]
-  not_available = {{ status = 200, body = "ok\\n", content_type = "text/plain" }}
-"""
+PIPELINE_BODY = b"ok\n"  # tls_bench's answer
 CONNECTIONS = 64  # tls_bench.run_wrk_https has the same fixed 64
 THREADS = 1
 MIN_PEER_RATIO = 0.9  # lbproxy/nginx req/s at equal worker counts
@@ -228,48 +187,37 @@ def start_http(proxy: str, workers: int, cores: str, d: Path, backend_port: int,
     return replace(server, port=port)
 
 
-def start_https(proxy: str, workers: int, cores: str, d: Path, args: argparse.Namespace
-                ) -> Server:
-    """tls_bench's servers (TLS terminated, a 3-byte answer of their own), given `workers`.
+def start_answering(proxy: str, workers: int, cores: str, d: Path, args: argparse.Namespace,
+                    *, tls: bool = True) -> Server:
+    """tls_bench's servers (a 3-byte answer of their own), given `workers`; with `tls` False the
+    same servers over plain HTTP (the pipelined variant: tls_bench's configs less their TLS).
     `d` holds tls_bench's certificate files and state directory."""
     port = hb.free_port()
+    listen = f"{port} ssl;" if tls else f"{port};"
     if proxy == "nginx":
         text = tb.NGINX_CONF.format(workdir=d, port=port, ciphers=tb.CIPHERS)
         text = _replace_once(text, "worker_processes 1;", f"worker_processes {workers};")
+        if not tls:
+            text = _replace_once(text, f"{port} ssl;", listen)
+            text = "\n".join(line for line in text.split("\n") if "ssl_" not in line)
         if workers > 1 and not args.nginx_shared_socket:
-            text = _replace_once(text, f"{port} ssl;", f"{port} ssl reuseport;")
+            text = _replace_once(text, listen, listen[:-1] + " reuseport;")
         conf = d / "nginx.conf"
         argv = ["nginx", "-c", str(conf), "-p", str(d)]
     else:
         text = tb.LBPROXY_CONF.format(workdir=d, port=port, ciphers=tb.CIPHERS)
+        if not tls:
+            text = _replace_once(text, 'protocol = "https"\n', "")
+            text = _replace_once(
+                text, f'tls = {{ certificates = ["bench"], ciphers = "{tb.CIPHERS}" }}\n', "")
         text = f"workers = {workers}\n" + text  # explicit: lbproxy's default is a worker per core
         conf = d / "lbproxy.toml"
         argv = [str(tb.LBPROXY), "run", "-c", str(conf), "--log-level", "warning"]
     conf.write_text(text)
-    server = _launch(proxy, argv, cores, d, args, _expected(proxy, workers),
-                     lambda p: tb.wait_ready(p, port), None)
-    return replace(server, port=port)
-
-
-def start_local(proxy: str, workers: int, cores: str, d: Path, args: argparse.Namespace
-                ) -> Server:
-    """The pipelined variant's servers: plain HTTP, a 3-byte page of their own."""
-    (d / "tmp").mkdir(parents=True)
-    port = hb.free_port()
-    if proxy == "nginx":
-        text = NGINX_LOCAL.format(d=d, port=port)
-        text = _replace_once(text, "worker_processes 1;", f"worker_processes {workers};")
-        if workers > 1 and not args.nginx_shared_socket:
-            text = _replace_once(text, f"{port};", f"{port} reuseport;")
-        conf = d / "nginx.conf"
-        argv = ["nginx", "-c", str(conf), "-p", str(d)]
-    else:
-        text = f"workers = {workers}\n" + LBPROXY_LOCAL.format(d=d, port=port)
-        conf = d / "lbproxy.toml"
-        argv = [str(hb.LBPROXY), "run", "-c", str(conf), "--log-level", "warning"]
-    conf.write_text(text)
-    server = _launch(proxy, argv, cores, d, args, _expected(proxy, workers),
-                     lambda p: hb.wait_ready(p, port, "/", len(PIPELINE_BODY)), None)
+    ready: Callable[[hb.Proc], None] = (
+        (lambda p: tb.wait_ready(p, port)) if tls
+        else (lambda p: hb.wait_ready(p, port, "/", len(PIPELINE_BODY))))
+    server = _launch(proxy, argv, cores, d, args, _expected(proxy, workers), ready, None)
     return replace(server, port=port)
 
 
@@ -391,10 +339,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> list[Sample]:
                 try:
                     if variant == "http":
                         server = start_http(proxy, workers, RIGS[rig], d, backend_port, args)
-                    elif variant == "pipelined":
-                        server = start_local(proxy, workers, RIGS[rig], d, args)
-                    else:
-                        server = start_https(proxy, workers, RIGS[rig], tls_dir, args)
+                    else:  # the servers answer themselves, over TLS or (pipelined) not
+                        server = start_answering(proxy, workers, RIGS[rig], tls_dir, args,
+                                                 tls=variant == "https")
                 except RuntimeError as e:
                     why = str(e)[:2000]
                     if proxy == "lbproxy" and workers > 1:  # not landed or rejected: once

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -102,25 +102,28 @@ def _vs_map(stats: Mapping[str, Any]) -> Mapping[str, Any]:
     return vss if isinstance(vss, Mapping) else {}
 
 
+_F = TypeVar("_F", CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
+
+
 class Families:
     """Metric families created on first use, so only present stats keys are exported."""
 
     def __init__(self) -> None:
         self.items: dict[str, Metric] = {}
 
-    def counter(self, name: str, doc: str, labels: tuple[str, ...]) -> CounterMetricFamily:
+    def family(self, kind: type[_F], name: str, doc: str, labels: tuple[str, ...]) -> _F:
+        """The family `name` of class `kind`, made on first use."""
         m = self.items.get(name)
         if m is None:
-            m = self.items[name] = CounterMetricFamily(name, doc, labels=labels)
-        assert isinstance(m, CounterMetricFamily)
+            m = self.items[name] = kind(name, doc, labels=labels)
+        assert isinstance(m, kind)
         return m
 
+    def counter(self, name: str, doc: str, labels: tuple[str, ...]) -> CounterMetricFamily:
+        return self.family(CounterMetricFamily, name, doc, labels)
+
     def gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> GaugeMetricFamily:
-        m = self.items.get(name)
-        if m is None:
-            m = self.items[name] = GaugeMetricFamily(name, doc, labels=labels)
-        assert isinstance(m, GaugeMetricFamily)
-        return m
+        return self.family(GaugeMetricFamily, name, doc, labels)
 
     def numbers(self, prefix: str, label_names: tuple[str, ...], labels: list[str],
                 node: Mapping[str, Any], table: tuple[tuple[str, str, str, str], ...]) -> None:
@@ -136,11 +139,7 @@ class Families:
             fam.add_metric(labels, v)
 
     def histogram(self, name: str, doc: str, labels: tuple[str, ...]) -> HistogramMetricFamily:
-        m = self.items.get(name)
-        if m is None:
-            m = self.items[name] = HistogramMetricFamily(name, doc, labels=labels)
-        assert isinstance(m, HistogramMetricFamily)
-        return m
+        return self.family(HistogramMetricFamily, name, doc, labels)
 
 
 def _traffic(f: Families, level: str, labels: list[str], node: Mapping[str, Any]) -> None:

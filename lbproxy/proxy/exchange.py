@@ -391,7 +391,7 @@ class Exchange(ClientState):
         # A request without a body answered from its head (a local answer) is not `complete`
         # yet, but llhttp ends it in this same callback chain: nothing of it is left to discard.
         if (self.paused or not req.keep_alive or self.closing or self.queue or self.in_head
-                or not (req.complete or not (req.has_body or req.rebody))):
+                or (not req.complete and (req.has_body or req.rebody))):
             self._finish_slow(req)
             return
         self._wait_idle(now)

@@ -49,7 +49,8 @@ DEFAULT_SHARE = 0.9
 BATCH = 100                 # connections opened at once (bounds the upstream connections made)
 REQUEST = b"GET /bench/100 HTTP/1.1\r\nHost: bench\r\n\r\n"
 ANSWER_TIMEOUT = 10.0
-SETTLE = 1.0                # seconds after the last connection before RSS is read
+SETTLE = 3.0                # seconds after the last connection before RSS is read (an idle
+                            # lbproxy connection gives back its parser after 1-2 s)
 SAMPLE = 200                # connections asked a second request at the end
 
 

@@ -67,6 +67,7 @@ from .clientstate import (
     D_FIRST_BYTE,
     D_HEAD,
     D_IDLE,
+    D_IDLE_HELD,
     D_REQUEST,
     D_TUNNEL,
     P_BUFFER,
@@ -86,6 +87,11 @@ if TYPE_CHECKING:
     from .request import Request
     from .service import Listener
     from .upstream import UpstreamConnection
+
+# A client address's bytes and X-Forwarded-For line, made once and shared by the connections of
+# one client (~100 bytes each otherwise); emptied when full.
+_NAMED: dict[str, tuple[bytes, bytes]] = {}
+_NAMED_MAX = 4096
 
 
 class ClientConnection(RequestParsing):
@@ -141,8 +147,13 @@ class ClientConnection(RequestParsing):
     def _name_client(self, ip: str) -> None:
         """The client's address as rules (src_ip), logs and X-Forwarded-For see it."""
         self.src_ip = ip
-        self.ip_b = ip.encode("latin-1")
-        self.xff_b = b"X-Forwarded-For: " + self.ip_b + CRLF
+        named = _NAMED.get(ip)
+        if named is None:
+            if len(_NAMED) >= _NAMED_MAX:
+                _NAMED.clear()
+            ip_b = ip.encode("latin-1")
+            named = _NAMED[ip] = (ip_b, b"X-Forwarded-For: " + ip_b + CRLF)
+        self.ip_b, self.xff_b = named
 
     def refuse_proxy(self, why: str) -> None:
         """A PROXY header refused (or missing): logged, counted, closed."""
@@ -226,13 +237,16 @@ class ClientConnection(RequestParsing):
         self.nread += len(data)
         if self.upgraded or self.paused & P_STOP:
             if self.upgraded and not self.paused & P_STOP:
-                self.raw.append(data)
+                self._hold_raw(data)
                 self.pause(P_UPGRADE)
             return
+        parser = self.parser
+        if parser is None:  # released while the connection idled (clientstate.py, D_IDLE_HELD)
+            parser = self.parser = httptools.HttpRequestParser(self)
         self.feeding = True
         try:
             try:
-                self.parser.feed_data(data)
+                parser.feed_data(data)
             except httptools.HttpParserUpgrade as e:
                 req = self.req
                 if req is None or not req.rebody:
@@ -251,7 +265,7 @@ class ClientConnection(RequestParsing):
             rest = data[e.args[0]:]
             self.upgraded = True
             if rest:
-                self.raw.append(rest)
+                self._hold_raw(rest)
             self.pause(P_UPGRADE)
         except httptools.HttpParserError as e:
             status = self.reject or 400
@@ -274,7 +288,7 @@ class ClientConnection(RequestParsing):
             self._flush_out()
         if self.in_head:
             req = self.req
-            if req is not None and self.cur is None and self.dkind == D_IDLE:
+            if req is not None and self.cur is None and self.dkind in (D_IDLE_HELD, D_IDLE):
                 # A head begun after a keep-alive wait: t_head from its first byte (nginx's
                 # keepalive_timeout, then client_header_timeout). The first head of a connection,
                 # or one begun before the previous response ended, keeps the deadline set then.
@@ -287,10 +301,18 @@ class ClientConnection(RequestParsing):
             if req is self.cur or req.discard:
                 self._await_body(req)  # a body being read: the client has t_body for more
 
+    def _hold_raw(self, data: bytes) -> None:
+        """Bytes after an Upgrade head: the new protocol's, kept for the tunnel (start_tunnel)."""
+        if self.raw is None:
+            self.raw = []
+        self.raw.append(data)
+
     # -- deadlines (called by the listener's sweep) -------------------------------------------
 
     def on_timeout(self, now: float) -> None:
         kind = self.dkind
+        if kind == D_IDLE_HELD and self._release_parser(now):
+            return  # still within t_idle
         self._no_deadline()
         cur = self.cur
         limits = self.listener.counters.limits
@@ -329,7 +351,7 @@ class ClientConnection(RequestParsing):
                     self._close()
         elif kind == D_HEAD and cur is None:
             self._bad(408, "head_timeout")
-        elif kind in (D_IDLE, D_TUNNEL, D_HEAD):
+        elif kind in (D_IDLE_HELD, D_IDLE, D_TUNNEL, D_HEAD):
             limits["head_timeout" if kind == D_HEAD else "idle_timeout"] += 1
             self._close()
 

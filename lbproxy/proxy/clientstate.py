@@ -46,6 +46,7 @@ D_FIRST_BYTE = 3  # waiting for the response head -> 504
 D_TUNNEL = 4  # an idle WebSocket/Upgrade tunnel -> close
 D_REQUEST = 5  # a whole exchange took too long (a stalled upload or download) -> 408/504/abort
 D_BODY = 6  # reading a request body: no bytes for t_body (or the whole exchange too long) -> 408
+D_IDLE_HELD = 7  # keep-alive idle, the request parser still held -> release it, then D_IDLE
 
 # The status logged for a request whose client went away before any response (nginx's 499).
 CLIENT_CLOSED = 499
@@ -71,6 +72,7 @@ class ClientState(asyncio.Protocol):
         self.listener = listener
         self.loop = listener.loop
         self.outbox = listener.outbox
+        # None while a keep-alive connection idles (D_IDLE_HELD, above): data_received remakes it.
         self.parser: Any = httptools.HttpRequestParser(self)
         self.src_ip = ""
         self.ip_b = b""
@@ -97,7 +99,7 @@ class ClientState(asyncio.Protocol):
         self.out: list[bytes] = []
         self.tunnel: UpstreamConnection[Request] | None = None
         self.upgraded = False
-        self.raw: list[bytes] = []
+        self.raw: list[bytes] | None = None  # read after an Upgrade head, before the 101
         self.in_head = False
         self.head_bytes = 0
         self.reject = 0
@@ -152,9 +154,29 @@ class ClientState(asyncio.Protocol):
         self.dkind = D_HEAD
 
     def _wait_idle(self, now: float) -> None:
-        """Keep-alive: nothing of the next request yet."""
+        """Keep-alive: nothing of the next request yet (an HTTP/2 session, or the rest of an
+        HTTP/1.1 idle spell once its parser is released)."""
         self.deadline = now + self.listener.service.t_idle
         self.dkind = D_IDLE
+
+    def _keep_alive(self, now: float) -> None:
+        """HTTP/1.1 keep-alive: nothing of the next request yet, the parser held for t_hold
+        (on_timeout releases it and waits out the rest of t_idle)."""
+        self.deadline = now + self.listener.service.t_hold
+        self.dkind = D_IDLE_HELD
+
+    def _release_parser(self, now: float) -> bool:
+        """The first t_hold of a keep-alive wait passed: release the parser if no request has
+        begun, and wait out the rest of t_idle. False when t_idle is over too."""
+        if self.req is None and not self.in_head:
+            self.parser = None  # data_received makes one at the next byte
+        svc = self.listener.service
+        deadline = self.deadline + (svc.t_idle - svc.t_hold)
+        if deadline <= now:
+            return False
+        self.deadline = deadline
+        self.dkind = D_IDLE
+        return True
 
     def _wait_tunnel(self, now: float) -> None:
         """An Upgrade tunnel (WebSocket): websocket_idle, pushed back by the bytes through it
@@ -192,6 +214,8 @@ class ClientState(asyncio.Protocol):
         svc = self.listener.service
         if kind == D_IDLE:
             return self.deadline - svc.t_idle
+        if kind == D_IDLE_HELD:
+            return self.deadline - svc.t_hold
         if kind == D_HEAD and self.cur is None:
             return self.deadline - svc.t_head
         if kind == D_BODY:

@@ -325,8 +325,8 @@ class Exchange(ClientState):
         self._record(req)
         self.cur = None
         self.tunnel = up
-        raw, self.raw = self.raw, []
-        for chunk in raw:
+        raw, self.raw = self.raw, None
+        for chunk in raw or ():
             up.write(chunk)
         self._wait_tunnel(now)
         self.resume(P_UPGRADE | P_PIPELINE)
@@ -394,7 +394,7 @@ class Exchange(ClientState):
                 or (not req.complete and (req.has_body or req.rebody))):
             self._finish_slow(req)
             return
-        self._wait_idle(now)
+        self._keep_alive(now)
 
     def _finish_slow(self, req: Request) -> None:
         if self.paused & P_UPSTREAM:
@@ -436,7 +436,7 @@ class Exchange(ClientState):
             if self.in_head:
                 self._wait_head(now)
             else:
-                self._wait_idle(now)
+                self._keep_alive(now)
 
     def _cut(self, req: Request, status: int, key: str) -> None:
         """End the exchange of `req` (the one being answered) early: its upstream connection is

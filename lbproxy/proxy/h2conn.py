@@ -110,6 +110,7 @@ class ALPNClientConnection(ClientConnection):
             return
         session = H2Session(self, cast(asyncio.Transport, transport))
         self.h2 = session
+        self.parser = None  # HTTP/1.1's, never used by this connection now
         transport.set_protocol(session)
         session.start()
 

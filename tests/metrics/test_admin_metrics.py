@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy.admin import api as admin_api
-from lbproxy.admin import create_app, load_or_create_token, start_admin
+from lbproxy.admin import create_app, load_or_create_token, start_admin, views
 from lbproxy.admin.cli import main as cli_main
 from lbproxy.admin.server import AdminServer
 from lbproxy.certs import CertStore, config_usage
@@ -205,7 +205,7 @@ async def test_requests_per_second_from_successive_samples(env: Env) -> None:
             assert resp.status == 200
     rates = meter.rates(2.0, request_counters(env.dataplane.stats()))
     assert rates["web"] == 2.0 and rates["web/rest"] == 2.0
-    rows = admin_api.services_status(
+    rows = views.services_status(
         parse_config(env.config.read_text(), base=env.config.parent).virtual_services,
         env.dataplane.stats(), rates)
     assert rows[0]["requests_per_s"] == 2.0
@@ -214,9 +214,9 @@ async def test_requests_per_second_from_successive_samples(env: Env) -> None:
 async def test_status_says_not_listening_when_the_socket_is_gone(env: Env) -> None:
     """`listening` in the status comes from the socket, not from the VS having stats."""
     vss = parse_config(env.config.read_text(), base=env.config.parent).virtual_services
-    rows = admin_api.services_status(vss, env.dataplane.stats(), {})
+    rows = views.services_status(vss, env.dataplane.stats(), {})
     assert rows[0]["listening"] is True
     stats = env.dataplane.stats()
     stats["virtual_services"]["web"]["listening"] = False  # as the data plane reports a dead one
-    rows = admin_api.services_status(vss, stats, {})
+    rows = views.services_status(vss, stats, {})
     assert rows[0]["listening"] is False and rows[0]["connections"] is not None

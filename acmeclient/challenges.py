@@ -30,7 +30,7 @@ _VALIDATION_CERT_SLACK = datetime.timedelta(days=7)
 
 
 class ChallengeResponder(Protocol):
-    """What answers one challenge type for the order machine's shell (client.py). A responder
+    """What answers one challenge type for the order machine's shell (shell.py). A responder
     may carry a `challenge_type` attribute (one of CHALLENGE_TYPES); without one it answers
     http-01 (every responder written before the attribute existed). `domain` is the
     authorization's identifier: a wildcard's "*." is already gone (the command says `wildcard`)."""

@@ -1,11 +1,15 @@
-"""Typed async ACME operations (RFC 8555, 9773, profiles, EAB); the only module awaiting the CA."""
+"""Typed async ACME operations (RFC 8555, 9773, profiles, EAB): AcmeClient, one account at one CA.
+
+It alone holds the account key and signs requests; running an order's authorizations is left to
+the asyncio shell in shell.py, which reaches the CA only through the client's signed POST.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,13 +29,11 @@ from acmeclient.crypto import (
     split_pem_chain,
 )
 from acmeclient.errors import (
-    AcmeError,
     AcmeProblem,
     ClientStateError,
     Identifier,
     MalformedResponseError,
     RateLimitedError,
-    ResponderError,
 )
 from acmeclient.jws import JwsKey, b64url, external_account_binding
 from acmeclient.messages import (
@@ -42,25 +44,8 @@ from acmeclient.messages import (
     NewOrder,
     Order,
 )
-from acmeclient.order import (
-    AuthorizationFetched,
-    ChallengePresented,
-    ChallengeResponded,
-    CleanupChallenge,
-    Command,
-    CommandFailed,
-    Event,
-    FetchAuthorization,
-    FinalizeOrder,
-    OrderDone,
-    OrderFailed,
-    OrderMachine,
-    OrderUpdated,
-    PollOrder,
-    PollPolicy,
-    PresentChallenge,
-    RespondChallenge,
-)
+from acmeclient.order import OrderMachine, PollPolicy
+from acmeclient.shell import drive_order
 from acmeclient.transport import (
     DEFAULT_BAD_NONCE_RETRIES,
     DEFAULT_REQUEST_TIMEOUT,
@@ -117,15 +102,6 @@ class IssuedCertificate:
     chain_pem: str
     key_pem: bytes
     account_url: str
-
-
-@dataclass(slots=True)
-class _Shell:
-    """Per-order bookkeeping of the asyncio shell around OrderMachine."""
-
-    # events for the machine; a non-ACME exception (a bug, a broken responder) ends the order
-    events: asyncio.Queue[Event | Exception] = field(default_factory=asyncio.Queue)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class AcmeClient:
@@ -337,100 +313,7 @@ class AcmeClient:
             raise ClientStateError(str(exc)) from None
         machine = OrderMachine(order.url, order.order, self.thumbprint, csr_der, self._poll,
                                challenge_type=kind)
-        return await self._drive(machine, responder)
-
-    async def _drive(self, machine: OrderMachine, responder: ChallengeResponder) -> Order:
-        loop = asyncio.get_running_loop()
-        shell = _Shell()
-        cleanups: list[CleanupChallenge] = []
-
-        async def run(cmd: Command) -> None:
-            try:
-                event = await self._execute(cmd, responder)
-            except AcmeError as exc:
-                event = CommandFailed(exc)
-            except Exception as exc:  # handed to the driver, which re-raises it
-                shell.events.put_nowait(exc)
-                return
-            shell.events.put_nowait(event)
-
-        async def stop_tasks() -> None:
-            for task in shell.tasks:
-                task.cancel()
-            await asyncio.gather(*shell.tasks, return_exceptions=True)
-
-        cmds = machine.start(loop.time())
-        try:
-            while True:
-                for cmd in cmds:
-                    if isinstance(cmd, CleanupChallenge):
-                        cleanups.append(cmd)
-                    elif isinstance(cmd, OrderDone | OrderFailed):
-                        await stop_tasks()
-                        await self._cleanup(responder, cleanups)
-                        cleanups.clear()
-                        if isinstance(cmd, OrderFailed):
-                            raise cmd.error
-                        return cmd.order
-                    else:
-                        task = asyncio.create_task(run(cmd))
-                        shell.tasks.add(task)
-                        task.add_done_callback(shell.tasks.discard)
-                if cleanups:  # all authorizations valid: the challenges can go now
-                    await self._cleanup(responder, cleanups)
-                deadline = machine.next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline - loop.time())
-                try:
-                    async with asyncio.timeout(timeout):
-                        event = await shell.events.get()
-                except TimeoutError:
-                    cmds = machine.handle_timer(loop.time())
-                    continue
-                if isinstance(event, Exception):
-                    raise event
-                cmds = machine.handle(event, loop.time())
-        finally:
-            await stop_tasks()
-            await self._cleanup(responder, cleanups)
-
-    async def _cleanup(self, responder: ChallengeResponder,
-                       cmds: list[CleanupChallenge]) -> None:
-        for cmd in cmds:
-            try:
-                await responder.cleanup(cmd.domain, cmd.token)
-            except Exception:  # cleanup is best effort; the order's outcome matters more
-                logger.exception("%s cleanup failed for %s", responder_type(responder),
-                                 cmd.domain)
-        cmds.clear()
-
-    async def _execute(self, cmd: Command, responder: ChallengeResponder) -> Event:
-        if isinstance(cmd, FetchAuthorization):
-            resp = await self._post_as_get(cmd.url)
-            return AuthorizationFetched(
-                cmd.url, Authorization.from_json(resp.json()), resp.retry_after
-            )
-        if isinstance(cmd, PresentChallenge):
-            try:
-                await responder.present(cmd.domain, cmd.token, cmd.key_authorization)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                raise ResponderError(
-                    f"{cmd.challenge_type} responder failed for {cmd.domain}: {exc}"
-                ) from exc
-            return ChallengePresented(cmd.authz_url, cmd.challenge_url)
-        if isinstance(cmd, RespondChallenge):
-            resp = await self._post(cmd.challenge_url, {})
-            return ChallengeResponded(
-                cmd.authz_url, Challenge.from_json(resp.json()), resp.retry_after
-            )
-        if isinstance(cmd, FinalizeOrder):
-            resp = await self._post(cmd.url, {"csr": b64url(cmd.csr_der)})
-            return OrderUpdated(Order.from_json(resp.json()), resp.retry_after)
-        if isinstance(cmd, PollOrder):
-            resp = await self._post_as_get(cmd.url)
-            return OrderUpdated(Order.from_json(resp.json()), resp.retry_after)
-        raise ClientStateError(f"shell cannot execute {type(cmd).__name__}")
+        return await drive_order(machine, responder, self._post)
 
     # ---- the high-level call lbproxy uses
 

@@ -19,11 +19,11 @@ from ..routing import Router, compile_router
 from ..runtime import Runtime, new_generation, off_loop
 from ..servercontrol import ServerTable
 from .accesslog import AccessLog
+from .alpn import ALPNClientConnection
 from .balancer import Balancer
 from .client import ClientConnection
 from .connpool import ConnPool, PoolKey
 from .errors import ListenError
-from .h2conn import ALPNClientConnection
 from .health import HealthMonitor
 from .outbox import Outbox
 from .pptls import ProxyTLSServer

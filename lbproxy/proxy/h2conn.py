@@ -1,13 +1,9 @@
-"""HTTP/2 to clients: the connection that chooses its protocol after ALPN, and the session that
-speaks HTTP/2 (h2 for framing and HPACK) and owns flow control, stream limits and the defences
-against HTTP/2's known attacks. Each stream is relayed as one HTTP/1.1 exchange (h2stream.py).
+"""HTTP/2 to clients: the session that speaks HTTP/2 (h2 for framing and HPACK) and owns flow
+control, stream limits and the defences against HTTP/2's known attacks. Each stream is relayed as
+one HTTP/1.1 exchange (h2stream.py).
 
-An HTTPS VS with `http2 = true` offers ALPN "h2" before "http/1.1" and accepts connections as
-`ALPNClientConnection`: a `ClientConnection` whose `connection_made` reads the protocol the
-handshake chose. HTTP/1.1 stays on the ordinary path untouched; "h2" hands the transport to an
-`H2Session` (`transport.set_protocol`), and the connection object stays in the listener's set as
-the session's handle for the deadline sweep, eviction and drain. The HTTP/1.1 path is not touched:
-only connections that negotiated h2 run any code of this module.
+A connection whose TLS handshake chose "h2" (alpn.py, `ALPNClientConnection`) hands its transport
+to an `H2Session`; only such connections run any code of this module.
 
 Limits (per VS, [vs.http2_limits]; counted in `limit_rejections` under the key given):
 - streams open at once: max_concurrent_streams (SETTINGS_MAX_CONCURRENT_STREAMS, 100); a client
@@ -41,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import h2.config
 import h2.connection
@@ -52,11 +48,9 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from .client import ClientConnection
-from .clienthello import ACME_TLS_ALPN
 from .h2frames import BoundedFrameBuffer, Calm, Decoder
 from .h2stream import HIGH_WATER, LOW_WATER, BadRequest, H2Stream, malformed, request_head
 from .http import error_response
-from .proxyproto import Addresses
 
 if TYPE_CHECKING:
     from ..config.model import HTTP2Limits
@@ -83,63 +77,6 @@ class _Leaky:
         return self.level > cap
 
 
-class ALPNClientConnection(ClientConnection):
-    """A client connection of an HTTPS VS that offers h2: HTTP/1.1 as ever, unless the handshake
-    chose "h2"; then its `H2Session` is the transport's protocol and this object its handle in
-    the listener (deadlines, eviction, drain)."""
-
-    __slots__ = ("h2", "pp_addrs")
-
-    def __init__(self, listener: Any, pp_addrs: Addresses | None = None) -> None:
-        """`pp_addrs`: what the PROXY header read before TLS named (pptls.py), if any."""
-        super().__init__(listener)
-        self.h2: H2Session | None = None
-        self.pp_addrs = pp_addrs
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        super().connection_made(transport)
-        if self.pp_addrs is not None and not self.closed:
-            self.proxied(self.pp_addrs)
-        if ssl_object is None or self.closed:
-            return
-        alpn = ssl_object.selected_alpn_protocol()
-        if alpn != "h2":
-            if alpn == ACME_TLS_ALPN:   # a tls-alpn-01 validator (tls.py): nothing follows
-                self._close()
-            return
-        session = H2Session(self, cast(asyncio.Transport, transport))
-        self.h2 = session
-        self.parser = None  # HTTP/1.1's, never used by this connection now
-        transport.set_protocol(session)
-        session.start()
-
-    def on_timeout(self, now: float) -> None:
-        if self.h2 is not None:
-            self.h2.on_timeout(now)
-        else:
-            super().on_timeout(now)
-
-    def shutdown(self) -> None:
-        if self.h2 is not None:
-            self.h2.shutdown()
-        else:
-            super().shutdown()
-
-    def waiting_since(self) -> float:
-        if self.h2 is not None:
-            return self.h2.waiting_since()
-        return super().waiting_since()
-
-    def evict(self) -> None:
-        if self.h2 is not None:
-            self.listener.conns.discard(self)
-            self.listener.counters.limits["evicted"] += 1
-            self.h2.goaway(ErrorCodes.NO_ERROR)
-        else:
-            super().evict()
-
-
 class StreamConnection(ClientConnection):
     """The HTTP/1.1 side of one HTTP/2 stream (h2stream.py): a ClientConnection whose requests
     say they came over HTTP/2 (the access log shows HTTP/2.0)."""
@@ -157,7 +94,9 @@ class StreamConnection(ClientConnection):
 class H2Session(asyncio.Protocol):
     """One HTTP/2 connection: frames in and out through h2, its streams (H2Stream) and limits."""
 
-    def __init__(self, owner: ALPNClientConnection, transport: asyncio.Transport) -> None:
+    def __init__(self, owner: ClientConnection, transport: asyncio.Transport) -> None:
+        """`owner`: the connection that accepted the client (alpn.ALPNClientConnection), its
+        handle in the listener."""
         self.owner = owner
         self.transport = transport
         self.loop = owner.loop

@@ -8,7 +8,7 @@ module. A connection from a listed source must begin with a v1 or v2 header (pro
 the header is read with MSG_PEEK, and only the bytes it is made of are taken from the socket, so
 the ClientHello behind it (sent in the same segment or not) is left for TLS; then
 `loop.connect_accepted_socket` runs the handshake (asyncio and uvloop alike), and the connection
-(h2conn.ALPNClientConnection) sees the client the header named, as on an HTTP VS (rules, logs,
+(alpn.ALPNClientConnection) sees the client the header named, as on an HTTP VS (rules, logs,
 X-Forwarded-For, send_proxy_protocol). A connection from any other source goes to TLS once its
 first byte shows no PROXY signature (a ClientHello's first byte does), and is refused if it
 begins with one: a client must not choose its own address. Bounds: MAX_V2 bytes (v1: 107); the

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from .accesslog import CUT
+from .counters import LATENCY_BUCKETS
 from .request import Request
-from .service import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from .service import Listener, ServerStats, Service, Target, Traffic
+    from .counters import ServerStats, Traffic
+    from .service import Listener, Service, Target
     from .upstream import UpstreamConnection
 
 # One logger for every layer of the client connection.

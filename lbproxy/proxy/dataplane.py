@@ -23,17 +23,16 @@ from .alpn import ALPNClientConnection
 from .balancer import Balancer
 from .client import ClientConnection
 from .connpool import ConnPool, PoolKey
+from .counters import Counters, TargetCounters
 from .errors import ListenError
 from .health import HealthMonitor
 from .outbox import Outbox
 from .pptls import ProxyTLSServer
 from .service import (
-    Counters,
     Listener,
     Pool,
     PoolFactory,
     Service,
-    TargetCounters,
     build_service,
     needs_router,
 )

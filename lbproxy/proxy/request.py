@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .balancer import Backend
     from .compress import Offer
+    from .counters import ServerStats
     from .headerrules import ResponseEdit
-    from .service import ServerStats, Service, Target
+    from .service import Service, Target
     from .upstream import UpstreamConnection
 
 

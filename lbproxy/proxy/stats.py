@@ -17,11 +17,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .service import LATENCY_BUCKETS, RESPONSE_CLASSES
+from .counters import LATENCY_BUCKETS, RESPONSE_CLASSES
 
 if TYPE_CHECKING:
     from .connpool import ConnPool
-    from .service import Listener, TargetCounters, Traffic
+    from .counters import TargetCounters, Traffic
+    from .service import Listener
 
 
 def dataplane_stats(listeners: Iterable[Listener[Any]],

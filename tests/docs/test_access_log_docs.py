@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from lbproxy.proxy.accesslog import FORMATS, JSON_FIELDS
-from lbproxy.proxy.service import LATENCY_BUCKETS
+from lbproxy.proxy.counters import LATENCY_BUCKETS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

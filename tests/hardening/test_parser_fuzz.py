@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from lbproxy.config.model import Address, Limits, RealServer
 from lbproxy.proxy.client import ClientConnection
 from lbproxy.proxy.connpool import PoolKey
+from lbproxy.proxy.counters import Counters
 from lbproxy.proxy.outbox import Outbox
-from lbproxy.proxy.service import Counters, Listener, PoolFactory, build_service
+from lbproxy.proxy.service import Listener, PoolFactory, build_service
 from lbproxy.proxy.upstream import UpstreamConnection
 
 from ..proxy.conftest import NO_CHECK, make_vs

@@ -16,7 +16,7 @@ from lbproxy.config.model import (
     Timeouts,
 )
 from lbproxy.proxy import DataPlane
-from lbproxy.proxy.service import LIMIT_KEYS
+from lbproxy.proxy.counters import LIMIT_KEYS
 
 from .conftest import NO_CHECK, Client, Upstream, build, make_vs, serve, servers
 

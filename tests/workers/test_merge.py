@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbproxy.config.model import ContentRule, MatchType, NotAvailable, SubVS
 from lbproxy.metrics import MetricsCollector, make_registry, request_counters
 from lbproxy.proxy import DataPlane
-from lbproxy.proxy.service import LATENCY_BUCKETS, LIMIT_KEYS, RESPONSE_CLASSES
+from lbproxy.proxy.counters import LATENCY_BUCKETS, LIMIT_KEYS, RESPONSE_CLASSES
 from lbproxy.workers.merge import merge_stats
 
 from ..proxy.conftest import NO_CHECK, Client, build, make_vs, serve, servers, start_upstream

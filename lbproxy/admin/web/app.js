@@ -1,8 +1,8 @@
 // lbproxy admin page, entry point: login and logout, backup / restore, and the wiring of every
 // form and button. The page is plain ES modules served by the admin listener: no CDN, no build.
 import { $, api, busy, clearErrors, formError, hooks, notice, setFieldError, state } from "./core.js";
-import { addSan, refreshLe, register, renumberSans, requestCert, setDirectory, setPeriod,
-  stopWatching, uploadKey } from "./certs.js";
+import { addSan, challengeChanged, refreshLe, register, renumberSans, requestCert, setDirectory,
+  setPeriod, stopWatching, uploadKey } from "./certs.js";
 import { loadVs } from "./vs.js";
 
 // -- login / logout ----------------------------------------------------------------------------
@@ -124,6 +124,7 @@ async function start() {
   $("#period-form").addEventListener("submit", setPeriod);
   $("#req-form").addEventListener("submit", requestCert);
   $("#san-add").addEventListener("click", () => addSan().focus());
+  $("#req-challenge").addEventListener("change", challengeChanged);
   $("#req-ec").addEventListener("change", ev => { $("#req-size").disabled = ev.target.checked; });
   $("#vs-refresh").addEventListener("click", () => loadVs().catch(e => notice(e.text, true)));
   $("#backup-form").addEventListener("submit", backup);

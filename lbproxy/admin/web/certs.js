@@ -1,6 +1,6 @@
 // lbproxy admin page, the Let's Encrypt Certs screen: directory, account, renew period, the
-// Request New Certificate form (the API's checks mirrored, its errors shown at their field),
-// the order's progress (polled), and the certificate table with Renew, Delete and Assign.
+// Request New Certificate form (challenge type, the API's checks mirrored, its errors shown at
+// their field), the order's progress (polled), and the certificate table with its actions.
 import { $, $$, api, busy, clearErrors, daysLeft, formError, h, notice, setFieldError,
   state, when } from "./core.js";
 import { loadVs, renderVs } from "./vs.js";
@@ -11,6 +11,19 @@ const FQDN_RE = /^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}
 const POLL_MS = 250;                       // while an order runs
 const ORDER_LIMIT_MS = 360000;             // give up watching after this (the order keeps going)
 const SUBJECT = ["country", "state", "city", "company", "unit", "email"];
+// acmeclient.challenges.CHALLENGE_TYPES and each one's VS as letsencrypt/solvers.py checks it:
+// http-01 one eligible for challenges (/api/le/eligible-vs, code 17), tls-alpn-01 an HTTPS one
+// (17.4), dns-01 none ([letsencrypt.dns] instead, code 104). A wildcard: dns-01 only (code 11).
+const CHALLENGES = {
+  "http-01": { vs: "eligible", label: "Virtual Service (HTTP challenge)", san: "",
+    hint: "The CA fetches a token over HTTP (port 80) through each name's Virtual Service." },
+  "tls-alpn-01": { vs: "https", label: "Virtual Service (HTTPS, TLS-ALPN challenge)", san: "",
+    hint: "The CA checks a validation certificate in the TLS handshake on port 443: each " +
+      "name's Virtual Service must be an HTTPS VS that the name's port 443 reaches." },
+  "dns-01": { vs: "", label: "Virtual Service (not needed: the DNS challenge uses none)",
+    san: " (not needed: DNS challenge)", hint: "lbproxy puts a TXT record in the name's zone " +
+      "([letsencrypt.dns] in the config); no Virtual Service is used. Wildcards need it." },
+};
 
 // -- account and settings ----------------------------------------------------------------------
 
@@ -97,17 +110,52 @@ export async function setPeriod(ev) {
 
 // -- request form ------------------------------------------------------------------------------
 
+function challenge() {
+  const c = $("#req-challenge").value;
+  return CHALLENGES[c] ? c : "http-01";
+}
+const needsVs = (ch = challenge()) => Boolean(CHALLENGES[ch].vs);
+
+// A VS drop-down for the challenge type: the VSs that can answer it, required; for dns-01
+// disabled and empty (the choice kept aside for when the type changes back).
 function fillVsSelect(sel) {
-  const keep = sel.value;
-  sel.replaceChildren(h("option", { value: "", text: "choose a Virtual Service" }),
-    ...state.eligible.map(v => h("option", { value: v.name,
+  const need = CHALLENGES[challenge()].vs, keep = sel.value || sel.dataset.keep || "";
+  const choices = need === "eligible" ? state.eligible :
+    need === "https" ? state.vs.filter(v => v.protocol === "https") : [];
+  sel.replaceChildren(h("option", { value: "",
+    text: need ? "choose a Virtual Service" : "none: DNS-01 uses no Virtual Service" }),
+    ...choices.map(v => h("option", { value: v.name,
       text: `${v.name} (${v.protocol} ${v.listen})` })));
-  if (state.eligible.some(v => v.name === keep)) sel.value = keep;
+  sel.disabled = !need;
+  sel.required = Boolean(need);
+  sel.setAttribute("aria-required", String(Boolean(need)));
+  if (!need) {
+    if (keep) sel.dataset.keep = keep;
+  } else {
+    delete sel.dataset.keep;
+    if (choices.some(v => v.name === keep)) sel.value = keep;
+  }
+}
+
+function fillVsSelects() {
+  for (const sel of $$(".vs-select")) fillVsSelect(sel);
 }
 
 async function loadEligible() {
   state.eligible = await api("GET", "/api/le/eligible-vs");
-  for (const sel of $$(".vs-select")) fillVsSelect(sel);
+}
+
+// The challenge type changed: the VS drop-downs, their labels and the hint follow it (an error
+// shown at a VS that is no longer used goes).
+export function challengeChanged() {
+  const c = CHALLENGES[challenge()];
+  $("#req-vs-label").textContent = c.label;
+  $("#hint-req-challenge").textContent = c.hint;
+  $("#sans-legend").textContent = `SAN/UCC names (up to 10${c.vs ?
+    ", each with its Virtual Service)" : "; DNS-01 needs no Virtual Service)"}`;
+  if (!c.vs) for (const sel of $$(".vs-select")) clearErrors(sel.parentElement);
+  fillVsSelects();
+  renumberSans();
 }
 
 export function renumberSans() {
@@ -117,7 +165,8 @@ export function renumberSans() {
     name.id = `san-${n}-name`; vs.id = `san-${n}-vs`;
     const labels = li.querySelectorAll("label");
     labels[0].htmlFor = name.id; labels[0].textContent = `SAN ${n} name`;
-    labels[1].htmlFor = vs.id; labels[1].textContent = `SAN ${n} Virtual Service`;
+    labels[1].htmlFor = vs.id;
+    labels[1].textContent = `SAN ${n} Virtual Service${CHALLENGES[challenge()].san}`;
     const errs = li.querySelectorAll(".field-error");
     errs[0].id = `err-san-${n}-name`; errs[1].id = `err-san-${n}-vs`;
     name.setAttribute("aria-describedby", errs[0].id);
@@ -142,26 +191,44 @@ export function addSan(name = "", vs = "") {
   return input;
 }
 
+// The request body; with dns-01 no VS is sent (the server would keep one without checking it).
 function readRequest() {
   const v = id => $(id).value.trim();
-  const body = { id: v("#req-id"), common_name: v("#req-cn").toLowerCase(), vs: v("#req-vs"),
-    sans: $$("#sans li").map(li => ({ name: li.querySelector("input").value.trim().toLowerCase(),
-                                       vs: li.querySelector("select").value })),
+  const ch = challenge(), needed = needsVs(ch);
+  const body = { id: v("#req-id"), common_name: v("#req-cn").toLowerCase(), challenge: ch,
+    sans: $$("#sans li").map(li => {
+      const san = { name: li.querySelector("input").value.trim().toLowerCase() };
+      if (needed) san.vs = li.querySelector("select").value;
+      return san;
+    }),
     key_type: $("#req-ec").checked ? "ec" : "rsa", wait: false };
+  if (needed) body.vs = v("#req-vs");
   if (body.key_type === "rsa") body.key_size = Number($("#req-size").value);
   for (const k of SUBJECT) if (v(`#req-${k}`)) body[k] = v(`#req-${k}`);
   return body;
 }
 
+// What is wrong with a name for the challenge type, or "": a fully qualified name, or "*." and
+// one with dns-01 only (letsencrypt/checks.py, solvers.check_challenge: code 11).
+function nameProblem(name, ch) {
+  const bare = name.startsWith("*.") ? name.slice(2) : name;
+  if (!FQDN_RE.test(bare)) return `'${name}' is not a fully qualified domain name.`;
+  if (bare !== name && ch !== "dns-01") return `'${name}' is a wildcard name: only the ` +
+    "DNS-01 challenge can prove it; choose DNS-01 (code 11).";
+  return "";
+}
+
 // The API's checks, mirrored: [element, message] for each problem.
 function checkRequest(b) {
   const out = [];
+  const needed = needsVs(b.challenge);
   if (!ID_RE.test(b.id)) out.push([$("#req-id"),
     "The identifier is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."]);
   if (!b.common_name) out.push([$("#req-cn"), "No domain to sign: enter the Common Name (code 18)."]);
-  else if (!FQDN_RE.test(b.common_name)) out.push([$("#req-cn"),
-    `'${b.common_name}' is not a fully qualified domain name (no wildcards: HTTP-01 only).`]);
-  if (!b.vs) out.push([$("#req-vs"), "Choose the Virtual Service that answers the challenge."]);
+  else if (nameProblem(b.common_name, b.challenge)) out.push([$("#req-cn"),
+    nameProblem(b.common_name, b.challenge)]);
+  if (needed && !b.vs) out.push([$("#req-vs"),
+    "Choose the Virtual Service that answers the challenge."]);
   const rows = $$("#sans li");
   if (b.sans.length > MAX_SANS) out.push([$("#sans-box"),
     `'sans' has ${b.sans.length} items; at most ${MAX_SANS} are allowed.`]);
@@ -169,10 +236,11 @@ function checkRequest(b) {
   b.sans.forEach((s, i) => {
     const [name, vs] = [rows[i].querySelector("input"), rows[i].querySelector("select")];
     if (!s.name) out.push([name, "Enter the name, or remove this SAN."]);
-    else if (!FQDN_RE.test(s.name)) out.push([name, `'${s.name}' is not a fully qualified domain name.`]);
+    else if (nameProblem(s.name, b.challenge)) out.push([name, nameProblem(s.name, b.challenge)]);
     else if (seen.has(s.name)) out.push([name, `'${s.name}' is listed twice.`]);
     seen.add(s.name);
-    if (!s.vs) out.push([vs, "Choose the Virtual Service that answers this name's challenge."]);
+    if (needed && !s.vs) out.push([vs,
+      "Choose the Virtual Service that answers this name's challenge."]);
   });
   if (b.country && !/^[A-Za-z]{2}$/.test(b.country)) out.push([$("#req-country"),
     "The country is a 2 letter code (e.g. DE)."]);
@@ -192,7 +260,7 @@ function requestErrorTarget(e) {
     if (m && rows[Number(m[1])]) return rows[Number(m[1])].querySelector(m[2] === "name" ? "input" : "select");
     if (d.field === "sans") return $("#sans-box");
     const byName = { id: "#req-id", common_name: "#req-cn", vs: "#req-vs", key_size: "#req-size",
-                     key_type: "#req-size" };
+                     key_type: "#req-size", challenge: "#req-challenge" };
     const sel = byName[d.field] || (SUBJECT.includes(d.field) ? `#req-${d.field}` : null);
     if (sel) return $(sel);
   }
@@ -203,6 +271,12 @@ function requestErrorTarget(e) {
     if (hit) return hit;
   }
   if (d.code === 18) return $("#req-cn");
+  // 11: a wildcard without dns-01; 104: dns-01 without a DNS provider (the type is the fix)
+  if (d.code === 11 || d.code === 104) return $("#req-challenge");
+  if (d.code === 16 && /names and VSs/.test(msg)) {
+    const sels = [$("#req-vs"), ...rows.map(r => r.querySelector("select"))];
+    return sels.find(s => !s.value) || $("#req-vs");
+  }
   if (d.code === 16 || /certificate id .* already exists/.test(msg)) return $("#req-id");
   const q = /^'([^']+)' is not a fully qualified/.exec(msg);
   if (q) {
@@ -235,7 +309,8 @@ export async function requestCert(ev) {
       const el = requestErrorTarget(e);
       setFieldError(el, e.text);
       (el.matches("fieldset") ? $("#san-add") : el).focus();
-      await loadEligible();   // the list may have changed under the form
+      await Promise.all([loadEligible(), loadVs()]);   // the VSs may have changed under the form
+      fillVsSelects();
     }
   });
 }
@@ -359,6 +434,12 @@ export function renderCerts() {
   $("#certs-empty").hidden = state.certs.length > 0;
 }
 
+// The challenge type beside the VSs when it is not HTTP-01 (the column's name is LoadMaster's).
+function challengeBadge(c) {
+  if (!c.challenge || c.challenge === "http-01") return null;
+  return [h("span", { class: "badge challenge-type", text: c.challenge.toUpperCase() }), " "];
+}
+
 function certRow(c) {
   const safe = c.id.replace(/[^A-Za-z0-9_-]/g, "_");
   const users = c.in_use_by || [];
@@ -387,7 +468,7 @@ function certRow(c) {
     cell("Expires", h("span", { class: "expires", text: when(c.not_after) })),
     cell("Days left", h("span", { class: "days-left", text: daysLeft(c.not_after) })),
     cell("Next renewal", when(c.next_attempt)),
-    cell("HTTP challenge VS(s)", c.http_challenge_vs.join("; ")),
+    cell("HTTP challenge VS(s)", challengeBadge(c), c.http_challenge_vs.join("; ")),
     cell("Assigned to", h("span", { class: "assigned", text: users.length ? users.join(", ") : "-" })),
     cell("Status", status, error),
     cell("Actions", h("div", { class: "actions" }, renew, h("div", {}, del, " ", reason),
@@ -446,5 +527,6 @@ async function assignCert(c, sel, button) {
 // Everything the screen shows, fetched again.
 export async function refreshLe() {
   await Promise.all([loadAccount(), loadEligible(), loadVs()]);
+  fillVsSelects();
   await loadCerts();
 }

@@ -3,7 +3,7 @@ session cookie + CSRF check the admin API's auth middleware applies to requests 
 without a bearer token.
 
     GET  /ui/              the page (index.html); its style.css and ES modules (app.js, core.js,
-                           certs.js, vs.js) beside it
+                           certs.js, request.js, vs.js) beside it
     GET  /ui/session       {"logged_in": bool, "csrf"?: token} for the session cookie sent
     POST /ui/login         {"token": the admin token} -> {"csrf", "idle_timeout_s"} and the
                            session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS)
@@ -48,7 +48,7 @@ FAILED_LOGIN_WINDOW = 60.0
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 STATIC_DIR = Path(__file__).with_name("web")
 STATIC_FILES = {"index.html": "text/html", "style.css": "text/css",
-                **{f"{m}.js": "text/javascript" for m in ("app", "core", "certs", "vs")}}
+                **{f"{m}.js": "text/javascript" for m in ("app", "core", "certs", "request", "vs")}}
 # Paths served without the token or a session (the page must load to show its login form).
 PUBLIC_GET = frozenset({"/ui", "/ui/", "/ui/session",
                         *(f"/ui/{n}" for n in STATIC_FILES)})

@@ -1,8 +1,8 @@
 // lbproxy admin page, entry point: login and logout, backup / restore, and the wiring of every
 // form and button. The page is plain ES modules served by the admin listener: no CDN, no build.
 import { $, api, busy, clearErrors, formError, hooks, notice, setFieldError, state } from "./core.js";
-import { addSan, challengeChanged, refreshLe, register, renumberSans, requestCert, setDirectory,
-  setPeriod, stopWatching, uploadKey } from "./certs.js";
+import { refreshLe, register, setDirectory, setPeriod, uploadKey } from "./certs.js";
+import { addSan, challengeChanged, renumberSans, requestCert, stopWatching } from "./request.js";
 import { loadVs } from "./vs.js";
 
 // -- login / logout ----------------------------------------------------------------------------

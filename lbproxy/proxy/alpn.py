@@ -30,7 +30,7 @@ class ALPNClientConnection(ClientConnection):
     __slots__ = ("h2", "pp_addrs")
 
     def __init__(self, listener: Any, pp_addrs: Addresses | None = None) -> None:
-        """`pp_addrs`: what the PROXY header read before TLS named (pptls.py), if any."""
+        """`pp_addrs`: what the PROXY header read before TLS named (tlsserver.py), if any."""
         super().__init__(listener)
         self.h2: H2Session | None = None
         self.pp_addrs = pp_addrs

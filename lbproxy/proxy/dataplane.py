@@ -27,7 +27,6 @@ from .counters import Counters, TargetCounters
 from .errors import ListenError
 from .health import HealthMonitor
 from .outbox import Outbox
-from .pptls import ProxyTLSServer
 from .service import (
     Listener,
     Pool,
@@ -37,6 +36,7 @@ from .service import (
     needs_router,
 )
 from .stats import dataplane_stats
+from .tlsserver import TLSServer
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def _dup_sockets(originals: list[Any]) -> list[socket.socket]:
 
 
 def _proxied_tls(vs: VirtualService) -> bool:
-    """Whether `vs` reads a PROXY header before TLS (its listener is pptls.ProxyTLSServer's, not
-    the event loop's TLS server: turning it on or off by a reload replaces the listener)."""
+    """Whether `vs` reads a PROXY header before TLS (tlsserver.py; turning it on or off by a
+    reload replaces the listener)."""
     return vs.protocol is Protocol.HTTPS and bool(vs.proxy_protocol_from)
 
 
@@ -396,9 +396,10 @@ class DataPlane:
             # `http2` on or off under a running listener (tls.py changes what ALPN offers).
             conn_class = ALPNClientConnection if ctx is not None else ClientConnection
             for sock in socks:
-                if ctx is not None and _proxied_tls(vs):
-                    # The PROXY header comes before the handshake: read by pptls.py, then TLS.
-                    lst.servers.append(cast(asyncio.Server, ProxyTLSServer(
+                if ctx is not None:
+                    # TLS on the socket itself (tlssock.py), after the PROXY header where the VS
+                    # reads one (tlsserver.py).
+                    lst.servers.append(cast(asyncio.Server, TLSServer(
                         loop, sock, lst, ctx, vs.timeouts.head,
                         lambda addrs: ALPNClientConnection(lst, addrs))))
                     continue

@@ -320,7 +320,7 @@ class H2Session(asyncio.Protocol):
         conn.connection_made(cast(asyncio.Transport, s))
         if s.closed:
             return
-        if self.owner.addrs is not None:  # a PROXY header named the client (pptls.py)
+        if self.owner.addrs is not None:  # a PROXY header named the client (tlsserver.py)
             conn.proxied(self.owner.addrs)
         # Its own connection's count is this one's (an HTTP/2 connection counts once).
         self.listener.counters.connections -= 1

@@ -155,7 +155,7 @@ class Service:
         self.add_forwarded = vs.add_forwarded_headers
         # Where a PROXY protocol header is accepted from (proxyproto.py); None: it is not. An
         # HTTP VS's connection reads it (HeaderReader); an HTTPS VS's listener reads it off the
-        # socket before the TLS handshake (pptls.py).
+        # socket before the TLS handshake (tlsserver.py).
         sources = Sources(vs.proxy_protocol_from) if vs.proxy_protocol_from else None
         https = vs.protocol is Protocol.HTTPS
         self.pp_sources = None if https else sources

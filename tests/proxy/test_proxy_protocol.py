@@ -577,7 +577,7 @@ def test_config_refuses(old: str, new: str, where: str, fragment: str) -> None:
 
 
 def test_config_accepts_it_on_an_https_vs() -> None:
-    """Read before the TLS handshake (pptls.py; tests in test_proxyproto_tls.py)."""
+    """Read before the TLS handshake (tlsserver.py; tests in test_proxyproto_tls.py)."""
     cfg = parse_config(PP_CONFIG.replace(
         'listen = "127.0.0.1:18080"', 'listen = "127.0.0.1:18080"\nprotocol = "https"\n'
         'tls = { certificates = ["c"] }', 1))

@@ -1,4 +1,4 @@
-"""The PROXY protocol on HTTPS VSs (pptls.py): the header read before the TLS handshake, from
+"""The PROXY protocol on HTTPS VSs (tlsserver.py): the header read before the TLS handshake, from
 HAProxy's own `send-proxy` / `send-proxy-v2` in TCP mode and from a raw socket that sends the
 header and the ClientHello in one write; the client it names seen by HTTP/1.1 and HTTP/2 requests
 (X-Forwarded-For, a src-ip content rule, the access log); refusals, a late header, sources not

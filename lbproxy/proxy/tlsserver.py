@@ -1,21 +1,19 @@
-"""The PROXY protocol in front of TLS: the listening side of an HTTPS VS with
-`proxy_protocol_from`, which reads each connection's PROXY header off the plain socket, exactly
-its bytes, before the TLS handshake begins on the same socket.
+"""The listening side of every HTTPS VS: accepts connections, reads a PROXY header first where
+the VS takes one, and starts TLS on the socket itself (tlssock.py).
 
-Only such VSs use it (DataPlane makes a `ProxyTLSServer` in place of the event loop's TLS server);
-an HTTPS VS without the PROXY protocol keeps the loop's own server and runs no code of this
-module. A connection from a listed source must begin with a v1 or v2 header (proxyproto.parse):
-the header is read with MSG_PEEK, and only the bytes it is made of are taken from the socket, so
-the ClientHello behind it (sent in the same segment or not) is left for TLS; then
-`loop.connect_accepted_socket` runs the handshake (asyncio and uvloop alike), and the connection
-(alpn.ALPNClientConnection) sees the client the header named, as on an HTTP VS (rules, logs,
-X-Forwarded-For, send_proxy_protocol). A connection from any other source goes to TLS once its
-first byte shows no PROXY signature (a ClientHello's first byte does), and is refused if it
-begins with one: a client must not choose its own address. Bounds: MAX_V2 bytes (v1: 107); the
-VS's head timeout from the accept; connections being looked at, max_connections. A malformed,
-truncated, late or unwanted header closes the connection, logged as on an HTTP VS and counted in
-`limit_rejections` (`proxy_protocol`; `head_timeout` when nothing decisive came in time;
-`max_connections`).
+A VS without `proxy_protocol_from` goes straight to TLS. With it, a connection from a listed
+source must begin with a v1 or v2 header (proxyproto.parse): the header is read with MSG_PEEK,
+and only the bytes it is made of are taken from the socket, so the ClientHello behind it (sent in
+the same segment or not) is left for TLS; the connection (alpn.ALPNClientConnection) then sees
+the client the header named, as on an HTTP VS (rules, logs, X-Forwarded-For,
+send_proxy_protocol). A connection from any other source goes to TLS once its first byte shows no
+PROXY signature (a ClientHello's first byte does), and is refused if it begins with one: a client
+must not choose its own address. Bounds: MAX_V2 bytes (v1: 107); the VS's head timeout from the
+accept (for the header, then again for the handshake); connections being looked at,
+max_connections. A malformed, truncated, late or unwanted header closes the connection, logged
+as on an HTTP VS and counted in `limit_rejections` (`proxy_protocol`; `head_timeout` when nothing
+decisive came in time; `max_connections`). Closing the server ends the handshakes in progress
+(connections past it are the listener's, which drains them).
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .clientstate import logger  # the client connections' logger: the same lines as HTTP VSs'
 from .proxyproto import MAX_V2, V2_SIG, Addresses, ProxyHeaderError, parse, starts_with_signature
+from .tlssock import TLSSocketTransport, start_tls
 
 if TYPE_CHECKING:
     from .service import Listener
@@ -57,9 +56,9 @@ class _Pending:
         self.buf = b""  # the header's (or signature's) bytes taken from the socket so far
 
 
-class ProxyTLSServer:
-    """One listening socket whose connections get their PROXY header read before TLS: what a
-    Listener uses of asyncio.Server (`start_serving`, `close`, `is_serving`, `sockets`)."""
+class TLSServer:
+    """One listening socket of an HTTPS VS: what a Listener uses of asyncio.Server
+    (`start_serving`, `close`, `is_serving`, `sockets`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  listener: Listener[Any], ctx: ssl.SSLContext, handshake_timeout: float,
@@ -71,7 +70,7 @@ class ProxyTLSServer:
         self._handshake_timeout = handshake_timeout
         self._factory = factory
         self._pending: dict[int, _Pending] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._handshakes: set[TLSSocketTransport] = set()
         self._serving = False
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
@@ -108,12 +107,12 @@ class ProxyTLSServer:
         for p in list(self._pending.values()):
             self._forget(p)
             p.sock.close()
-        for t in self._tasks:
-            t.cancel()
+        for t in list(self._handshakes):
+            t.abort_handshake()
+        self._handshakes.clear()
 
     async def wait_closed(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        pass  # close() ended every connection it owned at once
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -131,14 +130,14 @@ class ProxyTLSServer:
                     self._retry = self.loop.call_later(_ACCEPT_RETRY, self._resume)
                 # Anything else (ECONNABORTED: the client left before accept): the next one.
                 return
-            self._accepted(conn, str(addr[0]) if isinstance(addr, tuple) else "")
+            self._accepted(conn, addr)
 
     def _resume(self) -> None:
         self._retry = None
         if self._serving:
             self.loop.add_reader(self._sock.fileno(), self._accept)
 
-    def _accepted(self, conn: socket.socket, ip: str) -> None:
+    def _accepted(self, conn: socket.socket, addr: Any) -> None:
         lst = self._listener
         svc = lst.service
         conn.setblocking(False)
@@ -147,8 +146,9 @@ class ProxyTLSServer:
         except OSError:  # reset already: the handshake fails and says so
             pass
         sources = svc.pp_tls_sources
+        ip = str(addr[0]) if isinstance(addr, tuple) else ""
         if sources is None or not ip:  # (no address: reset already; the handshake fails)
-            self._start_tls(conn, None)
+            self._start_tls(conn, None, addr)
             return
         if len(self._pending) >= svc.max_connections:
             lst.counters.refused += 1
@@ -200,7 +200,7 @@ class ProxyTLSServer:
             self._drop(p)
             return
         self._forget(p)
-        self._start_tls(sock, addrs)
+        self._start_tls(sock, addrs, _peer(sock))
 
     def _sniff(self, p: _Pending) -> None:
         """A source not listed: TLS if its first bytes are not a PROXY signature (a ClientHello
@@ -234,7 +234,7 @@ class ProxyTLSServer:
             self._drop(p)
         else:
             self._forget(p)
-            self._start_tls(sock, None)
+            self._start_tls(sock, None, _peer(sock))
 
     def _expire(self, fd: int) -> None:
         p = self._pending.get(fd)
@@ -266,22 +266,17 @@ class ProxyTLSServer:
 
     # -- TLS ------------------------------------------------------------------------------------
 
-    def _start_tls(self, sock: socket.socket, addrs: Addresses | None) -> None:
-        task = self.loop.create_task(self._handshake(sock, addrs))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handshake(self, sock: socket.socket, addrs: Addresses | None) -> None:
+    def _start_tls(self, sock: socket.socket, addrs: Addresses | None, peer: Any) -> None:
         factory = self._factory
-        try:
-            await self.loop.connect_accepted_socket(
-                lambda: factory(addrs), sock, ssl=self._ctx,
-                ssl_handshake_timeout=self._handshake_timeout)
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
-            # What the loop's own TLS server drops without a word: a failed or late handshake.
-            # The socket is the transport's (closed with it: not here, where uvloop may still
-            # hold its descriptor while TLS shuts down).
-            logger.debug("VS %s: TLS handshake failed: %s", self._listener.name, e)
+        start_tls(self.loop, sock, peer, self._ctx, lambda: factory(addrs),
+                  self._handshake_timeout, self._handshakes)
+
+
+def _peer(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 def _take(sock: socket.socket, n: int) -> None:

@@ -16,7 +16,12 @@ connections once fewer than 1/16 of its `worker_connections` are free, and a pro
 raise its hard limit here, so 20,000 cannot be held by one process of either. "held" is what
 the proxy's descriptor count grew by (client connections, and the few upstream ones opened).
 
-    .venv/bin/python bench/idle_bench.py [--conns N] [--rounds R] [--keep] [--lbproxy-src DIR]
+`--tls`: the same over HTTPS, with bench/tls_bench.py's servers (TLS terminated, each answering a
+3-byte body itself, no backend): what an idle TLS connection costs. N defaults to 3,000 there
+(tls_bench's nginx has `worker_connections 4096`; this script makes every handshake).
+
+    .venv/bin/python bench/idle_bench.py [--conns N] [--rounds R] [--tls] [--keep]
+                                         [--lbproxy-src DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import os
 import resource
 import shutil
+import ssl
 import statistics
 import sys
 import tempfile
@@ -40,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import http_bench as hb  # a sibling script, not a package
+import tls_bench as tb  # its servers, for --tls
 
 PROXIES = ("nginx", "lbproxy")
 # Descriptors each process keeps beside the client connections (listeners, pool, files, stdio,
@@ -48,6 +55,22 @@ FD_MARGIN = 150
 DEFAULT_SHARE = 0.9
 BATCH = 100                 # connections opened at once (bounds the upstream connections made)
 REQUEST = b"GET /bench/100 HTTP/1.1\r\nHost: bench\r\n\r\n"
+BODY = 100  # bytes of its answer
+TLS_REQUEST = b"GET / HTTP/1.1\r\nHost: bench.example.com\r\n\r\n"
+TLS_DEFAULT_CONNS = 3000
+TLS_MAX_CONNS = 3800  # tls_bench's nginx: worker_connections 4096
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What the client connections speak: the request, its answer's body length, TLS or not."""
+
+    request: bytes = REQUEST
+    body: int = BODY
+    tls: ssl.SSLContext | None = None
+
+
+PLAIN = Mode()
 ANSWER_TIMEOUT = 10.0
 SETTLE = 3.0                # seconds after the last connection before RSS is read (an idle
                             # lbproxy connection gives back its parser after 1-2 s)
@@ -104,19 +127,43 @@ def start(name: str, workdir: Path, port: int, backend_port: int, conns: int,
         raise
 
 
-async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """One request on a kept-alive connection, its answer read whole (100-byte body)."""
-    writer.write(REQUEST)
+def start_tls_server(name: str, workdir: Path, src: Path) -> tuple[hb.Running, int]:
+    """tls_bench's nginx or lbproxy (its certificate made in `workdir`), the lbproxy packages
+    from `src`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tb.make_certificate(workdir)
+    if name == "nginx":
+        r = tb.start_nginx(workdir)
+    else:
+        os.environ["PYTHONPATH"] = str(src)
+        r = tb.start_lbproxy(workdir)
+    return hb.Running(r.proc, r.measured_pid, workdir / "no-access.log"), r.port
+
+
+def tls_client() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # tls_bench's throwaway certificate
+    return ctx
+
+
+async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               mode: Mode = PLAIN) -> None:
+    """One request on a kept-alive connection, its answer read whole."""
+    writer.write(mode.request)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), ANSWER_TIMEOUT)
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"unexpected answer {head[:40]!r}")
-    await asyncio.wait_for(reader.readexactly(100), ANSWER_TIMEOUT)
+    await asyncio.wait_for(reader.readexactly(mode.body), ANSWER_TIMEOUT)
 
 
-async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port),
-                                            ANSWER_TIMEOUT)
-    await _ask(reader, writer)
+async def _open(port: int, mode: Mode = PLAIN
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=mode.tls,
+                                server_hostname="bench.example.com" if mode.tls else None),
+        ANSWER_TIMEOUT)
+    await _ask(reader, writer, mode)
     return reader, writer
 
 
@@ -136,9 +183,10 @@ class Result:
         return (self.rss_after - self.rss_before) / min(self.conns, self.fds_held)
 
 
-async def measure(name: str, run: hb.Running, port: int, conns: int, rnd: int) -> Result:
+async def measure(name: str, run: hb.Running, port: int, conns: int, rnd: int,
+                  mode: Mode = PLAIN) -> Result:
     for _ in range(200):  # warm-up on one connection: code paths, pools, caches
-        _, w = await _open(port)
+        _, w = await _open(port, mode)
         w.close()
     await asyncio.sleep(SETTLE)
     before = rss_bytes(run.measured_pid)
@@ -147,12 +195,12 @@ async def measure(name: str, run: hb.Running, port: int, conns: int, rnd: int) -
     try:
         for start_at in range(0, conns, BATCH):
             n = min(BATCH, conns - start_at)
-            held += await asyncio.gather(*(_open(port) for _ in range(n)))
+            held += await asyncio.gather(*(_open(port, mode) for _ in range(n)))
         await asyncio.sleep(SETTLE)
         after = rss_bytes(run.measured_pid)
         fds = open_fds(run.measured_pid) - fds_before
         step = max(1, len(held) // SAMPLE)
-        answers = await asyncio.gather(*(_ask(*held[i]) for i in range(0, len(held), step)
+        answers = await asyncio.gather(*(_ask(*held[i], mode) for i in range(0, len(held), step)
                                          [:SAMPLE]), return_exceptions=True)
         ok = sum(1 for a in answers if not isinstance(a, BaseException))
     finally:
@@ -166,16 +214,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = int(hard * DEFAULT_SHARE)
-    p.add_argument("--conns", type=int, default=default,
+    p.add_argument("--conns", type=int, default=None,
                    help=f"idle connections to hold (default {default}: 90%% of the hard fd "
-                        "limit)")
+                        f"limit; {TLS_DEFAULT_CONNS} with --tls)")
+    p.add_argument("--tls", action="store_true", help="HTTPS connections (tls_bench's servers)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     p.add_argument("--lbproxy-src", type=Path, default=hb.REPO, metavar="DIR",
                    help="run the lbproxy packages in DIR (e.g. a `git archive` of a commit)")
     args = p.parse_args(argv)
-    if not 1 <= args.conns <= hard - FD_MARGIN:
-        p.error(f"--conns must be 1..{hard - FD_MARGIN} (hard fd limit {hard})")
+    if args.conns is None:
+        args.conns = TLS_DEFAULT_CONNS if args.tls else default
+    top = TLS_MAX_CONNS if args.tls else hard - FD_MARGIN
+    if not 1 <= args.conns <= top:
+        p.error(f"--conns must be 1..{top} (hard fd limit {hard}"
+                + (", tls_bench's nginx worker_connections)" if args.tls else ")"))
+    mode = Mode(TLS_REQUEST, len(tb.BODY), tls_client()) if args.tls else PLAIN
     for name in PROXIES:
         why = hb.peer_available(name)
         if why:
@@ -189,12 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             order = PROXIES if rnd % 2 else PROXIES[::-1]
             for name in order:
-                port = hb.free_port()
                 (workdir / f"r{rnd}").mkdir(exist_ok=True)
-                run = start(name, workdir / f"r{rnd}", port, backend_port, args.conns,
-                            args.lbproxy_src)
+                if args.tls:
+                    run, port = start_tls_server(name, workdir / f"r{rnd}" / name,
+                                                 args.lbproxy_src)
+                else:
+                    port = hb.free_port()
+                    run = start(name, workdir / f"r{rnd}", port, backend_port, args.conns,
+                                args.lbproxy_src)
                 try:
-                    res = asyncio.run(measure(name, run, port, args.conns, rnd))
+                    res = asyncio.run(measure(name, run, port, args.conns, rnd, mode))
                 finally:
                     run.proc.stop()
                 gc.collect()
@@ -207,19 +265,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend.proc.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    _report(results, args.conns)
+    _report(results, args.conns, args.tls)
     return 0
 
 
-def _report(results: list[Result], conns: int) -> None:
+def _report(results: list[Result], conns: int, tls: bool) -> None:
     per = {n: statistics.median(r.per_conn for r in results if r.proxy == n) for n in PROXIES}
-    print(f"\nmedian bytes per idle keep-alive connection ({conns:,} held): "
+    print(f"\nmedian bytes per idle keep-alive {'TLS ' if tls else ''}connection ({conns:,} held): "
           f"nginx {per['nginx']:,.0f}, lbproxy {per['lbproxy']:,.0f}, "
           f"ratio {per['lbproxy'] / per['nginx']:.2f}x")
     hb.RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = hb.RESULTS / f"idle-{stamp}.json"
-    out.write_text(json.dumps({"conns": conns, "git": hb.git_head(), "results": [
+    out = hb.RESULTS / f"idle{'-tls' if tls else ''}-{stamp}.json"
+    out.write_text(json.dumps({"conns": conns, "tls": tls, "git": hb.git_head(), "results": [
         {**asdict(r), "per_conn": r.per_conn} for r in results]}, indent=2))
     print(f"written {out}")
 

@@ -96,7 +96,8 @@ _NAMED_MAX = 4096
 
 class ClientConnection(RequestParsing):
     """One accepted client connection: the asyncio protocol over the layers it is made of
-    (clientstate.py, exchange.py, reqparse.py), its deadlines fired and its eviction."""
+    (clientstate.py, answers.py, exchange.py, reqparse.py), its deadlines fired and its
+    eviction."""
 
     __slots__ = ("addrs",)
 

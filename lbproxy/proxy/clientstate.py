@@ -3,7 +3,8 @@ deadline (each kind set by one method here), the release of a request's real ser
 of every request (its accounting and its access-log line, one place for every path).
 
 `ClientConnection` (client.py) is this class and the layers above it, one concern each:
-`Exchange` (exchange.py: where a request goes, its exchange with a real server, the answers) and
+`Answers` (answers.py: local answers, the end of every answered request, the pipelined queue),
+`Exchange` (exchange.py: where a request goes, its exchange with a real server) and
 `RequestParsing` (reqparse.py: the httptools callbacks), then the asyncio protocol itself. The
 layers split one class; only this one has slots, so an attribute costs what it did in one class.
 """

@@ -77,3 +77,49 @@ class Validator:
 
     def on_message_complete(self) -> None:
         self.done = True
+
+
+def frame_whole(data: bytes, v: Validator) -> tuple[int, int, tuple[tuple[int, int], ...], bool,
+                                                    int] | None:
+    """How to relay `data` unparsed, if it is one whole response of the common shape: HTTP/1.1, a
+    final status with a body, exactly one Content-Length whose body ends `data`, no hop-by-hop
+    field but "Connection: keep-alive"/"Keep-Alive", and nothing llhttp (`v`) would refuse.
+    Returns (where the head's blank line starts, Content-Length, the hop-by-hop spans to cut,
+    whether the only one is "Connection: keep-alive", status), or None. After a None with
+    `v.done` false, `v` has seen a refused message and must be replaced."""
+    v.done = True  # a None before `v` runs leaves it usable
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or not data.startswith(b"HTTP/1.1 "):
+        return None
+    status = data[9:12]
+    if not status.isdigit() or status[0] < 50 or status in _NO_BODY:  # 50 = ord("2")
+        return None
+    hend = end + 2  # the head's last field ends here; the blank line follows
+    lengths = _CONTENT_LENGTH.findall(data, 0, hend)
+    if len(lengths) != 1:
+        return None
+    clen = int(lengths[0])
+    if hend + 2 + clen != len(data):
+        return None
+    # Hop-by-hop fields to cut: only "Connection: keep-alive" and "Keep-Alive: ..." qualify.
+    found = []
+    ka_only = True
+    for m in _HOP_FIELD.finditer(data, 0, hend):
+        name = m.group(1).lower()
+        if name == b"keep-alive":
+            ka_only = False
+        elif name != b"connection" or m.group(2).strip().lower() != b"keep-alive":
+            return None
+        found.append(m.span())
+    # Only "Connection: keep-alive": what we would say to a client we keep alive anyway.
+    ka_only = ka_only and len(found) == 1
+    # The same scrutiny as the parser's path: what llhttp would refuse is not relayed here.
+    # Only the Content-Length body counted above follows the head.
+    v.done = False
+    try:
+        v.parser.feed_data(data)
+    except httptools.HttpParserError:
+        v.done = False
+    if not v.done:
+        return None
+    return end, clen, tuple(found), ka_only, int(status)

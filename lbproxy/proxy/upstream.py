@@ -19,12 +19,12 @@ from .http import CRLF, connection_names
 from .resphead import (
     _CONTENT_LENGTH,
     _HOP_FIELD,
-    _NO_BODY,
     MAX_RESPONSE_HEAD,
     Validator,
     _announces_body,
     _is_keep_alive,
     _without_hop_fields,
+    frame_whole,
 )
 
 # The request an upstream connection serves (request.py's Request), as this side sees it.
@@ -182,45 +182,12 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
             if hend + 2 + clen != len(data):
                 return False
         else:
-            end = data.find(b"\r\n\r\n")
-            if end < 0 or not data.startswith(b"HTTP/1.1 "):
+            framed = frame_whole(data, self.validator)
+            if framed is None:
+                if not self.validator.done:
+                    self.validator = Validator()  # the parser's path answers (502) or relays it
                 return False
-            status = data[9:12]
-            if not status.isdigit() or status[0] < 50 or status in _NO_BODY:  # 50 = ord("2")
-                return False
-            code = int(status)
-            hend = end + 2
-            lengths = _CONTENT_LENGTH.findall(data, 0, hend)
-            if len(lengths) != 1:
-                return False
-            clen = int(lengths[0])
-            if hend + 2 + clen != len(data):
-                return False
-            # Hop-by-hop fields to cut: only "Connection: keep-alive" and "Keep-Alive: ..."
-            # qualify.
-            found = []
-            ka_only = True
-            for m in _HOP_FIELD.finditer(data, 0, hend):
-                name = m.group(1).lower()
-                if name == b"keep-alive":
-                    ka_only = False
-                elif name != b"connection" or m.group(2).strip().lower() != b"keep-alive":
-                    return False
-                found.append(m.span())
-            cuts = tuple(found)
-            # Only "Connection: keep-alive": what we would say to a client we keep alive anyway.
-            ka_only = ka_only and len(found) == 1
-            # The same scrutiny as the parser's path: what llhttp would refuse is not relayed
-            # here. Only the Content-Length body counted above follows the head.
-            v = self.validator
-            v.done = False
-            try:
-                v.parser.feed_data(data)
-            except httptools.HttpParserError:
-                v.done = False
-            if not v.done:
-                self.validator = Validator()  # the parser's path answers (502) or relays it
-                return False
+            end, clen, cuts, ka_only, code = framed
             self.vhead = data[:end + 4]
             self.vframe = (clen, cuts, ka_only, code)
         req.status = code

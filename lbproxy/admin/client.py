@@ -348,6 +348,9 @@ def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str], out: TextIO, 
     if main is not None:
         return main(args, out, err)
     try:
+        check: Callable[[argparse.Namespace], None] | None = getattr(args, "check", None)
+        if check is not None:  # usage a server need not see: refused before any connection
+            check(args)
         if getattr(args, "local", None) is not None:
             data = args.local(args)
         else:

@@ -105,7 +105,8 @@ def account(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.get("/api/le/account")
 
 
-def request(c: AdminClient, a: argparse.Namespace) -> Any:
+def _request_sans(a: argparse.Namespace) -> list[dict[str, str]]:
+    """The --san values as the API takes them; UsageError for a bad one."""
     vs_free = a.challenge == NO_VS_CHALLENGE
     sans = []
     for s in a.san:
@@ -113,12 +114,23 @@ def request(c: AdminClient, a: argparse.Namespace) -> Any:
         if not name or (not vs_free and (not sep or not vs)):
             raise UsageError(f"--san takes NAME=VS{' or NAME' if vs_free else ''}, got {s!r}")
         sans.append({"name": name, "vs": vs})
-    if a.vs is None and not vs_free:
+    return sans
+
+
+def check_request(a: argparse.Namespace) -> None:
+    """What `le request` refuses before asking the server (exit 2, like argparse)."""
+    _request_sans(a)
+    if a.vs is None and a.challenge != NO_VS_CHALLENGE:
         # (argparse's words, as when --vs was required of every request)
         raise UsageError(f"the following arguments are required: --vs (the VS answering "
                          f"{a.challenge}; only {NO_VS_CHALLENGE} needs none)")
     if a.ec and a.key_size:
         raise UsageError("give either --ec or --key-size")
+
+
+def request(c: AdminClient, a: argparse.Namespace) -> Any:
+    check_request(a)
+    sans = _request_sans(a)
     body: dict[str, Any] = {
         "id": a.id, "common_name": a.cn, "vs": a.vs or "", "sans": sans,
         "key_type": "rsa" if a.key_size else "ec", "key_size": a.key_size or 2048,
@@ -287,6 +299,7 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("days", type=int)
     cmd(le, "account", account, show_account, "show the account")
     p = cmd(le, "request", request, show_cert, "request a certificate")
+    p.set_defaults(check=check_request)
     p.add_argument("--id", required=True)
     p.add_argument("--cn", required=True)
     p.add_argument("--vs", default=None,

@@ -107,3 +107,19 @@ async def test_api_http01_and_tls_alpn01_without_vs_are_16(
     assert (status, body["code"]) == (400, 16), body
     assert body["error"] == "certificate c: names and VSs do not match (code: 16)"
     assert rig.le.manager.entries == {} and rig.le.ca.orders == []
+
+
+@pytest.mark.parametrize("args", [
+    ("--id", "c", "--cn", "a.test"),                                  # no --vs for http-01
+    ("--id", "c", "--cn", "a.test", "--vs", "shop", "--san", "b.test"),  # a SAN without its VS
+    ("--id", "c", "--cn", "a.test", "--vs", "shop", "--ec", "--key-size", "2048"),
+])
+def test_bad_usage_is_refused_before_any_server_is_asked(tmp_path: Path,
+                                                         args: tuple[str, ...]) -> None:
+    """Exit 2 (bad usage) with nothing listening at the admin address: not 3 (unreachable), which
+    a connection attempt would have given first."""
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["le", "request", *args, "--admin", "https://127.0.0.1:9",
+                 "--token-file", str(tmp_path / "none")], out=out, err=err)
+    assert code == EXIT_USAGE, err.getvalue()
+    assert "unreach" not in err.getvalue() and "refused" not in err.getvalue()

@@ -23,9 +23,10 @@ keys on the listener context is what matters; setting them on the per-certificat
 is harmless (they are used when such a context is itself a listener).
 
 Cost: one Python callback per ticket issued or presented, 3.5-5 us each on the machine this was
-written on (1 call for a TLS 1.2 full or resumed handshake, 2 for a TLS 1.3 full one, which
-issues two tickets, +1 when a ticket under an older key is renewed): well under 1% of a ~1 ms
-handshake. Installing keys on a new context takes ~50 us, replacing them ~20 us.
+written on (1 call for a TLS 1.2 full or resumed handshake, 1 for a TLS 1.3 full one: tls.py
+has it issue one ticket where OpenSSL's default is two; +1 when a ticket under an older key is
+renewed): well under 1% of a ~1 ms handshake. Installing keys on a new context takes ~50 us,
+replacing them ~20 us.
 """
 
 from __future__ import annotations

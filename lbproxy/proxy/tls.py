@@ -194,6 +194,11 @@ def _base_context(ciphers: str, alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.S
     except ssl.SSLError:
         raise TLSSetupError(f"cipher policy {ciphers!r} selects no cipher") from None
     ctx.set_alpn_protocols(list(alpn))
+    # One TLS 1.3 session ticket per full handshake, as Go's TLS (Caddy, Traefik) sends, not
+    # OpenSSL's two: a client resumes one connection with one ticket, and each ticket costs the
+    # server an encryption, a callback (tickets.py) and a record (~7 % of a handshake's CPU here,
+    # bench/README.md "HTTPS").
+    ctx.num_tickets = 1
     return ctx
 
 

@@ -164,17 +164,21 @@ class TLSSocketTransport(asyncio.Transport):
             self._fatal(e)
             return
         if data:
-            self._protocol.data_received(data)
-            # Plaintext of the same record left in OpenSSL (never on the socket: no poll for it).
-            while self._reading and not self._closed and self._ssl.pending():
-                try:
-                    more = self._ssl.read(READ_SIZE)
-                except _WANT:
-                    return
-                except (OSError, ValueError) as e:
-                    self._fatal(e)
-                    return
-                self._protocol.data_received(more)
+            try:
+                self._protocol.data_received(data)
+                # Plaintext of the same record left in OpenSSL (not on the socket: no poll for it).
+                while self._reading and not self._closed and self._ssl.pending():
+                    try:
+                        more = self._ssl.read(READ_SIZE)
+                    except _WANT:
+                        return
+                    except (OSError, ValueError) as e:
+                        self._fatal(e)
+                        return
+                    self._protocol.data_received(more)
+            except Exception:  # a bug in the protocol: this connection ends, not the loop's turn
+                logger.exception("TLS connection with %s: data_received failed", self._peer_ip())
+                self.abort()
             return
         # The end of input (close_notify, or a TCP FIN, after which OpenSSL writes nothing more):
         # the protocol hears of it, then the connection closes, as the loop's TLS does it.

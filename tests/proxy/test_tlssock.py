@@ -23,8 +23,10 @@ T = 10
 class Recorder(asyncio.Protocol):
     """Records what the transport does to it; `echo` sends every byte back."""
 
-    def __init__(self, echo: bool = False, keep_on_eof: bool = False) -> None:
+    def __init__(self, echo: bool = False, keep_on_eof: bool = False,
+                 crash: bool = False) -> None:
         self.echo = echo
+        self.crash = crash
         self.keep_on_eof = keep_on_eof
         self.transport: Any = None
         self.data = bytearray()
@@ -43,6 +45,8 @@ class Recorder(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.crash:
+            raise RuntimeError("a bug in the protocol")
         self.data += data
         if self.echo:
             self.transport.write(data)
@@ -249,3 +253,23 @@ async def test_extra_info(site: Site) -> None:
     assert t.get_extra_info("cipher") is not None
     assert t.get_extra_info("nothing", 7) == 7
     w.close()
+
+
+async def test_a_protocol_that_raises_ends_its_connection_only(site: Site,
+                                                              caplog: pytest.LogCaptureFixture
+                                                              ) -> None:
+    async with asyncio.timeout(T):
+        r1, w1, bad = await connect(site, crash=True)
+        site.made.clear()
+        r2, w2, _good = await connect(site, echo=True)
+        w1.write(b"boom")
+        try:
+            assert await r1.read() == b""  # aborted
+        except ConnectionResetError:
+            pass
+        await bad.lost.wait()
+        w2.write(b"still here")
+        assert await r2.readexactly(10) == b"still here"
+    assert "data_received failed" in caplog.text
+    w1.close()
+    w2.close()

@@ -100,12 +100,6 @@ def _dup_sockets(originals: list[Any]) -> list[socket.socket]:
     return socks
 
 
-def _proxied_tls(vs: VirtualService) -> bool:
-    """Whether `vs` reads a PROXY header before TLS (tlsserver.py; turning it on or off by a
-    reload replaces the listener)."""
-    return vs.protocol is Protocol.HTTPS and bool(vs.proxy_protocol_from)
-
-
 def _listener_key(vs: VirtualService) -> tuple[Any, ...]:
     # Port 0 (ephemeral, tests) cannot identify a listener across reloads: use the VS name too.
     a = vs.listen
@@ -302,8 +296,7 @@ class DataPlane:
             counters = self._counters.get(vs.name) or Counters()
             old = self._listeners.get(key)
             # A listener that stopped accepting (whatever closed it) is replaced, not kept.
-            keep = (old is not None and old.protocol is vs.protocol and old.listening
-                    and _proxied_tls(old.service.vs) == _proxied_tls(vs))
+            keep = old is not None and old.protocol is vs.protocol and old.listening
             port = old.sockname[1] if keep and old is not None else vs.listen.port
             svc = build_service(vs, rules, runtime.injections, factory, counters, log, port,
                                 routers.get(vs.name))
@@ -392,21 +385,18 @@ class DataPlane:
         except OSError as e:
             raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
         try:
-            # An HTTPS VS chooses per connection, after ALPN (h2conn.py): a reload may turn
-            # `http2` on or off under a running listener (tls.py changes what ALPN offers).
-            conn_class = ALPNClientConnection if ctx is not None else ClientConnection
             for sock in socks:
-                if ctx is not None:
-                    # TLS on the socket itself (tlssock.py), after the PROXY header where the VS
-                    # reads one (tlsserver.py).
-                    lst.servers.append(cast(asyncio.Server, TLSServer(
-                        loop, sock, lst, ctx, vs.timeouts.head,
-                        lambda addrs: ALPNClientConnection(lst, addrs))))
+                if ctx is None:
+                    lst.servers.append(await loop.create_server(
+                        lambda: ClientConnection(lst), sock=sock, backlog=_BACKLOG,
+                        start_serving=False))
                     continue
-                lst.servers.append(await loop.create_server(
-                    lambda: conn_class(lst), sock=sock, ssl=ctx,
-                    ssl_handshake_timeout=vs.timeouts.head if ctx is not None else None,
-                    backlog=_BACKLOG, start_serving=False))
+                # TLS on the socket itself (tlssock.py), after the PROXY header where the VS
+                # reads one, which the server looks up per connection (tlsserver.py): a reload may
+                # turn that, or `http2`, on or off under a running listener (an HTTPS connection
+                # chooses its protocol after ALPN, alpn.py; tls.py changes what ALPN offers).
+                lst.servers.append(cast(asyncio.Server, TLSServer(
+                    loop, sock, lst, ctx, lambda addrs: ALPNClientConnection(lst, addrs))))
         except OSError as e:
             raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
         finally:

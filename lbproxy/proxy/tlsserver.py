@@ -61,13 +61,11 @@ class TLSServer:
     (`start_serving`, `close`, `is_serving`, `sockets`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 listener: Listener[Any], ctx: ssl.SSLContext, handshake_timeout: float,
-                 factory: ConnFactory) -> None:
+                 listener: Listener[Any], ctx: ssl.SSLContext, factory: ConnFactory) -> None:
         self.loop = loop
         self._sock = sock
         self._listener = listener
         self._ctx = ctx
-        self._handshake_timeout = handshake_timeout
         self._factory = factory
         self._pending: dict[int, _Pending] = {}
         self._handshakes: set[TLSSocketTransport] = set()
@@ -267,9 +265,11 @@ class TLSServer:
     # -- TLS ------------------------------------------------------------------------------------
 
     def _start_tls(self, sock: socket.socket, addrs: Addresses | None, peer: Any) -> None:
+        """The handshake, bounded by the VS's head timeout as it is now (a reload may change
+        it under a running listener)."""
         factory = self._factory
         start_tls(self.loop, sock, peer, self._ctx, lambda: factory(addrs),
-                  self._handshake_timeout, self._handshakes)
+                  self._listener.service.t_head, self._handshakes)
 
 
 def _peer(sock: socket.socket) -> Any:

@@ -40,10 +40,9 @@ _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 class TLSSocketTransport(asyncio.Transport):
     """One TLS connection on a non-blocking socket whose TLS OpenSSL runs on the socket itself."""
 
-    __slots__ = ("_closed", "_closing", "_eof", "_factory", "_fd", "_handshakes", "_high",
-                 "_loop", "_low", "_paused", "_peername", "_protocol", "_protocol_paused",
-                 "_queue", "_reading", "_retry", "_size", "_sock", "_ssl", "_timeout", "_timer",
-                 "_writing")
+    __slots__ = ("_closed", "_closing", "_factory", "_fd", "_handshakes", "_high", "_loop",
+                 "_paused", "_peername", "_protocol", "_protocol_paused", "_queue", "_reading",
+                 "_retry", "_size", "_sock", "_ssl", "_timeout", "_timer", "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
                  peername: Any, factory: Callable[[], asyncio.BaseProtocol],
@@ -67,12 +66,12 @@ class TLSSocketTransport(asyncio.Transport):
         self._retry: bytes | None = None  # what SSL_write must be given again (OpenSSL's rule)
         self._queue: list[bytes] = []  # written after `_retry`, in order
         self._size = 0  # bytes in _retry and _queue
+        # Above this the protocol is paused; it resumes once all is sent (OpenSSL does not say
+        # how much of a write it must be given again has gone out, so no low-water mark).
         self._high = _HIGH_WATER
-        self._low = _HIGH_WATER // 4
         self._protocol_paused = False
-        self._closing = False  # close() was called: no more reads, close once all is sent
-        self._closed = False  # the socket is closed
-        self._eof = False
+        self._closing = False  # close() or the end: no more reads, close once all is sent
+        self._closed = False  # the socket is closed (implies _closing)
 
     # -- the handshake ------------------------------------------------------------------------
 
@@ -93,10 +92,7 @@ class TLSSocketTransport(asyncio.Transport):
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
             self._handshake_failed(str(e) or type(e).__name__)
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._handshakes.discard(self)
+        self._handshake_over()
         loop = self._loop
         if self._writing:
             loop.remove_writer(self._fd)
@@ -110,7 +106,7 @@ class TLSSocketTransport(asyncio.Transport):
             logger.exception("connection setup failed")
             self.abort()
             return
-        if self._closing or self._closed or self._paused:
+        if self._closing or self._paused:
             return
         if not self._reading:
             loop.add_reader(self._fd, self._read_ready)
@@ -124,11 +120,14 @@ class TLSSocketTransport(asyncio.Transport):
 
     def _handshake_failed(self, why: str) -> None:
         logger.debug("TLS handshake with %s failed: %s", self._peer_ip(), why)
+        self.abort_handshake()
+
+    def _handshake_over(self) -> None:
+        """Done, failed or cut short: no deadline, no longer among the server's handshakes."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._handshakes.discard(self)
-        self._shut(notify=False)
 
     def _poll(self, *, read: bool, write: bool, cb: Callable[[], None]) -> None:
         """The handshake's interest in the descriptor."""
@@ -145,10 +144,8 @@ class TLSSocketTransport(asyncio.Transport):
         self._writing = write
 
     def abort_handshake(self) -> None:
-        """The server closes: a connection still in its handshake goes with it."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """End a connection still in its handshake (it failed, or the server closes)."""
+        self._handshake_over()
         self._shut(notify=False)
 
     # -- reading ------------------------------------------------------------------------------
@@ -167,7 +164,7 @@ class TLSSocketTransport(asyncio.Transport):
             try:
                 self._protocol.data_received(data)
                 # Plaintext of the same record left in OpenSSL (not on the socket: no poll for it).
-                while self._reading and not self._closed and self._ssl.pending():
+                while self._reading and self._ssl.pending():  # (a close stops reading)
                     try:
                         more = self._ssl.read(READ_SIZE)
                     except _WANT:
@@ -182,7 +179,6 @@ class TLSSocketTransport(asyncio.Transport):
             return
         # The end of input (close_notify, or a TCP FIN, after which OpenSSL writes nothing more):
         # the protocol hears of it, then the connection closes, as the loop's TLS does it.
-        self._eof = True
         self._stop_reading()
         try:
             self._protocol.eof_received()
@@ -201,8 +197,7 @@ class TLSSocketTransport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         self._paused = False
-        if not self._reading and not self._closing and not self._closed and not self._eof \
-                and self._protocol is not None:
+        if not self._reading and not self._closing and self._protocol is not None:
             self._loop.add_reader(self._fd, self._read_ready)
             self._reading = True
             if self._ssl.pending():
@@ -265,7 +260,6 @@ class TLSSocketTransport(asyncio.Transport):
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
-        self._size = 0
         if self._protocol_paused:
             self._protocol_paused = False
             try:
@@ -278,12 +272,8 @@ class TLSSocketTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return self._size
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low, self._high)
-
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._high = _HIGH_WATER if high is None else high
-        self._low = self._high // 4 if low is None else low
+        self._high = _HIGH_WATER if high is None else high  # `low`: see _high in __init__
 
     def can_write_eof(self) -> bool:
         return False
@@ -294,11 +284,11 @@ class TLSSocketTransport(asyncio.Transport):
     # -- ending -------------------------------------------------------------------------------
 
     def is_closing(self) -> bool:
-        return self._closing or self._closed
+        return self._closing
 
     def close(self) -> None:
         """Stop reading; once everything written is sent, close_notify and close the socket."""
-        if self._closing or self._closed:
+        if self._closing:
             return
         self._closing = True
         self._stop_reading()

@@ -78,6 +78,10 @@ class Validator:
     def on_message_complete(self) -> None:
         self.done = True
 
+    def renew(self) -> None:
+        """A fresh llhttp, after a message it refused or did not end (it cannot go on)."""
+        self.parser = httptools.HttpResponseParser(self)
+
 
 def frame_whole(data: bytes, v: Validator) -> tuple[int, int, tuple[tuple[int, int], ...], bool,
                                                     int] | None:
@@ -85,9 +89,7 @@ def frame_whole(data: bytes, v: Validator) -> tuple[int, int, tuple[tuple[int, i
     final status with a body, exactly one Content-Length whose body ends `data`, no hop-by-hop
     field but "Connection: keep-alive"/"Keep-Alive", and nothing llhttp (`v`) would refuse.
     Returns (where the head's blank line starts, Content-Length, the hop-by-hop spans to cut,
-    whether the only one is "Connection: keep-alive", status), or None. After a None with
-    `v.done` false, `v` has seen a refused message and must be replaced."""
-    v.done = True  # a None before `v` runs leaves it usable
+    whether the only one is "Connection: keep-alive", status), or None."""
     end = data.find(b"\r\n\r\n")
     if end < 0 or not data.startswith(b"HTTP/1.1 "):
         return None
@@ -121,5 +123,6 @@ def frame_whole(data: bytes, v: Validator) -> tuple[int, int, tuple[tuple[int, i
     except httptools.HttpParserError:
         v.done = False
     if not v.done:
+        v.renew()  # the parser's path answers (502) or relays it
         return None
     return end, clen, tuple(found), ka_only, int(status)

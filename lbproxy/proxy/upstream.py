@@ -184,8 +184,6 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
         else:
             framed = frame_whole(data, self.validator)
             if framed is None:
-                if not self.validator.done:
-                    self.validator = Validator()  # the parser's path answers (502) or relays it
                 return False
             end, clen, cuts, ka_only, code = framed
             self.vhead = data[:end + 4]

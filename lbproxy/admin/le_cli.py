@@ -129,7 +129,7 @@ def check_request(a: argparse.Namespace) -> None:
 
 
 def request(c: AdminClient, a: argparse.Namespace) -> Any:
-    check_request(a)
+    """(Its usage was checked before any connection: check_request, the command's `check`.)"""
     sans = _request_sans(a)
     body: dict[str, Any] = {
         "id": a.id, "common_name": a.cn, "vs": a.vs or "", "sans": sans,

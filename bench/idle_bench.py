@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     workdir = Path(tempfile.mkdtemp(prefix="lbproxy-idle-"))
     backend_port = hb.free_port()
-    backend = hb.start_backend(workdir, backend_port)
+    backend = None if args.tls else hb.start_backend(workdir, backend_port)  # TLS: none
     try:
         for rnd in range(1, args.rounds + 1):
             order = PROXIES if rnd % 2 else PROXIES[::-1]
@@ -262,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{res.rss_before / 2**20:.1f} -> {res.rss_after / 2**20:.1f} MiB, "
                       f"{res.per_conn:,.0f} bytes/connection", flush=True)
     finally:
-        backend.proc.stop()
+        if backend is not None:
+            backend.proc.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     _report(results, args.conns, args.tls)

@@ -198,16 +198,8 @@ def dns_node(dns_pebble: PebbleInstance, knot: KnotInstance, https_port: int,
     (serving a throw-away "boot" certificate) and an HTTP VS "web" (eligible for http-01)."""
     root = tmp_path_factory.mktemp("lbproxy")
     CertStore(root / "state").import_pem("boot", *bootstrap_certificate())
-    dns = f"""[letsencrypt.dns]
-server = "127.0.0.1"
-port = {knot.port}
-tsig_key_name = "{knot.update_key.name}"
-tsig_secret_file = "{knot.secret_file}"
-timeout = 2
-propagation_timeout = 10
-poll_interval = 0.05
-"""
-    text = (config_head(admin_port=free_port(), pebble=dns_pebble, letsencrypt=dns)
+    text = (config_head(admin_port=free_port(), pebble=dns_pebble,
+                        letsencrypt=knot.config_section())
             + https_vs("secure", f"127.0.0.1:{https_port}", ["boot"])
             + rest_vs("web", f"127.0.0.1:{free_port()}"))
     node = start_lbproxy(root, text)

@@ -70,15 +70,7 @@ boot = pytest.fixture(scope="module")(bootstrap_certificate)
 def config(pebble: PebbleInstance, knot: KnotInstance, *, admin_port: int, https_port: int,
            secret_file: Path | None, dns_extra: str = "", more: str = "") -> str:
     """The App's config; `secret_file` None: no [letsencrypt.dns] section."""
-    dns = f"""[letsencrypt.dns]
-server = "127.0.0.1"
-port = {knot.port}
-tsig_key_name = "{knot.update_key.name}"
-tsig_secret_file = "{secret_file}"
-timeout = 2
-propagation_timeout = 10
-poll_interval = 0.05
-{dns_extra}"""
+    dns = knot.config_section(secret_file, dns_extra)
     text = (config_head(admin_port=admin_port, pebble=pebble, top="drain_timeout = 1\n",
                         letsencrypt=dns)
             + https_vs("secure", f"127.0.0.1:{https_port}", ["wild", "decl", "boot"]) + more)

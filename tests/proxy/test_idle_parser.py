@@ -25,24 +25,30 @@ def the_listener(dataplane: DataPlane) -> Listener[Any]:
     return lst
 
 
-def the_conn(lst: Listener[Any]) -> Any:
+async def open_site(dataplane: DataPlane, upstream: Upstream, idle: float
+                    ) -> tuple[Listener[Any], Client]:
+    ports = await serve(dataplane, make_vs(ports=(upstream.port,), timeouts=Timeouts(idle=idle)))
+    return the_listener(dataplane), await Client.connect(ports["web"])
+
+
+async def served_once(lst: Listener[Any], c: Client) -> Any:
+    """One request answered on `c`: its connection, idle and holding its parser."""
+    assert (await c.request()).status == 200
     (conn,) = lst.conns
+    assert conn.dkind == D_IDLE_HELD and conn.parser is not None
     return conn
 
 
 @pytest.fixture
 async def site(dataplane: DataPlane, upstream: Upstream) -> tuple[Listener[Any], Client]:
-    ports = await serve(dataplane, make_vs(ports=(upstream.port,), timeouts=Timeouts(idle=IDLE)))
-    return the_listener(dataplane), await Client.connect(ports["web"])
+    return await open_site(dataplane, upstream, IDLE)
 
 
 async def test_the_parser_is_released_after_t_hold_and_made_anew(
         site: tuple[Listener[Any], Client]) -> None:
     lst, c = site
     async with asyncio.timeout(T):
-        assert (await c.request()).status == 200
-        conn = the_conn(lst)
-        assert conn.dkind == D_IDLE_HELD and conn.parser is not None
+        conn = await served_once(lst, c)
         went_idle = conn.deadline - PARSER_HOLD
         assert conn.waiting_since() == pytest.approx(went_idle)
         lst.sweep(conn.deadline)
@@ -67,8 +73,7 @@ async def test_the_idle_timeout_still_counts_from_the_last_response(
         site: tuple[Listener[Any], Client]) -> None:
     lst, c = site
     async with asyncio.timeout(T):
-        assert (await c.request()).status == 200
-        conn = the_conn(lst)
+        conn = await served_once(lst, c)
         final = conn.deadline - PARSER_HOLD + IDLE
         lst.sweep(conn.deadline)
         lst.sweep(final - 0.001)
@@ -82,8 +87,7 @@ async def test_a_head_begun_in_the_hold_keeps_its_parser(
         site: tuple[Listener[Any], Client]) -> None:
     lst, c = site
     async with asyncio.timeout(T):
-        assert (await c.request()).status == 200
-        conn = the_conn(lst)
+        conn = await served_once(lst, c)
         held_until = conn.deadline
         head = build(path="/late")
         conn.data_received(head[:10])  # what the transport calls with the head's first bytes
@@ -98,13 +102,9 @@ async def test_a_head_begun_in_the_hold_keeps_its_parser(
 
 async def test_an_idle_timeout_shorter_than_the_hold_closes_at_once(
         dataplane: DataPlane, upstream: Upstream) -> None:
-    ports = await serve(dataplane, make_vs(ports=(upstream.port,), timeouts=Timeouts(idle=0.5)))
-    lst = the_listener(dataplane)
-    c = await Client.connect(ports["web"])
+    lst, c = await open_site(dataplane, upstream, 0.5)
     async with asyncio.timeout(T):
-        assert (await c.request()).status == 200
-        conn = the_conn(lst)
-        assert conn.dkind == D_IDLE_HELD
+        conn = await served_once(lst, c)
         lst.sweep(conn.deadline)
         assert await c.closed()
     assert lst.counters.limits["idle_timeout"] == 1

@@ -184,6 +184,20 @@ class KnotInstance:
         values.update(overrides)
         return Rfc2136Settings(**values)
 
+    def config_section(self, secret_file: Path | None = None, extra: str = "") -> str:
+        """The `[letsencrypt.dns]` section of an lbproxy config for this server, with the values
+        of `settings()` (`secret_file`: another file holding the update key's secret; `extra`:
+        more lines)."""
+        return (f"""[letsencrypt.dns]
+server = "{self.host}"
+port = {self.port}
+tsig_key_name = "{self.update_key.name}"
+tsig_secret_file = "{secret_file or self.secret_file}"
+timeout = 2
+propagation_timeout = 10
+poll_interval = 0.05
+""" + extra)
+
     def query(self, name: str, rdtype: str) -> dns.message.Message:
         """A plain (unsigned, non-recursive) UDP query to this server."""
         import dns.flags

@@ -283,6 +283,11 @@ class AcmeClient:
     async def get_authorization(self, url: str) -> Authorization:
         return Authorization.from_json((await self._post_as_get(url)).json())
 
+    async def deactivate_authorization(self, url: str) -> Authorization:
+        """Give up a (valid or pending) authorization, so the next order for its name is proved
+        again (RFC 8555 §7.5.2)."""
+        return Authorization.from_json((await self._post(url, {"status": "deactivated"})).json())
+
     async def respond_challenge(self, url: str) -> Challenge:
         return Challenge.from_json((await self._post(url, {})).json())
 

@@ -202,7 +202,9 @@ def start_pebble(
     server a dns-01 test updates) instead of challtestsrv's; challtestsrv still runs.
 
     env: PEBBLE_* knobs; defaults here are PEBBLE_VA_NOSLEEP=1, PEBBLE_WFE_NONCEREJECT=0 and
-    PEBBLE_AUTHZREUSE=0 (deterministic), each overridable. eab_keys (kid -> base64url HMAC key)
+    PEBBLE_AUTHZREUSE=0, each overridable. 0 is Pebble's lowest, and it still reuses a valid
+    authorization one time in a hundred: a test that needs a fresh validation deactivates the
+    old ones first (tests.support.acme_counting.AuthzRecorder). eab_keys (kid -> base64url HMAC key)
     turns on externalAccountBindingRequired.
     """
     workdir.mkdir(parents=True, exist_ok=True)

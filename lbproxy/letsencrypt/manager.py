@@ -6,7 +6,7 @@ file talk to; it wires the feature's parts together and keeps none of their work
     obtain.py    check, lock, check, order, store   issuer.py   the long-lived ACME client
     scheduler.py when orders run                views.py    what the API shows
     backup.py    backup / restore               convert.py  `vs convert`
-    challenge.py the challenge SubVS and its journal
+    challenge.py the challenge SubVS and its journal   certcommands.py  request, renew, delete
     storage.py   the Storage / Locker seams (filestore.py: the state directory, the default)
 
 State lives in `<state_dir>/letsencrypt/` unless another `Storage` is given. Certificates and
@@ -35,16 +35,17 @@ from acmeclient.errors import AcmeError, NetworkError
 
 from ..certs.store import CertStore, valid_id
 from ..config.model import ClusterSettings, Config, LetsEncryptSettings
-from ..config.writer import ConfigFile, remove_certificate_edit
-from ..errors import AdminError, ConfigError, ConfigProblem, StoreError
-from ..events import CertEvent, CertStatus, EventKind, EventSink, NullSink
+from ..config.writer import ConfigFile
+from ..errors import AdminError, ConfigError, ConfigProblem
+from ..events import CertStatus, EventSink, NullSink
 from ..runtime import RuntimeStore
 from . import policy
 from .account import Accounts
 from .backup import Backups
 from .blocking import Offload, on_thread
+from .certcommands import CertCommands
 from .challenge import ChallengeJournal, clear_leftovers
-from .checks import check_new_id, validate_template
+from .checks import validate_template
 from .cluster import ClusterNode, Hooks
 from .codes import AcmeCode, AcmeLog, LeError
 from .convert import convert_vs, reload_from_file
@@ -57,7 +58,7 @@ from .scheduler import Scheduler
 from .sealing import Sealer, SealError
 from .solvers import Dns01Factory, Solvers
 from .state import LeState
-from .storage import SETTINGS, Locker, Storage, entry_key, issued_key, journal_key
+from .storage import SETTINGS, Locker, Storage, entry_key, journal_key
 from .views import Views
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,11 @@ class LEManager:
         self.backups = Backups(self.state, self.accounts, store, runtime, clock=self._now,
                                config_path=config_path, wake=self.wake,
                                config_file=self.config_file)
+        self.commands = CertCommands(
+            self.state, store, runtime, storage=storage, scheduler=self.scheduler,
+            solvers=self.solvers, accounts=self.accounts, views=self.views,
+            config_file=self.config_file, log=self.log, events=self.events, clock=self._now,
+            jitter=jitter, clustered=self.cluster is not None)
 
     def _now(self) -> dt.datetime:
         return self.clock()   # read at each call: a test may swap the clock
@@ -345,80 +351,13 @@ class LEManager:
 
     async def request(self, cert_id: str, template: Template, *, wait: bool = True,
                       source: str = "api") -> dict[str, Any]:
-        """Request a new certificate; with `wait`, until it is issued or the order fails.
-        The whole request (id, uniqueness, names, VSs, key, subject, account) is checked
-        before anything is written or sent to the CA."""
-        template = template.normalized()
-        entry = self.state.entries.get(cert_id)
-        # In a cluster another node may have asked for the same certificate: this request
-        # joins it (one order for the cluster, by the lock) rather than being refused.
-        joining = self.cluster is not None and entry is not None and entry.template == template
-        if entry is None or not joining:
-            check_new_id(self.state, self.store, cert_id)
-            self.validate_template(cert_id, template)
-            try:
-                self.solvers.check_available(cert_id, template)
-            except LeError as err:
-                raise self.state.problem(err) from None
-            self.accounts.require()
-            entry = Entry(cert_id, template, source=source, jitter=self.jitter())
-            entry.see_vs(self.runtime.current.config)
-            self.state.entries[cert_id] = entry
-            await self.state.save_entry(entry)
-        task = self.scheduler.launch(entry)
-        if wait:
-            await asyncio.shield(task)
-            if self.store.get(cert_id) is None:
-                # A request answered with its failure is not kept (nothing to retry for the
-                # operator who saw the error); config-declared certificates keep retrying.
-                if source == "api" and not joining:
-                    self.state.entries.pop(cert_id, None)
-                    await self.state.forget_entry(cert_id)
-                raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
-                              subcode=entry.last_subcode)
-        return self.view(cert_id)
+        return await self.commands.request(cert_id, template, wait=wait, source=source)
 
     async def renew(self, cert_id: str, *, wait: bool = True) -> dict[str, Any]:
-        """Manual renewal, now, whatever the schedule says."""
-        entry = self.state.entry(cert_id)
-        before = self.store.get(cert_id)
-        task = self.scheduler.launch(entry, manual=True)
-        if wait:
-            await asyncio.shield(task)
-            after = self.store.get(cert_id)
-            if after is None or (before is not None and after.serial == before.serial):
-                raise LeError(entry.last_code or AcmeCode.HTTP_STATUS, entry.last_error,
-                              subcode=entry.last_subcode)
-        return self.view(cert_id)
+        return await self.commands.renew(cert_id, wait=wait)
 
     async def delete(self, cert_id: str) -> None:
-        """Delete a managed certificate; refused (409) while any VS or the admin uses it."""
-        entry = self.state.entry(cert_id)
-        info = self.store.get(cert_id)
-        if info is not None:
-            users = self.store.users(cert_id)
-            if users:
-                raise StoreError(f"certificate {cert_id!r} is in use by {', '.join(users)}; "
-                                 "unassign it first", status=409)
-        cfg = self.runtime.current.config
-        if any(c.id == cert_id for c in cfg.certificates):
-            # Declared with [[certificate]]: the next reload would order it again. Its table
-            # leaves the file first (that reload stops its renewals), or nothing is deleted.
-            await self.config_file.edit(
-                remove_certificate_edit(cert_id), running=cfg, what=f"`le delete {cert_id}`",
-                snippet=f'# remove the [[certificate]] table with id = "{cert_id}", then '
-                        "delete again\n")
-        await self.scheduler.cancel(cert_id)
-        if info is not None:
-            await on_thread(lambda: self.store.delete(cert_id, override=True))
-        await self.state.forget_entry(cert_id)
-        await self.storage.delete(issued_key(cert_id))
-        names = tuple(entry.template.names)
-        del self.state.entries[entry.id]
-        self.log.audit(f"certificate deleted: {cert_id}")
-        self.events.emit(CertEvent(EventKind.DELETED, cert_id, self.clock(), "deleted", names,
-                                   f"{info.serial:x}" if info else "",
-                                   info.not_after if info else None))
+        await self.commands.delete(cert_id)
 
     # -- schedule ---------------------------------------------------------------------------------
 

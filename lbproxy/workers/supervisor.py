@@ -2,19 +2,14 @@
 (generations, certificates, health states, real-server overrides, ticket keys) over its channel,
 restart one that dies (with back-off), collect their stats, stop them gracefully. It stands where
 a `DataPlane` stands in a single process: `apply(runtime)`, `stats()`, `listening_ports()`,
-`shutdown(drain_timeout)`, `set_servers(table)`.
-
-Every listener address is also bound here, with SO_REUSEPORT and never listening: a bind failure
-(the port taken by another program) shows before any worker is told, a VS on port 0 gets one real
-port that every worker then binds, and the address stays ours while workers restart. A bound
-socket that does not listen receives no connections; the workers' listening ones share them.
+`shutdown(drain_timeout)`, `set_servers(table)`. Every listener address is also held here, bound
+and never listening (addresses.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -27,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config.model import VirtualService
 from ..errors import LBProxyError
-from ..proxy.dataplane import bind_sockets
-from ..proxy.errors import ListenError
 from ..proxy.tickets import new_ticket_key, tickets_supported
 from ..proxy.tls import CertLookup, CertSnapshot, snapshot
 from ..runtime import Runtime
 from ..servercontrol import ServerTable
 from . import channel as ch
+from .addresses import Addresses, release
 from .merge import merge_stats
 from .probes import Probes
 
@@ -105,17 +98,6 @@ class _Worker:
         self.writer = None
 
 
-@dataclasses.dataclass(slots=True)
-class _Reservation:
-    port: int
-    socks: list[socket.socket]
-
-
-def _listen_key(vs: VirtualService) -> tuple[Any, ...]:
-    a = vs.listen
-    return (a.host, a.port) if a.port else (a.host, 0, vs.name)
-
-
 class Supervisor:
     """N worker processes serving what this control process says."""
 
@@ -128,8 +110,7 @@ class Supervisor:
         self._request_tag = request_tag
         self._workers = [_Worker(i) for i in range(count)]
         self._runtime: Runtime | None = None
-        self._reserved: dict[tuple[Any, ...], _Reservation] = {}
-        self._ports: dict[str, tuple[str, int]] = {}
+        self._addresses = Addresses()
         self._certs = CertSnapshot()
         self._health: ch.HealthStates = {}
         self._servers: ServerTable = {}
@@ -151,7 +132,7 @@ class Supervisor:
         if self._stopping:
             raise RuntimeError("the workers were shut down")
         self._loop = asyncio.get_running_loop()
-        runtime, reserved = await self._reserve(runtime)
+        runtime, unused = await self._addresses.reserve(runtime)
         self._runtime = runtime
         await self._probes.apply(runtime)
         self._send_certs()
@@ -183,10 +164,10 @@ class Supervisor:
                     self._kill(w)
                 else:
                     w.generation = gen
-        self._release(reserved)
+        release(unused)
 
     def listening_ports(self) -> dict[str, tuple[str, int]]:
-        return dict(self._ports)
+        return dict(self._addresses.ports)
 
     def stats(self) -> dict[str, Any]:
         """The sum of every worker's data-plane stats, as of the last `refresh()`."""
@@ -255,8 +236,7 @@ class Supervisor:
             w.state = "stopped"
             for t in list(w.tasks):
                 t.cancel()
-        self._release(self._reserved)
-        self._reserved = {}
+        self._addresses.release_all()
 
     # -- certificates ---------------------------------------------------------------------------
 
@@ -315,43 +295,6 @@ class Supervisor:
             self._tickets = (new, current, *older)[:TICKET_KEYS_KEPT]
             self._broadcast(ch.TicketKeys(self._tickets))
             logger.info("TLS session ticket key rotated (%d kept)", len(self._tickets))
-
-    # -- listener addresses ---------------------------------------------------------------------
-
-    async def _reserve(self, runtime: Runtime) -> tuple[Runtime, dict[tuple[Any, ...],
-                                                                      _Reservation]]:
-        """`runtime` with every port 0 replaced by its reserved port, and the reservations it
-        no longer uses (released once the workers have moved on)."""
-        loop = asyncio.get_running_loop()
-        keep: dict[tuple[Any, ...], _Reservation] = {}
-        made: list[_Reservation] = []
-        vss: list[VirtualService] = []
-        try:
-            for vs in runtime.config.virtual_services:
-                key = _listen_key(vs)
-                r = keep.get(key) or self._reserved.get(key)
-                if r is None:
-                    r = await _bind(loop, vs)
-                    made.append(r)
-                keep[key] = r
-                if not vs.listen.port:
-                    vs = dataclasses.replace(
-                        vs, listen=dataclasses.replace(vs.listen, port=r.port))
-                vss.append(vs)
-        except BaseException:
-            self._release({i: r for i, r in enumerate(made)})
-            raise
-        unused = {k: r for k, r in self._reserved.items() if k not in keep}
-        self._reserved = keep
-        self._ports = {vs.name: (vs.listen.host, vs.listen.port) for vs in vss}
-        config = dataclasses.replace(runtime.config, virtual_services=tuple(vss))
-        return dataclasses.replace(runtime, config=config), unused
-
-    @staticmethod
-    def _release(reserved: Mapping[Any, _Reservation]) -> None:
-        for r in reserved.values():
-            for s in r.socks:
-                s.close()
 
     # -- worker processes -----------------------------------------------------------------------
 
@@ -474,16 +417,6 @@ class Supervisor:
         data = ch.encode(msg)
         for w in self._workers:
             w.send(data)
-
-
-async def _bind(loop: asyncio.AbstractEventLoop, vs: VirtualService) -> _Reservation:
-    """The VS's address held: bound with SO_REUSEPORT, not listening."""
-    try:
-        socks = await bind_sockets(loop, vs.listen.host, vs.listen.port, reuse_port=True,
-                                   listen=False)
-    except OSError as e:
-        raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
-    return _Reservation(int(socks[0].getsockname()[1]), socks)
 
 
 def _child_env() -> dict[str, str]:

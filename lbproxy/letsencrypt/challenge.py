@@ -90,10 +90,19 @@ def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualSer
 
 # -- building the injection, step by step (codes 20-25) ------------------------------------------
 
+def _pattern_head(host: str) -> str:
+    return f"^(?i:{re.escape(host)})(:\\d+)?{re.escape(CHALLENGE_PATH)}"
+
+
 def challenge_pattern(host: str, token: str) -> str:
     """The rule's regex over host + path (include_host): the name (any case), any port, the
     token (exact: tokens are case-sensitive)."""
-    return f"^(?i:{re.escape(host)})(:\\d+)?{re.escape(CHALLENGE_PATH)}{token}$"
+    return f"{_pattern_head(host)}{token}$"
+
+
+def answers_for(injection: Injection, host: str) -> bool:
+    """Whether an injected challenge (build_injection's) answers the CA for `host`."""
+    return injection.rule.pattern.startswith(_pattern_head(host.lower().rstrip(".")))
 
 
 def build_injection(

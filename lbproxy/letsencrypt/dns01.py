@@ -20,6 +20,7 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -127,6 +128,13 @@ class Rfc2136Responder:
     def pending(self) -> tuple[tuple[str, str], ...]:
         """(record name, value) of every record present() added that cleanup() has not removed."""
         return tuple((r.name.to_text(), r.value) for r in self._records.values())
+
+    @property
+    def challenges(self) -> tuple[tuple[str, str], ...]:
+        """(domain, TXT record name without the final dot) of the same records: the answers of
+        this order that are being published or are in the zone now."""
+        return tuple((host, r.name.to_text(omit_final_dot=True))
+                     for (host, _), r in self._records.items())
 
     async def present(self, domain: str, token: str, key_authorization: str) -> None:
         host = _host(domain)
@@ -327,7 +335,8 @@ class Rfc2136Factory:
     so a reload that changes the section is used by the next order), its TSIG secret read from
     its file then and gone with the responder when the order ends. No section (a reload removed
     it), or a secret file that cannot be used: LeError 104 saying what to fix, before any order.
-    `available()` lets a request be refused before its entry is saved."""
+    `available()` lets a request be refused before its entry is saved; `in_progress(cert_id)`
+    tells what the responder of that certificate's order is answering now (for the views)."""
 
     def __init__(self, current: Dns01Settings, *,
                  clock: Callable[[], float] = time.monotonic,
@@ -335,9 +344,18 @@ class Rfc2136Factory:
         self._current = current
         self._clock = clock
         self._sleep = sleep
+        # Each certificate's responder while its order holds it (weak: the secret goes with it).
+        self._orders: weakref.WeakValueDictionary[str, Rfc2136Responder] = (
+            weakref.WeakValueDictionary())
 
     def available(self) -> bool:
         return self._current() is not None
+
+    def in_progress(self, cert_id: str) -> tuple[tuple[str, str], ...]:
+        """(domain, TXT record name) of each dns-01 answer of `cert_id`'s order that is being
+        published or is in the zone now; () when no order of it has one."""
+        responder = self._orders.get(cert_id)
+        return () if responder is None else responder.challenges
 
     def __call__(self, cert_id: str, template: Template) -> Rfc2136Responder:
         settings = self._current()
@@ -347,11 +365,14 @@ class Rfc2136Factory:
                           "has no [letsencrypt.dns] section; add one (docs/config.md) or choose "
                           "http-01 or tls-alpn-01")
         try:
-            return Rfc2136Responder.from_settings(settings, clock=self._clock, sleep=self._sleep)
+            responder = Rfc2136Responder.from_settings(settings, clock=self._clock,
+                                                       sleep=self._sleep)
         except ConfigError as exc:
             raise LeError(AcmeCode.CHALLENGE_UNAVAILABLE,
                           f"certificate {cert_id}: the dns-01 provider cannot be set up: "
                           f"{'; '.join(str(p) for p in exc.problems)}") from None
+        self._orders[cert_id] = responder
+        return responder
 
 
 def _host(domain: str) -> str:

@@ -8,27 +8,32 @@ import datetime as dt
 from collections.abc import Container
 from typing import Any
 
+from acmeclient.challenges import DNS01, TLS_ALPN01
+
 from ..certs.store import CertStore
 from ..events import CertStatus
 from ..runtime import RuntimeStore
 from . import policy
-from .challenge import eligible_services, ineligibility
+from .challenge import answers_for, eligible_services, ineligibility
 from .codes import LeError
 from .model import MANAGED_BY, Entry
-from .solvers import verify_alpn_vs
+from .solvers import Dns01Factory, verify_alpn_vs
 from .state import LeState
 from .storage import STATE_FILES
 
 
 class Views:
-    """Read-only views; `running` holds the ids whose order is in progress."""
+    """Read-only views; `running` holds the ids whose order is in progress; `dns01` is the
+    dns-01 provider factory, whose `in_progress(cert_id)`, if it has one (dns01.py's), tells
+    which TXT records an order is publishing."""
 
     def __init__(self, state: LeState, store: CertStore, runtime: RuntimeStore,
-                 running: Container[str]) -> None:
+                 running: Container[str], *, dns01: Dns01Factory | None = None) -> None:
         self.state = state
         self.store = store
         self.runtime = runtime
         self.running = running
+        self.dns01 = dns01
 
     def _vs_label(self, vs: str, challenge: str = "http-01") -> str:
         config = self.runtime.current.config
@@ -50,6 +55,29 @@ class Views:
         nxt = policy.next_attempt(now, validity, period, e.ari, e.failures,
                                   jitter=e.jitter) if e.auto_renew else None
         return state, nxt
+
+    def validating(self, e: Entry) -> list[dict[str, str]]:
+        """The challenges of `e` answered now, each {"challenge", "name", "where"}: http-01 a
+        SubVS injected into the name's VS, tls-alpn-01 a validation certificate served by it,
+        dns-01 a TXT record the provider publishes (each place once); [] between orders and
+        before the CA's challenges are known."""
+        t, rt = e.template, self.runtime.current
+        out: list[dict[str, str]] = []
+        if t.challenge == DNS01:
+            in_progress = getattr(self.dns01, "in_progress", None)
+            for host, record in in_progress(e.id) if in_progress is not None else ():
+                out.append({"challenge": DNS01, "name": host, "where": f"TXT record {record}"})
+        elif t.challenge == TLS_ALPN01:
+            out.extend({"challenge": TLS_ALPN01, "name": name,
+                        "where": f"tls-alpn-01 certificate on VS {vs}"}
+                       for name, vs in t.routes
+                       if any(v.vs == vs and v.host == name for v in rt.validations))
+        else:
+            out.extend({"challenge": t.challenge, "name": name,
+                        "where": f"SubVS {i.subvs.name} on VS {vs}"}
+                       for name, vs in t.routes for i in rt.injections
+                       if i.vs == vs and answers_for(i, name))
+        return [dict(d) for d in dict.fromkeys(tuple(d.items()) for d in out)]
 
     def view(self, cert_id: str, now: dt.datetime) -> dict[str, Any]:
         e = self.state.entry(cert_id)
@@ -81,6 +109,7 @@ class Views:
             "ari_window": None if e.ari is None else [e.ari.start.isoformat(),
                                                        e.ari.end.isoformat()],
             "renewals": e.renewals,
+            "validating": self.validating(e),
         }
 
     def list_view(self, now: dt.datetime) -> list[dict[str, Any]]:

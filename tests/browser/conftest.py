@@ -180,6 +180,20 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
+def record_progress(page: Any) -> None:
+    """From now on, keep every text the order progress shows (`progress_texts`): a phase may
+    last less than a poll of the test, never less than one of the page's."""
+    page.evaluate("""() => { window.progressTexts = [];
+        new MutationObserver(() => window.progressTexts.push(
+            document.querySelector('#progress-text').textContent))
+          .observe(document.querySelector('#progress-text'),
+                   { childList: true, characterData: true, subtree: true }); }""")
+
+
+def progress_texts(page: Any) -> list[str]:
+    return [str(t) for t in page.evaluate("() => window.progressTexts")]
+
+
 @pytest.fixture
 def shots(tmp_path: Path) -> Path:
     """Where a test's screenshots go (kept with pytest's tmp dirs as artefacts)."""

@@ -3,7 +3,9 @@ Playwright), against `lbproxy run` and a real Pebble: what each type asks of the
 fields (http-01 an eligible VS, tls-alpn-01 an HTTPS VS, dns-01 none), the server's refusals
 shown at their field (no DNS provider: code 104; a VS that cannot answer tls-alpn-01: code 17
 sub-code 4), and, with a real Knot DNS server behind Pebble, a wildcard certificate by dns-01
-and one by tls-alpn-01 ordered from the page and shown in the certificate table."""
+and one by tls-alpn-01 ordered from the page, each watched through pending, validating (what is
+being validated: the TXT record, the validation certificate's VS) and issued, and shown in the
+certificate table."""
 
 from __future__ import annotations
 
@@ -13,7 +15,14 @@ from typing import Any
 import pytest
 
 from lbproxy.certs import CertStore
-from tests.browser.conftest import Lbproxy, start_lbproxy, stop_process
+from tests.browser.conftest import (
+    PEBBLE_ENV,
+    Lbproxy,
+    progress_texts,
+    record_progress,
+    start_lbproxy,
+    stop_process,
+)
 from tests.support.knot import KnotInstance, knot_or_skip, start_knot
 from tests.support.lbconfig import config_head, https_vs, rest_vs
 from tests.support.pebble import PebbleInstance, free_port, pebble_or_skip, start_pebble
@@ -184,10 +193,11 @@ def https_port() -> int:
 def dns_pebble(knot: KnotInstance, https_port: int,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
     """Pebble resolving every name through Knot (every *.example.test is 127.0.0.1, and the
-    dns-01 TXT records lbproxy adds are there) and dialing the HTTPS VS for tls-alpn-01."""
+    dns-01 TXT records lbproxy adds are there) and dialing the HTTPS VS for tls-alpn-01; its
+    validations take a moment (PEBBLE_ENV), so the page's polling sees them."""
     pebble_or_skip()
     with start_pebble(tmp_path_factory.mktemp("pebble"), dns_server=knot.dns_address,
-                      tls_port=https_port) as p:
+                      tls_port=https_port, env=PEBBLE_ENV) as p:
         yield p
 
 
@@ -225,8 +235,12 @@ def test_dns01_wildcard_and_tls_alpn01_issued_from_the_page(
     page.get_by_label("Common Name").fill("*.example.test")
     page.get_by_role("button", name="Add SAN").click()
     page.get_by_label("SAN 1 name").fill("example.test")
+    record_progress(page)
     submit.click()
     expect(progress).to_have_attribute("data-phase", "issued", timeout=ORDER_TIMEOUT_MS)
+    assert progress.get_attribute("data-seen") == "pending validating issued"
+    # one TXT record for the wildcard and its base name
+    assert "Validating: TXT record _acme-challenge.example.test" in progress_texts(page)
     assert posted[-1]["challenge"] == "dns-01" and "vs" not in posted[-1]
     st, view = dns_node.api("GET", "/api/le/certs/wild")
     assert st == 200 and view["status"] == "valid"
@@ -246,9 +260,12 @@ def test_dns01_wildcard_and_tls_alpn01_issued_from_the_page(
     page.get_by_label("Common Name").fill("alpn.example.test")
     assert options(page.locator("#req-vs")) == ["", "secure"]
     page.get_by_label("Virtual Service (HTTPS, TLS-ALPN challenge)").select_option("secure")
+    record_progress(page)
     submit.click()
     expect(progress).to_have_attribute("data-cert", "alpn")
     expect(progress).to_have_attribute("data-phase", "issued", timeout=ORDER_TIMEOUT_MS)
+    assert progress.get_attribute("data-seen") == "pending validating issued"
+    assert "Validating: tls-alpn-01 certificate on VS secure" in progress_texts(page)
     assert posted[-1]["challenge"] == "tls-alpn-01" and posted[-1]["vs"] == "secure"
     st, view = dns_node.api("GET", "/api/le/certs/alpn")
     assert st == 200 and view["status"] == "valid" and view["challenge"] == "tls-alpn-01"

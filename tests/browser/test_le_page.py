@@ -4,6 +4,7 @@ test's tmp dir (screenshots/NN-step.png)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from cryptography import x509
 
-from tests.browser.conftest import Lbproxy, config_text
+from tests.browser.conftest import Lbproxy, config_text, progress_texts, record_progress
 from tests.support.pebble import PebbleInstance
 
 ORDER_TIMEOUT_MS = 60_000  # an order against Pebble with its validation delay, on 2 busy cores
@@ -107,6 +108,7 @@ def test_le_certs_screen(browser: Any, lbproxy: Lbproxy, slow_pebble: PebbleInst
     page.get_by_role("button", name="Add SAN").click()
     page.get_by_label("SAN 1 name").fill("api.le.test")
     page.get_by_label("SAN 1 Virtual Service").select_option("web2")
+    record_progress(page)
     page.get_by_role("button", name="Request Certificate").click()
 
     progress = page.locator("#progress")
@@ -117,6 +119,8 @@ def test_le_certs_screen(browser: Any, lbproxy: Lbproxy, slow_pebble: PebbleInst
     steps.shot("validating")
     expect(progress).to_have_attribute("data-phase", "issued", timeout=ORDER_TIMEOUT_MS)
     assert progress.get_attribute("data-seen") == "pending validating issued"
+    assert any(re.fullmatch(r"Validating: SubVS acme-\S+ on VS web2?(, SubVS acme-\S+ on VS "
+                            r"web2?)?", t) for t in progress_texts(page)), progress_texts(page)
     expect(page.locator("#vs-list .subvs.challenge")).to_have_count(0)
     expect(page.locator("#vs-list li[data-injected]")).to_have_count(0)
     row = page.locator('#certs tr[data-id="site"]')

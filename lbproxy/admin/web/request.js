@@ -268,10 +268,12 @@ function setPhase(phase, text) {
   $("#progress-text").textContent = text;
 }
 
-function challengeSubvs(vsList) {
-  const out = [];
-  for (const vs of vsList) for (const r of vs.rules) if (r.injected) out.push(`${r.subvs} on ${vs.name}`);
-  return out;
+// What the order's challenges are answered by now, from the certificate's "validating" (the
+// API's: an injected SubVS for http-01, a validation certificate on a VS for tls-alpn-01, a TXT
+// record for dns-01), each place once (a wildcard and its base name share their TXT record).
+function validatingText(items) {
+  const where = [...new Set((items || []).map(i => i.where))];
+  return where.length ? `Validating: ${where.join(", ")}` : "";
 }
 
 export function watchOrder(id, beforeSerial) {
@@ -297,7 +299,7 @@ export function watchOrder(id, beforeSerial) {
       if (i >= 0) state.certs[i] = view; else state.certs.push(view);
       renderVs();
       table.render();
-      const challenges = challengeSubvs(state.vs);
+      const validating = validatingText(view.validating);
       if (view.serial && view.serial !== beforeSerial && ["valid", "due"].includes(view.status)) {
         setPhase("issued", `Issued: serial ${view.serial}, expires ${when(view.not_after)}.`);
         notice(`Certificate ${id} issued.`);
@@ -313,9 +315,7 @@ export function watchOrder(id, beforeSerial) {
         await table.reload();
         return;
       }
-      if (challenges.length) {
-        setPhase("validating", `Validating: challenge SubVS ${challenges.join(", ")} answers the CA.`);
-      }
+      if (validating) setPhase("validating", validating);
     } catch (e) {
       if (e.status === 404) {
         setPhase("failed", `Failed: ${e.text}`);

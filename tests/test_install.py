@@ -1,6 +1,7 @@
 """A real install: `pip install -c constraints.txt .` into a fresh virtual environment (no
 editable link, nothing of the test venv), then the installed `lbproxy` checks the quickstart
-config and names its version. Packages come from PyPI (or pip's cache)."""
+config and names its version; the hot modules run compiled (setup.py). Packages come from PyPI
+(or pip's cache)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def test_pip_install_in_a_fresh_venv_then_check(tmp_path: Path) -> None:
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     for line in where.stdout.split():
         assert Path(line).is_relative_to(env_dir), line
+    # setup.py compiled the hot modules (mypyc), and the installed tree runs them
+    mode = subprocess.run([str(py), "-c", "import lbproxy.proxy as p; print(p.MODE)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert mode.stdout.strip() == "compiled", mode.stdout + mode.stderr
 
     exe = env_dir / "bin" / "lbproxy"
     config = tmp_path / "lbproxy.toml"

@@ -54,8 +54,11 @@ D_IDLE_HELD = 7  # keep-alive idle, the request parser still held -> release it,
 CLIENT_CLOSED = 499
 
 
-class ClientState(asyncio.Protocol):
-    """One client connection's state (every slot of `ClientConnection`) and shared primitives."""
+class ClientState:
+    """One client connection's state (every slot of `ClientConnection`) and shared primitives.
+
+    It implements asyncio.Protocol without subclassing it, as its subclasses do: a compiled
+    class (docs/architecture.md, "Compiled hot path") cannot derive from an interpreted one."""
 
     __slots__ = (
         "clen", "closed", "closing", "conn_extra", "cur", "deadline", "dkind", "eof", "feeding",

@@ -7,7 +7,7 @@ closes expired ones in `sweep()`. The connections themselves are upstream.py's.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .outbox import Outbox
 from .upstream import Req, UpstreamConnection, _describe
@@ -33,8 +33,8 @@ class PoolKey(NamedTuple):
 class ConnPool:
     """Idle keep-alive connections to one real server (shared by every VS that uses it)."""
 
-    __slots__ = ("address", "connects", "host", "idle", "idle_timeout", "loop", "outbox", "port",
-                 "retired", "send_proxy")
+    __slots__ = ("address", "connects", "host", "idle", "idle_timeout", "loop", "outbox",
+                 "parse_all", "port", "retired", "send_proxy", "whole")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int,
                  idle_timeout: float, outbox: Outbox) -> None:
@@ -50,6 +50,10 @@ class ConnPool:
         self.retired = False
         # PROXY protocol version written first on each new connection (0: none; Exchange.attach).
         self.send_proxy = 0
+        # Responses relayed whole by upstream.py's fast path; `parse_all` turns that path off
+        # (the fast/general path equivalence test does; nothing else changes it).
+        self.whole = 0
+        self.parse_all = False
 
     def acquire(self, now: float) -> UpstreamConnection[Any] | None:
         """The most recently used idle connection still fresh at `now`, or None (the one way a
@@ -120,8 +124,8 @@ class ConnPool:
         task.add_done_callback(done)
 
     async def _connect(self, deadline: float) -> UpstreamConnection[Any]:
-        proto: UpstreamConnection[Any]
         async with asyncio.timeout_at(deadline):
+            # An asyncio.Protocol by what it implements (upstream.py), not by its base class.
             _, proto = await self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port)
-        return proto
+                lambda: cast(asyncio.Protocol, UpstreamConnection(self)), self.host, self.port)
+        return cast(UpstreamConnection[Any], proto)

@@ -25,6 +25,8 @@ class PoolForUpstream(Protocol):
 
     outbox: Outbox
     send_proxy: int  # the PROXY protocol version its connections begin with (0: none)
+    whole: int  # responses its connections relayed whole, without the parser (upstream.py)
+    parse_all: bool  # every response through the parser (the path-equivalence test's switch)
 
     def release(self, up: Any, now: float) -> None: ...
 

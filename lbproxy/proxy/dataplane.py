@@ -388,15 +388,16 @@ class DataPlane:
             for sock in socks:
                 if ctx is None:
                     lst.servers.append(await loop.create_server(
-                        lambda: ClientConnection(lst), sock=sock, backlog=_BACKLOG,
-                        start_serving=False))
+                        lambda: cast(asyncio.Protocol, ClientConnection(lst)), sock=sock,
+                        backlog=_BACKLOG, start_serving=False))
                     continue
                 # TLS on the socket itself (tlssock.py), after the PROXY header where the VS
                 # reads one, which the server looks up per connection (tlsserver.py): a reload may
                 # turn that, or `http2`, on or off under a running listener (an HTTPS connection
                 # chooses its protocol after ALPN, alpn.py; tls.py changes what ALPN offers).
                 lst.servers.append(cast(asyncio.Server, TLSServer(
-                    loop, sock, lst, ctx, lambda addrs: ALPNClientConnection(lst, addrs))))
+                    loop, sock, lst, ctx,
+                    lambda addrs: cast(asyncio.Protocol, ALPNClientConnection(lst, addrs)))))
         except OSError as e:
             raise ListenError(vs.name, str(vs.listen), e.strerror or str(e)) from e
         finally:

@@ -60,8 +60,9 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-class UpstreamConnection(asyncio.Protocol, Generic[Req]):
-    """One keep-alive connection to a real server, serving one exchange at a time."""
+class UpstreamConnection(Generic[Req]):
+    """One keep-alive connection to a real server, serving one exchange at a time (an
+    asyncio.Protocol without subclassing it, as ClientState)."""
 
     __slots__ = (
         "client", "close_delim", "cout", "ctransport", "enc", "hbuf", "head_body", "head_done",
@@ -124,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
             return
         if self.want_head:
             if not self.hbuf and self._fast_response(data):
+                self.pool.whole += 1
                 return
             if not self._collect_heads(data):
                 return
@@ -169,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol, Generic[Req]):
         req = self.req
         client = self.client
         if (req is None or client is None or req.is_head or req.compress is not None
-                or req.hresp is not None):
+                or req.hresp is not None or self.pool.parse_all):
             return False
         vhead = self.vhead
         if vhead and data.startswith(vhead):

@@ -23,6 +23,9 @@ from lbproxy.config.model import AccessLogFormat, AccessLogSettings
 from lbproxy.errors import ConfigError
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.accesslog import JSON_FIELDS, AccessLog, clf_quoted, request_headers
+from lbproxy.proxy.connpool import ConnPool
+from lbproxy.proxy.counters import ServerStats
+from lbproxy.proxy.outbox import Outbox
 from lbproxy.proxy.request import Request
 from tests.support.pebble import free_port
 
@@ -141,7 +144,7 @@ def test_json_lines_have_every_field_typed() -> None:
     req.cut = True
     alog.request(prefix, req, bytes_in=123, end=10.0012345)
     relayed = fake_request(b"GET", b"/", ((b"Host", b"x"),))
-    relayed.server = object()  # type: ignore[assignment]
+    relayed.server = ServerStats(ConnPool(loop, "127.0.0.1", 9, 60.0, Outbox(loop)))
     relayed.ts, relayed.t_up, relayed.t_conn, relayed.t_hdr = 5.0, 5.0001, 5.0003, 5.0020
     alog.request(prefix, relayed, bytes_in=0, end=5.0025)
     loop.run_soon()

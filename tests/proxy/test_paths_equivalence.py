@@ -2,10 +2,11 @@
 
 The same traffic goes through a fresh DataPlane twice, against one scripted real server on
 127.0.0.1: once as production runs it, once with the shortcuts off: `Service.fast` = FAST_NONE
-(dispatch through `_start`'s general branches instead of the one its VS kind allows) and
-`UpstreamConnection._fast_response` declining (every response through the parser, as one that
-came in pieces would). The stats (timings aside) and the access-log lines (timestamp and duration
-aside) must be equal, every `pick()` released, and each run must really have taken its path.
+(dispatch through `_start`'s general branches instead of the one its VS kind allows) and the
+connection pools' `parse_all` set (every response through the parser, as one that came in
+pieces would, instead of upstream.py's `_fast_response`). The stats (timings aside) and the
+access-log lines (timestamp and duration aside) must be equal, every `pick()` released, and each
+run must really have taken its path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from lbproxy.config.model import ContentRule, MatchType, SubVS, VirtualService
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy import dataplane as dataplane_module
 from lbproxy.proxy.service import FAST_DIRECT, FAST_NONE, FAST_ROUTE, Service
-from lbproxy.proxy.upstream import UpstreamConnection
 
 from .conftest import NO_CHECK, Client, RawUpstream, build, make_vs, read_head, serve, servers
 
@@ -170,16 +170,19 @@ def access_lines() -> Iterator[list[str]]:
     log.propagate = old[1]
 
 
-async def _run(up_port: int, switched: bool, lines: list[str]
-               ) -> tuple[list[tuple[int, bytes]], dict[str, Any], list[str]]:
-    """The traffic through a fresh DataPlane: what the client got, stats, log lines."""
+async def _run(up_port: int, switched: bool, lines: list[str], parse_all: bool
+               ) -> tuple[list[tuple[int, bytes]], dict[str, Any], list[str], int]:
+    """The traffic through a fresh DataPlane: what the client got, stats, log lines, and how
+    many responses were relayed whole (none with `parse_all`: every one through the parser)."""
     vs, rules = _vs(up_port, switched)
     dp = DataPlane()
     try:
         ports = await serve(dp, vs, rules=rules)
+        for cp in dp._conn_pools.values():
+            cp.parse_all = parse_all
         del lines[:]
         got = await _traffic(ports["web"], switched)
-        return got, dp.stats(), list(lines)
+        return got, dp.stats(), list(lines), sum(cp.whole for cp in dp._conn_pools.values())
     finally:
         await dp.shutdown(0.5)
 
@@ -189,17 +192,9 @@ async def test_fast_and_general_paths_count_and_log_alike(
         switched: bool, access_lines: list[str], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="lbproxy.proxy.balancer")
-    relayed_whole = 0
-    original = UpstreamConnection._fast_response
     real_build = dataplane_module.build_service
     kinds: list[int] = []  # Service.fast of each Service built, in order
     general = False
-
-    def counting(self: UpstreamConnection, data: bytes) -> bool:
-        nonlocal relayed_whole
-        taken = original(self, data)
-        relayed_whole += taken
-        return taken
 
     def building(*a: Any, **kw: Any) -> Service:
         svc = real_build(*a, **kw)
@@ -210,17 +205,15 @@ async def test_fast_and_general_paths_count_and_log_alike(
 
     monkeypatch.setattr(dataplane_module, "build_service", building)
     async with RawUpstream(_serve_script) as up:
-        monkeypatch.setattr(UpstreamConnection, "_fast_response", counting)
-        got, stats, lines = await _run(up.port, switched, access_lines)
+        got, stats, lines, relayed_whole = await _run(up.port, switched, access_lines, False)
         general = True
-        monkeypatch.setattr(UpstreamConnection, "_fast_response", lambda self, data: False)
-        g_got, g_stats, g_lines = await _run(up.port, switched, access_lines)
+        g_got, g_stats, g_lines, g_whole = await _run(up.port, switched, access_lines, True)
 
     # Each run took its path: the shortcut dispatch and whole-response relay, or neither.
     assert kinds == [FAST_ROUTE if switched else FAST_DIRECT, FAST_NONE]
     # Ten responses have a body and come in one write; a read split by the kernel would send one
     # through the parser, which the comparison below must not notice either.
-    assert relayed_whole >= 9, relayed_whole
+    assert relayed_whole >= 9 and g_whole == 0, (relayed_whole, g_whole)
     # The client saw the same answers.
     statuses = [s for s, _ in got]
     assert statuses == [s for s, _ in g_got]

@@ -1,0 +1,55 @@
+"""The compiled hot path (setup.py, lbproxy/proxy/compiled.py): the test command runs the
+compiled modules, a stale build is never used, and LBPROXY_PURE=1 runs the sources."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lbproxy.proxy import compiled
+from lbproxy.proxy.compiled import builds, stale
+
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_test_run_uses_the_compiled_hot_path() -> None:
+    """`pip install -e .` (the README's commands) compiled the hot modules, and they are the ones
+    imported: a build that silently failed would leave every other test running the sources."""
+    if os.environ.get("LBPROXY_PURE") == "1":
+        assert compiled.MODE.startswith(("pure", "source")), compiled.MODE
+        return
+    assert compiled.MODE == "compiled", compiled.MODE
+    found = builds()
+    for name in ("client", "reqparse", "exchange", "answers", "clientstate", "upstream",
+                 "request", "outbox"):
+        module = sys.modules.get(f"lbproxy.proxy.{name}") or __import__(
+            f"lbproxy.proxy.{name}", fromlist=["_"])
+        assert f"lbproxy.proxy.{name}" in found
+        assert module.__file__ is not None and module.__file__.endswith(SUFFIX), module.__file__
+
+
+def test_a_build_older_than_its_source_is_stale(tmp_path: Path) -> None:
+    for name, ext_time, src_time in (("fresh", 200, 100), ("edited", 100, 200)):
+        ext, src = tmp_path / f"{name}{SUFFIX}", tmp_path / f"{name}.py"
+        ext.write_bytes(b"")
+        src.write_text("")
+        os.utime(ext, (ext_time, ext_time))
+        os.utime(src, (src_time, src_time))
+    (tmp_path / f"orphan{SUFFIX}").write_bytes(b"")  # no source: not one of ours
+    found = builds(tmp_path)
+    assert sorted(found) == ["lbproxy.proxy.edited", "lbproxy.proxy.fresh"]
+    assert stale(found) == ["lbproxy.proxy.edited"]
+
+
+def test_pure_runs_every_hot_module_from_its_source() -> None:
+    code = ("import lbproxy.proxy as p, lbproxy.proxy.client as c, lbproxy.proxy.upstream as u;"
+            "print(p.MODE); print(c.__file__); print(u.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "LBPROXY_PURE": "1"}, cwd=REPO, check=True,
+                         timeout=60).stdout.splitlines()
+    assert out[0] in ("pure", "source (LBPROXY_PURE=1)"), out
+    assert out[1].endswith("client.py") and out[2].endswith("upstream.py"), out

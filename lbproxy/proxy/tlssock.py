@@ -37,8 +37,11 @@ _HIGH_WATER = 64 * 1024
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-class TLSSocketTransport(asyncio.Transport):
-    """One TLS connection on a non-blocking socket whose TLS OpenSSL runs on the socket itself."""
+class TLSSocketTransport:
+    """One TLS connection on a non-blocking socket whose TLS OpenSSL runs on the socket itself.
+
+    An asyncio.Transport by what it implements, not by its base class: a compiled class cannot
+    derive from an interpreted one (docs/architecture.md, "Compiled hot path")."""
 
     __slots__ = ("_closed", "_closing", "_factory", "_fd", "_handshakes", "_high", "_loop",
                  "_paused", "_peername", "_protocol", "_protocol_paused", "_queue", "_reading",
@@ -47,7 +50,6 @@ class TLSSocketTransport(asyncio.Transport):
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
                  peername: Any, factory: Callable[[], asyncio.BaseProtocol],
                  timeout: float, handshakes: set[TLSSocketTransport]) -> None:
-        super().__init__()
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()

@@ -246,11 +246,15 @@ async def test_renewed_certificate_is_served_by_every_worker_within_a_second(
                             replace=True)
     swapped = time.monotonic()
     want = x509.load_pem_x509_certificate(chain).serial_number
-    first: dict[str, float] = {}  # worker -> seconds from the swap to its first handshake
+    # The store has the new certificate; each worker hears of it through the channel, so a
+    # handshake may still meet the old one, but only before that worker's first new one.
+    first: dict[str, float] = {}  # worker -> seconds from the swap to its first new handshake
     for _ in range(TRIES):
         tls = await asyncio.to_thread(_tls_request, port, ctx, None)
-        assert tls.serial == want, tls.worker  # every handshake after the swap, not only some
-        first.setdefault(tls.worker, time.monotonic() - swapped)
+        if tls.serial == want:
+            first.setdefault(tls.worker, time.monotonic() - swapped)
+        else:
+            assert tls.worker not in first, (tls.worker, "served the old one again", first)
         if len(first) == 2:
             break
     assert set(first) == {"worker=0", "worker=1"}

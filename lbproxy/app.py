@@ -32,6 +32,7 @@ from .events import Events
 from .letsencrypt import LEManager
 from .letsencrypt.dns01 import Rfc2136Factory
 from .metrics import METRICS_PATH, MetricsCollector, metrics_routes
+from .proxy import MODE as HOT_PATH
 from .proxy import DataPlane, ListenError
 from .proxy.tls import TLSContexts
 from .runtime import Runtime, RuntimeStore, new_generation, off_loop, parse_apart
@@ -168,9 +169,14 @@ class App:
                         self.config.admin.listen, self.state_dir / "admin.token")
         self._watch_asked = watch
         self._set_watching(watch or self.config.watch_config)
-        logger.info("lbproxy started: %d virtual services, generation %d%s",
+        if HOT_PATH != "compiled":  # proxy/compiled.py: a third more CPU per request
+            logger.warning("the data plane's hot modules run as Python (%s), about a third "
+                           "more CPU per request; `pip install` with gcc and python3-dev "
+                           "compiles them (README, 'Install it')", HOT_PATH)
+        logger.info("lbproxy started: %d virtual services, generation %d%s; hot path %s",
                     len(self.config.virtual_services), self.runtime.current.generation,
-                    f", {self.supervisor.count} worker processes" if self.supervisor else "")
+                    f", {self.supervisor.count} worker processes" if self.supervisor else "",
+                    HOT_PATH)
         # systemd (Type=notify): every listener accepts (in each worker), the admin API answers.
         notify_ready()
 

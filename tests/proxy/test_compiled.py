@@ -1,16 +1,21 @@
 """The compiled hot path (setup.py, lbproxy/proxy/compiled.py): the test command runs the
-compiled modules, a stale build is never used, and LBPROXY_PURE=1 runs the sources."""
+compiled modules, a stale build is never used, LBPROXY_PURE=1 runs the sources, and the start
+line says which."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.machinery
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lbproxy.proxy import compiled
 from lbproxy.proxy.compiled import builds, stale
+from tests.support.pebble import free_port
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 REPO = Path(__file__).resolve().parents[2]
@@ -53,3 +58,48 @@ def test_pure_runs_every_hot_module_from_its_source() -> None:
                          timeout=60).stdout.splitlines()
     assert out[0] in ("pure", "source (LBPROXY_PURE=1)"), out
     assert out[1].endswith("client.py") and out[2].endswith("upstream.py"), out
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "LBPROXY_PURE"])
+async def test_the_start_line_says_how_the_hot_path_runs(tmp_path: Path, pure: bool) -> None:
+    """`lbproxy run` names the hot path's mode when it starts, and warns when it is not the
+    compiled one (a build that failed would otherwise cost a third more CPU unnoticed)."""
+    conf = tmp_path / "lbproxy.toml"
+    conf.write_text(f"""state_dir = "{tmp_path / 'state'}"
+[admin]
+enabled = false
+[[vs]]
+name = "web"
+listen = "127.0.0.1:{free_port()}"
+content_switching = true
+  [[vs.subvs]]
+  name = "fixed"
+  rules = ["default"]
+  not_available = {{ status = 200, body = "ok", content_type = "text/plain" }}
+""")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if pure:
+        env["LBPROXY_PURE"] = "1"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lbproxy", "run", "-c", str(conf), "--workers", "1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=REPO)
+    assert proc.stderr is not None
+    said: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            async for raw in proc.stderr:
+                said.append(raw.decode(errors="replace"))
+                if "lbproxy started" in said[-1]:
+                    break
+    finally:
+        proc.terminate()
+        await proc.wait()
+    text = "".join(said)
+    started = [line for line in said if "lbproxy started" in line]
+    assert started, text
+    if pure:
+        assert "hot path source (LBPROXY_PURE=1)" in started[0], started[0]
+        assert "hot modules run as Python (source (LBPROXY_PURE=1))" in text, text
+    else:
+        assert started[0].rstrip().endswith("hot path compiled"), started[0]
+        assert "hot modules run as Python" not in text, text

@@ -1,9 +1,10 @@
 """Builds lbproxy with the data plane's hot modules compiled to C by mypyc.
 
-The modules below are plain, `mypy --strict`-typed Python; compiled, a request costs about a third
-less CPU (docs/architecture.md, "Compiled hot path"). `LBPROXY_PURE=1` at install time, or a
-build without mypyc, installs them as Python only; lbproxy/proxy/compiled.py loads the sources
-at run time when a compiled module is older than its source (an edited checkout).
+The modules below are plain, `mypy --strict`-typed Python. Compiled, their part of a request
+costs about a third less CPU, a relayed request 15 % less in all (docs/architecture.md,
+"Compiled hot path"). `LBPROXY_PURE=1` at install time, or a build without mypyc, installs them
+as Python only; lbproxy/proxy/compiled.py loads the sources at run time when a compiled module
+is older than its source (an edited checkout).
 """
 
 import os

@@ -169,9 +169,9 @@ class App:
                         self.config.admin.listen, self.state_dir / "admin.token")
         self._watch_asked = watch
         self._set_watching(watch or self.config.watch_config)
-        if HOT_PATH != "compiled":  # proxy/compiled.py: a third more CPU per request
-            logger.warning("the data plane's hot modules run as Python (%s), about a third "
-                           "more CPU per request; `pip install` with gcc and python3-dev "
+        if HOT_PATH != "compiled":  # proxy/compiled.py; bench/README.md has the cost
+            logger.warning("the data plane's hot modules run as Python (%s), about 15 %% "
+                           "more CPU per relayed request; `pip install` with gcc and python3-dev "
                            "compiles them (README, 'Install it')", HOT_PATH)
         logger.info("lbproxy started: %d virtual services, generation %d%s; hot path %s",
                     len(self.config.virtual_services), self.runtime.current.generation,

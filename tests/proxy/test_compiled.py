@@ -63,7 +63,7 @@ def test_pure_runs_every_hot_module_from_its_source() -> None:
 @pytest.mark.parametrize("pure", [False, True], ids=["compiled", "LBPROXY_PURE"])
 async def test_the_start_line_says_how_the_hot_path_runs(tmp_path: Path, pure: bool) -> None:
     """`lbproxy run` names the hot path's mode when it starts, and warns when it is not the
-    compiled one (a build that failed would otherwise cost a third more CPU unnoticed)."""
+    compiled one (a build that failed would otherwise cost more CPU unnoticed)."""
     conf = tmp_path / "lbproxy.toml"
     conf.write_text(f"""state_dir = "{tmp_path / 'state'}"
 [admin]

@@ -48,6 +48,13 @@ def test_a_build_older_than_its_source_is_stale(tmp_path: Path) -> None:
     found = builds(tmp_path)
     assert sorted(found) == ["lbproxy.proxy.edited", "lbproxy.proxy.fresh"]
     assert stale(found) == ["lbproxy.proxy.edited"]
+    # An installed copy: pip wrote its files in any order, and nobody edits them in place.
+    site = tmp_path / "site-packages" / "lbproxy" / "proxy"
+    site.mkdir(parents=True)
+    for path in (tmp_path / f"edited{SUFFIX}", tmp_path / "edited.py"):
+        (site / path.name).write_bytes(path.read_bytes())
+        os.utime(site / path.name, (path.stat().st_mtime,) * 2)
+    assert stale(builds(site)) == []
 
 
 def test_pure_runs_every_hot_module_from_its_source() -> None:

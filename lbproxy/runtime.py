@@ -217,6 +217,7 @@ class Injection:
     vs: str
     subvs: SubVS
     rule: ContentRule
+    host: str = ""  # the name whose http-01 challenge it answers (lower case, no trailing dot)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,19 +90,10 @@ def verify_vs(config: Config, vs_name: str, *, known_before: bool) -> VirtualSer
 
 # -- building the injection, step by step (codes 20-25) ------------------------------------------
 
-def _pattern_head(host: str) -> str:
-    return f"^(?i:{re.escape(host)})(:\\d+)?{re.escape(CHALLENGE_PATH)}"
-
-
 def challenge_pattern(host: str, token: str) -> str:
     """The rule's regex over host + path (include_host): the name (any case), any port, the
     token (exact: tokens are case-sensitive)."""
-    return f"{_pattern_head(host)}{token}$"
-
-
-def answers_for(injection: Injection, host: str) -> bool:
-    """Whether an injected challenge (build_injection's) answers the CA for `host`."""
-    return injection.rule.pattern.startswith(_pattern_head(host.lower().rstrip(".")))
+    return f"^(?i:{re.escape(host)})(:\\d+)?{re.escape(CHALLENGE_PATH)}{token}$"
 
 
 def build_injection(
@@ -157,7 +148,7 @@ def build_injection(
         raise LeError(AcmeCode.SET_ERROR_PAGE, f"cannot set the error page of {name}: "
                                                "key authorization is not ASCII") from None
     subvs = dataclasses.replace(subvs, not_available=dataclasses.replace(na, body=body))
-    injection = Injection(vs_name, subvs, rule)
+    injection = Injection(vs_name, subvs, rule, host.lower().rstrip("."))
     # 23: first precedence, as the data plane will run it
     if AcmeCode.SET_PRECEDENCE in fail_at:
         raise LeError(AcmeCode.SET_PRECEDENCE,

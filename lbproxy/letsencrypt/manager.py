@@ -142,7 +142,7 @@ class LEManager:
                                  solvers=self.solvers)
         self.scheduler = Scheduler(self.state, store, self.issuer, self._obtain, clock=self._now,
                                    sleep=sleep, cert_ids=self.obtainer.cert_ids)
-        self.views = Views(self.state, store, runtime, self.scheduler.running, dns01=dns01)
+        self.views = Views(self.state, store, runtime, self.scheduler.running, self.solvers)
         self.backups = Backups(self.state, self.accounts, store, runtime, clock=self._now,
                                config_path=config_path, wake=self.wake,
                                config_file=self.config_file)

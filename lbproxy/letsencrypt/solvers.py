@@ -252,6 +252,13 @@ class Solvers:
                           "http-01 or tls-alpn-01",
                           status=400)
 
+    def dns01_answers(self, cert_id: str) -> tuple[tuple[str, str], ...]:
+        """(name, TXT record) of each dns-01 answer `cert_id`'s order publishes now, where the
+        provider can tell (dns01.py's `in_progress`); () otherwise."""
+        in_progress: Callable[[str], tuple[tuple[str, str], ...]] | None = getattr(
+            self.dns01, "in_progress", None)
+        return in_progress(cert_id) if in_progress is not None else ()
+
     async def preflight(self, solver: Solver, names: Sequence[str]) -> None:
         """The solver's own checks before the order is placed (see Dns01Provider), if any."""
         check: Callable[[Sequence[str]], Awaitable[None]] | None = getattr(

@@ -14,26 +14,25 @@ from ..certs.store import CertStore
 from ..events import CertStatus
 from ..runtime import RuntimeStore
 from . import policy
-from .challenge import answers_for, eligible_services, ineligibility
+from .challenge import eligible_services, ineligibility
 from .codes import LeError
 from .model import MANAGED_BY, Entry
-from .solvers import Dns01Factory, verify_alpn_vs
+from .solvers import Solvers, verify_alpn_vs
 from .state import LeState
 from .storage import STATE_FILES
 
 
 class Views:
-    """Read-only views; `running` holds the ids whose order is in progress; `dns01` is the
-    dns-01 provider factory, whose `in_progress(cert_id)`, if it has one (dns01.py's), tells
-    which TXT records an order is publishing."""
+    """Read-only views; `running` holds the ids whose order is in progress; `solvers` tells what
+    a dns-01 order publishes."""
 
     def __init__(self, state: LeState, store: CertStore, runtime: RuntimeStore,
-                 running: Container[str], *, dns01: Dns01Factory | None = None) -> None:
+                 running: Container[str], solvers: Solvers) -> None:
         self.state = state
         self.store = store
         self.runtime = runtime
         self.running = running
-        self.dns01 = dns01
+        self.solvers = solvers
 
     def _vs_label(self, vs: str, challenge: str = "http-01") -> str:
         config = self.runtime.current.config
@@ -64,9 +63,8 @@ class Views:
         t, rt = e.template, self.runtime.current
         out: list[dict[str, str]] = []
         if t.challenge == DNS01:
-            in_progress = getattr(self.dns01, "in_progress", None)
-            for host, record in in_progress(e.id) if in_progress is not None else ():
-                out.append({"challenge": DNS01, "name": host, "where": f"TXT record {record}"})
+            out.extend({"challenge": DNS01, "name": host, "where": f"TXT record {record}"}
+                       for host, record in self.solvers.dns01_answers(e.id))
         elif t.challenge == TLS_ALPN01:
             out.extend({"challenge": TLS_ALPN01, "name": name,
                         "where": f"tls-alpn-01 certificate on VS {vs}"}
@@ -76,7 +74,7 @@ class Views:
             out.extend({"challenge": t.challenge, "name": name,
                         "where": f"SubVS {i.subvs.name} on VS {vs}"}
                        for name, vs in t.routes for i in rt.injections
-                       if i.vs == vs and answers_for(i, name))
+                       if i.vs == vs and i.host == name.lower().rstrip("."))
         return [dict(d) for d in dict.fromkeys(tuple(d.items()) for d in out)]
 
     def view(self, cert_id: str, now: dt.datetime) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pytest
 
 from lbproxy.proxy import compiled
 from lbproxy.proxy.compiled import builds, stale
+from tests.support.lbconfig import rest_vs
 from tests.support.pebble import free_port
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -72,18 +73,8 @@ async def test_the_start_line_says_how_the_hot_path_runs(tmp_path: Path, pure: b
     """`lbproxy run` names the hot path's mode when it starts, and warns when it is not the
     compiled one (a build that failed would otherwise cost more CPU unnoticed)."""
     conf = tmp_path / "lbproxy.toml"
-    conf.write_text(f"""state_dir = "{tmp_path / 'state'}"
-[admin]
-enabled = false
-[[vs]]
-name = "web"
-listen = "127.0.0.1:{free_port()}"
-content_switching = true
-  [[vs.subvs]]
-  name = "fixed"
-  rules = ["default"]
-  not_available = {{ status = 200, body = "ok", content_type = "text/plain" }}
-""")
+    conf.write_text(f'state_dir = "{tmp_path / "state"}"\n[admin]\nenabled = false\n'
+                    + rest_vs("web", f"127.0.0.1:{free_port()}"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if pure:
         env["LBPROXY_PURE"] = "1"

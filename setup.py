@@ -14,7 +14,7 @@ from setuptools import setup
 HOT = [f"lbproxy/proxy/{name}.py" for name in (
     "request", "outbox", "clientstate", "answers", "exchange", "reqparse", "client", "alpn",
     "h2conn", "upstream", "resphead", "connpool", "proxyproto", "balancer", "counters", "http",
-    "tlssock", "tlsserver",
+    "tlssock", "tlsserver", "service", "clock",
 )]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .clientstate import P_BUFFER, P_PIPELINE, P_STOP, P_UPSTREAM, ClientState
+from .clock import clock
 from .http import ERRORS, LocalResponse
 from .request import Request
 
@@ -71,8 +72,8 @@ class Answers(ClientState):
         common case, else through `_finish_slow`)."""
         if req.backend is not None:
             self._release(req, True)
-        now = self.loop.time()
-        self._record(req)
+        now = clock()
+        self._record(req, now)
         if req is self.cur:
             self.cur = None
         # A request without a body answered from its head (a local answer) is not `complete`
@@ -119,7 +120,7 @@ class Answers(ClientState):
                 status, self.pending_error = self.pending_error, 0
                 self._write_error_and_close(status)
                 return
-            now = self.loop.time()
+            now = clock()
             if self.in_head:
                 self._wait_head(now)
             else:
@@ -149,7 +150,7 @@ class Answers(ClientState):
         if req.cut:
             return
         req.cut = True
-        self._record(req)
+        self._record(req, clock())
         if req is self.cur:
             self.cur = None
 
@@ -179,7 +180,7 @@ class Answers(ClientState):
 
     def _write_error_and_close(self, status: int, req: Request | None = None) -> None:
         resp = ERRORS[status]
-        now = self.loop.time()
+        now = clock()
         if req is None:
             svc = self.listener.service
             req = Request(svc, self.src_ip, now, b"-")
@@ -191,7 +192,7 @@ class Answers(ClientState):
         if not self.closed:
             self._write(resp.close_full)
             self._close()
-        self._record(req)
+        self._record(req, now)
 
 
 def _split_host(host: str, default_port: int) -> tuple[str, str]:

@@ -23,23 +23,24 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 from ..config.model import Address, RealServer, Scheduler
 
 logger = logging.getLogger(__name__)
 
-_MASK64 = (1 << 64) - 1
+_MASK64: Final = (1 << 64) - 1
 # 2**53: the top 53 bits of a 64-bit hash map exactly onto the mantissa of a float in (0, 1).
-_FLOAT_SCALE = float(1 << 53)
+_FLOAT_SCALE: Final = float(1 << 53)
 # Hash slots per pool: slot counts are binomial, so with 2**13 slots a server of a 16-server pool
 # gets its weight's share with a standard deviation of 4% (2% with 4 servers), for a 64 KiB table
 # per hash-scheduled pool.
-_SLOT_BITS = 13
-_SLOTS = 1 << _SLOT_BITS
-_SLOT_SHIFT = 32 - _SLOT_BITS
+_SLOT_BITS: Final = 13
+_SLOTS: Final = 1 << _SLOT_BITS
+_SLOT_SHIFT: Final = 32 - _SLOT_BITS
 # Knuth's multiplicative (Fibonacci) hashing: 2**32 / golden ratio spreads crc32's top bits.
-_FIBONACCI32 = 0x9E3779B1
-_SLOT_SALT = 0x5EED_5107
+_FIBONACCI32: Final = 0x9E3779B1
+_SLOT_SALT: Final = 0x5EED_5107
 
 
 def _hash64(data: str) -> int:

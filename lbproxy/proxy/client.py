@@ -56,7 +56,7 @@ Limits (per VS in [vs.limits] / [vs.timeouts]; the answer; the stats() counter i
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -77,6 +77,7 @@ from .clientstate import (
     P_WRITE,
     logger,
 )
+from .clock import clock
 from .exchange import server_name
 from .http import CRLF, ERRORS
 from .proxyproto import Addresses, HeaderReader
@@ -90,8 +91,8 @@ if TYPE_CHECKING:
 
 # A client address's bytes and X-Forwarded-For line, made once and shared by the connections of
 # one client (~100 bytes each otherwise); emptied when full.
-_NAMED: dict[str, tuple[bytes, bytes]] = {}
-_NAMED_MAX = 4096
+_NAMED: Final[dict[str, tuple[bytes, bytes]]] = {}
+_NAMED_MAX: Final = 4096
 
 
 class ClientConnection(RequestParsing):
@@ -130,7 +131,7 @@ class ClientConnection(RequestParsing):
         peer = transport.get_extra_info("peername")
         self._name_client(peer[0] if peer else "")
         self.addrs = None
-        self._wait_head(self.loop.time())
+        self._wait_head(clock())
         sources = svc.pp_sources
         if sources is not None:  # the PROXY protocol comes first (proxyproto.py)
             ip = self.src_ip
@@ -231,7 +232,7 @@ class ClientConnection(RequestParsing):
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.write(data)
-            self._wait_tunnel(self.loop.time())
+            self._wait_tunnel(clock())
             return
         if self.req is None:
             self.hstart = self.nread  # the next request head starts in `data` or later
@@ -293,7 +294,7 @@ class ClientConnection(RequestParsing):
                 # A head begun after a keep-alive wait: t_head from its first byte (nginx's
                 # keepalive_timeout, then client_header_timeout). The first head of a connection,
                 # or one begun before the previous response ended, keeps the deadline set then.
-                self._wait_head(req.t0)
+                self._wait_head(req.ts)
             self.head_bytes += len(data)
             if self.head_bytes > self.listener.service.max_header_bytes:
                 self._bad(431, "header_too_large")
@@ -334,7 +335,7 @@ class ClientConnection(RequestParsing):
             svc = self.listener.service
             if req is None or req.complete:
                 self._close()
-            elif now >= req.t0 + svc.t_request:
+            elif now >= req.ts + svc.t_request:
                 if req is cur:
                     self._cut(req, 408, "request_timeout")
                 else:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from bisect import bisect_left
 from math import inf
-from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
 from .accesslog import CUT
-from .counters import LATENCY_BUCKETS
+from .clock import clock
+from .counters import latency_slot
 from .request import Request
 
 if TYPE_CHECKING:
@@ -33,25 +32,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lbproxy.proxy.client")
 
 # Why reading from the client is paused (a bit mask: reading resumes when all are clear).
-P_PIPELINE = 1  # requests are queued behind the one in flight
-P_BUFFER = 2  # request body buffered while no upstream connection is ready yet
-P_UPSTREAM = 4  # the upstream connection's write buffer is above the high-water mark
-P_WRITE = 8  # our own write buffer to the client is above the high-water mark
-P_UPGRADE = 16  # an Upgrade request waits for the real server's 101
-P_STOP = 32  # no more requests are read on this connection
+P_PIPELINE: Final = 1  # requests are queued behind the one in flight
+P_BUFFER: Final = 2  # request body buffered while no upstream connection is ready yet
+P_UPSTREAM: Final = 4  # the upstream connection's write buffer is above the high-water mark
+P_WRITE: Final = 8  # our own write buffer to the client is above the high-water mark
+P_UPGRADE: Final = 16  # an Upgrade request waits for the real server's 101
+P_STOP: Final = 32  # no more requests are read on this connection
 
 # What the connection's single deadline means when it passes (client.py, on_timeout).
-D_NONE = 0
-D_HEAD = 1  # reading a request head -> 408
-D_IDLE = 2  # keep-alive idle -> close
-D_FIRST_BYTE = 3  # waiting for the response head -> 504
-D_TUNNEL = 4  # an idle WebSocket/Upgrade tunnel -> close
-D_REQUEST = 5  # a whole exchange took too long (a stalled upload or download) -> 408/504/abort
-D_BODY = 6  # reading a request body: no bytes for t_body (or the whole exchange too long) -> 408
-D_IDLE_HELD = 7  # keep-alive idle, the request parser still held -> release it, then D_IDLE
+D_NONE: Final = 0
+D_HEAD: Final = 1  # reading a request head -> 408
+D_IDLE: Final = 2  # keep-alive idle -> close
+D_FIRST_BYTE: Final = 3  # waiting for the response head -> 504
+D_TUNNEL: Final = 4  # an idle WebSocket/Upgrade tunnel -> close
+# a whole exchange took too long (a stalled upload or download) -> 408/504/abort
+D_REQUEST: Final = 5
+# reading a request body: no bytes for t_body (or the whole exchange too long) -> 408
+D_BODY: Final = 6
+D_IDLE_HELD: Final = 7  # keep-alive idle, the request parser still held -> release it, then D_IDLE
 
 # The status logged for a request whose client went away before any response (nginx's 499).
-CLIENT_CLOSED = 499
+CLIENT_CLOSED: Final = 499
 
 
 class ClientState:
@@ -190,7 +191,7 @@ class ClientState:
         self.dkind = D_TUNNEL
 
     def touch(self) -> None:
-        self._wait_tunnel(self.loop.time())
+        self._wait_tunnel(clock())
 
     def _wait_first_byte(self, req: Request, now: float) -> None:
         """`req` went out whole at `now`: its real server has first_byte to answer."""
@@ -199,14 +200,14 @@ class ClientState:
 
     def _wait_response(self, req: Request) -> None:
         """The response to `req` streams, bounded by the request timeout as a whole."""
-        self.deadline = req.t0 + req.svc.t_request
+        self.deadline = req.ts + req.svc.t_request
         self.dkind = D_REQUEST
 
     def _await_body(self, req: Request) -> None:
         """The client owes the rest of `req`'s body: it has t_body for its next bytes, and the
         exchange as a whole its request timeout (nginx's client_body_timeout, per read)."""
         svc = req.svc
-        self.deadline = min(self.loop.time() + svc.t_body, req.t0 + svc.t_request)
+        self.deadline = min(clock() + svc.t_body, req.ts + svc.t_request)
         self.dkind = D_BODY
 
     def waiting_since(self) -> float:
@@ -247,18 +248,17 @@ class ClientState:
         if up is not None and up.req is req:
             up.abandon()
 
-    def _record(self, req: Request) -> None:
+    def _record(self, req: Request, end: float) -> None:
         """Count a finished request and write its access-log line: the one place for every path
         (relayed, answered locally, refused, cut). Latency, bytes and the status code go to its
         real server (or pool, or VS): one object per figure, and stats() adds the levels up.
-        Its end is read here, from the precise clock its start was (`Request.ts`)."""
-        end = monotonic()
+        It ended at `end` (clock.py)."""
         svc = req.svc
         target = req.target
         dt = end - req.ts
         server = req.server
         srv: Traffic = server or (target.counters if target is not None else svc.counters)
-        srv.lat[bisect_left(LATENCY_BUCKETS, dt)] += 1
+        srv.lat[latency_slot(dt)] += 1
         srv.lat_sum += dt
         srv.codes[req.status] += 1
         nread = self.nread

@@ -7,7 +7,7 @@ closes expired ones in `sweep()`. The connections themselves are upstream.py's.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from .outbox import Outbox
 from .upstream import Req, UpstreamConnection, _describe
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # An idle pool bigger than this closes the extra connections instead of keeping them: bounds the
 # file descriptors one real server can hold while idle (wrk-style load uses far fewer).
-MAX_IDLE_PER_SERVER = 512
+MAX_IDLE_PER_SERVER: Final = 512
 
 
 class PoolKey(NamedTuple):

@@ -10,8 +10,7 @@ local.
 
 from __future__ import annotations
 
-from time import monotonic
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from ..config.model import BODY_MATCH_LIMIT
 from ..routing import MEMO_URL, REFUSE
@@ -23,6 +22,7 @@ from .clientstate import (
     P_UPGRADE,
     logger,
 )
+from .clock import clock
 from .http import CRLF, ERRORS
 from .proxyproto import Addresses, connection_addresses
 from .proxyproto import build as build_proxy_header
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .service import Target
     from .upstream import UpstreamConnection
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Exchange(Answers):
@@ -127,7 +127,7 @@ class Exchange(Answers):
         req.target = target
         gate = target.gate  # rate limits, compression (ratelimit.py): None unless configured
         if gate is not None and exclude is None:
-            refused = gate.admit(self.src_ip, self.loop.time())
+            refused = gate.admit(self.src_ip, clock())
             if refused is not None:
                 self._local(req, refused)
                 return
@@ -184,7 +184,7 @@ class Exchange(Answers):
         """A connection opened for `req` is ready (ConnPool.connect): send `req` on it, unless
         the request was given up meanwhile (then the connection is kept for another)."""
         if self.closed or req is not self.cur:
-            up.pool.release(up, self.loop.time())
+            up.pool.release(up, clock())
             self._release(req, True)
             return
         pp = up.pool.send_proxy
@@ -203,12 +203,12 @@ class Exchange(Answers):
         a new one once it is open (then `attach` comes back here with it): the one place an
         exchange is bound to an upstream connection and its head (with any body read so far)
         goes out."""
-        now = self.loop.time()
+        now = clock()
         log = req.svc.log
         timed = log is not None and log.timed  # the log shows upstream timings (Request.t_up)
         if up is None:
             if timed:
-                req.t_up = monotonic()
+                req.t_up = now
                 req.t_conn = 0.0
             up = pool.acquire(now)
             if up is None:
@@ -217,7 +217,7 @@ class Exchange(Answers):
                 pool.connect(self, req, req.svc.t_connect)
                 return
         elif timed:
-            req.t_conn = monotonic()  # a connection opened for it (attach)
+            req.t_conn = now  # a connection opened for it (attach)
         req.up = up
         t = up.start(self, req)
         if not req.has_body and not req.expect:
@@ -276,7 +276,7 @@ class Exchange(Answers):
     def first_byte(self, req: Request) -> None:
         log = req.svc.log
         if log is not None and log.timed:
-            req.t_hdr = monotonic()
+            req.t_hdr = clock()
         if req is self.cur:
             self._wait_response(req)
 
@@ -319,9 +319,9 @@ class Exchange(Answers):
         self._local(req, ERRORS[502], close=not req.complete)
 
     def start_tunnel(self, req: Request, up: UpstreamConnection[Request]) -> None:
-        now = self.loop.time()
+        now = clock()
         self._release(req, True)
-        self._record(req)
+        self._record(req, now)
         self.cur = None
         self.tunnel = up
         raw, self.raw = self.raw, None

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import h2.config
 import h2.connection
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Unsent bytes to a client above which it is taken for one that reads nothing (abort).
-MAX_UNSENT = 4 * 1024 * 1024
+MAX_UNSENT: Final = 4 * 1024 * 1024
 
 
 class _Leaky:

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import re
 from http import HTTPStatus
+from typing import Final
 
-CRLF = b"\r\n"
+CRLF: Final = b"\r\n"
 
 # RFC 9110 §7.6.1: hop-by-hop fields, never forwarded (plus those named in Connection).
 # Codes used by the connection callbacks for the request/response fields they treat specially.
-H_HOP = 1
-H_CONNECTION = 2
-H_TE = 3  # transfer-encoding
-H_UPGRADE = 4
-H_HOST = 5
-H_EXPECT = 6
-H_XFF = 7
-H_XFP = 8
-H_XFH = 9
-H_CLEN = 10
+H_HOP: Final = 1
+H_CONNECTION: Final = 2
+H_TE: Final = 3  # transfer-encoding
+H_UPGRADE: Final = 4
+H_HOST: Final = 5
+H_EXPECT: Final = 6
+H_XFF: Final = 7
+H_XFP: Final = 8
+H_XFH: Final = 9
+H_CLEN: Final = 10
 
-SPECIAL: dict[bytes, int] = {
+SPECIAL: Final[dict[bytes, int]] = {
     b"connection": H_CONNECTION,
     b"keep-alive": H_HOP,
     b"proxy-connection": H_HOP,
@@ -43,8 +44,8 @@ SPECIAL: dict[bytes, int] = {
 # Field names as they came (any case) -> their SPECIAL code, 0 for none: what a request's fields
 # are looked up in first, sparing the lower-cased copy of every name. Bounded: names a client
 # makes up cannot grow it past FIELD_CODES_MAX (it is emptied then and refilled).
-FIELD_CODES: dict[bytes, int] = {}
-FIELD_CODES_MAX = 2048
+FIELD_CODES: Final[dict[bytes, int]] = {}
+FIELD_CODES_MAX: Final = 2048
 
 
 def field_code(name: bytes) -> int:
@@ -57,13 +58,13 @@ def field_code(name: bytes) -> int:
 
 
 # Connection tokens that are not header names to remove.
-CONNECTION_KEYWORDS = frozenset((b"close", b"keep-alive", b"upgrade"))
+CONNECTION_KEYWORDS: Final = frozenset((b"close", b"keep-alive", b"upgrade"))
 # Fields that frame or route a message: a peer's Connection header may name them, but they are
 # never removed or altered because of it (RFC 9110 §7.6.1 lets a sender name any field; removing
 # Content-Length or Transfer-Encoding would make the next hop read the body as another message,
 # removing Host would change where it goes). The names are ignored, in both directions; nginx and
 # HAProxy keep them too.
-PROTECTED_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"host"))
+PROTECTED_FIELDS: Final = frozenset((b"content-length", b"transfer-encoding", b"host"))
 
 
 def connection_names(value: bytes) -> list[bytes]:
@@ -79,17 +80,17 @@ def connection_names(value: bytes) -> list[bytes]:
 
 # Upgrade protocols never relayed: h2c would let a client talk HTTP/2 straight to a real server,
 # past the content rules (the request goes on as a plain HTTP/1.1 request, as nginx does).
-NO_UPGRADE = frozenset((b"h2c",))
+NO_UPGRADE: Final = frozenset((b"h2c",))
 
 # What a Host value may contain (RFC 3986 host [":" port]: reg-name, IPv4, [IPv6]); deleting
 # these with bytes.translate leaves nothing for a valid one. "," and "@" are left out on purpose
 # (a list or userinfo in Host only ever means someone probing for a confused parser).
-HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+HOST_CHARS: Final = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
               b"-._~!$&'()*+;=:[]%")
 # An absolute-form request target (RFC 9112 §3.2.2): scheme, authority without userinfo, rest.
-ABSOLUTE_FORM = re.compile(rb"(https?)://([^/?#@]+)([/?][^#]*)?", re.IGNORECASE)
+ABSOLUTE_FORM: Final = re.compile(rb"(https?)://([^/?#@]+)([/?][^#]*)?", re.IGNORECASE)
 
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
 def reason(status: int) -> str:
@@ -99,7 +100,7 @@ def reason(status: int) -> str:
         return "Unknown"
 
 
-_STATUS_LINES: dict[int, bytes] = {
+_STATUS_LINES: Final[dict[int, bytes]] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -146,5 +147,5 @@ def error_response(status: int) -> LocalResponse:
     return LocalResponse(status, text, "text/plain; charset=utf-8")
 
 
-ERRORS: dict[int, LocalResponse] = {
+ERRORS: Final[dict[int, LocalResponse]] = {
     s: error_response(s) for s in (400, 403, 405, 408, 413, 431, 500, 502, 503, 504, 505)}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast
 
 from .connpool import ConnPool
 from .contract import RequestForUpstream
@@ -35,15 +35,15 @@ Req = TypeVar("Req", bound=RequestForUpstream)
 # (source address, source port, destination address, destination port).
 Addresses = tuple[str, int, str, int]
 
-V1_PREFIX = b"PROXY "
-V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_PREFIX: Final = b"PROXY "
+V2_SIG: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 # A v1 line is at most 107 bytes with its CRLF (the spec's worst case, "PROXY UNKNOWN" + two
 # IPv6 addresses and ports).
-V1_MAX = 107
+V1_MAX: Final = 107
 # A v2 header: 16 bytes and its addresses and TLVs. HAProxy and the cloud balancers send a few
 # hundred bytes of TLVs at most; more is refused rather than buffered.
-MAX_V2 = 16 + 2048
-_V2_ADDR_LEN = {0x11: 12, 0x21: 36}  # TCP over IPv4, TCP over IPv6: addresses and ports
+MAX_V2: Final = 16 + 2048
+_V2_ADDR_LEN: Final = {0x11: 12, 0x21: 36}  # TCP over IPv4, TCP over IPv6: addresses and ports
 
 
 class ProxyHeaderError(ValueError):

@@ -15,7 +15,7 @@ never grows the table and never refuses a client it has no entry for; an address
 sending stays at the recent end and keeps its state. IPv6 addresses count by their /64 (by
 default), so one host cannot rotate through its own subnet.
 
-The clock is the event loop's (`loop.time()`, monotonic), read once per request by the caller.
+The clock is the data plane's (clock.py: monotonic), read once per request by the caller.
 Each worker process keeps its own tables: with N workers a client whose connections land on
 several of them can get up to N times the rate (documented in docs/config.md).
 """

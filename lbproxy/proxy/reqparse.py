@@ -8,9 +8,12 @@ which llhttp turns into the parser error that `ClientConnection.data_received` a
 
 from __future__ import annotations
 
+from typing import Final
+
 from ..config.model import BODY_MATCH_LIMIT
 from . import http as h
 from .clientstate import D_BODY, D_REQUEST, P_BUFFER, P_PIPELINE, P_STOP
+from .clock import clock
 from .exchange import Exchange
 from .http import (
     CRLF,
@@ -36,8 +39,8 @@ class _Reject(Exception):
 
 
 # The limit counted when a parser callback rejects with a status and names none.
-LIMIT_OF = {400: "bad_request", 405: "bad_request", 505: "bad_request", 413: "body_too_large",
-            431: "header_too_large"}
+LIMIT_OF: Final = {400: "bad_request", 405: "bad_request", 505: "bad_request",
+                   413: "body_too_large", 431: "header_too_large"}
 
 
 class RequestParsing(Exchange):
@@ -52,7 +55,7 @@ class RequestParsing(Exchange):
             return
         # The first callback of a request (cheaper than a separate on_message_begin). A head that
         # does not end in this read gets its deadline when the read is done (data_received).
-        self.req = Request(self.listener.service, self.src_ip, self.loop.time(), url)
+        self.req = Request(self.listener.service, self.src_ip, clock(), url)
         self.in_head = True
         self.clen = b""
         self.conn_extra = None
@@ -246,7 +249,7 @@ class RequestParsing(Exchange):
                 self._up_send(up, b"0\r\n\r\n")
             if self.dkind in (D_REQUEST, D_BODY) and req is self.cur and not req.resp_started:
                 # The body went out whole: now the real server has first_byte to answer.
-                self._wait_first_byte(req, self.loop.time())
+                self._wait_first_byte(req, clock())
         elif req.waiting_route:
             self._route_now(req)
         if not req.keep_alive:

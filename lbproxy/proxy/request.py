@@ -8,7 +8,6 @@ service.py and upstream.py; below it, upstream.py sees a request as contract.py'
 
 from __future__ import annotations
 
-from time import monotonic
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,19 +33,19 @@ class Request:
         "hidden",
         "hidden_bytes", "hlen", "host_b", "hresp", "is_head",
         "keep_alive", "method_b", "rebody", "resp_bytes", "resp_started", "sent_continue", "server",
-        "src_ip", "started", "status", "svc", "t0", "t_conn", "t_hdr", "t_up", "target", "ts",
+        "src_ip", "started", "status", "svc", "t_conn", "t_hdr", "t_up", "target", "ts",
         "up", "upgrade", "upgrade_b",
         "url", "v10", "waiting_route", "xff")
 
-    def __init__(self, svc: Service, src_ip: str, t0: float, url: bytes) -> None:
+    def __init__(self, svc: Service, src_ip: str, ts: float, url: bytes) -> None:
         self.svc = svc
         self.src_ip = src_ip
-        self.t0 = t0  # the loop's clock (ms ticks): for deadlines
-        # The precise clock, for durations (the access log, the latency histograms): the request
-        # began at `ts`; for formats that show upstream timings (AccessLog.timed) the exchange
-        # with the real server began at `t_up` and its response head was read at `t_hdr` (0: not
-        # yet), on a connection opened at `t_conn` (0: a pooled one; -1: still connecting).
-        self.ts = monotonic()
+        # On the data plane's clock (clock.py), for its deadlines and its durations (the access
+        # log, the latency histograms): the request began at `ts`; for formats that show upstream
+        # timings (AccessLog.timed) the exchange with the real server began at `t_up` and its
+        # response head was read at `t_hdr` (0: not yet), on a connection opened at `t_conn` (0: a
+        # pooled one; -1: still connecting).
+        self.ts = ts
         self.t_up = 0.0
         self.t_conn = 0.0
         self.t_hdr = 0.0

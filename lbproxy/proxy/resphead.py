@@ -5,7 +5,7 @@ syntax check of a response relayed without the parser (`Validator`)."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
@@ -54,14 +54,15 @@ def _announces_body(head: bytes) -> bool:
 # §7.6.1), found by one case-insensitive scan; but a server's "Connection: keep-alive" that is its
 # only one goes as it came to a client kept alive over HTTP/1.1 (it holds for that hop too), on
 # both paths: the head relayed unparsed (_fast_response) and the parser's.
-_HOP_FIELD = re.compile(
+_HOP_FIELD: Final = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
     rb"|proxy-authenticate)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*(?=\r)", re.IGNORECASE)
+_CONTENT_LENGTH: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*(?=\r)",
+                                     re.IGNORECASE)
 # Final statuses without a body (RFC 9110 §6.4.1): left to the parser.
-_NO_BODY = frozenset((b"204", b"304"))
+_NO_BODY: Final = frozenset((b"204", b"304"))
 # A response head larger than this is refused (502): bounds what one upstream read buffers.
-MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 
 
 class Validator:

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 from ..config.model import (
     ContentRule,
@@ -56,18 +56,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-M_DIRECT = 0  # a VS with real servers
-M_SWITCH = 1  # content switching over SubVSs
-M_ORDERED = 2  # SubVSs without content switching: the first with an available real server
-M_REDIRECT = 3  # an HTTP redirect VS
+M_DIRECT: Final = 0  # a VS with real servers
+M_SWITCH: Final = 1  # content switching over SubVSs
+M_ORDERED: Final = 2  # SubVSs without content switching: the first with an available real server
+M_REDIRECT: Final = 3  # an HTTP redirect VS
 # Service.fast: how a request is dispatched as soon as its head is parsed, without _start().
-FAST_NONE = 0  # through _start(): injected SubVSs, rules on the body, ordered SubVSs, redirect
-FAST_DIRECT = 1  # straight to the VS's own real servers
-FAST_ROUTE = 2  # to the content rules at once (none of them reads the body)
+# FAST_NONE: through _start() (injected SubVSs, rules on the body, ordered SubVSs, redirect).
+FAST_NONE: Final = 0
+FAST_DIRECT: Final = 1  # straight to the VS's own real servers
+FAST_ROUTE: Final = 2  # to the content rules at once (none of them reads the body)
 
 # Routing decisions remembered per VS (by request target, when the rules look at nothing else):
 # enough for the hot URLs of a site; a flood of distinct URLs only empties it now and then.
-ROUTE_MEMO_SIZE = 4096
+ROUTE_MEMO_SIZE: Final = 4096
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ class Target:
 # then gives it back (clientstate.py, D_IDLE_HELD): about 0.9 KiB of the ~2.9 KiB an idle
 # connection costs. The next byte makes one anew (0.3 us, once per idle spell, never between
 # back-to-back requests); nginx frees its buffer at once, the delay keeps that off the hot path.
-PARSER_HOLD = 1.0
+PARSER_HOLD: Final = 1.0
 
 
 class Service:
@@ -392,9 +393,15 @@ class Listener(Generic[Conn]):
     def listening(self) -> bool:
         """Whether this listener really accepts: every server serves and the kernel has each
         socket in the listening state (not what the config asked for)."""
-        return bool(self.servers) and all(
-            srv.is_serving() and bool(srv.sockets) and all(_accepting(s) for s in srv.sockets)
-            for srv in self.servers)
+        if not self.servers:
+            return False
+        for srv in self.servers:
+            # uvloop's Server.sockets is a list where typeshed says tuple: read untyped, since
+            # compiled code checks a declared type.
+            socks: Any = cast(Any, srv).sockets
+            if not (srv.is_serving() and socks and all(_accepting(s) for s in socks)):
+                return False
+        return True
 
     def stop_accepting(self) -> None:
         self.closing = True

@@ -22,7 +22,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .clientstate import logger  # the client connections' logger: the same lines as HTTP VSs'
 from .proxyproto import MAX_V2, V2_SIG, Addresses, ProxyHeaderError, parse, starts_with_signature
@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from .service import Listener
 
 # Connections taken per wake-up of the listening socket (then the loop's other callbacks run).
-_ACCEPTS_PER_WAKE = 64
+_ACCEPTS_PER_WAKE: Final = 64
 # Out of file descriptors (EMFILE/ENFILE): accepting pauses this long, as asyncio's server does.
-_ACCEPT_RETRY = 1.0
+_ACCEPT_RETRY: Final = 1.0
 # A recv() that returns fewer peeked bytes than asked is retried at most this often.
-_TAKE_TRIES = 4
+_TAKE_TRIES: Final = 4
 
 ConnFactory = Callable[[Addresses | None], asyncio.BaseProtocol]
 

@@ -27,14 +27,14 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 logger = logging.getLogger(__name__)
 
 # Bytes asked of SSL_read at once: more than a TLS record's 16 KiB of plaintext.
-READ_SIZE = 65536
-_HIGH_WATER = 64 * 1024
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+READ_SIZE: Final = 65536
+_HIGH_WATER: Final = 64 * 1024
+_WANT: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class TLSSocketTransport:

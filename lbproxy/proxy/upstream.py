@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
 import httptools
 
+from .clock import clock
 from .contract import PoolForUpstream, RequestForUpstream
 from .headerrules import edit_response
 from .http import CRLF, connection_names
@@ -42,8 +43,8 @@ logger = logging.getLogger(__name__)
 # Write-buffer water marks (bytes) for both sides of the relay: above HIGH the peer stops reading,
 # below LOW it resumes. 256 KiB covers a few socket buffers so loopback stays saturated while a
 # stalled peer costs at most that much memory per direction.
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
 
 
 class _HeadDone(Exception):
@@ -451,7 +452,7 @@ class UpstreamConnection(Generic[Req]):
         whole), else it is closed; then the client hears of it (and may reuse it at once)."""
         self._detach()
         if keep_alive and req.complete:
-            self.pool.release(self, client.loop.time())
+            self.pool.release(self, clock())
         else:
             self.close()
         client.response_done(req)

@@ -24,9 +24,10 @@ from lbproxy.errors import ConfigError
 from lbproxy.proxy import DataPlane
 from lbproxy.proxy.accesslog import JSON_FIELDS, AccessLog, clf_quoted, request_headers
 from lbproxy.proxy.connpool import ConnPool
-from lbproxy.proxy.counters import ServerStats
+from lbproxy.proxy.counters import Counters, ServerStats
 from lbproxy.proxy.outbox import Outbox
 from lbproxy.proxy.request import Request
+from lbproxy.proxy.service import Service
 from tests.support.pebble import free_port
 
 from .conftest import Client, Upstream, make_vs, serve
@@ -63,13 +64,15 @@ def parse_json(line: str) -> dict[str, Any]:
     return obj
 
 
-class _Svc:
-    log = None
+def _service() -> Service:
+    """A real Service (the hot path's classes take no stand-ins once compiled), without a log."""
+    vs = parse_config('[[vs]]\nname = "web"\nlisten = "127.0.0.1:1"\n').virtual_services[0]
+    return Service(vs, Counters(), None, 1)
 
 
 def fake_request(method: bytes = b"GET", url: bytes = b"/", headers: tuple[tuple[bytes, bytes],
                  ...] = (), status: int = 200, nbytes: int = 5) -> Request:
-    req = Request(_Svc(), "10.1.2.3", 0.0, url)  # type: ignore[arg-type]
+    req = Request(_service(), "10.1.2.3", 0.0, url)
     req.method_b = method
     for name, value in headers:
         req.fwd += (name, b": ", value, b"\r\n")

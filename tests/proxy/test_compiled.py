@@ -9,12 +9,14 @@ import importlib.machinery
 import os
 import subprocess
 import sys
+from bisect import bisect_left
 from pathlib import Path
 
 import pytest
 
 from lbproxy.proxy import compiled
 from lbproxy.proxy.compiled import builds, stale
+from lbproxy.proxy.counters import LATENCY_BUCKETS, latency_slot
 from tests.support.lbconfig import rest_vs
 from tests.support.pebble import free_port
 
@@ -101,3 +103,12 @@ async def test_the_start_line_says_how_the_hot_path_runs(tmp_path: Path, pure: b
     else:
         assert started[0].rstrip().endswith("hot path compiled"), started[0]
         assert "hot modules run as Python" not in text, text
+
+
+def test_latency_slot_is_bisect_left_over_the_bounds() -> None:
+    """The histogram's slot loop answers what bisect_left did, at and between every bound."""
+    probes = [0.0, 1e-9, 1e9, *LATENCY_BUCKETS]
+    probes += [b * f for b in LATENCY_BUCKETS for f in (0.999999, 1.000001)]
+    for dt in probes:
+        assert latency_slot(dt) == bisect_left(LATENCY_BUCKETS, dt), dt
+    assert latency_slot(1e9) == len(LATENCY_BUCKETS)  # +Inf
